@@ -1,0 +1,283 @@
+/*
+ * MAIN
+ *
+ * The bbal command: parse the command line, make the root logger, build the
+ * subsystems and wire them together, then drive everything with one coarse
+ * 1-second tick.  Nothing else in bbal reads flags, owns a process-wide
+ * timer or handles signals.
+ *
+ * WIRING.  The arrows go one way: the proxies ask remotes for a backend, and
+ * remotes ask the backends registry to select one; backends never call up.
+ * Where a lower module must hand something upwards (an OUTBOUND_UDP frame
+ * that the UDP socket must send) main passes it a callback.  The periodic
+ * jobs that span modules live here too: every 15 seconds main asks the
+ * registry for a rebalance plan and tells remotes to carry it out, which
+ * breaks the backends <-> remotes circle of the C original.
+ *
+ * STARTUP ERRORS.  Anything wrong with the command line, or a listen address
+ * that cannot be bound, ends the process with one line on stderr saying why
+ * and a non-zero exit status (2 for usage, 1 for the rest) -- never a stack
+ * trace, because the reader is an operator looking at `svcs -x` or
+ * `systemctl status`, not a developer.
+ *
+ * LOGS are bunyan-compatible JSON lines on stdout (name, hostname, pid,
+ * numeric level, msg, ISO time, v: 0), so `bbal ... | bunyan` reads them and
+ * SMF/journald collect them as they are.  LOG_LEVEL in the environment
+ * overrides -l, as in the original.
+ *
+ * SIGNALS.  SIGTERM and SIGINT close everything and exit 0; SIGHUP rescans
+ * the socket directory at once.
+ */
+
+import { statSync } from 'node:fs';
+import { hostname } from 'node:os';
+import net from 'node:net';
+import pino, { type Logger } from 'pino';
+import yargs from 'yargs';
+import {
+	Backends, REBALANCE_INTERVAL_SECS, RESCAN_INTERVAL_SECS,
+} from './backends.js';
+import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
+import { type Clock, monotonicClock, TimeoutWheel } from './timeouts.js';
+import { UdpProxy } from './udp_proxy.js';
+
+export const TICK_MS = 1000;
+export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
+export type LogLevel = typeof LOG_LEVELS[number];
+
+export interface Options {
+	bind: string;
+	port: number;
+	sockets: string;
+	logLevel: LogLevel;
+}
+
+/** A problem with how bbal was invoked: reported in one line, exit 2. */
+export class UsageError extends Error {
+	readonly code = 'EUSAGE';
+}
+
+/**
+ * Parse and check argv (without the node and script words).  Returns null
+ * when --help was printed.  Throws UsageError.
+ */
+export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): Options | null {
+	const parser = yargs(argv)
+		.scriptName('bbal')
+		.usage('$0 -s DIR [-b ADDR] [-p PORT] [-l LEVEL]\n\n'
+			+ 'DNS load balancer for node-mname backends listening on AF_UNIX sockets in DIR.')
+		.option('bind', { alias: 'b', type: 'string', default: '0.0.0.0', describe: 'IPv4 address to listen on (UDP and TCP)' })
+		.option('port', { alias: 'p', type: 'string', default: '53', describe: 'port to listen on' })
+		.option('sockets', { alias: 's', type: 'string', describe: 'directory of backend sockets (required)' })
+		.option('log-level', {
+			alias: 'l', type: 'string', default: 'info',
+			describe: 'trace|debug|info|warn|error|fatal (LOG_LEVEL in the environment overrides)',
+		})
+		.strict()
+		.help()
+		.alias('help', 'h')
+		.version(false)
+		.wrap(null)
+		.exitProcess(false)
+		.fail((msg, err) => {
+			throw new UsageError(msg ?? err?.message ?? 'bad arguments');
+		});
+	const args = parser.parseSync();
+	if (args.help) {
+		return null;
+	}
+	if (args._.length > 0) {
+		throw new UsageError(`unexpected argument: ${String(args._[0])}`);
+	}
+
+	const bind = lastOf(args.bind);
+	if (net.isIPv6(bind)) {
+		throw new UsageError(`listen address ${bind} is IPv6: the backend protocol carries IPv4 addresses only`);
+	}
+	if (!net.isIPv4(bind)) {
+		throw new UsageError(`listen address "${bind}" is not an IPv4 address`);
+	}
+	const portText = lastOf(args.port);
+	const port = /^\d{1,5}$/.test(portText) ? Number(portText) : NaN;
+	if (!(port >= 1 && port <= 65535)) {
+		throw new UsageError(`port "${portText}" is not a number from 1 to 65535`);
+	}
+	if (args.sockets === undefined) {
+		throw new UsageError('the socket directory is required: -s DIR');
+	}
+	const sockets = lastOf(args.sockets);
+	if (sockets === '') {
+		throw new UsageError('the socket directory is required: -s DIR');
+	}
+	const level = env.LOG_LEVEL !== undefined && env.LOG_LEVEL !== '' ? env.LOG_LEVEL : lastOf(args['log-level']);
+	if (!(LOG_LEVELS as readonly string[]).includes(level)) {
+		throw new UsageError(`unknown log level "${level}"${env.LOG_LEVEL ? ' (from LOG_LEVEL)' : ''}: `
+			+ `use one of ${LOG_LEVELS.join(', ')}`);
+	}
+	return { bind, port, sockets, logLevel: level as LogLevel };
+}
+
+/* A flag given twice arrives as an array: the last one wins. */
+function lastOf(v: string | string[]): string {
+	return Array.isArray(v) ? String(v[v.length - 1]) : String(v);
+}
+
+/** The root logger: bunyan's record shape, pino's speed. */
+export function makeLogger(level: LogLevel, dest?: pino.DestinationStream): Logger {
+	const opts: pino.LoggerOptions = {
+		level,
+		base: { name: 'bbal', hostname: hostname(), pid: process.pid, v: 0 },
+		timestamp: () => `,"time":"${new Date().toISOString()}"`,
+		messageKey: 'msg',
+	};
+	return dest === undefined ? pino(opts) : pino(opts, dest);
+}
+
+export interface BalancerOptions {
+	bind: string;
+	port: number;
+	sockets: string;
+	log: Logger;
+	clock?: Clock;
+}
+
+/**
+ * One running balancer: every subsystem, wired, plus the periodic jobs.
+ * The tick is not started here (see start()), so a test may drive the
+ * wheel by hand with its own clock.
+ */
+export class Balancer {
+	readonly wheel: TimeoutWheel;
+	readonly backends: Backends;
+	readonly remotes: Remotes;
+	readonly udp: UdpProxy;
+	readonly log: Logger;
+	private tick: NodeJS.Timeout | null = null;
+	private closed = false;
+
+	constructor(private readonly opts: BalancerOptions) {
+		this.log = opts.log;
+		this.wheel = new TimeoutWheel(opts.clock ?? monotonicClock);
+		this.backends = new Backends({
+			dir: opts.sockets,
+			log: this.log,
+			wheel: this.wheel,
+			onOutboundUdp: (addr, port, payload, be) => this.udp.sendOutbound(addr, port, payload, be),
+		});
+		this.remotes = new Remotes({ log: this.log, backends: this.backends, wheel: this.wheel });
+		this.udp = new UdpProxy({ remotes: this.remotes, log: this.log, wheel: this.wheel });
+
+		const rescan = this.wheel.create('rescan socket directory', () => {
+			rescan.set(RESCAN_INTERVAL_SECS);
+			void this.backends.rescan();
+		});
+		const rebalance = this.wheel.create('rebalance', () => {
+			rebalance.set(REBALANCE_INTERVAL_SECS);
+			this.rebalance();
+		});
+		const expire = this.wheel.create('expire remotes', () => {
+			expire.set(REMOTE_EXPIRY_CHECK_SECS);
+			this.remotes.expire();
+		});
+		rescan.set(RESCAN_INTERVAL_SECS);
+		rebalance.set(REBALANCE_INTERVAL_SECS);
+		expire.set(REMOTE_EXPIRY_CHECK_SECS);
+	}
+
+	/** Bind the listeners, find the backends, start the tick. */
+	async start(): Promise<void> {
+		await this.udp.listen(this.opts.bind, this.opts.port);
+		await this.backends.rescan();
+		this.tick = setInterval(() => this.wheel.run(), TICK_MS);
+		this.tick.unref();
+		this.log.info({ address: this.opts.bind, port: this.opts.port, socket_dir: this.opts.sockets },
+			'listening');
+	}
+
+	rebalance(): void {
+		const plan = this.backends.rebalancePlan();
+		if (plan !== null) {
+			const moved = this.remotes.rebalance(plan.backend, plan.count);
+			this.log.info({ be_id: plan.backend.id, remotes: moved }, 'rebalanced remotes');
+		}
+	}
+
+	async close(): Promise<void> {
+		if (this.closed) {
+			return;
+		}
+		this.closed = true;
+		if (this.tick !== null) {
+			clearInterval(this.tick);
+			this.tick = null;
+		}
+		this.backends.close();
+		await this.udp.close();
+	}
+}
+
+function describeListenError(err: NodeJS.ErrnoException, opts: Options): string {
+	const where = `${opts.bind}:${opts.port}`;
+	switch (err.code) {
+	case 'EADDRINUSE':
+		return `cannot listen on ${where}: address already in use`;
+	case 'EACCES':
+		return `cannot listen on ${where}: permission denied (ports below 1024 need privilege)`;
+	case 'EADDRNOTAVAIL':
+		return `cannot listen on ${where}: address not available on this host`;
+	default:
+		return `cannot listen on ${where}: ${err.message}`;
+	}
+}
+
+function die(msg: string, status: number): never {
+	process.stderr.write(`bbal: ${msg}\n`);
+	process.exit(status);
+}
+
+export async function main(argv: string[]): Promise<void> {
+	let opts: Options | null;
+	try {
+		opts = parseArgs(argv);
+	} catch (err) {
+		die(err instanceof Error ? err.message : String(err), 2);
+	}
+	if (opts === null) {
+		return;
+	}
+	let st;
+	try {
+		st = statSync(opts.sockets);
+	} catch {
+		die(`socket directory ${opts.sockets} does not exist`, 2);
+	}
+	if (!st.isDirectory()) {
+		die(`socket directory ${opts.sockets} is not a directory`, 2);
+	}
+
+	const log = makeLogger(opts.logLevel);
+	process.on('uncaughtException', (err) => {
+		log.fatal({ err }, 'uncaught exception (exiting)');
+		process.exit(1);
+	});
+
+	const bal = new Balancer({ bind: opts.bind, port: opts.port, sockets: opts.sockets, log });
+	try {
+		await bal.start();
+	} catch (err) {
+		const msg = describeListenError(err as NodeJS.ErrnoException, opts);
+		log.fatal({ err }, msg);
+		die(msg, 1);
+	}
+
+	const stop = (signal: string): void => {
+		log.info({ signal }, 'shutting down');
+		void bal.close().then(() => process.exit(0));
+	};
+	process.once('SIGTERM', stop);
+	process.once('SIGINT', stop);
+	process.on('SIGHUP', () => {
+		log.info('SIGHUP: rescanning socket directory');
+		void bal.backends.rescan();
+	});
+}
