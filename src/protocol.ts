@@ -172,8 +172,10 @@ export function u32ToIpv4(addr: number): string {
 /** What the reader hands over; payload is null for frames without one. */
 export interface FrameSink {
 	/**
-	 * One whole frame.  Return false to stop reading: the reader then
-	 * consumes nothing more (see FrameReader.feed's return value).
+	 * One whole frame.  Return false to stop reading this chunk: feed()
+	 * returns at once with the offset just past this frame, and the caller
+	 * decides what the rest of the stream is (a TCP session's client bytes
+	 * follow INBOUND_TCP_OK) and whether to feed the reader again.
 	 */
 	onFrame(type: number, addr: number, port: number, payload: Buffer | null): boolean;
 	/** The stream is not this protocol; the reader has stopped for good. */

@@ -21,6 +21,10 @@
  * want to act at once (a newly found backend socket) do so directly instead
  * of going through the wheel.
  *
+ * Arming a timeout reads the clock afresh rather than the tick's cached
+ * time, so a deadline is never shortened by up to a second because it was set
+ * late in a tick; arming happens on state changes, never per packet.
+ *
  * The clock is injected.  Production passes a monotonic millisecond clock;
  * unit tests pass a variable they step forward, then call run(now), so no
  * test ever sleeps to watch a 15-second heartbeat deadline pass.

@@ -1,0 +1,327 @@
+/*
+ * The backend state machine and the registry, without I/O: a fake control
+ * socket stands in for net.Socket and a variable stands in for the clock, so
+ * a 15-second heartbeat deadline is one call to wheel.run().
+ */
+
+import { EventEmitter } from 'node:events';
+import type net from 'node:net';
+import t from 'tap';
+import pino from 'pino';
+import {
+	Backend, Backends, CONNECT_DEADLINE_SECS, HEARTBEAT_DEADLINE_SECS, HEARTBEAT_INTERVAL_SECS,
+	MAX_RECONNECT_DELAY_SECS,
+} from '../src/backends.js';
+import {
+	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, encodeUdpFrame, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
+	INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
+} from '../src/protocol.js';
+import { TimeoutWheel } from '../src/timeouts.js';
+
+class FakeSocket extends EventEmitter {
+	writes: Buffer[] = [];
+	destroyed = false;
+	accept = true;
+	constructor(readonly path: string) {
+		super();
+	}
+	write(b: Uint8Array): boolean {
+		this.writes.push(Buffer.from(b));
+		return this.accept;
+	}
+	cork(): void {}
+	uncork(): void {}
+	destroy(): this {
+		this.destroyed = true;
+		return this;
+	}
+	/** Everything written, as one buffer. */
+	all(): Buffer {
+		return Buffer.concat(this.writes);
+	}
+}
+
+interface Sent {
+	addr: number;
+	port: number;
+	payload: Buffer;
+	from: Backend;
+}
+
+function setup(dir = '/var/run/binder/sockets') {
+	let now = 1_000_000;
+	const wheel = new TimeoutWheel(() => now);
+	const sockets: FakeSocket[] = [];
+	const sent: Sent[] = [];
+	const reg = new Backends({
+		dir,
+		log: pino({ level: 'silent' }),
+		wheel,
+		onOutboundUdp: (addr, port, payload, from) => sent.push({ addr, port, payload, from }),
+		connector: (path) => {
+			const s = new FakeSocket(path);
+			sockets.push(s);
+			return s as unknown as net.Socket;
+		},
+	});
+	return {
+		wheel, reg, sockets, sent,
+		/* Step the clock and run the wheel, as the 1 s tick does. */
+		advance(secs: number): void {
+			now += secs * 1000;
+			wheel.run(now);
+		},
+		last(): FakeSocket {
+			return sockets[sockets.length - 1] as FakeSocket;
+		},
+	};
+}
+
+/* Let the per-turn flush (setImmediate) run. */
+const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+/* A backend brought to `ok` through connect and hello. */
+function okBackend(env: ReturnType<typeof setup>, name: string): { be: Backend; sock: FakeSocket } {
+	const be = env.reg.foundPath(name) as Backend;
+	const sock = env.last();
+	sock.emit('connect');
+	sock.emit('data', SERVER_HELLO_FRAME);
+	return { be, sock };
+}
+
+t.test('a new socket is connected at once and becomes ok on SERVER_HELLO', async (t) => {
+	const env = setup();
+	const be = env.reg.foundPath('5301') as Backend;
+	t.equal(be.id, 5301, 'id from the socket name');
+	t.equal(be.state, 'connecting');
+	t.equal(be.stats.connStart, 1);
+	t.equal(env.sockets.length, 1);
+	t.equal(env.last().path, '/var/run/binder/sockets/5301');
+	env.last().emit('connect');
+	t.same(env.last().all(), CLIENT_HELLO_FRAME, 'CLIENT_HELLO is the first frame');
+	t.notOk(be.ok, 'not ok before the hello');
+	env.last().emit('data', SERVER_HELLO_FRAME);
+	t.ok(be.ok);
+	t.equal(be.reconnectDelaySecs, 1);
+});
+
+t.test('heartbeats: sent 5 s after hello, answered, sent again; a missing reply faults at 15 s', async (t) => {
+	const env = setup();
+	const { be, sock } = okBackend(env, '5301');
+	env.advance(HEARTBEAT_INTERVAL_SECS - 1);
+	await turn();
+	t.equal(sock.writes.length, 1, 'no heartbeat before 5 s');
+	env.advance(1);
+	await turn();
+	t.same(sock.writes[1], CLIENT_HEARTBEAT_FRAME, 'heartbeat at 5 s');
+	t.ok(be.heartbeatOutstanding);
+	sock.emit('data', SERVER_HEARTBEAT_FRAME);
+	t.notOk(be.heartbeatOutstanding);
+	t.ok(be.lastHeartbeatRttMs >= 0, 'round trip recorded');
+	env.advance(HEARTBEAT_INTERVAL_SECS);
+	await turn();
+	t.same(sock.writes[2], CLIENT_HEARTBEAT_FRAME, 'next heartbeat 5 s after the reply');
+	env.advance(HEARTBEAT_DEADLINE_SECS - 1);
+	t.ok(be.ok, 'still ok 14 s into the deadline');
+	env.advance(1);
+	t.equal(be.state, 'waiting', 'faulted at 15 s');
+	t.ok(sock.destroyed);
+	t.equal(be.stats.faults, 1);
+	env.advance(1);
+	t.equal(be.state, 'connecting', 'reconnects after 1 s');
+	t.equal(be.stats.connStart, 2);
+});
+
+t.test('no hello within 30 s faults the connect attempt', async (t) => {
+	const env = setup();
+	const be = env.reg.foundPath('5301') as Backend;
+	env.last().emit('connect');
+	env.advance(CONNECT_DEADLINE_SECS - 1);
+	t.equal(be.state, 'connecting');
+	env.advance(1);
+	t.equal(be.state, 'waiting');
+	t.ok(env.last().destroyed);
+});
+
+t.test('reconnect back-off: 0, then 1, growing by 2, capped at 32, back to 1 after a hello', async (t) => {
+	const env = setup();
+	const be = env.reg.foundPath('5301') as Backend;
+	const refused = Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' });
+	const delays: number[] = [];
+	for (let i = 0; i < 20; i++) {
+		env.last().emit('error', refused);
+		t.equal(be.state, 'waiting');
+		const before = env.sockets.length;
+		let waited = 0;
+		while (env.sockets.length === before && waited <= MAX_RECONNECT_DELAY_SECS) {
+			env.advance(1);
+			waited++;
+		}
+		delays.push(waited);
+	}
+	t.same(delays.slice(0, 17), [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 32]);
+	t.same(delays.slice(17), [32, 32, 32]);
+	t.equal(be.stats.connError, 20);
+	env.last().emit('connect');
+	env.last().emit('data', SERVER_HELLO_FRAME);
+	t.equal(be.reconnectDelaySecs, 1, 'reset by the hello');
+	env.last().emit('end');
+	env.advance(1);
+	t.equal(be.state, 'connecting', 'reconnect 1 s after a fault of a healthy backend');
+});
+
+t.test('ENOENT marks the backend removed; it returns when a rescan sees the socket again', async (t) => {
+	const env = setup();
+	const { be, sock } = okBackend(env, '5301');
+	sock.emit('end');
+	t.equal(be.state, 'waiting');
+	env.advance(1);
+	env.last().emit('error', Object.assign(new Error('connect ENOENT'), { code: 'ENOENT' }));
+	t.equal(be.state, 'removed');
+	t.ok(be.removed);
+	const n = env.sockets.length;
+	env.advance(120);
+	t.equal(env.sockets.length, n, 'no reconnect attempts while removed');
+	t.equal(env.reg.foundPath('5301'), be, 'same backend object for the same path');
+	t.equal(be.state, 'connecting', 'connects at once when the socket returns');
+	t.equal(env.sockets.length, n + 1);
+});
+
+t.test('protocol violations on the control session fault the backend', async (t) => {
+	const cases: Array<[string, Buffer[]]> = [
+		['a frame before the hello', [SERVER_HEARTBEAT_FRAME]],
+		['a second hello', [SERVER_HELLO_FRAME, SERVER_HELLO_FRAME]],
+		['a heartbeat reply with none outstanding', [SERVER_HELLO_FRAME, SERVER_HEARTBEAT_FRAME]],
+		['an unknown frame type', [SERVER_HELLO_FRAME, Buffer.from([0x39, 0x05, 0, 0])]],
+		['OUTBOUND_UDP over 1500 bytes', [SERVER_HELLO_FRAME, encodeUdpFrame(FRAME_OUTBOUND_UDP, 1, 53, Buffer.alloc(1501))]],
+		['INBOUND_TCP_OK on the control session', [SERVER_HELLO_FRAME, INBOUND_TCP_OK_FRAME]],
+		['a balancer-side frame type', [SERVER_HELLO_FRAME, CLIENT_HELLO_FRAME]],
+	];
+	for (const [what, frames] of cases) {
+		const env = setup();
+		const be = env.reg.foundPath('5301') as Backend;
+		const sock = env.last();
+		sock.emit('connect');
+		for (const f of frames) {
+			sock.emit('data', f);
+		}
+		t.equal(be.state, 'waiting', `${what}: faulted`);
+		t.ok(sock.destroyed, `${what}: session closed`);
+		t.equal(be.stats.faults, 1, `${what}: counted`);
+	}
+});
+
+t.test('EOF and socket errors fault; the old socket is forgotten', async (t) => {
+	const env = setup();
+	const { be, sock } = okBackend(env, '5301');
+	sock.emit('error', Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' }));
+	t.equal(be.state, 'waiting');
+	t.equal(be.stats.connError, 1);
+	sock.emit('close');
+	sock.emit('data', SERVER_HELLO_FRAME);
+	t.equal(be.state, 'waiting', 'late events from the old socket change nothing');
+	t.equal(be.stats.faults, 1);
+});
+
+t.test('OUTBOUND_UDP frames go to the handler, split anywhere', async (t) => {
+	const env = setup();
+	const { be, sock } = okBackend(env, '5301');
+	const answer = Buffer.from('an answer of some bytes');
+	const frame = encodeUdpFrame(FRAME_OUTBOUND_UDP, 0x7f000005, 4000, answer);
+	/* mname writes header and payload separately; split mid-header too. */
+	sock.emit('data', frame.subarray(0, 7));
+	sock.emit('data', frame.subarray(7, 16));
+	sock.emit('data', Buffer.concat([frame.subarray(16), frame]));
+	t.equal(env.sent.length, 2);
+	for (const s of env.sent) {
+		t.equal(s.addr, 0x7f000005);
+		t.equal(s.port, 4000);
+		t.same(s.payload, answer);
+		t.equal(s.from, be);
+	}
+	t.ok(be.ok);
+});
+
+t.test('writes queued in one turn leave in one write; a stuck session drops and counts', async (t) => {
+	const env = setup();
+	const { be, sock } = okBackend(env, '5301');
+	const q = Buffer.from('query');
+	for (let i = 0; i < 50; i++) {
+		t.ok(be.sendUdp(0x7f000001 + i, 1000 + i, q));
+	}
+	t.equal(sock.writes.length, 1, 'nothing written before the turn ends');
+	await turn();
+	t.equal(sock.writes.length, 2, 'one write for fifty frames');
+	const out = sock.writes[1] as Buffer;
+	t.equal(out.length, 50 * (16 + q.length));
+	t.same(out.subarray(0, 21), encodeUdpFrame(FRAME_INBOUND_UDP, 0x7f000001, 1000, q));
+	t.equal(be.stats.udp, 50);
+
+	sock.accept = false;
+	be.sendUdp(1, 1, q);
+	await turn();
+	t.ok(be.isStuck, 'write() returned false: stuck');
+	t.notOk(be.sendUdp(1, 1, q), 'dropped while stuck');
+	t.notOk(be.sendUdp(1, 1, q));
+	t.equal(be.stats.stuck, 2);
+	await turn();
+	t.equal(sock.writes.length, 3, 'nothing queued while stuck');
+	sock.accept = true;
+	sock.emit('drain');
+	t.notOk(be.isStuck);
+	t.ok(be.sendUdp(1, 1, q), 'accepted again after drain');
+	t.ok(be.ok, 'a stuck session is not a fault by itself');
+});
+
+t.test('ids: 5300-5399 names when free, otherwise one more than the highest', async (t) => {
+	const env = setup('/s');
+	t.equal(env.reg.foundPath('5310')?.id, 5310);
+	t.equal(env.reg.foundPath('alpha')?.id, 5311);
+	t.equal(env.reg.foundPath('5400')?.id, 5312);
+	t.equal(env.reg.foundPath('05301')?.id, 5313);
+	t.equal(env.reg.foundPath('5300')?.id, 5300);
+	t.same(env.reg.list().map((b) => b.id), [5300, 5310, 5311, 5312, 5313], 'listed in id order');
+	const env2 = setup('/s');
+	t.equal(env2.reg.foundPath('x')?.id, 1, 'the first non-numeric name is id 1');
+	t.equal(env2.reg.foundPath('5301')?.id, 5301);
+});
+
+t.test('a socket path longer than sun_path is skipped, not truncated', async (t) => {
+	const env = setup('/s');
+	t.equal(env.reg.foundPath('x'.repeat(105)), null, '108 bytes: skipped');
+	t.equal(env.reg.size, 0);
+	t.equal(env.reg.foundPath('y'.repeat(104))?.path.length, 107, '107 bytes: used');
+});
+
+t.test('round-robin selection skips backends that are not ok, in id order', async (t) => {
+	const env = setup();
+	const a = okBackend(env, '5301').be;
+	const b = okBackend(env, '5302').be;
+	const c = okBackend(env, '5303').be;
+	t.same([1, 2, 3, 4].map(() => env.reg.select()?.id), [5301, 5302, 5303, 5301]);
+	b.fault('test');
+	t.same([1, 2, 3].map(() => env.reg.select()?.id), [5303, 5301, 5303]);
+	a.fault('test');
+	c.fault('test');
+	t.equal(env.reg.select(), null, 'none ok: none selected');
+});
+
+t.test('rebalance plan: move (spread - ok backends) from the fullest', async (t) => {
+	const env = setup();
+	const a = okBackend(env, '5301').be;
+	const b = okBackend(env, '5302').be;
+	const c = okBackend(env, '5303').be;
+	a.remotes = 10;
+	b.remotes = 7;
+	c.remotes = 5;
+	const plan = env.reg.rebalancePlan();
+	t.equal(plan?.backend, a);
+	t.equal(plan?.count, 2, 'spread 5 - 3 backends');
+	a.remotes = 8;
+	t.equal(env.reg.rebalancePlan(), null, 'spread 3 is within 3 backends');
+	c.fault('test');
+	t.equal(env.reg.rebalancePlan(), null, 'spread over ok backends only: 8 - 7');
+	a.fault('test');
+	b.fault('test');
+	t.equal(env.reg.rebalancePlan(), null, 'no ok backend: no plan');
+});
