@@ -1,0 +1,81 @@
+#!/usr/bin/env node
+/*
+ * The demo fleet behind `npm start`: three real node-mname backends in a
+ * temporary socket directory and bbal in front of them on 127.0.0.1:5353.
+ * It prints the commands to try, passes bbal's log through, and on Ctrl-C
+ * (or SIGTERM) stops every process it started and removes the directory.
+ *
+ * The backends are the same mname program the integration tests use
+ * (test/fixtures/mname_backend.cjs): every answer carries a TXT record
+ * "be=<id>" naming the backend that served it, so stickiness is visible.
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const backendScript = path.join(root, 'test', 'fixtures', 'mname_backend.cjs');
+const port = Number(process.env.BBAL_DEMO_PORT ?? 5353);
+const dir = mkdtempSync('/tmp/bbal-demo-');
+const children = [];
+let stopping = false;
+
+function stop(code) {
+	if (stopping) {
+		return;
+	}
+	stopping = true;
+	for (const c of children) {
+		c.kill('SIGTERM');
+	}
+	setTimeout(() => {
+		rmSync(dir, { recursive: true, force: true });
+		process.exit(code);
+	}, 300);
+}
+process.on('SIGINT', () => stop(0));
+process.on('SIGTERM', () => stop(0));
+
+function start(args, name, onLine) {
+	const c = spawn(process.execPath, args, { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+	children.push(c);
+	c.stdout.setEncoding('utf8');
+	c.stdout.on('data', onLine);
+	c.on('exit', (code, signal) => {
+		if (!stopping) {
+			console.error(`demo: ${name} exited (code ${code}, signal ${signal}); stopping`);
+			stop(1);
+		}
+	});
+	return c;
+}
+
+function startBackend(id) {
+	return new Promise((resolve) => {
+		start([backendScript, path.join(dir, String(id)), String(id)], `backend ${id}`, (s) => {
+			if (s.includes('ready')) {
+				resolve();
+			}
+		});
+	});
+}
+
+await Promise.all([5301, 5302, 5303].map(startBackend));
+let announced = false;
+start([path.join(root, 'bin', 'bbal.js'), '-b', '127.0.0.1', '-p', String(port), '-s', dir], 'bbal', (s) => {
+	process.stdout.write(s);
+	if (!announced && s.includes('"msg":"listening"')) {
+		announced = true;
+		console.log([
+			'',
+			`demo: bbal listens on 127.0.0.1:${port}; backends 5301-5303 in ${dir}`,
+			'demo: try (each source address sticks to one backend, named in the TXT answer):',
+			`  dig @127.0.0.1 -p ${port} -b 127.0.0.7 example.com TXT +short`,
+			`  dig @127.0.0.1 -p ${port} -b 127.0.0.8 example.com TXT +short`,
+			`  kill -HUP ${children[children.length - 1].pid}    # rescan ${dir} now`,
+			'demo: Ctrl-C stops everything.',
+			'',
+		].join('\n'));
+	}
+});
