@@ -114,10 +114,14 @@ export interface BackendStats {
 /** Where OUTBOUND_UDP datagrams go; main wires it to the UDP proxy. */
 export type OutboundUdpHandler = (addr: number, port: number, payload: Buffer, from: Backend) => void;
 
-/** How a control session is opened; tests substitute their own. */
+/**
+ * How a connection to a backend is opened (control sessions and TCP
+ * sessions alike); tests substitute their own.  Half-open is allowed so a
+ * TCP session can pass a FIN through in each direction on its own.
+ */
 export type Connector = (path: string) => net.Socket;
 
-export const connectUnix: Connector = (path) => net.createConnection({ path });
+export const connectUnix: Connector = (path) => net.createConnection({ path, allowHalfOpen: true });
 
 function ignoreError(): void {}
 

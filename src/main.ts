@@ -39,6 +39,7 @@ import {
 } from './backends.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { type Clock, monotonicClock, TimeoutWheel } from './timeouts.js';
+import { DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_TCP_IDLE_TIMEOUT_SECS, TcpListener } from './tcp_proxy.js';
 import { UdpProxy } from './udp_proxy.js';
 
 export const TICK_MS = 1000;
@@ -50,6 +51,8 @@ export interface Options {
 	port: number;
 	sockets: string;
 	logLevel: LogLevel;
+	maxTcpConnections: number;
+	tcpIdleTimeoutSecs: number;
 }
 
 /** A problem with how bbal was invoked: reported in one line, exit 2. */
@@ -72,6 +75,14 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		.option('log-level', {
 			alias: 'l', type: 'string', default: 'info',
 			describe: 'trace|debug|info|warn|error|fatal (LOG_LEVEL in the environment overrides)',
+		})
+		.option('max-tcp-connections', {
+			type: 'string', default: String(DEFAULT_MAX_TCP_CONNECTIONS),
+			describe: 'TCP connections open at once; more are closed at accept',
+		})
+		.option('tcp-idle-timeout', {
+			type: 'string', default: String(DEFAULT_TCP_IDLE_TIMEOUT_SECS),
+			describe: 'seconds a TCP connection may pass no bytes before it is closed',
 		})
 		.strict()
 		.help()
@@ -114,7 +125,16 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		throw new UsageError(`unknown log level "${level}"${env.LOG_LEVEL ? ' (from LOG_LEVEL)' : ''}: `
 			+ `use one of ${LOG_LEVELS.join(', ')}`);
 	}
-	return { bind, port, sockets, logLevel: level as LogLevel };
+	const maxTcpConnections = positiveInt(lastOf(args['max-tcp-connections']), '--max-tcp-connections');
+	const tcpIdleTimeoutSecs = positiveInt(lastOf(args['tcp-idle-timeout']), '--tcp-idle-timeout');
+	return { bind, port, sockets, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs };
+}
+
+function positiveInt(text: string, flag: string): number {
+	if (!/^\d{1,9}$/.test(text) || Number(text) < 1) {
+		throw new UsageError(`${flag} "${text}" is not a whole number of at least 1`);
+	}
+	return Number(text);
 }
 
 /* A flag given twice arrives as an array: the last one wins. */
@@ -139,6 +159,8 @@ export interface BalancerOptions {
 	sockets: string;
 	log: Logger;
 	clock?: Clock;
+	maxTcpConnections?: number;
+	tcpIdleTimeoutSecs?: number;
 }
 
 /**
@@ -151,6 +173,7 @@ export class Balancer {
 	readonly backends: Backends;
 	readonly remotes: Remotes;
 	readonly udp: UdpProxy;
+	readonly tcp: TcpListener;
 	readonly log: Logger;
 	private tick: NodeJS.Timeout | null = null;
 	private closed = false;
@@ -166,6 +189,14 @@ export class Balancer {
 		});
 		this.remotes = new Remotes({ log: this.log, backends: this.backends, wheel: this.wheel });
 		this.udp = new UdpProxy({ remotes: this.remotes, log: this.log, wheel: this.wheel });
+		this.tcp = new TcpListener({
+			remotes: this.remotes,
+			backends: this.backends,
+			wheel: this.wheel,
+			log: this.log,
+			maxConnections: opts.maxTcpConnections,
+			idleTimeoutSecs: opts.tcpIdleTimeoutSecs,
+		});
 
 		const rescan = this.wheel.create('rescan socket directory', () => {
 			rescan.set(RESCAN_INTERVAL_SECS);
@@ -187,6 +218,7 @@ export class Balancer {
 	/** Bind the listeners, find the backends, start the tick. */
 	async start(): Promise<void> {
 		await this.udp.listen(this.opts.bind, this.opts.port);
+		await this.tcp.listen(this.opts.bind, this.opts.port);
 		await this.backends.rescan();
 		this.tick = setInterval(() => this.wheel.run(), TICK_MS);
 		this.tick.unref();
@@ -211,8 +243,8 @@ export class Balancer {
 			clearInterval(this.tick);
 			this.tick = null;
 		}
+		await Promise.all([this.udp.close(), this.tcp.close()]);
 		this.backends.close();
-		await this.udp.close();
 	}
 }
 
@@ -261,7 +293,14 @@ export async function main(argv: string[]): Promise<void> {
 		process.exit(1);
 	});
 
-	const bal = new Balancer({ bind: opts.bind, port: opts.port, sockets: opts.sockets, log });
+	const bal = new Balancer({
+		bind: opts.bind,
+		port: opts.port,
+		sockets: opts.sockets,
+		log,
+		maxTcpConnections: opts.maxTcpConnections,
+		tcpIdleTimeoutSecs: opts.tcpIdleTimeoutSecs,
+	});
 	try {
 		await bal.start();
 	} catch (err) {

@@ -1,0 +1,414 @@
+/*
+ * TCP PROXY
+ *
+ * DNS over TCP (RFC 7766) is how large answers, zone transfers and retries
+ * after a truncated UDP answer reach Binder.  bbal proxies it at layer 4:
+ * every client connection gets its own AF_UNIX connection to the backend
+ * that serves the client's address -- the same sticky primary/backup choice
+ * as UDP, so `dig +tcp` from a host lands where the host's UDP does.
+ *
+ * A TcpProxy object owns one client connection (the front) and its backend
+ * session (the back) and walks them through four states:
+ *
+ *   connecting ---> awaiting OK ---> flowing ---> closed
+ *       |                |              |
+ *       +----------------+--------------+--> closed  (error, deadline, bad frame)
+ *
+ *   connecting   the back is being connected; INBOUND_TCP (client address
+ *                and port) goes out as soon as it is.
+ *   awaiting OK  the backend must answer INBOUND_TCP_OK within 10 seconds.
+ *                Missing that faults the backend: a backend that cannot take
+ *                a TCP session in ten seconds is not healthy.  Any other first
+ *                frame tears this proxy down but does not fault the backend,
+ *                whose control session may be perfectly fine.
+ *   flowing      bytes pass both ways verbatim, with backpressure (pipe): a
+ *                slow reader on either side pauses the other, so bbal never
+ *                buffers an unbounded answer.  A FIN from one side is passed
+ *                to the other once its bytes have gone; the proxy is done
+ *                when both sockets have closed.
+ *   closed       both sockets destroyed, the timeout cleared, the object
+ *                forgotten by the listener.
+ *
+ * Until the OK arrives the client is not read at all (the listener accepts
+ * with pauseOnConnect): whatever it sends early waits in the kernel and is
+ * delivered, in order, the moment the session flows.  Bytes that follow the
+ * OK in the same read from the backend are the start of the answer and go
+ * to the client before anything else.
+ *
+ * BOUNDS.  A connection with no bytes in either direction for the idle
+ * deadline (10 s by default, `--tcp-idle-timeout`; RFC 7766 6.2.3 asks for
+ * seconds, not minutes) is closed, which also disposes of clients that send
+ * half a length prefix and stall.  At most `--max-tcp-connections` (512 by
+ * default) are open at once; over the cap a new connection is closed at once
+ * and counted.  Every condition stays local to its connection: UDP and the
+ * other TCP clients never notice.
+ */
+
+import type net from 'node:net';
+import { createServer } from 'node:net';
+import type { Logger } from 'pino';
+import type { Backend, Backends } from './backends.js';
+import { encodeInboundTcp, FRAME_INBOUND_TCP_OK, FRAME_NAMES, ipv4ToU32 } from './protocol.js';
+import type { Remote, Remotes } from './remotes.js';
+import { LogGate, type Timeout, type TimeoutWheel } from './timeouts.js';
+
+export const TCP_BACKLOG = 1000;
+export const TCP_OK_DEADLINE_SECS = 10;
+export const DEFAULT_TCP_IDLE_TIMEOUT_SECS = 10;
+export const DEFAULT_MAX_TCP_CONNECTIONS = 512;
+/* How long close() lets flowing sessions finish before cutting them. */
+export const TCP_DRAIN_MS = 3000;
+
+export type TcpProxyState = 'connecting' | 'awaiting OK' | 'flowing' | 'closed';
+
+export interface TcpListenerStats {
+	/** Connections accepted. */
+	accepted: number;
+	/** Closed at once: over --max-tcp-connections. */
+	overCap: number;
+	/** Closed at once: no backend ok. */
+	noBackend: number;
+	/** Sessions that reached the flowing state. */
+	established: number;
+	/** Closed by the idle deadline. */
+	idleClosed: number;
+	/** Torn down because the backend's first frame was not INBOUND_TCP_OK. */
+	badFirstFrame: number;
+	/** The backend missed the INBOUND_TCP_OK deadline. */
+	okTimeouts: number;
+}
+
+export interface TcpOptions {
+	remotes: Remotes;
+	backends: Backends;
+	wheel: TimeoutWheel;
+	log: Logger;
+	idleTimeoutSecs?: number;
+	maxConnections?: number;
+}
+
+function ignoreError(): void {}
+
+export class TcpProxy {
+	state: TcpProxyState = 'connecting';
+	readonly log: Logger;
+	private readonly back: net.Socket;
+	private readonly deadline: Timeout;
+	/* Bytes of the OK frame read so far (it may arrive split). */
+	private okBytes = Buffer.alloc(4);
+	private okLen = 0;
+	private lastActivityMs: number;
+	private frontClosed = false;
+	private backClosed = false;
+
+	constructor(
+		private readonly listener: TcpListener,
+		readonly id: number,
+		private readonly front: net.Socket,
+		readonly remote: Remote,
+		readonly backend: Backend,
+		private readonly remotePort: number,
+	) {
+		this.log = listener.log.child({
+			conn_id: id, remote_ip: remote.ip, remote_port: remotePort, backend: backend.id,
+		});
+		const wheel = listener.wheel;
+		this.lastActivityMs = wheel.nowMs;
+		this.deadline = wheel.create(`tcp ${id} deadline`, () => this.deadlineDue());
+		this.deadline.set(TCP_OK_DEADLINE_SECS);
+
+		front.on('error', this.frontOnError);
+		front.on('close', this.frontOnClose);
+		front.setNoDelay(true);
+
+		this.back = listener.backends.connector(backend.path);
+		this.back.on('error', this.backOnError);
+		this.back.on('close', this.backOnClose);
+		this.back.on('connect', this.backOnConnect);
+		this.back.on('data', this.backOnFirstData);
+		this.back.on('end', this.backOnEarlyEnd);
+		this.log.debug('tcp connection accepted');
+	}
+
+	private setState(next: TcpProxyState): void {
+		if (this.log.isLevelEnabled('trace')) {
+			this.log.trace({ from: this.state, to: next }, 'tcp proxy state');
+		}
+		this.state = next;
+	}
+
+	/* ---- connecting, awaiting OK ---- */
+
+	private readonly backOnConnect = (): void => {
+		this.back.write(encodeInboundTcp(this.remote.addr, this.remotePort));
+		this.setState('awaiting OK');
+	};
+
+	private readonly backOnFirstData = (chunk: Buffer): void => {
+		const take = Math.min(4 - this.okLen, chunk.length);
+		chunk.copy(this.okBytes, this.okLen, 0, take);
+		this.okLen += take;
+		if (this.okLen < 4) {
+			return;
+		}
+		const type = this.okBytes.readUInt32LE(0);
+		if (type !== FRAME_INBOUND_TCP_OK) {
+			this.listener.stats.badFirstFrame++;
+			this.log.warn({ frame_type: type, frame_name: FRAME_NAMES[type] },
+				'backend answered INBOUND_TCP with the wrong frame (closing connection)');
+			this.teardown();
+			return;
+		}
+		this.flow(chunk.subarray(take));
+	};
+
+	private readonly backOnEarlyEnd = (): void => {
+		this.log.warn('backend closed the TCP session before INBOUND_TCP_OK');
+		this.teardown();
+	};
+
+	/* The OK is in: join the two sockets. */
+	private flow(rest: Buffer): void {
+		const { front, back } = this;
+		back.removeListener('data', this.backOnFirstData);
+		back.removeListener('end', this.backOnEarlyEnd);
+		this.setState('flowing');
+		this.backend.stats.tcp++;
+		this.listener.stats.established++;
+		this.touch();
+		this.deadline.set(this.listener.idleTimeoutSecs);
+		if (rest.length > 0) {
+			front.write(rest);
+		}
+		front.on('data', this.touch);
+		back.on('data', this.touch);
+		/* pipe() carries backpressure both ways and passes each FIN on. */
+		front.pipe(back);
+		back.pipe(front);
+		front.resume();
+	}
+
+	/* ---- deadlines ---- */
+
+	private readonly touch = (): void => {
+		this.lastActivityMs = this.listener.wheel.nowMs;
+	};
+
+	private deadlineDue(): void {
+		if (this.state === 'connecting' || this.state === 'awaiting OK') {
+			this.listener.stats.okTimeouts++;
+			this.log.error({ deadline_secs: TCP_OK_DEADLINE_SECS }, 'no INBOUND_TCP_OK from backend');
+			this.backend.fault('TCP session: no INBOUND_TCP_OK in time', { conn_id: this.id });
+			this.teardown();
+			return;
+		}
+		if (this.state !== 'flowing') {
+			return;
+		}
+		const idleSecs = (this.listener.wheel.nowMs - this.lastActivityMs) / 1000;
+		const limit = this.listener.idleTimeoutSecs;
+		if (idleSecs < limit) {
+			/* Activity since arming: wait for the rest of the period. */
+			this.deadline.set(Math.max(1, Math.ceil(limit - idleSecs)));
+			return;
+		}
+		this.listener.stats.idleClosed++;
+		this.log.info({ idle_secs: limit }, 'closing idle tcp connection');
+		this.teardown();
+	}
+
+	/* ---- closing ---- */
+
+	private readonly frontOnError = (err: Error): void => {
+		this.log.debug({ err }, 'tcp client connection error');
+		this.teardown();
+	};
+
+	private readonly backOnError = (err: Error): void => {
+		this.log.warn({ err }, 'backend tcp session error');
+		this.teardown();
+	};
+
+	private readonly frontOnClose = (): void => {
+		this.frontClosed = true;
+		if (!this.backClosed && this.state !== 'flowing') {
+			/* The client gave up before the session flowed. */
+			this.back.destroy();
+		}
+		this.closedOne();
+	};
+
+	private readonly backOnClose = (): void => {
+		this.backClosed = true;
+		if (!this.frontClosed && this.state !== 'flowing') {
+			this.front.destroy();
+		}
+		this.closedOne();
+	};
+
+	private closedOne(): void {
+		if (this.frontClosed && this.backClosed) {
+			this.release();
+		} else if (this.state === 'flowing' && (this.frontClosed || this.backClosed)) {
+			/*
+			 * One side is fully closed (not merely half-closed): nothing more
+			 * can be delivered to it, so finish the other side gently; the
+			 * idle deadline cuts it if the peer never closes.
+			 */
+			const other = this.frontClosed ? this.back : this.front;
+			other.end();
+		}
+	}
+
+	/** Destroy both sockets at once (errors, deadlines, shutdown). */
+	teardown(): void {
+		if (this.state === 'closed') {
+			return;
+		}
+		this.front.destroy();
+		this.back.destroy();
+		this.release();
+	}
+
+	private release(): void {
+		if (this.state === 'closed') {
+			return;
+		}
+		this.setState('closed');
+		this.deadline.clear();
+		this.front.on('error', ignoreError);
+		this.back.on('error', ignoreError);
+		this.listener.released(this);
+		this.log.debug('tcp connection closed');
+	}
+}
+
+export class TcpListener {
+	readonly stats: TcpListenerStats = {
+		accepted: 0, overCap: 0, noBackend: 0, established: 0, idleClosed: 0, badFirstFrame: 0, okTimeouts: 0,
+	};
+	readonly log: Logger;
+	readonly wheel: TimeoutWheel;
+	readonly backends: Backends;
+	readonly idleTimeoutSecs: number;
+	readonly maxConnections: number;
+	private readonly remotes: Remotes;
+	private readonly server: net.Server;
+	private readonly proxies = new Set<TcpProxy>();
+	private readonly overCapGate: LogGate;
+	private readonly noBackendGate: LogGate;
+	private nextConnId = 1;
+	private state: 'new' | 'listening' | 'closing' | 'closed' = 'new';
+	private whenEmpty: (() => void) | null = null;
+
+	constructor(opts: TcpOptions) {
+		this.remotes = opts.remotes;
+		this.backends = opts.backends;
+		this.wheel = opts.wheel;
+		this.log = opts.log;
+		this.idleTimeoutSecs = opts.idleTimeoutSecs ?? DEFAULT_TCP_IDLE_TIMEOUT_SECS;
+		this.maxConnections = opts.maxConnections ?? DEFAULT_MAX_TCP_CONNECTIONS;
+		this.overCapGate = new LogGate(opts.wheel);
+		this.noBackendGate = new LogGate(opts.wheel);
+		this.server = createServer({ allowHalfOpen: true, pauseOnConnect: true });
+		this.server.on('connection', this.serverOnConnection);
+	}
+
+	/** Open TCP connections right now. */
+	get size(): number {
+		return this.proxies.size;
+	}
+
+	listen(host: string, port: number): Promise<void> {
+		return new Promise((resolve, reject) => {
+			const onError = (err: Error): void => {
+				this.state = 'closed';
+				reject(err);
+			};
+			this.server.once('error', onError);
+			this.server.listen({ host, port, backlog: TCP_BACKLOG, exclusive: true }, () => {
+				this.server.removeListener('error', onError);
+				this.server.on('error', this.serverOnError);
+				this.state = 'listening';
+				resolve();
+			});
+		});
+	}
+
+	private readonly serverOnConnection = (front: net.Socket): void => {
+		front.on('error', ignoreError);
+		this.stats.accepted++;
+		if (this.state !== 'listening' || this.proxies.size >= this.maxConnections) {
+			this.stats.overCap++;
+			const skipped = this.overCapGate.open();
+			if (skipped >= 0) {
+				this.log.warn({ max: this.maxConnections, not_logged: skipped },
+					'too many tcp connections (closing new connection)');
+			}
+			front.destroy();
+			return;
+		}
+		const addr = ipv4ToU32(front.remoteAddress ?? '');
+		if (addr < 0) {
+			front.destroy();
+			return;
+		}
+		const rem = this.remotes.lookup(addr);
+		const be = rem.backend();
+		if (be === null) {
+			rem.stats.tcpDrop++;
+			this.stats.noBackend++;
+			const skipped = this.noBackendGate.open();
+			if (skipped >= 0) {
+				rem.log.warn({ not_logged: skipped }, 'no backend for remote (closing tcp connection)');
+			}
+			front.destroy();
+			return;
+		}
+		front.removeListener('error', ignoreError);
+		rem.stats.tcp++;
+		const proxy = new TcpProxy(this, this.nextConnId++, front, rem, be, front.remotePort ?? 0);
+		this.proxies.add(proxy);
+	};
+
+	private readonly serverOnError = (err: Error): void => {
+		this.log.error({ err }, 'tcp listener error');
+	};
+
+	/** A proxy has closed both sockets. */
+	released(proxy: TcpProxy): void {
+		this.proxies.delete(proxy);
+		if (this.proxies.size === 0 && this.whenEmpty !== null) {
+			this.whenEmpty();
+		}
+	}
+
+	/**
+	 * Stop accepting; let flowing sessions finish (the client's FIN ends
+	 * each) for up to drainMs, then cut whatever is left.
+	 */
+	async close(drainMs = TCP_DRAIN_MS): Promise<void> {
+		if (this.state === 'closing' || this.state === 'closed') {
+			return;
+		}
+		const wasListening = this.state === 'listening';
+		this.state = 'closing';
+		const closed = wasListening
+			? new Promise<void>((resolve) => this.server.close(() => resolve()))
+			: Promise.resolve();
+		if (this.proxies.size > 0) {
+			const empty = new Promise<void>((resolve) => {
+				this.whenEmpty = resolve;
+			});
+			const timer = setTimeout(() => {
+				for (const p of [...this.proxies]) {
+					p.teardown();
+				}
+			}, drainMs);
+			await empty;
+			clearTimeout(timer);
+		}
+		await closed;
+		this.state = 'closed';
+	}
+}
