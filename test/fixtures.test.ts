@@ -130,7 +130,7 @@ t.test('fixture backend speaks the balancer protocol', async (t) => {
 	const dir = await makeSocketDir(t);
 	const be = await startBackend(t, dir, '5301', 'alpha');
 	t.equal(be.path, `${dir}/5301`, 'socket path is dir/name');
-	t.equal(be.label, 'alpha');
+	t.equal(be.label, 'alpha', 'label as given');
 	t.ok((await fs.stat(be.path)).isSocket(), 'socket file exists');
 
 	const { sock, frames } = await connect(t, be.path);
@@ -155,7 +155,7 @@ t.test('fixture backend speaks the balancer protocol', async (t) => {
 	t.equal(port, 40053, 'dst port echoes the source port');
 	const reply = dnsPacket.decode(payload);
 	t.equal(reply.id, 0x4242, 'reply id matches the query');
-	t.equal(reply.type, 'response');
+	t.equal(reply.type, 'response', 'it is a response');
 	t.equal(backendOf(reply), 'alpha', 'TXT be=<label> names the backend');
 	const a = reply.answers?.find((r): r is dnsPacket.StringAnswer =>
 	    r.type === 'A');
@@ -171,7 +171,7 @@ t.test('fixture backend: big. answers, truncation and EDNS', async (t) => {
 	const be = await startBackend(t, dir, 'big');
 	const { sock, frames } = await connect(t, be.path);
 	sock.write(u32(CLIENT_HELLO));
-	t.equal(await frames.readType(), SERVER_HELLO);
+	t.equal(await frames.readType(), SERVER_HELLO, 'hello');
 
 	/* Two frames in one write: both must be answered, in order. */
 	sock.write(Buffer.concat([
@@ -180,24 +180,24 @@ t.test('fixture backend: big. answers, truncation and EDNS', async (t) => {
 	        encodeQuery('big.example.com', 'A', 2, 4096)),
 	]));
 
-	t.equal(await frames.readType(), OUTBOUND_UDP);
+	t.equal(await frames.readType(), OUTBOUND_UDP, 'first reply');
 	const plain = await frames.readUdpBody();
 	const truncated = dnsPacket.decode(plain.payload);
-	t.equal(truncated.id, 1);
+	t.equal(truncated.id, 1, 'first reply answers the first query');
 	t.ok(plain.payload.length <= 512, 'plain UDP answer fits 512 bytes');
 	t.ok(truncated.flag_tc, 'and is truncated (TC set)');
 
-	t.equal(await frames.readType(), OUTBOUND_UDP);
+	t.equal(await frames.readType(), OUTBOUND_UDP, 'second reply');
 	const edns = await frames.readUdpBody();
-	t.equal(edns.addr, 0x7f000007);
-	t.equal(edns.port, 2000);
+	t.equal(edns.addr, 0x7f000007, 'second reply goes to 127.0.0.7');
+	t.equal(edns.port, 2000, 'port 2000');
 	const full = dnsPacket.decode(edns.payload);
-	t.equal(full.id, 2);
+	t.equal(full.id, 2, 'second reply answers the second query');
 	t.ok(edns.payload.length > 512 && edns.payload.length <= 1500,
 	    `EDNS answer is past 512 bytes and within 1500 (${edns.payload.length})`);
 	t.equal(full.answers?.filter((r) => r.type === 'A').length, 60,
 	    'sixty A records');
-	t.equal(backendOf(full), 'big');
+	t.equal(backendOf(full), 'big', 'label defaults to the socket name');
 });
 
 t.test('backend kill and restart', async (t) => {
@@ -238,7 +238,7 @@ t.test('makeSocketDir and freePort', async (t) => {
 	await t.test('socket dir', async (t) => {
 		dir = await makeSocketDir(t);
 		t.match(dir, /^\/tmp\/bbal-[A-Za-z0-9]{6}$/, 'short path under /tmp');
-		t.ok((await fs.stat(dir)).isDirectory());
+		t.ok((await fs.stat(dir)).isDirectory(), 'is a directory');
 		await fs.writeFile(`${dir}/junk`, 'x');
 	});
 	await t.rejects(fs.stat(dir), { code: 'ENOENT' },
@@ -266,5 +266,6 @@ t.test('waitFor polls and then times out with a message', async (t) => {
 	await waitFor(() => ++n >= 3, 1000, 10);
 	t.equal(n, 3, 'polled until true');
 	await t.rejects(waitFor(() => false, 100, 10, 'the moon is blue'),
-	    /the moon is blue not true within 100 ms/);
+	    /the moon is blue not true within 100 ms/,
+	    'times out naming the condition');
 });
