@@ -1,0 +1,214 @@
+/*
+ * The TCP proxy in-process, with real sockets but an injected clock: the
+ * 10-second INBOUND_TCP_OK deadline and the idle deadline are stepped
+ * through with wheel.run(), never slept through.  And a leak check: many
+ * sequential TCP queries through a real mname backend leave no proxy, no
+ * timeout, no handle and no heap growth behind.
+ */
+
+import net from 'node:net';
+import path from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import t, { type Test } from 'tap';
+import pino from 'pino';
+import dnsPacket from 'dns-packet';
+import { type Backend, Backends } from '../src/backends.js';
+import {
+	FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, INBOUND_TCP_OK_FRAME,
+	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
+} from '../src/protocol.js';
+import { Remotes } from '../src/remotes.js';
+import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_proxy.js';
+import { TimeoutWheel } from '../src/timeouts.js';
+import { encodeQuery, freePort, makeSocketDir, startBackend, waitFor } from './helpers.js';
+
+/* Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`. */
+async function rig(t: Test, dir: string, idleTimeoutSecs = 10) {
+	const clock = { now: 10_000_000 };
+	const wheel = new TimeoutWheel(() => clock.now);
+	const log = pino({ level: 'silent' });
+	const backends = new Backends({ dir, log, wheel, onOutboundUdp: () => {} });
+	const remotes = new Remotes({ log, backends, wheel });
+	const tcp = new TcpListener({ remotes, backends, wheel, log, idleTimeoutSecs });
+	const port = await freePort();
+	await tcp.listen('127.0.0.1', port);
+	t.teardown(async () => {
+		await tcp.close(0);
+		backends.close();
+	});
+	return {
+		wheel, backends, remotes, tcp, port,
+		advance(secs: number): void {
+			clock.now += secs * 1000;
+			wheel.run(clock.now);
+		},
+	};
+}
+
+/*
+ * A backend that says hello and answers heartbeats on its control session,
+ * and treats INBOUND_TCP as `onTcp` says.
+ */
+async function fakeBackend(t: Test, sockPath: string, onTcp: (sock: net.Socket, frame: Buffer) => void) {
+	const tcpFrames: Buffer[] = [];
+	const conns = new Set<net.Socket>();
+	const srv = net.createServer({ allowHalfOpen: true }, (sock) => {
+		conns.add(sock);
+		sock.on('error', () => {});
+		let first = true;
+		sock.on('data', (d: Buffer) => {
+			if (first && d.readUInt32LE(0) === FRAME_INBOUND_TCP) {
+				first = false;
+				tcpFrames.push(d.subarray(0, 12));
+				onTcp(sock, d);
+				return;
+			}
+			first = false;
+			for (let off = 0; off + 4 <= d.length; off += 4) {
+				const type = d.readUInt32LE(off);
+				if (type === FRAME_CLIENT_HELLO) {
+					sock.write(SERVER_HELLO_FRAME);
+				} else if (type === FRAME_CLIENT_HEARTBEAT) {
+					sock.write(SERVER_HEARTBEAT_FRAME);
+				}
+			}
+		});
+	});
+	await new Promise<void>((resolve) => srv.listen(sockPath, resolve));
+	t.teardown(() => {
+		for (const c of conns) {
+			c.destroy();
+		}
+		srv.close();
+	});
+	return { tcpFrames };
+}
+
+function connect(port: number, localAddress: string): Promise<net.Socket> {
+	return new Promise((resolve, reject) => {
+		const s = net.connect({ host: '127.0.0.1', port, localAddress }, () => resolve(s));
+		s.once('error', reject);
+	});
+}
+
+const closed = (s: net.Socket): Promise<void> => new Promise((resolve) => {
+	if (s.destroyed) {
+		resolve();
+	} else {
+		s.once('close', () => resolve());
+	}
+});
+
+t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faulted', async (t) => {
+	const dir = await makeSocketDir(t);
+	const fake = await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
+	const env = await rig(t, dir);
+	const be = env.backends.foundPath('5301') as Backend;
+	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const client = await connect(env.port, '127.0.0.150');
+	client.on('error', () => {});
+	await waitFor(() => fake.tcpFrames.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
+	const frame = fake.tcpFrames[0] as Buffer;
+	t.equal(frame.readUInt32LE(4), 0x7f000096, 'INBOUND_TCP carries the client address');
+	t.equal(frame.readUInt32LE(8), client.localPort, 'and its port');
+	env.advance(TCP_OK_DEADLINE_SECS - 1);
+	t.equal(env.tcp.size, 1, 'still waiting at 9 s');
+	t.ok(be.ok, 'backend still ok at 9 s');
+	env.advance(1);
+	t.equal(be.state, 'waiting', 'backend faulted at 10 s');
+	t.equal(env.tcp.stats.okTimeouts, 1);
+	await closed(client);
+	t.equal(env.tcp.size, 0, 'the proxy is released');
+});
+
+t.test('the idle deadline closes a silent connection; activity postpones it', async (t) => {
+	const dir = await makeSocketDir(t);
+	await fakeBackend(t, path.join(dir, '5301'), (sock) => sock.write(INBOUND_TCP_OK_FRAME));
+	const env = await rig(t, dir, 10);
+	const be = env.backends.foundPath('5301') as Backend;
+	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const quiet = await connect(env.port, '127.0.0.151');
+	const chatty = await connect(env.port, '127.0.0.152');
+	quiet.on('error', () => {});
+	chatty.on('error', () => {});
+	await waitFor(() => env.tcp.stats.established === 2, 2000, 10, 'both sessions flowing');
+	const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
+	quiet.write(Buffer.from([0x00])); /* half a length prefix, then nothing */
+	await settle();
+	env.advance(5);
+	chatty.write(Buffer.from([0x00, 0x01]));
+	/* Let the bytes reach the proxy before the clock moves on. */
+	await settle();
+	env.advance(4);
+	t.equal(env.tcp.size, 2, 'both open at 9 s');
+	env.advance(1);
+	await closed(quiet);
+	t.equal(env.tcp.stats.idleClosed, 1, 'the silent one closed at 10 s');
+	t.notOk(chatty.destroyed, 'the one that spoke at 5 s is still open');
+	env.advance(5);
+	await closed(chatty);
+	t.equal(env.tcp.stats.idleClosed, 2, 'closed 10 s after its last byte');
+	t.ok(be.ok, 'idle clients never fault the backend');
+	t.equal(env.tcp.size, 0);
+});
+
+/* One TCP query on a fresh connection; resolves with the answer's id. */
+function tcpQuery(port: number, localAddress: string, id: number): Promise<number> {
+	return new Promise((resolve, reject) => {
+		const q = encodeQuery('leak.example', 'A', id);
+		const len = Buffer.alloc(2);
+		len.writeUInt16BE(q.length);
+		const s = net.connect({ host: '127.0.0.1', port, localAddress }, () => s.end(Buffer.concat([len, q])));
+		const chunks: Buffer[] = [];
+		s.on('data', (d: Buffer) => chunks.push(d));
+		s.on('error', reject);
+		s.on('close', () => {
+			const all = Buffer.concat(chunks);
+			if (all.length < 2) {
+				reject(new Error('no answer'));
+				return;
+			}
+			resolve(dnsPacket.decode(all.subarray(2, 2 + all.readUInt16BE(0))).id ?? -1);
+		});
+	});
+}
+
+setFlagsFromString('--expose-gc');
+const gc = runInNewContext('gc') as () => void;
+
+t.test('sequential TCP queries leave no proxy, timeout, handle or heap growth behind', async (t) => {
+	const n = Number(process.env.BBAL_TCP_LEAK_QUERIES ?? 2000);
+	const dir = await makeSocketDir(t);
+	await startBackend(t, dir, '5301');
+	const env = await rig(t, dir);
+	const be = env.backends.foundPath('5301') as Backend;
+	await waitFor(() => be.ok, 3000, 10, 'backend ok');
+	const run = async (count: number, base: number): Promise<void> => {
+		for (let i = 0; i < count; i++) {
+			const id = (base + i) & 0xffff;
+			/* Fifty sources, all seen in the warm-up: remotes do not grow. */
+			const got = await tcpQuery(env.port, `127.0.1.${1 + (i % 50)}`, id);
+			if (got !== id) {
+				t.fail(`query ${i}: answer id ${got}, expected ${id}`);
+				return;
+			}
+		}
+	};
+	await run(200, 0);
+	await waitFor(() => env.tcp.size === 0, 2000, 10, 'warm-up proxies released');
+	gc();
+	const heapBefore = process.memoryUsage().heapUsed;
+	const handlesBefore = process.getActiveResourcesInfo().length;
+	const timeoutsBefore = env.wheel.size;
+	await run(n, 1000);
+	await waitFor(() => env.tcp.size === 0, 2000, 10, 'all proxies released');
+	await new Promise((resolve) => setImmediate(resolve));
+	gc();
+	const grownKb = Math.round((process.memoryUsage().heapUsed - heapBefore) / 1024);
+	t.equal(env.tcp.stats.established, 200 + n, 'every query went through a session');
+	t.equal(be.stats.tcp, 200 + n, 'counted on the backend');
+	t.equal(env.wheel.size, timeoutsBefore, 'no timeout left armed');
+	t.ok(process.getActiveResourcesInfo().length <= handlesBefore, 'no handle left open');
+	t.ok(grownKb < 2048, `heap grew ${grownKb} kB over ${n} connections`);
+});
