@@ -2,6 +2,7 @@
 /*
  * The demo fleet behind `npm start`: three real node-mname backends in a
  * temporary socket directory and bbal in front of them on 127.0.0.1:5353.
+ * bbal serves its stats socket at <dir>.stats.sock for balstat.
  * It prints the commands to try, passes bbal's log through, and on Ctrl-C
  * (or SIGTERM) stops every process it started and removes the directory.
  *
@@ -18,6 +19,7 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const backendScript = path.join(root, 'test', 'fixtures', 'mname_backend.cjs');
 const port = Number(process.env.BBAL_DEMO_PORT ?? 5353);
 const dir = mkdtempSync('/tmp/bbal-demo-');
+const statsSocket = `${dir}.stats.sock`;
 const children = [];
 let stopping = false;
 
@@ -31,6 +33,7 @@ function stop(code) {
 	}
 	setTimeout(() => {
 		rmSync(dir, { recursive: true, force: true });
+		rmSync(statsSocket, { force: true });
 		process.exit(code);
 	}, 300);
 }
@@ -63,7 +66,8 @@ function startBackend(id) {
 
 await Promise.all([5301, 5302, 5303].map(startBackend));
 let announced = false;
-start([path.join(root, 'bin', 'bbal.js'), '-b', '127.0.0.1', '-p', String(port), '-s', dir], 'bbal', (s) => {
+const bbalArgs = [path.join(root, 'bin', 'bbal.js'), '-b', '127.0.0.1', '-p', String(port), '-s', dir, '-S', statsSocket];
+start(bbalArgs, 'bbal', (s) => {
 	process.stdout.write(s);
 	if (!announced && s.includes('"msg":"listening"')) {
 		announced = true;
@@ -73,6 +77,8 @@ start([path.join(root, 'bin', 'bbal.js'), '-b', '127.0.0.1', '-p', String(port),
 			'demo: try (each source address sticks to one backend, named in the TXT answer):',
 			`  dig @127.0.0.1 -p ${port} -b 127.0.0.7 example.com TXT +short`,
 			`  dig @127.0.0.1 -p ${port} -b 127.0.0.8 example.com TXT +short`,
+			`  dig @127.0.0.1 -p ${port} -b 127.0.0.7 big.example.com A +tcp`,
+			`  npx --no-install balstat -S ${statsSocket}`,
 			`  kill -HUP ${children[children.length - 1].pid}    # rescan ${dir} now`,
 			'demo: Ctrl-C stops everything.',
 			'',

@@ -39,6 +39,7 @@ import {
 } from './backends.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { type Clock, monotonicClock, TimeoutWheel } from './timeouts.js';
+import { DEFAULT_STATS_SOCKET, isInside, StatsServer, StatsSocketError, type StatsSources, takeSnapshot } from './stats.js';
 import { DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_TCP_IDLE_TIMEOUT_SECS, TcpListener } from './tcp_proxy.js';
 import { UdpProxy } from './udp_proxy.js';
 
@@ -53,6 +54,9 @@ export interface Options {
 	logLevel: LogLevel;
 	maxTcpConnections: number;
 	tcpIdleTimeoutSecs: number;
+	statsSocket: string;
+	/** -S was given: failing to open it is fatal rather than a warning. */
+	statsSocketExplicit: boolean;
 }
 
 /** A problem with how bbal was invoked: reported in one line, exit 2. */
@@ -75,6 +79,10 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		.option('log-level', {
 			alias: 'l', type: 'string', default: 'info',
 			describe: 'trace|debug|info|warn|error|fatal (LOG_LEVEL in the environment overrides)',
+		})
+		.option('stats-socket', {
+			alias: 'S', type: 'string',
+			describe: `AF_UNIX socket serving the stats snapshot for balstat (default ${DEFAULT_STATS_SOCKET})`,
 		})
 		.option('max-tcp-connections', {
 			type: 'string', default: String(DEFAULT_MAX_TCP_CONNECTIONS),
@@ -127,7 +135,19 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 	}
 	const maxTcpConnections = positiveInt(lastOf(args['max-tcp-connections']), '--max-tcp-connections');
 	const tcpIdleTimeoutSecs = positiveInt(lastOf(args['tcp-idle-timeout']), '--tcp-idle-timeout');
-	return { bind, port, sockets, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs };
+	const statsSocketExplicit = args['stats-socket'] !== undefined;
+	const statsSocket = statsSocketExplicit ? lastOf(args['stats-socket'] as string | string[]) : DEFAULT_STATS_SOCKET;
+	if (statsSocket === '') {
+		throw new UsageError('the stats socket path (-S) is empty');
+	}
+	if (isInside(statsSocket, sockets)) {
+		throw new UsageError(`stats socket ${statsSocket} is inside the backend socket directory ${sockets}: `
+			+ 'bbal would take it for a backend');
+	}
+	return {
+		bind, port, sockets, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs,
+		statsSocket, statsSocketExplicit,
+	};
 }
 
 function positiveInt(text: string, flag: string): number {
@@ -161,6 +181,9 @@ export interface BalancerOptions {
 	clock?: Clock;
 	maxTcpConnections?: number;
 	tcpIdleTimeoutSecs?: number;
+	statsSocket?: string;
+	/** When false, a stats socket that cannot be opened is only a warning. */
+	statsSocketRequired?: boolean;
 }
 
 /**
@@ -175,6 +198,8 @@ export class Balancer {
 	readonly udp: UdpProxy;
 	readonly tcp: TcpListener;
 	readonly log: Logger;
+	readonly startedAt = new Date();
+	private stats: StatsServer | null = null;
 	private tick: NodeJS.Timeout | null = null;
 	private closed = false;
 
@@ -219,11 +244,54 @@ export class Balancer {
 	async start(): Promise<void> {
 		await this.udp.listen(this.opts.bind, this.opts.port);
 		await this.tcp.listen(this.opts.bind, this.opts.port);
+		await this.openStatsSocket();
 		await this.backends.rescan();
 		this.tick = setInterval(() => this.wheel.run(), TICK_MS);
 		this.tick.unref();
 		this.log.info({ address: this.opts.bind, port: this.opts.port, socket_dir: this.opts.sockets },
 			'listening');
+	}
+
+	/** The live objects a stats snapshot reads. */
+	get statsSources(): StatsSources {
+		return {
+			backends: this.backends,
+			remotes: this.remotes,
+			udp: this.udp,
+			tcp: this.tcp,
+			wheel: this.wheel,
+			listen: { address: this.opts.bind, port: this.opts.port },
+			socketDir: this.opts.sockets,
+			startedAt: this.startedAt,
+		};
+	}
+
+	private async openStatsSocket(): Promise<void> {
+		const p = this.opts.statsSocket;
+		if (p === undefined) {
+			return;
+		}
+		const server = new StatsServer(p, this.statsSources, this.log);
+		try {
+			await server.listen();
+			this.stats = server;
+			this.log.info({ stats_socket: p }, 'stats socket listening');
+		} catch (err) {
+			if (this.opts.statsSocketRequired !== false) {
+				throw err;
+			}
+			this.log.warn({ stats_socket: p, reason: (err as Error).message },
+				'no stats socket (balstat will not reach this bbal; use -S PATH)');
+		}
+	}
+
+	/** SIGUSR2: the snapshot into the log (remotes listed up to 1,000). */
+	logSnapshot(): void {
+		const snap = takeSnapshot(this.statsSources);
+		const { remotes, ...rest } = snap;
+		this.log.info({
+			snapshot: { ...rest, remoteCount: remotes.length, remotes: remotes.length <= 1000 ? remotes : undefined },
+		}, 'stats snapshot');
 	}
 
 	rebalance(): void {
@@ -243,7 +311,7 @@ export class Balancer {
 			clearInterval(this.tick);
 			this.tick = null;
 		}
-		await Promise.all([this.udp.close(), this.tcp.close()]);
+		await Promise.all([this.udp.close(), this.tcp.close(), this.stats?.close()]);
 		this.backends.close();
 	}
 }
@@ -300,18 +368,24 @@ export async function main(argv: string[]): Promise<void> {
 		log,
 		maxTcpConnections: opts.maxTcpConnections,
 		tcpIdleTimeoutSecs: opts.tcpIdleTimeoutSecs,
+		statsSocket: opts.statsSocket,
+		statsSocketRequired: opts.statsSocketExplicit,
 	});
 	try {
 		await bal.start();
 	} catch (err) {
-		const msg = describeListenError(err as NodeJS.ErrnoException, opts);
+		const msg = err instanceof StatsSocketError ? err.message
+			: describeListenError(err as NodeJS.ErrnoException, opts);
 		log.fatal({ err }, msg);
 		die(msg, 1);
 	}
 
 	const stop = (signal: string): void => {
-		log.info({ signal }, 'shutting down');
-		void bal.close().then(() => process.exit(0));
+		log.info({ signal, tcp_open: bal.tcp.size }, 'shutting down');
+		void bal.close().then(() => {
+			log.info('exiting');
+			process.exit(0);
+		});
 	};
 	process.once('SIGTERM', stop);
 	process.once('SIGINT', stop);
@@ -319,4 +393,5 @@ export async function main(argv: string[]): Promise<void> {
 		log.info('SIGHUP: rescanning socket directory');
 		void bal.backends.rescan();
 	});
+	process.on('SIGUSR2', () => bal.logSnapshot());
 }

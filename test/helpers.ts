@@ -110,7 +110,10 @@ async function terminate(proc: ChildProcess, signal: NodeJS.Signals,
  */
 export async function makeSocketDir(t: Test): Promise<string> {
 	const dir = await fs.mkdtemp('/tmp/bbal-');
-	t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+	t.teardown(async () => {
+		await fs.rm(dir, { recursive: true, force: true });
+		await fs.rm(statsSocketFor(dir), { force: true });
+	});
 	return dir;
 }
 
@@ -279,9 +282,21 @@ export interface Bbal {
 	stop(signal?: NodeJS.Signals): Promise<ExitStatus>;
 }
 
+/* The stats socket startBbal gives a bbal serving `dir`. */
+export function statsSocketFor(dir: string): string {
+	return `${dir}.stats.sock`;
+}
+
 export async function startBbal(t: Test, opts: BbalOptions): Promise<Bbal> {
+	/*
+	 * Each bbal gets its own stats socket beside (never inside) its backend
+	 * directory, so no test touches the default path or another's socket.
+	 */
+	const extra = opts.args ?? [];
+	const hasStats = extra.some((a) => a === '-S' || a.startsWith('--stats-socket'));
 	const argv = [bbalBin, '-b', '127.0.0.1', '-p', String(opts.port),
-	    '-s', opts.dir, '-l', 'debug', ...(opts.args ?? [])];
+	    '-s', opts.dir, '-l', 'debug',
+	    ...(hasStats ? [] : ['-S', statsSocketFor(opts.dir)]), ...extra];
 	const proc = spawn(process.execPath, argv, {
 		cwd: projectRoot,
 		env: childEnv(opts.env),

@@ -1,0 +1,122 @@
+/*
+ * BALSTAT
+ *
+ * The operator's view of a running bbal: connect to its stats socket, read
+ * the snapshot (stats.ts) and print it as the original balstat did -- the
+ * backends, then every remote peer and the backend serving it -- or, with
+ * --json, the snapshot exactly as bbal sent it, for scripts and jq.
+ *
+ *   balstat [-S PATH] [--json]
+ *
+ * When nothing listens at PATH it says so in one line and exits 1: the
+ * usual causes are a bbal that is not running or one started with another
+ * -S, and the message names both.
+ */
+
+import net from 'node:net';
+import yargs from 'yargs';
+import { DEFAULT_STATS_SOCKET, type Snapshot } from './stats.js';
+import { ipv4ToU32 } from './protocol.js';
+
+/* A fixed-width text table; numbers right-aligned, text left-aligned. */
+export function table(header: string[], rows: Array<Array<string | number>>): string {
+	const cells = [header, ...rows.map((r) => r.map(String))];
+	const widths = header.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
+	const numeric = header.map((_, i) => rows.length > 0 && rows.every((r) => typeof r[i] === 'number'));
+	return cells.map((r) => r.map((c, i) => {
+		const w = widths[i] as number;
+		if (i === r.length - 1) {
+			return c;
+		}
+		return numeric[i] ? c.padStart(w) : c.padEnd(w);
+	}).join('  ').trimEnd()).join('\n');
+}
+
+export function formatSnapshot(snap: Snapshot): string {
+	const out: string[] = [];
+	out.push(`bbal pid ${snap.pid} on ${snap.listen.address}:${snap.listen.port}, up since ${snap.startedAt}`);
+	out.push('');
+	out.push('BACKENDS');
+	out.push(table(
+		['ID', 'OK', 'STATE', 'REMOTES', 'UDP', 'TCP', 'STUCK', 'CONNERR', 'FAULTS', 'SOCKET PATH'],
+		snap.backends.map((b) => [b.id, b.ok ? 'yes' : 'no', b.state, b.remotes, b.stats.udp, b.stats.tcp,
+			b.stats.stuck, b.stats.connError, b.stats.faults, b.path]),
+	));
+	out.push('');
+	out.push('REMOTE PEERS');
+	const remotes = [...snap.remotes].sort((a, b) => ipv4ToU32(a.ip) - ipv4ToU32(b.ip));
+	out.push(table(
+		['ADDRESS', 'BACKEND', 'BACKUP', 'UDP', 'UDPDROP', 'TCP', 'TCPDROP', 'LAST SEEN'],
+		remotes.map((r) => [r.ip, r.backend === 0 ? '-' : String(r.backend), r.backup === 0 ? '-' : String(r.backup),
+			r.stats.udp, r.stats.udpDrop, r.stats.tcp, r.stats.tcpDrop, r.lastSeen]),
+	));
+	out.push('');
+	out.push(`udp: received ${snap.udp.received}, forwarded ${snap.udp.forwarded}, sent ${snap.udp.sent}, `
+		+ `dropped oversize ${snap.udp.oversize}, no backend ${snap.udp.noBackend}, stuck ${snap.udp.stuck}`);
+	out.push(`tcp: open ${snap.tcp.open}, accepted ${snap.tcp.accepted}, established ${snap.tcp.established}, `
+		+ `over cap ${snap.tcp.overCap}, no backend ${snap.tcp.noBackend}, idle closed ${snap.tcp.idleClosed}`);
+	return out.join('\n');
+}
+
+/** Read the whole snapshot from the stats socket. */
+export function readSnapshot(socketPath: string): Promise<string> {
+	return new Promise((resolve, reject) => {
+		const chunks: Buffer[] = [];
+		const s = net.createConnection({ path: socketPath });
+		s.on('data', (d: Buffer) => chunks.push(d));
+		s.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+		s.on('error', reject);
+	});
+}
+
+export async function main(argv: string[]): Promise<void> {
+	let args;
+	try {
+		args = yargs(argv)
+			.scriptName('balstat')
+			.usage('$0 [-S PATH] [--json]\n\nShow the backends and remote peers of a running bbal.')
+			.option('stats-socket', {
+				alias: 'S', type: 'string', default: DEFAULT_STATS_SOCKET, describe: "bbal's stats socket",
+			})
+			.option('json', { type: 'boolean', default: false, describe: 'print the raw JSON snapshot' })
+			.strict()
+			.help()
+			.alias('help', 'h')
+			.version(false)
+			.exitProcess(false)
+			.fail((msg, err) => {
+				throw new Error(msg ?? err?.message ?? 'bad arguments');
+			})
+			.parseSync();
+	} catch (err) {
+		process.stderr.write(`balstat: ${(err as Error).message}\n`);
+		process.exit(2);
+	}
+	if (args.help) {
+		return;
+	}
+	const p = String(args['stats-socket']);
+	let text: string;
+	try {
+		text = await readSnapshot(p);
+	} catch (err) {
+		const code = (err as NodeJS.ErrnoException).code;
+		const why = code === 'ENOENT' || code === 'ECONNREFUSED'
+			? `nothing is listening at ${p} (is bbal running, with -S ${p}?)`
+			: `cannot read ${p}: ${(err as Error).message}`;
+		process.stderr.write(`balstat: ${why}\n`);
+		process.exit(1);
+	}
+	if (args.json) {
+		process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+		return;
+	}
+	let snap: Snapshot;
+	try {
+		snap = JSON.parse(text) as Snapshot;
+	} catch {
+		process.stderr.write(`balstat: ${p} did not send a bbal snapshot\n`);
+		process.exit(1);
+	}
+	process.stdout.write(`${formatSnapshot(snap)}\n`);
+}

@@ -1,0 +1,395 @@
+/*
+ * The TCP path end to end: the built bbal CLI in front of real mname
+ * backends, queried by real TCP clients bound to distinct 127.0.0.x source
+ * addresses (DNS over TCP: 2-byte length prefix, then the message).  Covers
+ * stickiness shared with UDP, pipelining before INBOUND_TCP_OK, long answers,
+ * half-close, a backend killed under an open connection, dig +tcp, the
+ * connection cap, the idle deadline, garbage clients, and (with a fake
+ * backend) a wrong first frame on a TCP session.
+ */
+
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import path from 'node:path';
+import dnsPacket from 'dns-packet';
+import t, { type Test } from 'tap';
+import { CLIENT_HEARTBEAT_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME } from '../src/protocol.js';
+import {
+	type Backend, type Bbal, backendOf, encodeQuery, freePort, makeSocketDir, startBackend, startBbal,
+	udpQuery, waitFor,
+} from './helpers.js';
+
+const src = (n: number): string => `127.0.0.${n}`;
+
+/* bbal (with extra flags) in front of these real backends, all established. */
+async function fleet(t: Test, labels: string[], args: string[] = []) {
+	const dir = await makeSocketDir(t);
+	const backends: Backend[] = [];
+	for (const l of labels) {
+		backends.push(await startBackend(t, dir, l));
+	}
+	const port = await freePort();
+	const bbal = await startBbal(t, { dir, port, args });
+	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= labels.length,
+		5000, 20, `${labels.length} backends established`);
+	return { dir, port, bbal, backends };
+}
+
+/* Log records that fault a backend (they carry a reason). */
+const faults = (bbal: Bbal) => bbal.logs.filter((r) => r.reason !== undefined);
+
+/*
+ * A TCP DNS client: a real socket from `source`, everything it receives
+ * split into messages, and its end/close noticed.  Released in t.teardown.
+ */
+class TcpClient {
+	readonly messages: dnsPacket.Packet[] = [];
+	received = 0;
+	ended = false;
+	closed = false;
+	/* Kept at connect: the socket forgets it once closed. */
+	localPort = 0;
+	private buf = Buffer.alloc(0);
+	private waiters = new Set<() => void>();
+
+	private constructor(readonly sock: net.Socket, readonly source: string) {
+		sock.on('data', (d: Buffer) => {
+			this.received += d.length;
+			this.buf = Buffer.concat([this.buf, d]);
+			while (this.buf.length >= 2 && this.buf.length >= 2 + this.buf.readUInt16BE(0)) {
+				const len = this.buf.readUInt16BE(0);
+				this.messages.push(dnsPacket.decode(this.buf.subarray(2, 2 + len)));
+				this.buf = this.buf.subarray(2 + len);
+			}
+			this.changed();
+		});
+		sock.on('end', () => { this.ended = true; this.changed(); });
+		sock.on('close', () => { this.closed = true; this.changed(); });
+		sock.on('error', () => {});
+	}
+
+	static connect(t: Test, port: number, source: string, data?: Buffer): Promise<TcpClient> {
+		return new Promise((resolve, reject) => {
+			const sock = net.connect({ host: '127.0.0.1', port, localAddress: source });
+			const client = new TcpClient(sock, source);
+			t.teardown(() => { sock.destroy(); });
+			sock.once('error', reject);
+			sock.once('connect', () => {
+				client.localPort = sock.localPort ?? 0;
+				if (data !== undefined) {
+					sock.write(data);
+				}
+				resolve(client);
+			});
+		});
+	}
+
+	send(name: string, type: dnsPacket.RecordType, id: number): void {
+		this.sock.write(framed(encodeQuery(name, type, id)));
+	}
+
+	private changed(): void {
+		for (const w of [...this.waiters]) {
+			w();
+		}
+	}
+
+	/* Resolve once pred() holds; reject after timeoutMs saying what was seen. */
+	until(pred: () => boolean, timeoutMs: number, what: string): Promise<void> {
+		return new Promise((resolve, reject) => {
+			const check = (): void => {
+				if (pred()) {
+					this.waiters.delete(check);
+					clearTimeout(timer);
+					resolve();
+				}
+			};
+			const timer = setTimeout(() => {
+				this.waiters.delete(check);
+				reject(new Error(`${this.source}:${this.localPort}: ${what} not within ${timeoutMs} ms ` +
+					`(received ${this.received} bytes, ${this.messages.length} messages, ` +
+					`ended ${this.ended}, closed ${this.closed})`));
+			}, timeoutMs);
+			this.waiters.add(check);
+			check();
+		});
+	}
+
+	async answer(id: number, timeoutMs = 2000): Promise<dnsPacket.Packet> {
+		await this.until(() => this.messages.some((m) => m.id === id), timeoutMs, `answer ${id}`);
+		return this.messages.find((m) => m.id === id) as dnsPacket.Packet;
+	}
+
+	closedByPeer(timeoutMs = 2000): Promise<void> {
+		return this.until(() => this.closed, timeoutMs, 'close');
+	}
+}
+
+function framed(msg: Buffer): Buffer {
+	const len = Buffer.alloc(2);
+	len.writeUInt16BE(msg.length);
+	return Buffer.concat([len, msg]);
+}
+
+/* One query on a fresh connection; the connection is closed afterwards. */
+async function tcpQuery(t: Test, port: number, source: string, name: string,
+	type: dnsPacket.RecordType = 'TXT', timeoutMs = 2000) {
+	const id = Math.floor(Math.random() * 0x10000);
+	const c = await TcpClient.connect(t, port, source, framed(encodeQuery(name, type, id)));
+	try {
+		const packet = await c.answer(id, timeoutMs);
+		return { packet, backend: backendOf(packet), client: c };
+	} finally {
+		c.sock.destroy();
+	}
+}
+
+t.test('a TCP query is answered by the backend that answers the same source over UDP', async (t) => {
+	const { port } = await fleet(t, ['5301', '5302', '5303']);
+	const seen = new Set<string | null>();
+	for (const s of [100, 101, 102].map(src)) {
+		const c = await TcpClient.connect(t, port, s);
+		c.send('tcp.example', 'TXT', 4242);
+		const ans = await c.answer(4242);
+		t.equal(ans.id, 4242, `${s}: the answer carries the query id`);
+		t.equal(ans.type, 'response');
+		const be = backendOf(ans);
+		t.match(be, /^530[123]$/, `${s}: answered by ${be}`);
+		seen.add(be);
+		const udp = await udpQuery({ port, source: s, name: 'udp.example' });
+		t.equal(udp.backend, be, `${s}: UDP goes to the same backend`);
+	}
+	t.equal(seen.size, 3, 'three sources spread over three backends');
+});
+
+t.test('two queries written before the session is up are both answered', async (t) => {
+	const { port } = await fleet(t, ['5301']);
+	const both = Buffer.concat([framed(encodeQuery('one.example', 'TXT', 111)),
+		framed(encodeQuery('two.example', 'A', 222))]);
+	const c = await TcpClient.connect(t, port, src(110), both);
+	const [a, b] = await Promise.all([c.answer(111), c.answer(222)]);
+	t.equal(a.questions?.[0]?.name, 'one.example', 'first answer is for the first question');
+	t.equal(b.questions?.[0]?.name, 'two.example', 'second answer is for the second question');
+	t.equal(backendOf(a), '5301');
+	t.equal(c.messages.length, 2, 'exactly two answers');
+	t.notOk(c.ended, 'the connection stays open for more');
+});
+
+t.test('a large answer arrives whole over TCP', async (t) => {
+	const { port } = await fleet(t, ['5301']);
+	const c = await TcpClient.connect(t, port, src(115));
+	c.send('big.example', 'A', 515);
+	const ans = await c.answer(515);
+	const bytes = dnsPacket.encode(ans).length;
+	t.ok(bytes > 512, `answer is ${bytes} bytes`);
+	t.equal(ans.answers?.filter((r) => r.type === 'A').length, 60, 'all 60 A records');
+	t.equal((ans.flags ?? 0) & dnsPacket.TRUNCATED_RESPONSE, 0, 'TC bit clear');
+	t.equal(backendOf(ans), '5301');
+});
+
+t.test('a client that half-closes after its query gets the whole answer, then the end', async (t) => {
+	const { port } = await fleet(t, ['5301']);
+	const c = await TcpClient.connect(t, port, src(120));
+	c.send('big.example', 'A', 1200);
+	c.sock.end();
+	const ans = await c.answer(1200);
+	t.equal(ans.answers?.length, 61, 'TXT plus 60 A records');
+	await c.until(() => c.ended, 2000, 'end after the answer');
+	t.equal(c.messages.length, 1, 'one answer, nothing else');
+});
+
+t.test('a backend killed under an open connection: the client is closed, a new one goes elsewhere', async (t) => {
+	const { port, backends } = await fleet(t, ['5301', '5302']);
+	const s = src(125);
+	const c = await TcpClient.connect(t, port, s);
+	c.send('before.example', 'TXT', 1250);
+	const home = backendOf(await c.answer(1250));
+	const victim = backends.find((b) => b.label === home) as Backend;
+	t.ok(victim, `${s} is on ${home}`);
+	await victim.kill('SIGKILL');
+	const killedAt = Date.now();
+	await c.closedByPeer(2000);
+	t.ok(Date.now() - killedAt < 2000, `closed ${Date.now() - killedAt} ms after the kill`);
+	t.equal(c.messages.length, 1, 'no stray bytes after the kill');
+
+	const deadline = Date.now() + 3000;
+	const tried: Array<string | null> = [];
+	let moved: string | null = null;
+	while (moved === null && Date.now() < deadline) {
+		try {
+			const res = await tcpQuery(t, port, s, 'after.example', 'TXT', 1000);
+			tried.push(res.backend);
+			if (res.backend !== null && res.backend !== home) {
+				moved = res.backend;
+			}
+		} catch {
+			tried.push(null);
+		}
+	}
+	t.ok(moved, `a new connection from ${s} is served by ${moved} (tries: ${JSON.stringify(tried)})`);
+});
+
+const hasDig = await new Promise<boolean>((resolve) => {
+	execFile('dig', ['-v'], (err) => resolve(err === null));
+});
+
+t.test('dig +tcp reaches the source\'s UDP backend', {
+	skip: hasDig ? false : 'dig is not installed (.ci/run installs bind9-dnsutils)',
+}, async (t) => {
+	const { port } = await fleet(t, ['5301', '5302', '5303']);
+	/* Take 127.0.0.135 off the first backend so a wrong pick could show. */
+	await udpQuery({ port, source: src(134), name: 'warm.example' });
+	const udp = await udpQuery({ port, source: src(135), name: 'u.example' });
+	const out = await new Promise<string>((resolve, reject) => {
+		execFile('dig', ['+tcp', '@127.0.0.1', '-p', String(port), '-b', src(135), 'd.example', 'TXT',
+			'+short', '+tries=1', '+time=2'], (err, stdout) => (err ? reject(err) : resolve(stdout.trim())));
+	});
+	t.equal(out, `"be=${udp.backend}"`, 'dig +tcp shows the same backend as UDP');
+});
+
+t.test('over --max-tcp-connections a new connection is closed at once; the rest are unaffected', async (t) => {
+	const { port, bbal } = await fleet(t, ['5301'], ['--max-tcp-connections', '2']);
+	const accepted = (): number => bbal.logs.filter((r) => r.msg === 'tcp connection accepted').length;
+	const a = await TcpClient.connect(t, port, src(140));
+	const b = await TcpClient.connect(t, port, src(141));
+	await waitFor(() => accepted() === 2, 2000, 20, 'two connections accepted');
+
+	const since = bbal.logs.length;
+	const openedAt = Date.now();
+	const third = await TcpClient.connect(t, port, src(142));
+	third.send('third.example', 'TXT', 1420);
+	await third.closedByPeer(1000);
+	t.ok(Date.now() - openedAt < 1000, `third connection closed after ${Date.now() - openedAt} ms`);
+	t.equal(third.received, 0, 'with no data');
+	const rec = await bbal.waitForLog((r) => r.msg === 'too many tcp connections (closing new connection)',
+		2000, since);
+	t.equal(rec.max, 2, 'the log gives the cap');
+	t.notOk(a.closed || b.closed, 'the two accepted connections are still open');
+	b.send('still.example', 'TXT', 1410);
+	t.equal(backendOf(await b.answer(1410)), '5301', 'and still answer');
+	t.equal((await udpQuery({ port, source: src(143), name: 'u.example' })).backend, '5301', 'UDP is answered');
+
+	const closedBefore = bbal.logs.filter((r) => r.msg === 'tcp connection closed').length;
+	a.sock.end();
+	await a.closedByPeer(2000);
+	await waitFor(() => bbal.logs.filter((r) => r.msg === 'tcp connection closed').length > closedBefore,
+		2000, 20, 'bbal released the closed connection');
+	const res = await tcpQuery(t, port, src(144), 'again.example');
+	t.equal(res.backend, '5301', 'a new TCP query works once one is closed');
+});
+
+t.test('a client that stalls inside a length prefix is closed by the idle deadline', async (t) => {
+	const { port, bbal } = await fleet(t, ['5301', '5302'], ['--tcp-idle-timeout', '1']);
+	const since = bbal.logs.length;
+	const stalled = await TcpClient.connect(t, port, src(150), Buffer.from([0x00]));
+	const stalledAt = Date.now();
+	/* Others are served meanwhile. */
+	t.match((await udpQuery({ port, source: src(151), name: 'u.example' })).backend, /^530[12]$/,
+		'concurrent UDP is answered');
+	t.match((await tcpQuery(t, port, src(152), 't.example')).backend, /^530[12]$/,
+		'concurrent TCP is answered');
+	t.notOk(stalled.closed, 'the stalled client is not closed at once');
+	await stalled.closedByPeer(3500);
+	t.ok(Date.now() - stalledAt < 3500, `stalled client closed after ${Date.now() - stalledAt} ms`);
+	t.equal(stalled.received, 0, 'it got nothing');
+	const rec = await bbal.waitForLog((r) => r.msg === 'closing idle tcp connection', 1000, since);
+	t.equal(rec.remote_ip, src(150), 'the log names the stalled client');
+	t.equal(rec.remote_port, stalled.localPort, 'and its port');
+});
+
+t.test('garbage, instant closes and 200 rapid connections leave bbal serving', async (t) => {
+	const { port, bbal } = await fleet(t, ['5301', '5302'], ['--tcp-idle-timeout', '2']);
+	const garbage = await TcpClient.connect(t, port, src(160), randomBytes(2048));
+	garbage.sock.end();
+	const instant = await TcpClient.connect(t, port, src(161));
+	instant.sock.destroy();
+	const rapid: Array<Promise<void>> = [];
+	for (let i = 0; i < 200; i++) {
+		rapid.push(TcpClient.connect(t, port, src(162)).then((c) => { c.sock.destroy(); }));
+	}
+	await Promise.all(rapid);
+
+	t.match((await tcpQuery(t, port, src(163), 't.example')).backend, /^530[12]$/, 'TCP from another source');
+	t.match((await udpQuery({ port, source: src(164), name: 'u.example' })).backend, /^530[12]$/,
+		'UDP from another source');
+	t.equal(bbal.proc.exitCode, null, 'bbal is still running');
+	t.equal(bbal.proc.signalCode, null);
+	/* Nothing leaks: every accepted connection is released (idle deadline 2 s at most). */
+	const count = (msg: string): number => bbal.logs.filter((r) => r.msg === msg).length;
+	await waitFor(() => count('tcp connection closed') === count('tcp connection accepted'), 5000, 50,
+		'every accepted connection closed');
+	t.equal(count('tcp connection accepted'), 203, 'all 203 connections were accepted');
+	t.same(faults(bbal), [], 'no backend was faulted');
+});
+
+/*
+ * A fake backend: answers the control session's hello and heartbeats, and
+ * answers every INBOUND_TCP with SERVER_HELLO instead of INBOUND_TCP_OK.
+ */
+async function wrongFrameBackend(t: Test, sockPath: string) {
+	const inboundTcp: Array<{ addr: number; port: number }> = [];
+	const conns = new Set<net.Socket>();
+	const srv = net.createServer((sock) => {
+		conns.add(sock);
+		sock.on('error', () => {});
+		sock.on('close', () => conns.delete(sock));
+		let buf = Buffer.alloc(0);
+		let kind: 'control' | 'tcp' | 'done' | null = null;
+		sock.on('data', (d: Buffer) => {
+			buf = Buffer.concat([buf, d]);
+			if (kind === null && buf.length >= 4) {
+				kind = buf.readUInt32LE(0) === 1 ? 'control' : 'tcp';
+				if (kind === 'control') {
+					sock.write(SERVER_HELLO_FRAME);
+					buf = buf.subarray(4);
+				}
+			}
+			if (kind === 'control') {
+				for (; buf.length >= 4; buf = buf.subarray(4)) {
+					if (buf.subarray(0, 4).equals(CLIENT_HEARTBEAT_FRAME)) {
+						sock.write(SERVER_HEARTBEAT_FRAME);
+					}
+				}
+			} else if (kind === 'tcp' && buf.length >= 12 && buf.readUInt32LE(0) === 3) {
+				inboundTcp.push({ addr: buf.readUInt32LE(4), port: buf.readUInt32LE(8) });
+				buf = Buffer.alloc(0);
+				kind = 'done'; /* ignore anything further */
+				sock.write(SERVER_HELLO_FRAME);
+			}
+		});
+	});
+	await new Promise<void>((resolve) => srv.listen(sockPath, resolve));
+	t.teardown(() => {
+		for (const c of conns) {
+			c.destroy();
+		}
+		srv.close();
+	});
+	return inboundTcp;
+}
+
+t.test('a backend that answers INBOUND_TCP with the wrong frame: client closed, backend not faulted', async (t) => {
+	const dir = await makeSocketDir(t);
+	const fakePath = path.join(dir, '5301');
+	const inboundTcp = await wrongFrameBackend(t, fakePath);
+	const port = await freePort();
+	const bbal: Bbal = await startBbal(t, { dir, port });
+	await bbal.waitForLog((r) => r.msg === 'backend socket established' && r.be_id === 5301);
+
+	for (const [n, i] of [[170, 1], [171, 2]] as const) {
+		const since = bbal.logs.length;
+		const c = await TcpClient.connect(t, port, src(n));
+		c.send('x.example', 'TXT', n);
+		await c.closedByPeer(2000);
+		t.equal(c.received, 0, `${src(n)}: closed with no data`);
+		const rec = await bbal.waitForLog(
+			(r) => r.msg === 'backend answered INBOUND_TCP with the wrong frame (closing connection)', 2000, since);
+		t.equal(rec.frame_type, 1001, 'the log names the frame');
+		t.equal(inboundTcp.length, i, `the fake has seen ${i} INBOUND_TCP`);
+		const got = inboundTcp[i - 1];
+		t.equal(got?.addr, (0x7f000000 + n) >>> 0, `address of ${src(n)} as u32`);
+		t.equal(got?.port, c.localPort, 'the client\'s port');
+	}
+	t.same(faults(bbal), [], 'the backend was never faulted');
+});
