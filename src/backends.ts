@@ -432,6 +432,7 @@ export class Backend implements FrameSink {
 			}
 			this.heartbeatOutstanding = false;
 			this.lastHeartbeatRttMs = performance.now() - this.heartbeatSentAt;
+			this.registry.onHeartbeatRtt?.(this, this.lastHeartbeatRttMs);
 			this.heartbeatTimeout.set(HEARTBEAT_INTERVAL_SECS);
 			return true;
 		case FRAME_SERVER_HELLO:
@@ -469,6 +470,8 @@ export interface BackendsOptions {
 	log: Logger;
 	wheel: TimeoutWheel;
 	onOutboundUdp: OutboundUdpHandler;
+	/** Each answered heartbeat's round trip (for the metrics histogram). */
+	onHeartbeatRtt?: (be: Backend, ms: number) => void;
 	connector?: Connector;
 }
 
@@ -481,6 +484,7 @@ export class Backends {
 	readonly wheel: TimeoutWheel;
 	readonly connector: Connector;
 	readonly onOutboundUdp: OutboundUdpHandler;
+	readonly onHeartbeatRtt?: (be: Backend, ms: number) => void;
 	private readonly dir: string;
 	private readonly log: Logger;
 	private readonly byId = new AVLTree<number, Backend>((a, b) => a - b, true);
@@ -499,6 +503,7 @@ export class Backends {
 		this.log = opts.log;
 		this.wheel = opts.wheel;
 		this.onOutboundUdp = opts.onOutboundUdp;
+		this.onHeartbeatRtt = opts.onHeartbeatRtt;
 		this.connector = opts.connector ?? connectUnix;
 		this.noBackendGate = new LogGate(opts.wheel);
 	}

@@ -39,6 +39,7 @@ import {
 } from './backends.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { type Clock, monotonicClock, TimeoutWheel } from './timeouts.js';
+import { Metrics } from './metrics.js';
 import { DEFAULT_STATS_SOCKET, isInside, StatsServer, StatsSocketError, type StatsSources, takeSnapshot } from './stats.js';
 import { DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_TCP_IDLE_TIMEOUT_SECS, TcpListener } from './tcp_proxy.js';
 import { UdpProxy } from './udp_proxy.js';
@@ -57,6 +58,13 @@ export interface Options {
 	statsSocket: string;
 	/** -S was given: failing to open it is fatal rather than a warning. */
 	statsSocketExplicit: boolean;
+	/** --metrics HOST:PORT, or null when off. */
+	metrics: { host: string; port: number } | null;
+}
+
+/** A listener other than DNS could not start: reported in one line, exit 1. */
+export class StartupError extends Error {
+	readonly code = 'ESTARTUP';
 }
 
 /** A problem with how bbal was invoked: reported in one line, exit 2. */
@@ -83,6 +91,9 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		.option('stats-socket', {
 			alias: 'S', type: 'string',
 			describe: `AF_UNIX socket serving the stats snapshot for balstat (default ${DEFAULT_STATS_SOCKET})`,
+		})
+		.option('metrics', {
+			type: 'string', describe: 'serve Prometheus metrics at http://HOST:PORT/metrics (off by default)',
 		})
 		.option('max-tcp-connections', {
 			type: 'string', default: String(DEFAULT_MAX_TCP_CONNECTIONS),
@@ -144,10 +155,20 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		throw new UsageError(`stats socket ${statsSocket} is inside the backend socket directory ${sockets}: `
 			+ 'bbal would take it for a backend');
 	}
+	const metrics = args.metrics === undefined ? null : parseHostPort(lastOf(args.metrics as string | string[]));
 	return {
 		bind, port, sockets, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs,
-		statsSocket, statsSocketExplicit,
+		statsSocket, statsSocketExplicit, metrics,
 	};
+}
+
+function parseHostPort(text: string): { host: string; port: number } {
+	const m = /^(.+):(\d{1,5})$/.exec(text);
+	const port = m === null ? NaN : Number(m[2]);
+	if (m === null || !(port >= 1 && port <= 65535) || !(net.isIPv4(m[1] as string) || m[1] === 'localhost')) {
+		throw new UsageError(`--metrics "${text}" is not HOST:PORT with an IPv4 HOST (e.g. 127.0.0.1:9153)`);
+	}
+	return { host: m[1] as string, port };
 }
 
 function positiveInt(text: string, flag: string): number {
@@ -184,6 +205,7 @@ export interface BalancerOptions {
 	statsSocket?: string;
 	/** When false, a stats socket that cannot be opened is only a warning. */
 	statsSocketRequired?: boolean;
+	metrics?: { host: string; port: number } | null;
 }
 
 /**
@@ -200,6 +222,7 @@ export class Balancer {
 	readonly log: Logger;
 	readonly startedAt = new Date();
 	private stats: StatsServer | null = null;
+	private metrics: Metrics | null = null;
 	private tick: NodeJS.Timeout | null = null;
 	private closed = false;
 
@@ -211,6 +234,7 @@ export class Balancer {
 			log: this.log,
 			wheel: this.wheel,
 			onOutboundUdp: (addr, port, payload, be) => this.udp.sendOutbound(addr, port, payload, be),
+			onHeartbeatRtt: (be, ms) => this.metrics?.observeHeartbeatRtt(be, ms),
 		});
 		this.remotes = new Remotes({ log: this.log, backends: this.backends, wheel: this.wheel });
 		this.udp = new UdpProxy({ remotes: this.remotes, log: this.log, wheel: this.wheel });
@@ -245,6 +269,15 @@ export class Balancer {
 		await this.udp.listen(this.opts.bind, this.opts.port);
 		await this.tcp.listen(this.opts.bind, this.opts.port);
 		await this.openStatsSocket();
+		if (this.opts.metrics) {
+			const m = new Metrics(this.statsSources, this.log);
+			const { host, port } = this.opts.metrics;
+			await m.listen(host, port).catch((err: NodeJS.ErrnoException) => {
+				throw new StartupError(`cannot serve metrics on ${host}:${port}: ${err.code ?? err.message}`);
+			});
+			this.metrics = m;
+			this.log.info({ metrics: `http://${host}:${port}/metrics` }, 'metrics listening');
+		}
 		await this.backends.rescan();
 		this.tick = setInterval(() => this.wheel.run(), TICK_MS);
 		this.tick.unref();
@@ -311,7 +344,7 @@ export class Balancer {
 			clearInterval(this.tick);
 			this.tick = null;
 		}
-		await Promise.all([this.udp.close(), this.tcp.close(), this.stats?.close()]);
+		await Promise.all([this.udp.close(), this.tcp.close(), this.stats?.close(), this.metrics?.close()]);
 		this.backends.close();
 	}
 }
@@ -370,13 +403,15 @@ export async function main(argv: string[]): Promise<void> {
 		tcpIdleTimeoutSecs: opts.tcpIdleTimeoutSecs,
 		statsSocket: opts.statsSocket,
 		statsSocketRequired: opts.statsSocketExplicit,
+		metrics: opts.metrics,
 	});
 	try {
 		await bal.start();
 	} catch (err) {
-		const msg = err instanceof StatsSocketError ? err.message
+		const msg = err instanceof StatsSocketError || err instanceof StartupError ? err.message
 			: describeListenError(err as NodeJS.ErrnoException, opts);
 		log.fatal({ err }, msg);
+		await bal.close();
 		die(msg, 1);
 	}
 

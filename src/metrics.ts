@@ -1,0 +1,177 @@
+/*
+ * METRICS
+ *
+ * Prometheus metrics for bbal, served over HTTP at /metrics when
+ * `--metrics HOST:PORT` is given (off by default: an open HTTP port on a DNS
+ * host is something an operator should ask for).
+ *
+ * Nothing here runs per packet.  bbal already counts everything in plain
+ * integer fields (Backend.stats, Remote.stats, UdpProxy.stats,
+ * TcpListener.stats); the metrics are computed from those fields when
+ * Prometheus scrapes, through prom-client's collect() hooks.  The one
+ * exception is the heartbeat round-trip histogram, which must see each
+ * sample: backends.ts reports every answered heartbeat (one per backend
+ * every five seconds) through a callback that main wires here.
+ *
+ * Names follow Prometheus conventions: a `bbal_` prefix, `_total` on
+ * counters, seconds for durations, and a `backend` label carrying the
+ * backend id that logs and balstat show.  Process metrics (CPU, memory,
+ * event-loop lag, handles) come from prom-client's defaults.
+ */
+
+import http from 'node:http';
+import type { Logger } from 'pino';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Backend } from './backends.js';
+import type { StatsSources } from './stats.js';
+
+type BackendCounter = 'connStart' | 'connError' | 'udp' | 'tcp' | 'stuck' | 'faults';
+
+export class Metrics {
+	readonly registry = new Registry();
+	private readonly heartbeatRtt: Histogram<'backend'>;
+	private server: http.Server | null = null;
+
+	constructor(src: StatsSources, private readonly log: Logger) {
+		const registers = [this.registry];
+		const backends = (): Backend[] => src.backends.list();
+		collectDefaultMetrics({ register: this.registry, prefix: 'bbal_' });
+
+		new Gauge({
+			name: 'bbal_backend_up', help: 'Whether the backend is ok (1) or not (0).',
+			labelNames: ['backend', 'path'], registers,
+			collect() {
+				this.reset();
+				for (const be of backends()) {
+					this.set({ backend: be.id, path: be.path }, be.ok ? 1 : 0);
+				}
+			},
+		});
+		new Gauge({
+			name: 'bbal_backend_remotes', help: 'Remotes whose primary is this backend.',
+			labelNames: ['backend'], registers,
+			collect() {
+				this.reset();
+				for (const be of backends()) {
+					this.set({ backend: be.id }, be.remotes);
+				}
+			},
+		});
+		const perBackend = (name: string, help: string, field: BackendCounter): void => {
+			new Counter({
+				name, help, labelNames: ['backend'], registers,
+				collect() {
+					this.reset();
+					for (const be of backends()) {
+						this.inc({ backend: be.id }, be.stats[field]);
+					}
+				},
+			});
+		};
+		perBackend('bbal_backend_udp_forwarded_total', 'UDP queries forwarded to the backend.', 'udp');
+		perBackend('bbal_backend_tcp_sessions_total', 'TCP sessions established with the backend.', 'tcp');
+		perBackend('bbal_backend_stuck_drops_total', 'UDP queries dropped because the session was stuck.', 'stuck');
+		perBackend('bbal_backend_faults_total', 'Control sessions torn down by a fault.', 'faults');
+		perBackend('bbal_backend_connects_total', 'Control session connection attempts (reconnects included).', 'connStart');
+		perBackend('bbal_backend_connect_errors_total', 'Socket errors on control sessions.', 'connError');
+
+		this.heartbeatRtt = new Histogram({
+			name: 'bbal_backend_heartbeat_rtt_seconds', help: 'Heartbeat round trip per backend.',
+			labelNames: ['backend'], registers,
+			buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15],
+		});
+
+		const total = (name: string, help: string, read: () => number): void => {
+			new Counter({
+				name, help, registers,
+				collect() {
+					this.reset();
+					this.inc(read());
+				},
+			});
+		};
+		const udp = src.udp.stats;
+		total('bbal_udp_received_total', 'UDP datagrams received from remotes.', () => udp.received);
+		total('bbal_udp_forwarded_total', 'UDP queries forwarded to a backend.', () => udp.forwarded);
+		total('bbal_udp_answers_total', 'UDP answers sent to remotes.', () => udp.sent);
+		total('bbal_udp_send_errors_total', 'UDP answers that could not be sent.', () => udp.sendErrors);
+		new Counter({
+			name: 'bbal_udp_dropped_total', help: 'UDP queries dropped, by reason.',
+			labelNames: ['reason'], registers,
+			collect() {
+				this.reset();
+				this.inc({ reason: 'oversize' }, udp.oversize);
+				this.inc({ reason: 'no_backend' }, udp.noBackend);
+				this.inc({ reason: 'stuck' }, udp.stuck);
+			},
+		});
+		const tcp = src.tcp.stats;
+		total('bbal_tcp_accepted_total', 'TCP connections accepted.', () => tcp.accepted);
+		total('bbal_tcp_established_total', 'TCP sessions that reached a backend.', () => tcp.established);
+		new Counter({
+			name: 'bbal_tcp_dropped_total', help: 'TCP connections closed by bbal before or instead of a session, by reason.',
+			labelNames: ['reason'], registers,
+			collect() {
+				this.reset();
+				this.inc({ reason: 'over_cap' }, tcp.overCap);
+				this.inc({ reason: 'no_backend' }, tcp.noBackend);
+				this.inc({ reason: 'idle' }, tcp.idleClosed);
+				this.inc({ reason: 'bad_first_frame' }, tcp.badFirstFrame);
+				this.inc({ reason: 'ok_timeout' }, tcp.okTimeouts);
+			},
+		});
+		new Gauge({
+			name: 'bbal_tcp_open', help: 'TCP connections open now.', registers,
+			collect() {
+				this.set(src.tcp.size);
+			},
+		});
+		new Gauge({
+			name: 'bbal_remotes', help: 'Remote peers held now.', registers,
+			collect() {
+				this.set(src.remotes.size);
+			},
+		});
+		total('bbal_remotes_expired_total', 'Remote peers forgotten after idling.', () => src.remotes.expired);
+	}
+
+	observeHeartbeatRtt(be: Backend, ms: number): void {
+		this.heartbeatRtt.observe({ backend: be.id }, ms / 1000);
+	}
+
+	/** Serve /metrics; rejects with the listen error. */
+	listen(host: string, port: number): Promise<void> {
+		const server = http.createServer((req, res) => {
+			if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
+				res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics\n');
+				return;
+			}
+			this.registry.metrics().then((body) => {
+				res.writeHead(200, { 'content-type': this.registry.contentType }).end(body);
+			}, (err: unknown) => {
+				this.log.error({ err }, 'could not collect metrics');
+				res.writeHead(500).end();
+			});
+		});
+		server.keepAliveTimeout = 5000;
+		return new Promise((resolve, reject) => {
+			server.once('error', reject);
+			server.listen({ host, port }, () => {
+				server.removeListener('error', reject);
+				server.on('error', (err) => this.log.error({ err }, 'metrics server error'));
+				this.server = server;
+				resolve();
+			});
+		});
+	}
+
+	async close(): Promise<void> {
+		const server = this.server;
+		if (server === null) {
+			return;
+		}
+		this.server = null;
+		server.closeAllConnections();
+		await new Promise<void>((resolve) => server.close(() => resolve()));
+	}
+}

@@ -1,0 +1,143 @@
+/*
+ * /metrics end to end: the built CLI with --metrics in front of real mname
+ * backends.  The page must parse as Prometheus text, and its counters must
+ * move with the traffic a test sends.
+ */
+
+import { existsSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import t from 'tap';
+import { encodeQuery, freePort, makeSocketDir, runBbal, startBackend, startBbal, udpQuery, udpSendRaw, waitFor } from './helpers.js';
+
+interface Sample {
+	name: string;
+	labels: Record<string, string>;
+	value: number;
+}
+
+/* The Prometheus text format, strictly enough to catch a malformed page. */
+function parseMetrics(text: string): Sample[] {
+	const samples: Sample[] = [];
+	for (const line of text.split('\n')) {
+		if (line === '' || line.startsWith('# HELP ') || line.startsWith('# TYPE ')) {
+			continue;
+		}
+		/* Values as Go's ParseFloat reads them: NaN and Inf in any case. */
+		const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (-?[0-9.eE+-]+|[nN][aA][nN]|[+-]?[iI][nN][fF])$/.exec(line);
+		if (m === null) {
+			throw new Error(`not Prometheus text: ${JSON.stringify(line)}`);
+		}
+		const labels: Record<string, string> = {};
+		for (const l of (m[3] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) {
+			labels[l[1] as string] = l[2] as string;
+		}
+		samples.push({ name: m[1] as string, labels, value: Number(m[4]) });
+	}
+	return samples;
+}
+
+function get(port: number, path: string): Promise<{ status: number; type: string; body: string }> {
+	return new Promise((resolve, reject) => {
+		http.get({ host: '127.0.0.1', port, path }, (res) => {
+			let body = '';
+			res.setEncoding('utf8');
+			res.on('data', (d: string) => {
+				body += d;
+			});
+			res.on('end', () => resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body }));
+		}).on('error', reject);
+	});
+}
+
+function value(samples: Sample[], name: string, labels: Record<string, string> = {}): number {
+	const s = samples.find((x) => x.name === name && Object.entries(labels).every(([k, v]) => x.labels[k] === v));
+	if (s === undefined) {
+		throw new Error(`no sample ${name} ${JSON.stringify(labels)}`);
+	}
+	return s.value;
+}
+
+function tcpQuery(port: number, localAddress: string): Promise<void> {
+	return new Promise((resolve, reject) => {
+		const q = encodeQuery('tcp.example', 'TXT', 7);
+		const len = Buffer.alloc(2);
+		len.writeUInt16BE(q.length);
+		const s = net.connect({ host: '127.0.0.1', port, localAddress }, () => s.end(Buffer.concat([len, q])));
+		s.on('data', () => {});
+		s.on('error', reject);
+		s.on('close', () => resolve());
+	});
+}
+
+t.test('/metrics parses as Prometheus text and its counters move with traffic', async (t) => {
+	const dir = await makeSocketDir(t);
+	await startBackend(t, dir, '5301');
+	await startBackend(t, dir, '5302');
+	const port = await freePort();
+	const metricsPort = await freePort();
+	const bbal = await startBbal(t, { dir, port, args: ['--metrics', `127.0.0.1:${metricsPort}`] });
+	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length === 2, 5000);
+
+	const first = await get(metricsPort, '/metrics');
+	t.equal(first.status, 200);
+	t.match(first.type, /^text\/plain/);
+	const before = parseMetrics(first.body);
+	t.equal(value(before, 'bbal_backend_up', { backend: '5301' }), 1, 'backend 5301 up');
+	t.equal(value(before, 'bbal_backend_up', { backend: '5302' }), 1, 'backend 5302 up');
+	t.ok(before.some((s) => s.name === 'bbal_process_cpu_user_seconds_total'), 'process metrics');
+	t.ok(before.some((s) => s.name === 'bbal_nodejs_eventloop_lag_seconds'), 'event-loop metrics');
+	const fwd0 = value(before, 'bbal_udp_forwarded_total');
+
+	for (let n = 1; n <= 4; n++) {
+		await udpQuery({ port, source: `127.0.2.${n}`, name: `m${n}.example` });
+	}
+	await udpSendRaw({ port, source: '127.0.2.9', bytes: Buffer.alloc(1600) });
+	await tcpQuery(port, '127.0.2.1');
+	await waitFor(async () => value(parseMetrics((await get(metricsPort, '/metrics')).body), 'bbal_tcp_established_total') === 1, 2000);
+
+	const after = parseMetrics((await get(metricsPort, '/metrics')).body);
+	t.equal(value(after, 'bbal_udp_forwarded_total') - fwd0, 4, 'four UDP queries forwarded');
+	t.equal(value(after, 'bbal_udp_answers_total'), 4, 'four answers sent');
+	t.equal(value(after, 'bbal_udp_dropped_total', { reason: 'oversize' }), 1, 'the oversized datagram');
+	t.equal(value(after, 'bbal_backend_udp_forwarded_total', { backend: '5301' })
+		+ value(after, 'bbal_backend_udp_forwarded_total', { backend: '5302' }), 4, 'per backend, summed');
+	t.equal(value(after, 'bbal_backend_remotes', { backend: '5301' })
+		+ value(after, 'bbal_backend_remotes', { backend: '5302' }), 4, 'the four querying remotes are assigned');
+	t.equal(value(after, 'bbal_remotes'), 5, 'the oversize sender is held too, with no backend');
+	t.equal(value(after, 'bbal_tcp_accepted_total'), 1);
+	t.equal(value(after, 'bbal_tcp_established_total'), 1);
+
+	t.equal((await get(metricsPort, '/')).status, 404, 'only /metrics is served');
+});
+
+t.test('heartbeat round trips are observed in the histogram', async (t) => {
+	const dir = await makeSocketDir(t);
+	await startBackend(t, dir, '5301');
+	const metricsPort = await freePort();
+	await startBbal(t, { dir, port: await freePort(), args: ['--metrics', `127.0.0.1:${metricsPort}`] });
+	/* The first heartbeat goes out 5 s after the hello. */
+	await waitFor(async () => {
+		const s = parseMetrics((await get(metricsPort, '/metrics')).body);
+		return value(s, 'bbal_backend_heartbeat_rtt_seconds_count', { backend: '5301' }) >= 1;
+	}, 8000, 250, 'a heartbeat round trip');
+	const s = parseMetrics((await get(metricsPort, '/metrics')).body);
+	t.ok(value(s, 'bbal_backend_heartbeat_rtt_seconds_sum', { backend: '5301' }) < 1, 'well under a second on loopback');
+});
+
+t.test('--metrics that cannot be served is a one-line startup error', async (t) => {
+	const dir = await makeSocketDir(t);
+	const bad = await runBbal(['-s', dir, '-b', '127.0.0.1', '-p', String(await freePort()), '--metrics', 'nowhere']);
+	t.equal(bad.code, 2);
+	t.match(bad.stderr, /^bbal: --metrics "nowhere" is not HOST:PORT/);
+	t.equal(bad.stderr.trim().split('\n').length, 1);
+	const holder = net.createServer();
+	const taken = await freePort();
+	await new Promise<void>((resolve) => holder.listen(taken, '127.0.0.1', resolve));
+	t.teardown(() => holder.close());
+	const busy = await runBbal(['-s', dir, '-b', '127.0.0.1', '-p', String(await freePort()), '-S', `${dir}.m.sock`,
+		'--metrics', `127.0.0.1:${taken}`]);
+	t.equal(busy.code, 1);
+	t.equal(busy.stderr, `bbal: cannot serve metrics on 127.0.0.1:${taken}: EADDRINUSE\n`);
+	t.notOk(existsSync(`${dir}.m.sock`), 'the stats socket it had opened is removed on the way out');
+});
