@@ -405,16 +405,11 @@ export async function main(argv: string[]): Promise<void> {
 		statsSocketRequired: opts.statsSocketExplicit,
 		metrics: opts.metrics,
 	});
-	try {
-		await bal.start();
-	} catch (err) {
-		const msg = err instanceof StatsSocketError || err instanceof StartupError ? err.message
-			: describeListenError(err as NodeJS.ErrnoException, opts);
-		log.fatal({ err }, msg);
-		await bal.close();
-		die(msg, 1);
-	}
-
+	/*
+	 * Signals are handled from the start: a service manager may send a
+	 * refresh (SIGHUP) or a stop while the listeners are still opening, and
+	 * node's default for either is to die.
+	 */
 	const stop = (signal: string): void => {
 		log.info({ signal, tcp_open: bal.tcp.size }, 'shutting down');
 		void bal.close().then(() => {
@@ -429,4 +424,14 @@ export async function main(argv: string[]): Promise<void> {
 		void bal.backends.rescan();
 	});
 	process.on('SIGUSR2', () => bal.logSnapshot());
+
+	try {
+		await bal.start();
+	} catch (err) {
+		const msg = err instanceof StatsSocketError || err instanceof StartupError ? err.message
+			: describeListenError(err as NodeJS.ErrnoException, opts);
+		log.fatal({ err }, msg);
+		await bal.close();
+		die(msg, 1);
+	}
 }
