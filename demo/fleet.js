@@ -65,11 +65,15 @@ function startBackend(id) {
 }
 
 await Promise.all([5301, 5302, 5303].map(startBackend));
-let announced = false;
 const bbalArgs = [path.join(root, 'bin', 'bbal.js'), '-b', '127.0.0.1', '-p', String(port), '-s', dir, '-S', statsSocket];
+/* The banner waits until every backend has said hello, so a dig run the
+ * moment it appears is answered by a backend. */
+let announced = false;
+let established = 0;
 start(bbalArgs, 'bbal', (s) => {
 	process.stdout.write(s);
-	if (!announced && s.includes('"msg":"listening"')) {
+	established += s.split('"msg":"backend socket established"').length - 1;
+	if (!announced && established >= 3) {
 		announced = true;
 		console.log([
 			'',
