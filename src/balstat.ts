@@ -46,15 +46,23 @@ export function formatSnapshot(snap: Snapshot): string {
 	out.push('REMOTE PEERS');
 	const remotes = [...snap.remotes].sort((a, b) => ipv4ToU32(a.ip) - ipv4ToU32(b.ip));
 	out.push(table(
-		['ADDRESS', 'BACKEND', 'BACKUP', 'UDP', 'UDPDROP', 'TCP', 'TCPDROP', 'LAST SEEN'],
+		['ADDRESS', 'BACKEND', 'BACKUP', 'UDP', 'UDPDROP', 'INVALID', 'RATELIM', 'TCP', 'TCPDROP', 'LAST SEEN'],
 		remotes.map((r) => [r.ip, r.backend === 0 ? '-' : String(r.backend), r.backup === 0 ? '-' : String(r.backup),
-			r.stats.udp, r.stats.udpDrop, r.stats.tcp, r.stats.tcpDrop, r.lastSeen]),
+			r.stats.udp, r.stats.udpDrop, r.stats.udpInvalid ?? 0, r.stats.rateLimited ?? 0, r.stats.tcp,
+			r.stats.tcpDrop, r.lastSeen]),
 	));
 	out.push('');
-	out.push(`udp: received ${snap.udp.received}, forwarded ${snap.udp.forwarded}, sent ${snap.udp.sent}, `
-		+ `dropped oversize ${snap.udp.oversize}, no backend ${snap.udp.noBackend}, stuck ${snap.udp.stuck}`);
-	out.push(`tcp: open ${snap.tcp.open}, accepted ${snap.tcp.accepted}, established ${snap.tcp.established}, `
-		+ `over cap ${snap.tcp.overCap}, no backend ${snap.tcp.noBackend}, idle closed ${snap.tcp.idleClosed}`);
+	const u = snap.udp;
+	const c = snap.tcp;
+	out.push(`remotes: ${snap.remotes.length} held (max ${snap.maxRemotes}), ${snap.remotesExpired} expired, `
+		+ `${snap.remotesEvicted} evicted`);
+	out.push(`udp: received ${u.received}, forwarded ${u.forwarded}, answers sent ${u.sent}; `
+		+ `dropped: oversize ${u.oversize}, not DNS ${u.invalid}, outside --allow ${u.aclDropped}, `
+		+ `no backend ${u.noBackend}, stuck ${u.stuck}; rate limited ${u.rateLimited}; `
+		+ `bbal answered SERVFAIL ${u.servfail}, REFUSED ${u.refused}`);
+	out.push(`tcp: open ${c.open}, accepted ${c.accepted}, established ${c.established}; `
+		+ `closed: over cap ${c.overCap}, outside --allow ${c.aclDropped}, no backend ${c.noBackend}, `
+		+ `not DNS ${c.invalid}, idle ${c.idleClosed}`);
 	return out.join('\n');
 }
 

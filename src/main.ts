@@ -37,12 +37,15 @@ import yargs from 'yargs';
 import {
 	Backends, REBALANCE_INTERVAL_SECS, RESCAN_INTERVAL_SECS,
 } from './backends.js';
-import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
+import { Acl } from './dns.js';
+import { DEFAULT_MAX_REMOTES, Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { type Clock, monotonicClock, TimeoutWheel } from './timeouts.js';
 import { Metrics } from './metrics.js';
 import { DEFAULT_STATS_SOCKET, isInside, StatsServer, StatsSocketError, type StatsSources, takeSnapshot } from './stats.js';
-import { DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_TCP_IDLE_TIMEOUT_SECS, TcpListener } from './tcp_proxy.js';
-import { UdpProxy } from './udp_proxy.js';
+import {
+	DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_TCP_IDLE_TIMEOUT_SECS, TcpListener,
+} from './tcp_proxy.js';
+import { type NoBackendAction, type RateLimitAction, UdpProxy } from './udp_proxy.js';
 
 export const TICK_MS = 1000;
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
@@ -60,6 +63,14 @@ export interface Options {
 	statsSocketExplicit: boolean;
 	/** --metrics HOST:PORT, or null when off. */
 	metrics: { host: string; port: number } | null;
+	noBackend: NoBackendAction;
+	maxRemotes: number;
+	/** 0: no limit. */
+	maxQpsPerRemote: number;
+	rateLimitAction: RateLimitAction;
+	/** The --allow prefixes as given (validated); empty allows everyone. */
+	allow: string[];
+	maxTcpMessageBytes: number;
 }
 
 /** A listener other than DNS could not start: reported in one line, exit 1. */
@@ -95,6 +106,27 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		.option('metrics', {
 			type: 'string', describe: 'serve Prometheus metrics at http://HOST:PORT/metrics (off by default)',
 		})
+		.option('no-backend', {
+			type: 'string', default: 'servfail', describe: 'when no backend is ok: servfail (answer at once) or drop',
+		})
+		.option('max-remotes', {
+			type: 'string', default: String(DEFAULT_MAX_REMOTES),
+			describe: 'remote peers held at most; the idlest are evicted beyond',
+		})
+		.option('max-qps-per-remote', {
+			type: 'string', default: '0', describe: 'queries per second per remote address (0: no limit)',
+		})
+		.option('rate-limit-action', {
+			type: 'string', default: 'refuse', describe: 'over --max-qps-per-remote: refuse (answer REFUSED) or drop',
+		})
+		.option('allow', {
+			type: 'string', array: true, default: [],
+			describe: 'CIDR[,CIDR...] allowed to query (repeatable; default: everyone)',
+		})
+		.option('max-tcp-message', {
+			type: 'string', default: String(DEFAULT_MAX_TCP_MESSAGE_BYTES),
+			describe: 'largest DNS message a TCP client may send, in bytes',
+		})
 		.option('max-tcp-connections', {
 			type: 'string', default: String(DEFAULT_MAX_TCP_CONNECTIONS),
 			describe: 'TCP connections open at once; more are closed at accept',
@@ -103,6 +135,8 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			type: 'string', default: String(DEFAULT_TCP_IDLE_TIMEOUT_SECS),
 			describe: 'seconds a TCP connection may pass no bytes before it is closed',
 		})
+		/* --no-backend is an option of its own, not "backend = false". */
+		.parserConfiguration({ 'boolean-negation': false })
 		.strict()
 		.help()
 		.alias('help', 'h')
@@ -156,10 +190,33 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			+ 'bbal would take it for a backend');
 	}
 	const metrics = args.metrics === undefined ? null : parseHostPort(lastOf(args.metrics as string | string[]));
+	const noBackend = oneOf(lastOf(args['no-backend']), ['servfail', 'drop'] as const, '--no-backend');
+	const rateLimitAction = oneOf(lastOf(args['rate-limit-action']), ['refuse', 'drop'] as const, '--rate-limit-action');
+	const maxRemotes = positiveInt(lastOf(args['max-remotes']), '--max-remotes');
+	const qpsText = lastOf(args['max-qps-per-remote']);
+	const maxQpsPerRemote = qpsText === '0' ? 0 : positiveInt(qpsText, '--max-qps-per-remote');
+	const maxTcpMessageBytes = positiveInt(lastOf(args['max-tcp-message']), '--max-tcp-message');
+	if (maxTcpMessageBytes < 12 || maxTcpMessageBytes > 65535) {
+		throw new UsageError(`--max-tcp-message ${maxTcpMessageBytes} is outside 12-65535 (a DNS message's size)`);
+	}
+	const allow = (args.allow as string[]).map(String);
+	try {
+		new Acl(allow);
+	} catch (err) {
+		throw new UsageError(`--allow: ${(err as Error).message}`);
+	}
 	return {
 		bind, port, sockets, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs,
-		statsSocket, statsSocketExplicit, metrics,
+		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
+		maxTcpMessageBytes,
 	};
+}
+
+function oneOf<T extends string>(text: string, choices: readonly T[], flag: string): T {
+	if (!(choices as readonly string[]).includes(text)) {
+		throw new UsageError(`${flag} "${text}" is not one of ${choices.join(', ')}`);
+	}
+	return text as T;
 }
 
 function parseHostPort(text: string): { host: string; port: number } {
@@ -206,6 +263,12 @@ export interface BalancerOptions {
 	/** When false, a stats socket that cannot be opened is only a warning. */
 	statsSocketRequired?: boolean;
 	metrics?: { host: string; port: number } | null;
+	noBackend?: NoBackendAction;
+	maxRemotes?: number;
+	maxQpsPerRemote?: number;
+	rateLimitAction?: RateLimitAction;
+	allow?: string[];
+	maxTcpMessageBytes?: number;
 }
 
 /**
@@ -236,8 +299,19 @@ export class Balancer {
 			onOutboundUdp: (addr, port, payload, be) => this.udp.sendOutbound(addr, port, payload, be),
 			onHeartbeatRtt: (be, ms) => this.metrics?.observeHeartbeatRtt(be, ms),
 		});
-		this.remotes = new Remotes({ log: this.log, backends: this.backends, wheel: this.wheel });
-		this.udp = new UdpProxy({ remotes: this.remotes, log: this.log, wheel: this.wheel });
+		this.remotes = new Remotes({
+			log: this.log, backends: this.backends, wheel: this.wheel, maxRemotes: opts.maxRemotes,
+		});
+		const acl = new Acl(opts.allow ?? []);
+		this.udp = new UdpProxy({
+			remotes: this.remotes,
+			log: this.log,
+			wheel: this.wheel,
+			acl,
+			noBackend: opts.noBackend,
+			maxQpsPerRemote: opts.maxQpsPerRemote,
+			rateLimitAction: opts.rateLimitAction,
+		});
 		this.tcp = new TcpListener({
 			remotes: this.remotes,
 			backends: this.backends,
@@ -245,6 +319,8 @@ export class Balancer {
 			log: this.log,
 			maxConnections: opts.maxTcpConnections,
 			idleTimeoutSecs: opts.tcpIdleTimeoutSecs,
+			maxMessageBytes: opts.maxTcpMessageBytes,
+			acl,
 		});
 
 		const rescan = this.wheel.create('rescan socket directory', () => {
@@ -281,8 +357,10 @@ export class Balancer {
 		await this.backends.rescan();
 		this.tick = setInterval(() => this.wheel.run(), TICK_MS);
 		this.tick.unref();
-		this.log.info({ address: this.opts.bind, port: this.opts.port, socket_dir: this.opts.sockets },
-			'listening');
+		this.log.info({
+			address: this.opts.bind, port: this.opts.port, socket_dir: this.opts.sockets,
+			allow: this.opts.allow?.length ? this.opts.allow : 'everyone',
+		}, 'listening');
 	}
 
 	/** The live objects a stats snapshot reads. */
@@ -404,6 +482,12 @@ export async function main(argv: string[]): Promise<void> {
 		statsSocket: opts.statsSocket,
 		statsSocketRequired: opts.statsSocketExplicit,
 		metrics: opts.metrics,
+		noBackend: opts.noBackend,
+		maxRemotes: opts.maxRemotes,
+		maxQpsPerRemote: opts.maxQpsPerRemote,
+		rateLimitAction: opts.rateLimitAction,
+		allow: opts.allow,
+		maxTcpMessageBytes: opts.maxTcpMessageBytes,
 	});
 	/*
 	 * Signals are handled from the start: a service manager may send a

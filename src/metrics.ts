@@ -101,8 +101,20 @@ export class Metrics {
 			collect() {
 				this.reset();
 				this.inc({ reason: 'oversize' }, udp.oversize);
+				this.inc({ reason: 'invalid' }, udp.invalid);
+				this.inc({ reason: 'acl' }, udp.aclDropped);
 				this.inc({ reason: 'no_backend' }, udp.noBackend);
 				this.inc({ reason: 'stuck' }, udp.stuck);
+			},
+		});
+		total('bbal_udp_rate_limited_total', 'UDP queries over --max-qps-per-remote.', () => udp.rateLimited);
+		new Counter({
+			name: 'bbal_synthesized_answers_total', help: 'Answers bbal sent itself instead of a backend, by rcode.',
+			labelNames: ['rcode'], registers,
+			collect() {
+				this.reset();
+				this.inc({ rcode: 'SERVFAIL' }, udp.servfail);
+				this.inc({ rcode: 'REFUSED' }, udp.refused);
 			},
 		});
 		const tcp = src.tcp.stats;
@@ -118,6 +130,8 @@ export class Metrics {
 				this.inc({ reason: 'idle' }, tcp.idleClosed);
 				this.inc({ reason: 'bad_first_frame' }, tcp.badFirstFrame);
 				this.inc({ reason: 'ok_timeout' }, tcp.okTimeouts);
+				this.inc({ reason: 'acl' }, tcp.aclDropped);
+				this.inc({ reason: 'invalid' }, tcp.invalid);
 			},
 		});
 		new Gauge({
@@ -133,6 +147,7 @@ export class Metrics {
 			},
 		});
 		total('bbal_remotes_expired_total', 'Remote peers forgotten after idling.', () => src.remotes.expired);
+		total('bbal_remotes_evicted_total', 'Remote peers evicted at the --max-remotes cap.', () => src.remotes.evicted);
 	}
 
 	observeHeartbeatRtt(be: Backend, ms: number): void {

@@ -34,6 +34,28 @@
  * every 30).  This bounds the table by the set of recently active hosts and
  * means a host that comes back later is simply assigned afresh.
  *
+ * THE CAP.  Expiry alone does not bound the table against a flood of
+ * datagrams with spoofed sources: two hundred thousand fake hosts in five
+ * minutes would all be "recently active".  So the table also has a cap
+ * (--max-remotes, 100,000 by default).  At the cap, making a new remote
+ * evicts an old one, the one idle longest first, so the hosts that really
+ * talk to us keep their place while the flood churns through the rest.
+ * Finding the idlest must not cost a scan per datagram; the Map's insertion
+ * order serves as a queue, with a second chance: the remote at the head is
+ * evicted unless it has been seen since it was queued, in which case it
+ * moves to the tail and the next one is considered.  Each remote is moved
+ * at most once per pass, so an eviction is O(1) amortised.
+ *
+ * RATE WINDOWS.  A remote can be limited to N queries a second
+ * (--max-qps-per-remote), and the SERVFAILs bbal synthesizes for it are
+ * limited likewise.  Each limit is a counter per remote over the current
+ * second of the coarse clock: no timer, one comparison per datagram.
+ *
+ * LOGS.  New remotes and their assignments are logged, as the original did,
+ * but through a gate that lets a burst through every 5 seconds and counts
+ * the rest: under a flood of new sources, or when a backend with thirty
+ * thousand remotes faults, the log says how many, not each one.
+ *
  * Times are taken from the timeout wheel's tick ("now" to the nearest
  * second), so a datagram costs no clock read.  Each remote's child logger
  * is made on first use: most remotes never log anything after "new remote
@@ -46,25 +68,43 @@ import type { Logger } from 'pino';
 import { AVLTree } from 'avl';
 import type { Backend, Backends } from './backends.js';
 import { u32ToIpv4 } from './protocol.js';
-import type { TimeoutWheel } from './timeouts.js';
+import { LogGate, type TimeoutWheel } from './timeouts.js';
 
 export const REMOTE_IDLE_EXPIRY_SECS = 300;
 export const REMOTE_EXPIRY_CHECK_SECS = 30;
+export const DEFAULT_MAX_REMOTES = 100_000;
+/* Remote log lines let through per gate interval before counting instead. */
+const REMOTE_LOG_BURST = 50;
 
 export interface RemoteStats {
 	udp: number;
 	udpDrop: number;
 	tcp: number;
 	tcpDrop: number;
+	/** Datagrams that failed the DNS header check. */
+	udpInvalid: number;
+	/** Queries over --max-qps-per-remote. */
+	rateLimited: number;
+}
+
+/* Index of the second a rate window covers, on the coarse clock. */
+function secondOf(ms: number): number {
+	return Math.floor(ms / 1000);
 }
 
 export class Remote {
 	primary: Backend | null = null;
 	backup: Backend | null = null;
-	readonly stats: RemoteStats = { udp: 0, udpDrop: 0, tcp: 0, tcpDrop: 0 };
+	readonly stats: RemoteStats = { udp: 0, udpDrop: 0, tcp: 0, tcpDrop: 0, udpInvalid: 0, rateLimited: 0 };
 	lastSeenMs: number;
 	readonly firstSeenMs: number;
+	/** When this remote took its place in the eviction queue. */
+	queuedAtMs: number;
 	private logger: Logger | null = null;
+	private qpsSecond = -1;
+	private qpsCount = 0;
+	private synthSecond = -1;
+	private synthCount = 0;
 
 	constructor(
 		private readonly table: Remotes,
@@ -73,6 +113,27 @@ export class Remote {
 	) {
 		this.firstSeenMs = nowMs;
 		this.lastSeenMs = nowMs;
+		this.queuedAtMs = nowMs;
+	}
+
+	/** Count a query against the per-second limit; false when over it. */
+	admitQuery(limit: number): boolean {
+		const sec = secondOf(this.lastSeenMs);
+		if (sec !== this.qpsSecond) {
+			this.qpsSecond = sec;
+			this.qpsCount = 0;
+		}
+		return ++this.qpsCount <= limit;
+	}
+
+	/** May bbal send this remote another synthesized answer this second? */
+	admitSynthesized(limit: number): boolean {
+		const sec = secondOf(this.lastSeenMs);
+		if (sec !== this.synthSecond) {
+			this.synthSecond = sec;
+			this.synthCount = 0;
+		}
+		return ++this.synthCount <= limit;
 	}
 
 	get ip(): string {
@@ -96,7 +157,7 @@ export class Remote {
 			if (p.ok) {
 				if (this.backup !== null) {
 					this.backup = null;
-					this.log.info({ be_id: p.id }, 'remote assigned to original primary backend');
+					this.table.logAssignment(this, p, 'remote assigned to original primary backend');
 				}
 				return p;
 			}
@@ -113,7 +174,7 @@ export class Remote {
 			return null;
 		}
 		this.setPrimary(be);
-		this.log.info({ be_id: be.id }, 'remote assigned to new primary backend');
+		this.table.logAssignment(this, be, 'remote assigned to new primary backend');
 		return be;
 	}
 
@@ -125,8 +186,7 @@ export class Remote {
 		const be = this.table.backends.select();
 		this.backup = be;
 		if (be !== null) {
-			this.log.info({ be_id: be.id, primary_be_id: this.primary?.id ?? 0 },
-				'remote assigned to new backup backend');
+			this.table.logAssignment(this, be, 'remote assigned to new backup backend');
 		}
 		return be;
 	}
@@ -157,11 +217,29 @@ export class Remotes {
 	private readonly ordered = new AVLTree<number, Remote>((a, b) => a - b, true);
 	/** Remotes forgotten after idling (a running total for operators). */
 	expired = 0;
+	/** Remotes evicted to make room at the cap. */
+	evicted = 0;
+	readonly maxRemotes: number;
+	private readonly newGate: LogGate;
+	private readonly assignGate: LogGate;
+	private readonly evictGate: LogGate;
 
-	constructor(opts: { log: Logger; backends: Backends; wheel: TimeoutWheel }) {
+	constructor(opts: { log: Logger; backends: Backends; wheel: TimeoutWheel; maxRemotes?: number }) {
 		this.log = opts.log;
 		this.backends = opts.backends;
 		this.wheel = opts.wheel;
+		this.maxRemotes = opts.maxRemotes ?? DEFAULT_MAX_REMOTES;
+		assert(this.maxRemotes >= 1, 'maxRemotes must be at least 1');
+		this.newGate = new LogGate(opts.wheel, 5, REMOTE_LOG_BURST);
+		this.assignGate = new LogGate(opts.wheel, 5, REMOTE_LOG_BURST);
+		this.evictGate = new LogGate(opts.wheel);
+	}
+
+	logAssignment(rem: Remote, be: Backend, msg: string): void {
+		const skipped = this.assignGate.open();
+		if (skipped >= 0) {
+			rem.log.info({ be_id: be.id, primary_be_id: rem.primary?.id ?? 0, not_logged: skipped }, msg);
+		}
 	}
 
 	get size(): number {
@@ -173,10 +251,16 @@ export class Remotes {
 		const now = this.wheel.nowMs;
 		let rem = this.byAddr.get(addr);
 		if (rem === undefined) {
+			if (this.byAddr.size >= this.maxRemotes) {
+				this.evictIdlest(now);
+			}
 			rem = new Remote(this, addr, now);
 			this.byAddr.set(addr, rem);
 			this.ordered.insert(addr, rem);
-			this.log.info({ remote_ip: rem.ip }, 'new remote peer');
+			const skipped = this.newGate.open();
+			if (skipped >= 0) {
+				this.log.info({ remote_ip: rem.ip, not_logged: skipped }, 'new remote peer');
+			}
 		} else {
 			rem.lastSeenMs = now;
 		}
@@ -208,6 +292,27 @@ export class Remotes {
 		}
 		this.expired += stale.length;
 		return stale.length;
+	}
+
+	/* Make room: the second-chance walk described in the file comment. */
+	private evictIdlest(now: number): void {
+		for (const rem of this.byAddr.values()) {
+			if (rem.lastSeenMs > rem.queuedAtMs) {
+				/* Seen since it was queued: to the back of the queue. */
+				this.byAddr.delete(rem.addr);
+				rem.queuedAtMs = now;
+				this.byAddr.set(rem.addr, rem);
+				continue;
+			}
+			this.remove(rem);
+			this.evicted++;
+			const skipped = this.evictGate.open();
+			if (skipped >= 0) {
+				this.log.warn({ max_remotes: this.maxRemotes, remote_ip: rem.ip, not_logged: skipped },
+					'remotes table full: evicted the idlest remote');
+			}
+			return;
+		}
 	}
 
 	private remove(rem: Remote): void {

@@ -53,7 +53,7 @@ export interface RemoteSnapshot {
 	ip: string;
 	backend: number;
 	backup: number;
-	stats: { udp: number; udpDrop: number; tcp: number; tcpDrop: number };
+	stats: { udp: number; udpDrop: number; tcp: number; tcpDrop: number; udpInvalid: number; rateLimited: number };
 	firstSeen: string;
 	lastSeen: string;
 }
@@ -68,6 +68,8 @@ export interface Snapshot {
 	backends: BackendSnapshot[];
 	remotes: RemoteSnapshot[];
 	remotesExpired: number;
+	remotesEvicted: number;
+	maxRemotes: number;
 	udp: UdpProxyStats;
 	tcp: TcpListenerStats & { open: number };
 	timeouts: TimeoutInfo[];
@@ -123,6 +125,8 @@ export function takeSnapshot(src: StatsSources): Snapshot {
 		backends: src.backends.list().map(backendSnapshot),
 		remotes: src.remotes.list().map(remoteSnapshot),
 		remotesExpired: src.remotes.expired,
+		remotesEvicted: src.remotes.evicted,
+		maxRemotes: src.remotes.maxRemotes,
 		udp: { ...src.udp.stats },
 		tcp: { ...src.tcp.stats, open: src.tcp.size },
 		timeouts: src.wheel.list(),

@@ -35,6 +35,15 @@
  * OK in the same read from the backend are the start of the answer and go
  * to the client before anything else.
  *
+ * WATCHING THE CLIENT.  The client's bytes pass through unchanged, but bbal
+ * follows its message boundaries as they go (each DNS message over TCP is a
+ * 2-byte length and that many bytes), which costs a few comparisons per
+ * chunk.  The first message must pass the same header check as a datagram
+ * (dns.ts), and no message may be shorter than a DNS header or longer than
+ * --max-tcp-message (16 KiB by default; real queries, even UPDATEs, are far
+ * smaller).  A violator's connection is closed and counted.  Connections
+ * from outside --allow are closed at accept.
+ *
  * BOUNDS.  A connection with no bytes in either direction for the idle
  * deadline (10 s by default, `--tcp-idle-timeout`; RFC 7766 6.2.3 asks for
  * seconds, not minutes) is closed, which also disposes of clients that send
@@ -48,6 +57,7 @@ import type net from 'node:net';
 import { createServer } from 'node:net';
 import type { Logger } from 'pino';
 import type { Backend, Backends } from './backends.js';
+import { type Acl, checkQueryHeader, DNS_HEADER_BYTES, HEADER_OK, HEADER_PROBLEMS } from './dns.js';
 import { encodeInboundTcp, FRAME_INBOUND_TCP_OK, FRAME_NAMES, ipv4ToU32 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
 import { LogGate, type Timeout, type TimeoutWheel } from './timeouts.js';
@@ -56,6 +66,7 @@ export const TCP_BACKLOG = 1000;
 export const TCP_OK_DEADLINE_SECS = 10;
 export const DEFAULT_TCP_IDLE_TIMEOUT_SECS = 10;
 export const DEFAULT_MAX_TCP_CONNECTIONS = 512;
+export const DEFAULT_MAX_TCP_MESSAGE_BYTES = 16 * 1024;
 /* How long close() lets flowing sessions finish before cutting them. */
 export const TCP_DRAIN_MS = 3000;
 
@@ -76,6 +87,10 @@ export interface TcpListenerStats {
 	badFirstFrame: number;
 	/** The backend missed the INBOUND_TCP_OK deadline. */
 	okTimeouts: number;
+	/** Closed at accept: source outside --allow. */
+	aclDropped: number;
+	/** Closed: not a DNS query first, or a message too short or too long. */
+	invalid: number;
 }
 
 export interface TcpOptions {
@@ -85,6 +100,8 @@ export interface TcpOptions {
 	log: Logger;
 	idleTimeoutSecs?: number;
 	maxConnections?: number;
+	maxMessageBytes?: number;
+	acl?: Acl;
 }
 
 function ignoreError(): void {}
@@ -100,6 +117,12 @@ export class TcpProxy {
 	private lastActivityMs: number;
 	private frontClosed = false;
 	private backClosed = false;
+	/* Following the client's messages: bytes left of the current one, a
+	 * length prefix split across chunks, the first message's header. */
+	private msgRemaining = 0;
+	private prefixHi = -1;
+	private header: Buffer | null = Buffer.alloc(DNS_HEADER_BYTES);
+	private headerLen = 0;
 
 	constructor(
 		private readonly listener: TcpListener,
@@ -180,12 +203,86 @@ export class TcpProxy {
 		if (rest.length > 0) {
 			front.write(rest);
 		}
-		front.on('data', this.touch);
+		/* Backend to client: pipe() carries backpressure and the FIN. */
 		back.on('data', this.touch);
-		/* pipe() carries backpressure both ways and passes each FIN on. */
-		front.pipe(back);
 		back.pipe(front);
+		/* Client to backend: by hand, the same way, watching messages. */
+		front.on('data', this.frontOnData);
+		front.on('end', this.frontOnEnd);
+		back.on('drain', this.backOnDrain);
 		front.resume();
+	}
+
+	private readonly frontOnData = (chunk: Buffer): void => {
+		this.touch();
+		const problem = this.followMessages(chunk);
+		if (problem !== null) {
+			this.listener.stats.invalid++;
+			this.listener.logInvalid(this, problem);
+			this.teardown();
+			return;
+		}
+		if (!this.back.write(chunk)) {
+			this.front.pause();
+		}
+	};
+
+	private readonly backOnDrain = (): void => {
+		this.front.resume();
+	};
+
+	private readonly frontOnEnd = (): void => {
+		this.back.end();
+	};
+
+	/*
+	 * Walk the message boundaries in this chunk of the client's stream.
+	 * Returns what is wrong, or null when all is well so far.
+	 */
+	private followMessages(chunk: Buffer): string | null {
+		const n = chunk.length;
+		let off = 0;
+		while (off < n) {
+			if (this.msgRemaining === 0) {
+				let len: number;
+				if (this.prefixHi >= 0) {
+					len = (this.prefixHi << 8) | (chunk[off] as number);
+					this.prefixHi = -1;
+					off += 1;
+				} else if (n - off >= 2) {
+					len = chunk.readUInt16BE(off);
+					off += 2;
+				} else {
+					this.prefixHi = chunk[off] as number;
+					return null;
+				}
+				if (len < DNS_HEADER_BYTES) {
+					return `message of ${len} bytes is shorter than a DNS header`;
+				}
+				if (len > this.listener.maxMessageBytes) {
+					return `message of ${len} bytes is over the ${this.listener.maxMessageBytes}-byte limit`;
+				}
+				this.msgRemaining = len;
+				continue;
+			}
+			const take = Math.min(this.msgRemaining, n - off);
+			const header = this.header;
+			if (header !== null) {
+				const h = Math.min(DNS_HEADER_BYTES - this.headerLen, take);
+				chunk.copy(header, this.headerLen, off, off + h);
+				this.headerLen += h;
+				if (this.headerLen === DNS_HEADER_BYTES) {
+					this.header = null;
+					const problem = checkQueryHeader(header);
+					if (problem !== HEADER_OK) {
+						return `first message is ${HEADER_PROBLEMS[problem]}`;
+					}
+				}
+			}
+			this.msgRemaining -= take;
+			off += take;
+		}
+		return null;
 	}
 
 	/* ---- deadlines ---- */
@@ -286,17 +383,22 @@ export class TcpProxy {
 export class TcpListener {
 	readonly stats: TcpListenerStats = {
 		accepted: 0, overCap: 0, noBackend: 0, established: 0, idleClosed: 0, badFirstFrame: 0, okTimeouts: 0,
+		aclDropped: 0, invalid: 0,
 	};
 	readonly log: Logger;
 	readonly wheel: TimeoutWheel;
 	readonly backends: Backends;
 	readonly idleTimeoutSecs: number;
 	readonly maxConnections: number;
+	readonly maxMessageBytes: number;
+	private readonly acl: Acl | null;
 	private readonly remotes: Remotes;
 	private readonly server: net.Server;
 	private readonly proxies = new Set<TcpProxy>();
 	private readonly overCapGate: LogGate;
 	private readonly noBackendGate: LogGate;
+	private readonly aclGate: LogGate;
+	private readonly invalidGate: LogGate;
 	private nextConnId = 1;
 	private state: 'new' | 'listening' | 'closing' | 'closed' = 'new';
 	private whenEmpty: (() => void) | null = null;
@@ -308,6 +410,10 @@ export class TcpListener {
 		this.log = opts.log;
 		this.idleTimeoutSecs = opts.idleTimeoutSecs ?? DEFAULT_TCP_IDLE_TIMEOUT_SECS;
 		this.maxConnections = opts.maxConnections ?? DEFAULT_MAX_TCP_CONNECTIONS;
+		this.maxMessageBytes = opts.maxMessageBytes ?? DEFAULT_MAX_TCP_MESSAGE_BYTES;
+		this.acl = opts.acl === undefined || opts.acl.open ? null : opts.acl;
+		this.aclGate = new LogGate(opts.wheel);
+		this.invalidGate = new LogGate(opts.wheel);
 		this.overCapGate = new LogGate(opts.wheel);
 		this.noBackendGate = new LogGate(opts.wheel);
 		this.server = createServer({ allowHalfOpen: true, pauseOnConnect: true });
@@ -353,6 +459,16 @@ export class TcpListener {
 			front.destroy();
 			return;
 		}
+		if (this.acl !== null && !this.acl.allows(addr)) {
+			this.stats.aclDropped++;
+			const skipped = this.aclGate.open();
+			if (skipped >= 0) {
+				this.log.warn({ remote_ip: front.remoteAddress, not_logged: skipped },
+					'tcp connection from outside --allow (closed)');
+			}
+			front.destroy();
+			return;
+		}
 		const rem = this.remotes.lookup(addr);
 		const be = rem.backend();
 		if (be === null) {
@@ -374,6 +490,13 @@ export class TcpListener {
 	private readonly serverOnError = (err: Error): void => {
 		this.log.error({ err }, 'tcp listener error');
 	};
+
+	logInvalid(proxy: TcpProxy, problem: string): void {
+		const skipped = this.invalidGate.open();
+		if (skipped >= 0) {
+			proxy.log.warn({ problem, not_logged: skipped }, 'closing tcp connection that is not DNS');
+		}
+	}
 
 	/** A proxy has closed both sockets. */
 	released(proxy: TcpProxy): void {

@@ -168,28 +168,34 @@ export class TimeoutWheel {
 }
 
 /**
- * Lets a condition through at most once per intervalSecs, reading the
- * wheel's tick time.  open() answers whether to log now; how many times the
- * condition was suppressed since the last log is handed back so the next log
- * line can say so.
+ * Lets a condition through at most `burst` times per intervalSecs (once, by
+ * default), reading the wheel's tick time.  open() answers whether to log
+ * now; how many times the condition was suppressed since the last log is
+ * handed back so the next log line can say so.
  */
 export class LogGate {
-	private lastMs = -Infinity;
+	private windowStartMs = -Infinity;
+	private passed = 0;
 	private suppressed = 0;
 
 	constructor(
 		private readonly wheel: TimeoutWheel,
 		private readonly intervalSecs = 5,
+		private readonly burst = 1,
 	) {}
 
 	/** -1 when the log must be skipped, else how many were skipped before it. */
 	open(): number {
 		const now = this.wheel.nowMs;
-		if (now - this.lastMs < this.intervalSecs * 1000) {
+		if (now - this.windowStartMs >= this.intervalSecs * 1000) {
+			this.windowStartMs = now;
+			this.passed = 0;
+		}
+		if (this.passed >= this.burst) {
 			this.suppressed++;
 			return -1;
 		}
-		this.lastMs = now;
+		this.passed++;
 		const n = this.suppressed;
 		this.suppressed = 0;
 		return n;

@@ -15,7 +15,7 @@ import {
 	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
 } from '../src/protocol.js';
 import {
-	freePort, type LogRecord, makeSocketDir, queryUntil, startBackend, startBbal, udpQuery, udpSendRaw, waitFor,
+	encodeQuery, freePort, type LogRecord, makeSocketDir, queryUntil, startBackend, startBbal, udpQuery, udpSendRaw, waitFor,
 } from './helpers.js';
 
 /* A backend socket whose every connection is handed to `behave`. */
@@ -94,7 +94,9 @@ t.test('a backend that stops reading: UDP for it is dropped and counted, memory 
 	const bbal = await startBbal(t, { dir, port });
 	await bbal.waitForLog((r) => r.msg === 'backend socket established');
 	const source = '127.0.0.70';
-	const junk = Buffer.alloc(1400, 0x61);
+	/* Well-formed queries padded to 1400 bytes, so only the stuck session drops them. */
+	const junk = Buffer.alloc(1400);
+	encodeQuery('stuck.example', 'A', 1).copy(junk);
 	for (let burst = 0; burst < 40; burst++) {
 		await Promise.all(Array.from({ length: 500 }, () => udpSendRaw({ port, source, bytes: junk })));
 		if (bbal.logs.some((r) => r.msg === 'stuck backend write queue (dropping UDP packet)')) {

@@ -137,7 +137,7 @@ t.test('the idle deadline closes a silent connection; activity postpones it', as
 	quiet.write(Buffer.from([0x00])); /* half a length prefix, then nothing */
 	await settle();
 	env.advance(5);
-	chatty.write(Buffer.from([0x00, 0x01]));
+	chatty.write(Buffer.from([0x00, 0x20])); /* a length prefix: still a well-formed stream */
 	/* Let the bytes reach the proxy before the clock moves on. */
 	await settle();
 	env.advance(4);
