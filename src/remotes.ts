@@ -40,11 +40,16 @@
  * (--max-remotes, 100,000 by default).  At the cap, making a new remote
  * evicts an old one, the one idle longest first, so the hosts that really
  * talk to us keep their place while the flood churns through the rest.
- * Finding the idlest must not cost a scan per datagram; the Map's insertion
- * order serves as a queue, with a second chance: the remote at the head is
+ * Finding the idlest must not cost a scan per datagram, so the remotes also
+ * form a queue, in the order they were created, linked through the Remote
+ * objects themselves, with a second chance: the remote at the head is
  * evicted unless it has been seen since it was queued, in which case it
  * moves to the tail and the next one is considered.  Each remote is moved
- * at most once per pass, so an eviction is O(1) amortised.
+ * at most once per pass, so an eviction is O(1) amortised.  (A Map's
+ * insertion order would look like the same queue for free, but V8 leaves a
+ * tombstone for every deleted entry until the table is rebuilt, and
+ * iterating from the front walks over all of them: under constant churn
+ * that turns each eviction into a long scan.)
  *
  * RATE WINDOWS.  A remote can be limited to N queries a second
  * (--max-qps-per-remote), and the SERVFAILs bbal synthesizes for it are
@@ -100,6 +105,9 @@ export class Remote {
 	readonly firstSeenMs: number;
 	/** When this remote took its place in the eviction queue. */
 	queuedAtMs: number;
+	/** Neighbours in the eviction queue (Remotes owns the links). */
+	queuePrev: Remote | null = null;
+	queueNext: Remote | null = null;
 	private logger: Logger | null = null;
 	private qpsSecond = -1;
 	private qpsCount = 0;
@@ -220,6 +228,8 @@ export class Remotes {
 	/** Remotes evicted to make room at the cap. */
 	evicted = 0;
 	readonly maxRemotes: number;
+	private queueHead: Remote | null = null;
+	private queueTail: Remote | null = null;
 	private readonly newGate: LogGate;
 	private readonly assignGate: LogGate;
 	private readonly evictGate: LogGate;
@@ -257,6 +267,7 @@ export class Remotes {
 			rem = new Remote(this, addr, now);
 			this.byAddr.set(addr, rem);
 			this.ordered.insert(addr, rem);
+			this.enqueue(rem);
 			const skipped = this.newGate.open();
 			if (skipped >= 0) {
 				this.log.info({ remote_ip: rem.ip, not_logged: skipped }, 'new remote peer');
@@ -296,12 +307,14 @@ export class Remotes {
 
 	/* Make room: the second-chance walk described in the file comment. */
 	private evictIdlest(now: number): void {
-		for (const rem of this.byAddr.values()) {
-			if (rem.lastSeenMs > rem.queuedAtMs) {
+		const passLimit = this.byAddr.size;
+		for (let moved = 0; this.queueHead !== null; moved++) {
+			const rem = this.queueHead;
+			if (rem.lastSeenMs > rem.queuedAtMs && moved < passLimit) {
 				/* Seen since it was queued: to the back of the queue. */
-				this.byAddr.delete(rem.addr);
+				this.dequeue(rem);
 				rem.queuedAtMs = now;
-				this.byAddr.set(rem.addr, rem);
+				this.enqueue(rem);
 				continue;
 			}
 			this.remove(rem);
@@ -315,7 +328,34 @@ export class Remotes {
 		}
 	}
 
+	private enqueue(rem: Remote): void {
+		rem.queuePrev = this.queueTail;
+		rem.queueNext = null;
+		if (this.queueTail === null) {
+			this.queueHead = rem;
+		} else {
+			this.queueTail.queueNext = rem;
+		}
+		this.queueTail = rem;
+	}
+
+	private dequeue(rem: Remote): void {
+		if (rem.queuePrev === null) {
+			this.queueHead = rem.queueNext;
+		} else {
+			rem.queuePrev.queueNext = rem.queueNext;
+		}
+		if (rem.queueNext === null) {
+			this.queueTail = rem.queuePrev;
+		} else {
+			rem.queueNext.queuePrev = rem.queuePrev;
+		}
+		rem.queuePrev = null;
+		rem.queueNext = null;
+	}
+
 	private remove(rem: Remote): void {
+		this.dequeue(rem);
 		rem.clearPrimary();
 		this.byAddr.delete(rem.addr);
 		this.ordered.remove(rem.addr);

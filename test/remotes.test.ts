@@ -6,6 +6,8 @@
 
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import t from 'tap';
 import pino from 'pino';
 import { type Backend, Backends } from '../src/backends.js';
@@ -24,7 +26,7 @@ class FakeSocket extends EventEmitter {
 	}
 }
 
-function setup(names: string[]) {
+function setup(names: string[], maxRemotes?: number) {
 	let now = 5_000_000;
 	const wheel = new TimeoutWheel(() => now);
 	const log = pino({ level: 'silent' });
@@ -39,7 +41,7 @@ function setup(names: string[]) {
 			return sock as unknown as net.Socket;
 		},
 	});
-	const remotes = new Remotes({ log, backends, wheel });
+	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
 	const bes = new Map<string, Backend>();
 	/* Bring a backend (back) to ok: found, or reconnected, then hello. */
 	const up = (name: string): Backend => {
@@ -163,4 +165,84 @@ t.test('rebalance clears the primary of N remotes of the fullest, in address ord
 	}
 	t.same([env.be('5301').remotes, env.be('5302').remotes], [5, 3], 'they chose afresh, round-robin');
 	t.equal(env.backends.rebalancePlan(), null, 'balanced enough');
+});
+
+t.test('at the cap the idlest remotes are evicted, and the active ones keep their place', async (t) => {
+	const env = setup(['5301', '5302'], 100);
+	const legit = ip(1);
+	const home = env.serve(legit);
+	let created = 1;
+	for (let n = 0; n < 500; n++) {
+		env.serve(0x0a000000 + n);
+		created++;
+		if (n % 10 === 9) {
+			/* (The fake backends never answer heartbeats, so after 20 s they
+			 * fault and the remote is served by a backup: what matters here is
+			 * that it keeps its place and its primary.) */
+			env.advance(1);
+			env.serve(legit);
+			t.equal(env.remotes.peek(legit)?.primary?.id, home, `the legit remote is held after ${n + 1} strangers`);
+		}
+	}
+	t.equal(env.remotes.size, 100, 'held at the cap');
+	t.equal(env.remotes.evicted, created - 100, 'every one beyond the cap was evicted');
+	t.equal(env.remotes.peek(legit)?.primary?.id, home, 'the active remote is still there, on its primary');
+	t.equal(env.be('5301').remotes + env.be('5302').remotes, env.remotes.list().filter((r) => r.primary !== null).length,
+		'backend counts follow evictions');
+});
+
+t.test('eviction takes those idle longest first', async (t) => {
+	const env = setup(['5301'], 10);
+	for (let n = 1; n <= 10; n++) {
+		env.serve(ip(n));
+	}
+	env.advance(1);
+	for (const n of [2, 4, 6, 8, 10]) {
+		env.serve(ip(n));
+	}
+	env.advance(1);
+	for (let n = 11; n <= 15; n++) {
+		env.serve(ip(n));
+	}
+	const held = env.remotes.list().map((r) => r.addr - 0x7f000000);
+	t.same(held, [2, 4, 6, 8, 10, 11, 12, 13, 14, 15], 'the five untouched since the start went first');
+});
+
+t.test('rate windows: N per second of the coarse clock, then a fresh second', async (t) => {
+	const env = setup(['5301']);
+	const rem = env.remotes.lookup(ip(1));
+	const admitted = Array.from({ length: 8 }, () => rem.admitQuery(5)).filter(Boolean).length;
+	t.equal(admitted, 5, 'five of eight in one second');
+	t.equal(Array.from({ length: 12 }, () => rem.admitSynthesized(10)).filter(Boolean).length, 10,
+		'synthesized answers have their own allowance');
+	env.advance(1);
+	env.remotes.lookup(ip(1));
+	t.ok(rem.admitQuery(5), 'a new second, a new allowance');
+});
+
+setFlagsFromString('--expose-gc');
+const gc = runInNewContext('gc') as () => void;
+
+t.test('five times the cap of distinct sources: the table and memory stay bounded', async (t) => {
+	const cap = 100_000;
+	const env = setup(['5301', '5302', '5303'], cap);
+	gc();
+	const before = process.memoryUsage().heapUsed;
+	for (let n = 0; n < cap; n++) {
+		env.serve(0x0b000000 + n);
+	}
+	gc();
+	const perRemote = (process.memoryUsage().heapUsed - before) / cap;
+	t.ok(perRemote < 600, `${Math.round(perRemote)} bytes of heap per remote`);
+	for (let n = cap; n < 5 * cap; n++) {
+		env.serve(0x0b000000 + n);
+		if (n % 50_000 === 0) {
+			env.advance(1);
+		}
+	}
+	gc();
+	const grown = (process.memoryUsage().heapUsed - before) / cap;
+	t.equal(env.remotes.size, cap, 'held at the cap');
+	t.equal(env.remotes.evicted, 4 * cap);
+	t.ok(grown < perRemote * 1.25, `heap after ${5 * cap} sources is ${Math.round(grown)} bytes per held remote`);
 });
