@@ -42,9 +42,13 @@
  * talk to us keep their place while the flood churns through the rest.
  * Finding the idlest must not cost a scan per datagram, so the remotes also
  * form a queue, in the order they were created, linked through the Remote
- * objects themselves, with a second chance: the remote at the head is
- * evicted unless it has been seen since it was queued, in which case it
- * moves to the tail and the next one is considered.  Each remote is moved
+ * objects themselves, with a second chance (the CLOCK algorithm): every
+ * query sets the remote's reference bit; the remote at the head is evicted
+ * unless its bit is set, in which case the bit is cleared, the remote moves
+ * to the tail and the next one is considered.  A bit rather than comparing
+ * times, because the coarse clock cannot tell "seen since it was queued"
+ * from "queued this second": a flood of new sources within one second
+ * would otherwise evict hosts that are talking.  Each remote is moved
  * at most once per pass, so an eviction is O(1) amortised.  (A Map's
  * insertion order would look like the same queue for free, but V8 leaves a
  * tombstone for every deleted entry until the table is rebuilt, and
@@ -103,8 +107,8 @@ export class Remote {
 	readonly stats: RemoteStats = { udp: 0, udpDrop: 0, tcp: 0, tcpDrop: 0, udpInvalid: 0, rateLimited: 0 };
 	lastSeenMs: number;
 	readonly firstSeenMs: number;
-	/** When this remote took its place in the eviction queue. */
-	queuedAtMs: number;
+	/** Seen since it last reached the head of the eviction queue. */
+	referenced = false;
 	/** Neighbours in the eviction queue (Remotes owns the links). */
 	queuePrev: Remote | null = null;
 	queueNext: Remote | null = null;
@@ -121,7 +125,6 @@ export class Remote {
 	) {
 		this.firstSeenMs = nowMs;
 		this.lastSeenMs = nowMs;
-		this.queuedAtMs = nowMs;
 	}
 
 	/** Count a query against the per-second limit; false when over it. */
@@ -262,7 +265,7 @@ export class Remotes {
 		let rem = this.byAddr.get(addr);
 		if (rem === undefined) {
 			if (this.byAddr.size >= this.maxRemotes) {
-				this.evictIdlest(now);
+				this.evictIdlest();
 			}
 			rem = new Remote(this, addr, now);
 			this.byAddr.set(addr, rem);
@@ -274,6 +277,7 @@ export class Remotes {
 			}
 		} else {
 			rem.lastSeenMs = now;
+			rem.referenced = true;
 		}
 		return rem;
 	}
@@ -306,14 +310,14 @@ export class Remotes {
 	}
 
 	/* Make room: the second-chance walk described in the file comment. */
-	private evictIdlest(now: number): void {
+	private evictIdlest(): void {
 		const passLimit = this.byAddr.size;
 		for (let moved = 0; this.queueHead !== null; moved++) {
 			const rem = this.queueHead;
-			if (rem.lastSeenMs > rem.queuedAtMs && moved < passLimit) {
-				/* Seen since it was queued: to the back of the queue. */
+			if (rem.referenced && moved < passLimit) {
+				/* Seen since it was last here: a second chance, at the back. */
+				rem.referenced = false;
 				this.dequeue(rem);
-				rem.queuedAtMs = now;
 				this.enqueue(rem);
 				continue;
 			}

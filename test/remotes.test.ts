@@ -208,6 +208,23 @@ t.test('eviction takes those idle longest first', async (t) => {
 	t.same(held, [2, 4, 6, 8, 10, 11, 12, 13, 14, 15], 'the five untouched since the start went first');
 });
 
+t.test('a flood of new sources within one second does not evict a host that is talking', async (t) => {
+	/* Regression: comparing coarse times could not tell "seen since it was
+	 * queued" from "queued this second", so the talking host was evicted. */
+	const env = setup(['5301', '5302'], 10);
+	const legit = ip(1);
+	const home = env.serve(legit);
+	for (let n = 0; n < 200; n++) {
+		env.serve(0x0c000000 + n);
+		if (n % 5 === 4) {
+			env.serve(legit);
+		}
+	}
+	t.equal(env.remotes.peek(legit)?.primary?.id, home, 'still held, on its primary');
+	t.equal(env.remotes.peek(legit)?.firstSeenMs, env.remotes.peek(legit)?.lastSeenMs, 'all in one tick');
+	t.equal(env.remotes.size, 10);
+});
+
 t.test('rate windows: N per second of the coarse clock, then a fresh second', async (t) => {
 	const env = setup(['5301']);
 	const rem = env.remotes.lookup(ip(1));

@@ -1,0 +1,439 @@
+/*
+ * The DNS edge end to end (src/dns.ts and its use in the proxies): the built
+ * bbal CLI, real mname backends, and crafted packets over real sockets from
+ * 127.0.3.x and 127.0.4.x.  Covers the UDP header check, SERVFAIL with no
+ * backend (and its per-remote limit), --no-backend drop, the per-remote
+ * query rate limit (refuse and drop), the --allow ACL on UDP and TCP, the
+ * TCP first-message and size checks, the --max-remotes cap and its eviction,
+ * and the trace log lines.
+ *
+ * Counters are read from the stats snapshot through `balstat --json`, as an
+ * operator would.  "Dropped" means no datagram arrives on the client's own
+ * socket within 300 ms.  Rate windows are the coarse clock's 1-second tick
+ * (remotes.ts): a burst that straddles a tick is seen as two windows, so the
+ * rate tests read the remote's firstSeen/lastSeen (both tick times) from the
+ * snapshot to know which case they are in, and assert exactly for one window.
+ */
+
+import { execFile } from 'node:child_process';
+import dgram from 'node:dgram';
+import net from 'node:net';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import dnsPacket from 'dns-packet';
+import t, { type Test } from 'tap';
+import type { RemoteSnapshot, Snapshot } from '../src/stats.js';
+import {
+	type Backend, backendOf, childEnv, freePort, makeSocketDir, projectRoot, runBbal, sleep, startBackend,
+	startBbal, statsSocketFor, waitFor,
+} from './helpers.js';
+
+const balstatBin = path.join(projectRoot, 'bin', 'balstat.js');
+const QUIET_MS = 300;
+
+/* bbal (with extra flags) in front of these real backends, all established. */
+async function fleet(t: Test, labels: string[], args: string[] = []) {
+	const dir = await makeSocketDir(t);
+	const backends: Backend[] = [];
+	for (const l of labels) {
+		backends.push(await startBackend(t, dir, l));
+	}
+	const port = await freePort();
+	const bbal = await startBbal(t, { dir, port, args });
+	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= labels.length,
+		5000, 20, `${labels.length} backends established`);
+	return { dir, port, bbal, backends };
+}
+
+/* The snapshot as `balstat --json` prints it. */
+function snapshot(dir: string): Promise<Snapshot> {
+	return new Promise((resolve, reject) => {
+		execFile(process.execPath, [balstatBin, '--json', '-S', statsSocketFor(dir)], { env: childEnv(), timeout: 10_000 },
+			(err, stdout, stderr) => (err ? reject(new Error(`balstat: ${err.message} ${stderr}`))
+				: resolve(JSON.parse(stdout) as Snapshot)));
+	});
+}
+const remoteOf = (snap: Snapshot, ip: string): RemoteSnapshot | undefined => snap.remotes.find((r) => r.ip === ip);
+
+/* A query as bytes; rd defaults to on, `questions` repeats the question. */
+function query(name: string, id: number, o: { type?: dnsPacket.RecordType; rd?: boolean; edns?: number;
+	questions?: number; } = {}): Buffer {
+	const q = { type: o.type ?? 'TXT', name, class: 'IN' as const };
+	return dnsPacket.encode({
+		type: 'query', id, flags: o.rd === false ? 0 : dnsPacket.RECURSION_DESIRED,
+		questions: Array.from({ length: o.questions ?? 1 }, () => q),
+		additionals: o.edns === undefined ? [] : [{ type: 'OPT', name: '.', udpPayloadSize: o.edns,
+			extendedRcode: 0, ednsVersion: 0, flags: 0, flag_do: false, options: [] }],
+	});
+}
+const withOpcode = (b: Buffer, op: number): Buffer => { b[2] = ((b[2] as number) & 0x87) | (op << 3); return b; };
+const asResponse = (b: Buffer): Buffer => { b[2] = (b[2] as number) | 0x80; return b; };
+const rcodeOf = (b: Buffer): number => (b[3] as number) & 0x0f;
+const idOf = (b: Buffer): number => b.readUInt16BE(0);
+
+/* A UDP client on its own source address; keeps every datagram it gets. */
+class UdpClient {
+	readonly got: Array<{ bytes: Buffer; at: number }> = [];
+	private constructor(readonly sock: dgram.Socket, readonly source: string, readonly port: number) {
+		sock.on('message', (bytes) => this.got.push({ bytes, at: performance.now() }));
+	}
+
+	static open(t: Test, port: number, source: string): Promise<UdpClient> {
+		return new Promise((resolve, reject) => {
+			const sock = dgram.createSocket('udp4');
+			sock.once('error', reject);
+			sock.bind(0, source, () => {
+				t.teardown(() => new Promise<void>((r) => sock.close(() => r())));
+				resolve(new UdpClient(sock, source, port));
+			});
+		});
+	}
+
+	/* Send one datagram; resolves with the time it went. */
+	send(bytes: Buffer): Promise<number> {
+		return new Promise((resolve, reject) => {
+			const at = performance.now();
+			this.sock.send(bytes, this.port, '127.0.0.1', (err) => (err ? reject(err) : resolve(at)));
+		});
+	}
+
+	async reply(id: number, timeoutMs = 2000): Promise<{ bytes: Buffer; at: number }> {
+		await waitFor(() => this.got.some((g) => idOf(g.bytes) === id), timeoutMs, 5, `${this.source}: reply ${id}`);
+		return this.got.find((g) => idOf(g.bytes) === id) as { bytes: Buffer; at: number };
+	}
+
+	/* Wait until nothing has arrived for `ms`; the datagrams received. */
+	async quiet(ms = QUIET_MS): Promise<Buffer[]> {
+		for (let n = -1; n !== this.got.length;) {
+			n = this.got.length;
+			await sleep(ms);
+		}
+		return this.got.map((g) => g.bytes);
+	}
+}
+
+/* One query from a fresh source; the decoded answer. */
+async function ask(t: Test, port: number, source: string, name = 'ok.example', id = 4000): Promise<dnsPacket.Packet> {
+	const c = await UdpClient.open(t, port, source);
+	await c.send(query(name, id));
+	return dnsPacket.decode((await c.reply(id)).bytes);
+}
+
+function framed(msg: Buffer): Buffer {
+	const len = Buffer.alloc(2);
+	len.writeUInt16BE(msg.length);
+	return Buffer.concat([len, msg]);
+}
+
+/* A DNS-over-TCP client from `source`: received bytes split into messages. */
+class TcpConn {
+	readonly messages: Buffer[] = [];
+	received = 0;
+	closed = false;
+	private buf = Buffer.alloc(0);
+	private constructor(readonly sock: net.Socket) {
+		sock.on('data', (d: Buffer) => {
+			this.received += d.length;
+			this.buf = Buffer.concat([this.buf, d]);
+			while (this.buf.length >= 2 && this.buf.length >= 2 + this.buf.readUInt16BE(0)) {
+				this.messages.push(this.buf.subarray(2, 2 + this.buf.readUInt16BE(0)));
+				this.buf = this.buf.subarray(2 + this.buf.readUInt16BE(0));
+			}
+		});
+		sock.on('close', () => { this.closed = true; });
+		sock.on('error', () => {});
+	}
+
+	static connect(t: Test, port: number, source: string, data?: Buffer): Promise<TcpConn> {
+		return new Promise((resolve, reject) => {
+			const sock = net.connect({ host: '127.0.0.1', port, localAddress: source });
+			t.teardown(() => { sock.destroy(); });
+			sock.once('error', reject);
+			sock.once('connect', () => {
+				if (data !== undefined) {
+					sock.write(data);
+				}
+				resolve(new TcpConn(sock));
+			});
+		});
+	}
+
+	async answer(id: number, timeoutMs = 2000): Promise<dnsPacket.Packet> {
+		await waitFor(() => this.messages.some((m) => idOf(m) === id), timeoutMs, 10, `TCP answer ${id}`);
+		return dnsPacket.decode(this.messages.find((m) => idOf(m) === id) as Buffer);
+	}
+
+	closedByPeer(timeoutMs = 2000): Promise<void> {
+		return waitFor(() => this.closed, timeoutMs, 10, 'connection closed by bbal');
+	}
+}
+
+t.test('what is not a DNS query is dropped and counted per remote; NOTIFY passes', async (t) => {
+	const { dir, port } = await fleet(t, ['5301']);
+	const cases: Array<[string, string, Buffer]> = [
+		['127.0.3.1', 'a response (QR=1)', asResponse(query('r.example', 101))],
+		['127.0.3.2', 'a 0-byte datagram', Buffer.alloc(0)],
+		['127.0.3.3', 'a 1-byte datagram', Buffer.from([0x42])],
+		['127.0.3.4', 'an 11-byte datagram', query('s.example', 104).subarray(0, 11)],
+		['127.0.3.5', 'QDCOUNT 0', query('q0.example', 105, { questions: 0 })],
+		['127.0.3.6', 'QDCOUNT 2', query('q2.example', 106, { questions: 2 })],
+		['127.0.3.7', 'opcode STATUS (2)', withOpcode(query('st.example', 107), 2)],
+	];
+	t.equal(cases[5]?.[2].readUInt16BE(4), 2, 'the QDCOUNT 2 packet really has two questions');
+	const clients = await Promise.all(cases.map(async ([src, , bytes]) => {
+		const c = await UdpClient.open(t, port, src);
+		await c.send(bytes);
+		return c;
+	}));
+	const notify = await UdpClient.open(t, port, '127.0.3.9');
+	await notify.send(withOpcode(query('zone.example', 109, { type: 'SOA', rd: false }), 4));
+	await Promise.all(clients.map((c) => c.quiet()));
+	clients.forEach((c, i) => t.equal(c.got.length, 0, `${cases[i]?.[1]}: no reply`));
+	t.equal((await ask(t, port, '127.0.3.8')).answers?.length, 1, 'a normal query from another source is answered');
+
+	const snap = await snapshot(dir);
+	for (const [src, what] of cases) {
+		const r = remoteOf(snap, src);
+		t.equal(r?.stats.udpInvalid, 1, `${what}: counted on ${src}`);
+		t.equal(r?.stats.udp, 0, `${what}: not forwarded`);
+	}
+	t.equal(snap.udp.invalid, cases.length, 'udp.invalid totals them');
+	const n = remoteOf(snap, '127.0.3.9');
+	t.equal(n?.stats.udpInvalid, 0, 'NOTIFY is not invalid');
+	t.equal(n?.stats.udp, 1, 'NOTIFY was forwarded to the backend');
+	t.equal(snap.udp.forwarded, 2, 'forwarded: the NOTIFY and the normal query');
+	t.comment(`mname's reply to the NOTIFY: ${notify.got.length ? `rcode ${rcodeOf(notify.got[0]!.bytes)}` : 'none'}`);
+});
+
+t.test('with no backend a query gets a minimal SERVFAIL at once; --no-backend drop stays silent', async (t) => {
+	const dir = await makeSocketDir(t);
+	const port = await freePort();
+	await startBbal(t, { dir, port });
+	const cases = [
+		{ src: '127.0.3.20', id: 0x1234, rd: true, edns: undefined },
+		{ src: '127.0.3.21', id: 0x4321, rd: false, edns: undefined },
+		{ src: '127.0.3.22', id: 0xbeef, rd: true, edns: 4096 },
+	];
+	for (const k of cases) {
+		const c = await UdpClient.open(t, port, k.src);
+		const q = query('fail.example', k.id, { type: 'AAAA', rd: k.rd, edns: k.edns });
+		const sentAt = await c.send(q);
+		const { bytes, at } = await c.reply(k.id, 1000);
+		const what = `${k.src} (RD=${k.rd ? 1 : 0}${k.edns ? ', EDNS' : ''})`;
+		t.ok(at - sentAt < 50, `${what}: answered in ${(at - sentAt).toFixed(1)} ms`);
+		const flags = bytes.readUInt16BE(2);
+		t.equal(flags >> 15, 1, `${what}: QR=1`);
+		t.equal((flags >> 11) & 0xf, 0, `${what}: opcode QUERY`);
+		t.equal((flags >> 10) & 1, 0, `${what}: AA=0`);
+		t.equal((flags >> 9) & 1, 0, `${what}: TC=0`);
+		t.equal((flags >> 8) & 1, k.rd ? 1 : 0, `${what}: RD copied`);
+		t.equal((flags >> 7) & 1, 0, `${what}: RA=0`);
+		t.equal(rcodeOf(bytes), 2, `${what}: SERVFAIL`);
+		t.same([2, 4, 6, 8, 10].map((o) => bytes.readUInt16BE(o)).slice(1), [1, 0, 0, 0], `${what}: counts 1/0/0/0`);
+		const p = dnsPacket.decode(bytes);
+		t.same(p.questions, [{ name: 'fail.example', type: 'AAAA', class: 'IN' }], `${what}: question echoed`);
+		t.same([p.answers, p.authorities, p.additionals], [[], [], []], `${what}: no records, no OPT`);
+		t.ok(bytes.length <= q.length, `${what}: ${bytes.length} bytes reply to a ${q.length}-byte query`);
+		if (k.edns !== undefined) {
+			t.equal(bytes.length, q.length - 11, `${what}: exactly the query minus its 11-byte OPT record`);
+		}
+	}
+	let snap = await snapshot(dir);
+	t.equal(snap.udp.servfail, 3, 'udp.servfail counts them');
+	t.equal(snap.udp.noBackend, 3, 'udp.noBackend too');
+
+	const dropDir = await makeSocketDir(t);
+	const dropPort = await freePort();
+	await startBbal(t, { dir: dropDir, port: dropPort, args: ['--no-backend', 'drop'] });
+	const c = await UdpClient.open(t, dropPort, '127.0.3.23');
+	await c.send(query('fail.example', 77));
+	t.same(await c.quiet(), [], '--no-backend drop: no reply');
+	snap = await snapshot(dropDir);
+	t.equal(snap.udp.noBackend, 1, 'udp.noBackend counted');
+	t.equal(snap.udp.servfail, 0, 'no SERVFAIL sent');
+});
+
+/*
+ * Send `n` queries in one burst from a fresh client and collect the replies.
+ * `oneTick` says whether the whole burst fell in one coarse-clock tick (the
+ * remote's firstSeen equals its lastSeen; the source must be new to bbal).
+ */
+async function burst(t: Test, port: number, dir: string, src: string, n: number) {
+	const c = await UdpClient.open(t, port, src);
+	await Promise.all(Array.from({ length: n }, (_, i) => c.send(query(`b${i}.example`, 1000 + i))));
+	const replies = await c.quiet();
+	const rem = remoteOf(await snapshot(dir), src);
+	return { replies, rem, oneTick: rem !== undefined && rem.firstSeen === rem.lastSeen };
+}
+
+t.test('SERVFAILs are limited per remote per second; other remotes still get theirs', async (t) => {
+	const dir = await makeSocketDir(t);
+	const port = await freePort();
+	await startBbal(t, { dir, port });
+	const { replies, rem, oneTick } = await burst(t, port, dir, '127.0.3.30', 30);
+	t.ok(replies.every((b) => rcodeOf(b) === 2), 'every reply is SERVFAIL');
+	/*
+	 * SYNTH_ANSWERS_PER_SEC (10) per tick: exactly 10 when the burst fell in
+	 * one tick; straddling a tick it may earn a second allowance, never more.
+	 */
+	if (oneTick) {
+		t.equal(replies.length, 10, '30 queries in one second: 10 SERVFAILs');
+	} else {
+		t.ok(replies.length >= 10 && replies.length <= 20, `burst straddled a tick: ${replies.length} SERVFAILs`);
+	}
+	t.equal(rem?.stats.udpDrop, 30, 'all 30 counted as not forwarded');
+	const other = await UdpClient.open(t, port, '127.0.3.31');
+	await other.send(query('other.example', 31));
+	t.equal(rcodeOf((await other.reply(31)).bytes), 2, 'another source still gets SERVFAIL');
+	t.equal((await snapshot(dir)).udp.servfail, replies.length + 1, 'udp.servfail counts what was sent');
+});
+
+t.test('--max-qps-per-remote: excess gets REFUSED (or nothing with drop); others unaffected', async (t) => {
+	for (const action of ['refuse', 'drop'] as const) {
+		const { dir, port } = await fleet(t, ['5301'], ['--max-qps-per-remote', '5', '--rate-limit-action', action]);
+		const k = 5;
+		/* A burst that straddles a tick gets two allowances: retry from a fresh source. */
+		let res = await burst(t, port, dir, '127.0.3.40', 5 + k);
+		for (let i = 1; i < 3 && !res.oneTick; i++) {
+			t.comment(`${action}: burst straddled a tick; again`);
+			res = await burst(t, port, dir, `127.0.3.${40 + i}`, 5 + k);
+		}
+		t.ok(res.oneTick, `${action}: a burst of ${5 + k} fell within one tick`);
+		const answered = res.replies.filter((b) => rcodeOf(b) === 0 && backendOf(dnsPacket.decode(b)) === '5301');
+		const refused = res.replies.filter((b) => rcodeOf(b) === 5);
+		t.equal(answered.length, 5, `${action}: 5 answered by the backend`);
+		t.equal(refused.length, action === 'refuse' ? k : 0, `${action}: ${action === 'refuse' ? k : 0} REFUSED`);
+		t.equal(res.replies.length, answered.length + refused.length, `${action}: nothing else`);
+		for (const b of refused) {
+			const p = dnsPacket.decode(b);
+			t.equal(p.questions?.[0]?.name, `b${idOf(b) - 1000}.example`, `REFUSED ${idOf(b)} echoes its question`);
+		}
+		t.equal(res.rem?.stats.rateLimited, k, `${action}: stats.rateLimited on the remote`);
+		t.equal(res.rem?.stats.udp, 5, `${action}: 5 forwarded`);
+		const snap = await snapshot(dir);
+		t.ok(snap.udp.rateLimited >= k, `${action}: udp.rateLimited ${snap.udp.rateLimited}`);
+		t.equal(snap.udp.refused, action === 'refuse' ? snap.udp.rateLimited : 0, `${action}: udp.refused`);
+		t.equal(backendOf(await ask(t, port, '127.0.3.49')), '5301', `${action}: another source is answered`);
+	}
+});
+
+t.test('--allow: strangers get nothing on UDP or TCP and leave no trace', async (t) => {
+	const { dir, port } = await fleet(t, ['5301'],
+		['--allow', '127.0.3.0/28', '--allow', '127.0.4.8/30,127.0.4.16/32']);
+	const inside = ['127.0.3.1', '127.0.4.9', '127.0.4.16'];
+	const outside = ['127.0.3.100', '127.0.4.12', '127.0.4.17'];
+	for (const s of inside) {
+		t.equal(backendOf(await ask(t, port, s)), '5301', `${s} (inside) is answered`);
+	}
+	const strangers = await Promise.all(outside.map(async (s) => {
+		const c = await UdpClient.open(t, port, s);
+		await c.send(query('no.example', 55));
+		return c;
+	}));
+	for (const c of strangers) {
+		t.same(await c.quiet(), [], `${c.source} (outside): no UDP reply`);
+	}
+	const tcpOut = await TcpConn.connect(t, port, '127.0.3.100', framed(query('no.example', 56)));
+	await tcpOut.closedByPeer();
+	t.equal(tcpOut.received, 0, '127.0.3.100: TCP closed with no data');
+	const tcpIn = await TcpConn.connect(t, port, '127.0.3.2', framed(query('in.example', 57)));
+	t.equal(backendOf(await tcpIn.answer(57)), '5301', '127.0.3.2 (inside) is answered over TCP');
+
+	const snap = await snapshot(dir);
+	t.same(snap.remotes.map((r) => r.ip).sort(), [...inside, '127.0.3.2'].sort(), 'only insiders are remotes');
+	t.equal(snap.udp.aclDropped, outside.length, 'udp.aclDropped');
+	t.equal(snap.tcp.aclDropped, 1, 'tcp.aclDropped');
+
+	const bad = await runBbal(['-s', dir, '-p', String(await freePort()), '--allow', '127.0.3.0/28',
+		'--allow', '10.0.0.1/8']);
+	t.equal(bad.code, 2, 'a prefix with host bits exits 2');
+	t.match(bad.stderr, /^bbal: .*10\.0\.0\.1\/8.*\n$/, `one line on stderr: ${bad.stderr.trim()}`);
+});
+
+t.test('TCP: a bad first message, a bad length or an oversized message closes the connection', async (t) => {
+	const { dir, port } = await fleet(t, ['5301']);
+	const closedCases: Array<[string, string, Buffer]> = [
+		['127.0.4.20', 'a response first', framed(asResponse(query('r.example', 20)))],
+		['127.0.4.21', 'a length of 20000 (over 16 KiB)', Buffer.concat([Buffer.from([0x4e, 0x20]), query('x.example', 21)])],
+		['127.0.4.22', 'a length of 5', Buffer.concat([Buffer.from([0, 5]), Buffer.alloc(5)])],
+	];
+	for (const [src, what, bytes] of closedCases) {
+		const c = await TcpConn.connect(t, port, src, bytes);
+		await c.closedByPeer();
+		t.equal(c.received, 0, `${what}: closed with no data`);
+	}
+	const later = await TcpConn.connect(t, port, '127.0.4.23',
+		Buffer.concat([framed(query('first.example', 23)), framed(asResponse(query('second.example', 24)))]));
+	t.equal(backendOf(await later.answer(23)), '5301', 'only the first message is header-checked: it is answered');
+	const normal = await TcpConn.connect(t, port, '127.0.4.24', framed(query('n.example', 25)));
+	t.equal(backendOf(await normal.answer(25)), '5301', 'a normal TCP query is answered');
+	t.equal((await snapshot(dir)).tcp.invalid, closedCases.length, 'tcp.invalid counts the closed ones');
+
+	const small = await fleet(t, ['5301'], ['--max-tcp-message', '100']);
+	const long = query(`${'a'.repeat(60)}.${'b'.repeat(60)}.${'c'.repeat(60)}.example`, 26);
+	t.ok(long.length >= 200, `padded query is ${long.length} bytes`);
+	const big = await TcpConn.connect(t, small.port, '127.0.4.25', framed(long));
+	await big.closedByPeer();
+	t.equal(big.received, 0, '--max-tcp-message 100: a 200-byte query is closed with no data');
+	const ok = await TcpConn.connect(t, small.port, '127.0.4.26', framed(query('n.example', 27)));
+	t.equal(backendOf(await ok.answer(27)), '5301', 'while a normal-size query is answered');
+	t.equal((await snapshot(small.dir)).tcp.invalid, 1, 'tcp.invalid');
+});
+
+t.test('--max-remotes: a flood of new sources churns the table, a host that keeps talking keeps its place', async (t) => {
+	const { dir, port } = await fleet(t, ['5301', '5302'], ['--max-remotes', '10']);
+	const legit = await UdpClient.open(t, port, '127.0.4.1');
+	let legitQueries = 0;
+	const askLegit = async (): Promise<string | null> => {
+		const id = 2000 + legitQueries++;
+		await legit.send(query('legit.example', id));
+		return backendOf(dnsPacket.decode((await legit.reply(id)).bytes));
+	};
+	const home = await askLegit();
+	const first = remoteOf(await snapshot(dir), '127.0.4.1');
+	const seen: Array<string | null> = [];
+	for (let i = 0; i < 50; i++) {
+		if (i % 5 === 0) {
+			seen.push(await askLegit());
+		}
+		t.ok(backendOf(await ask(t, port, `127.0.4.${100 + i}`, 'flood.example', 3000 + i)) !== null,
+			`flood source ${i} answered`);
+	}
+	seen.push(await askLegit());
+	const snap = await snapshot(dir);
+	t.ok(snap.remotes.length <= 10, `${snap.remotes.length} remotes held (cap 10)`);
+	t.ok(snap.remotesEvicted >= 40, `${snap.remotesEvicted} evicted`);
+	t.same(seen.filter((b) => b !== home), [], `127.0.4.1 stayed on ${home} throughout: ${JSON.stringify(seen)}`);
+	const rem = remoteOf(snap, '127.0.4.1');
+	t.ok(rem, '127.0.4.1 is still a remote');
+	t.equal(rem?.backend, first?.backend, 'with its original backend');
+	/* A remote evicted and made again starts over: its count and firstSeen tell. */
+	t.equal(rem?.stats.udp, legitQueries, `it was never evicted: all ${legitQueries} queries counted on it`);
+	t.equal(rem?.firstSeen, first?.firstSeen, 'firstSeen unchanged');
+});
+
+t.test('-l trace logs each forwarded query and each answer bbal makes itself', async (t) => {
+	const dir = await makeSocketDir(t);
+	const port = await freePort();
+	const bbal = await startBbal(t, { dir, port, args: ['-l', 'trace'] });
+	const c = await UdpClient.open(t, port, '127.0.4.50');
+	let since = bbal.logs.length;
+	await c.send(query('nobody.example', 501, { type: 'MX' }));
+	t.equal(rcodeOf((await c.reply(501)).bytes), 2, 'SERVFAIL with no backend');
+	const own = await bbal.waitForLog((r) => r.msg === 'answered UDP query itself', 2000, since);
+	t.equal(own.level, 10, 'at trace level (the later -l trace wins over -l debug)');
+	t.same(own.query, { qname: 'nobody.example', qtype: 'MX', id: 501 }, 'names the query');
+	t.equal(own.rcode, 2, 'and the rcode');
+	t.equal(own.remote_ip, '127.0.4.50', 'and the remote');
+
+	await startBackend(t, dir, '5301');
+	bbal.proc.kill('SIGHUP');
+	await bbal.waitForLog((r) => r.msg === 'backend socket established', 5000, since);
+	since = bbal.logs.length;
+	await c.send(query('traced.example', 502, { type: 'TXT' }));
+	t.equal(backendOf(dnsPacket.decode((await c.reply(502)).bytes)), '5301', 'answered by the backend');
+	const fwd = await bbal.waitForLog((r) => r.msg === 'forwarded UDP query', 2000, since);
+	t.same(fwd.query, { qname: 'traced.example', qtype: 'TXT', id: 502 }, 'forwarded: names the query');
+	t.equal(fwd.be_id, 5301, 'and the backend');
+	t.equal(fwd.remote_ip, '127.0.4.50', 'and the remote');
+});
