@@ -214,13 +214,15 @@ t.test('a flood of new sources within one second does not evict a host that is t
 	const env = setup(['5301', '5302'], 10);
 	const legit = ip(1);
 	const home = env.serve(legit);
+	const held = env.remotes.peek(legit);
 	for (let n = 0; n < 200; n++) {
 		env.serve(0x0c000000 + n);
 		if (n % 5 === 4) {
 			env.serve(legit);
 		}
 	}
-	t.equal(env.remotes.peek(legit)?.primary?.id, home, 'still held, on its primary');
+	t.equal(env.remotes.peek(legit), held, 'the same remote, never evicted and re-created');
+	t.equal(env.remotes.peek(legit)?.primary?.id, home, 'on its primary');
 	t.equal(env.remotes.peek(legit)?.firstSeenMs, env.remotes.peek(legit)?.lastSeenMs, 'all in one tick');
 	t.equal(env.remotes.size, 10);
 });
