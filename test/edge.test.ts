@@ -24,26 +24,12 @@ import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
 import type { RemoteSnapshot, Snapshot } from '../src/stats.js';
 import {
-	type Backend, backendOf, childEnv, freePort, makeSocketDir, projectRoot, runBbal, sleep, startBackend,
-	startBbal, statsSocketFor, waitFor,
+	backendOf, childEnv, freePort, makeSocketDir, projectRoot, runBbal, sleep, startBackend, startBbal,
+	startFleet, statsSocketFor, waitFor,
 } from './helpers.js';
 
 const balstatBin = path.join(projectRoot, 'bin', 'balstat.js');
 const QUIET_MS = 300;
-
-/* bbal (with extra flags) in front of these real backends, all established. */
-async function fleet(t: Test, labels: string[], args: string[] = []) {
-	const dir = await makeSocketDir(t);
-	const backends: Backend[] = [];
-	for (const l of labels) {
-		backends.push(await startBackend(t, dir, l));
-	}
-	const port = await freePort();
-	const bbal = await startBbal(t, { dir, port, args });
-	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= labels.length,
-		5000, 20, `${labels.length} backends established`);
-	return { dir, port, bbal, backends };
-}
 
 /* The snapshot as `balstat --json` prints it. */
 function snapshot(dir: string): Promise<Snapshot> {
@@ -169,7 +155,7 @@ class TcpConn {
 }
 
 t.test('what is not a DNS query is dropped and counted per remote; NOTIFY passes', async (t) => {
-	const { dir, port } = await fleet(t, ['5301']);
+	const { dir, port } = await startFleet(t, ['5301']);
 	const cases: Array<[string, string, Buffer]> = [
 		['127.0.3.1', 'a response (QR=1)', asResponse(query('r.example', 101))],
 		['127.0.3.2', 'a 0-byte datagram', Buffer.alloc(0)],
@@ -290,7 +276,7 @@ t.test('SERVFAILs are limited per remote per second; other remotes still get the
 
 t.test('--max-qps-per-remote: excess gets REFUSED (or nothing with drop); others unaffected', async (t) => {
 	for (const action of ['refuse', 'drop'] as const) {
-		const { dir, port } = await fleet(t, ['5301'], ['--max-qps-per-remote', '5', '--rate-limit-action', action]);
+		const { dir, port } = await startFleet(t, ['5301'], ['--max-qps-per-remote', '5', '--rate-limit-action', action]);
 		const k = 5;
 		/* A burst that straddles a tick gets two allowances: retry from a fresh source. */
 		let res = await burst(t, port, dir, '127.0.3.40', 5 + k);
@@ -318,7 +304,7 @@ t.test('--max-qps-per-remote: excess gets REFUSED (or nothing with drop); others
 });
 
 t.test('--allow: strangers get nothing on UDP or TCP and leave no trace', async (t) => {
-	const { dir, port } = await fleet(t, ['5301'],
+	const { dir, port } = await startFleet(t, ['5301'],
 		['--allow', '127.0.3.0/28', '--allow', '127.0.4.8/30,127.0.4.16/32']);
 	const inside = ['127.0.3.1', '127.0.4.9', '127.0.4.16'];
 	const outside = ['127.0.3.100', '127.0.4.12', '127.0.4.17'];
@@ -351,7 +337,7 @@ t.test('--allow: strangers get nothing on UDP or TCP and leave no trace', async 
 });
 
 t.test('TCP: a bad first message, a bad length or an oversized message closes the connection', async (t) => {
-	const { dir, port } = await fleet(t, ['5301']);
+	const { dir, port } = await startFleet(t, ['5301']);
 	const closedCases: Array<[string, string, Buffer]> = [
 		['127.0.4.20', 'a response first', framed(asResponse(query('r.example', 20)))],
 		['127.0.4.21', 'a length of 20000 (over 16 KiB)', Buffer.concat([Buffer.from([0x4e, 0x20]), query('x.example', 21)])],
@@ -369,7 +355,7 @@ t.test('TCP: a bad first message, a bad length or an oversized message closes th
 	t.equal(backendOf(await normal.answer(25)), '5301', 'a normal TCP query is answered');
 	t.equal((await snapshot(dir)).tcp.invalid, closedCases.length, 'tcp.invalid counts the closed ones');
 
-	const small = await fleet(t, ['5301'], ['--max-tcp-message', '100']);
+	const small = await startFleet(t, ['5301'], ['--max-tcp-message', '100']);
 	const long = query(`${'a'.repeat(60)}.${'b'.repeat(60)}.${'c'.repeat(60)}.example`, 26);
 	t.ok(long.length >= 200, `padded query is ${long.length} bytes`);
 	const big = await TcpConn.connect(t, small.port, '127.0.4.25', framed(long));
@@ -381,7 +367,7 @@ t.test('TCP: a bad first message, a bad length or an oversized message closes th
 });
 
 t.test('--max-remotes: a flood of new sources churns the table, a host that keeps talking keeps its place', async (t) => {
-	const { dir, port } = await fleet(t, ['5301', '5302'], ['--max-remotes', '10']);
+	const { dir, port } = await startFleet(t, ['5301', '5302'], ['--max-remotes', '10']);
 	const legit = await UdpClient.open(t, port, '127.0.4.1');
 	let legitQueries = 0;
 	const askLegit = async (): Promise<string | null> => {

@@ -663,3 +663,33 @@ export async function queryUntil(opts: QueryUntilOptions):
 	throw new Error(`queryUntil ${opts.name} from ${opts.source}: condition ` +
 	    `not met within ${timeoutMs} ms; backends seen: ${JSON.stringify(seen)}`);
 }
+
+/* ------------------------------------------------------------------ */
+/* A fleet                                                             */
+/* ------------------------------------------------------------------ */
+
+export interface Fleet {
+	dir: string;
+	port: number;
+	bbal: Bbal;
+	backends: Backend[];
+	/* bbal's stats socket. */
+	sock: string;
+}
+
+/*
+ * Real mname backends named after `labels` in a fresh socket directory and
+ * bbal in front of them, resolved once every backend is established.
+ */
+export async function startFleet(t: Test, labels: string[], args: string[] = []): Promise<Fleet> {
+	const dir = await makeSocketDir(t);
+	const backends: Backend[] = [];
+	for (const l of labels) {
+		backends.push(await startBackend(t, dir, l));
+	}
+	const port = await freePort();
+	const bbal = await startBbal(t, { dir, port, args });
+	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= labels.length,
+	    5000, 20, `${labels.length} backends established`);
+	return { dir, port, bbal, backends, sock: statsSocketFor(dir) };
+}

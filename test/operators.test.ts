@@ -16,26 +16,12 @@ import t, { type Test } from 'tap';
 import { readSnapshot } from '../src/balstat.js';
 import type { Snapshot } from '../src/stats.js';
 import {
-	type Backend, backendOf, childEnv, encodeQuery, freePort, makeSocketDir, projectRoot, runBbal,
-	startBackend, startBbal, statsSocketFor, udpQuery, waitFor,
+	backendOf, childEnv, encodeQuery, freePort, makeSocketDir, projectRoot, runBbal, startBackend, startBbal,
+	startFleet, statsSocketFor, udpQuery, waitFor,
 } from './helpers.js';
 
 const balstatBin = path.join(projectRoot, 'bin', 'balstat.js');
 const ids = (snap: { backends: Array<{ id: number }> }): number[] => snap.backends.map((b) => b.id);
-
-/* bbal in front of these real backends, every one established. */
-async function fleet(t: Test, labels: string[]) {
-	const dir = await makeSocketDir(t);
-	const backends: Backend[] = [];
-	for (const l of labels) {
-		backends.push(await startBackend(t, dir, l));
-	}
-	const port = await freePort();
-	const bbal = await startBbal(t, { dir, port });
-	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= labels.length,
-		5000, 20, `${labels.length} backends established`);
-	return { dir, port, bbal, backends, sock: statsSocketFor(dir) };
-}
 
 function balstat(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
 	return new Promise((resolve) => {
@@ -117,7 +103,7 @@ async function tcpQuery(t: Test, port: number, source: string, id: number): Prom
 }
 
 t.test('the JSON snapshot agrees with the traffic that was sent', async (t) => {
-	const { port, sock } = await fleet(t, ['5301', '5302', '5303']);
+	const { port, sock } = await startFleet(t, ['5301', '5302', '5303']);
 	const sources = [200, 201, 202, 203, 204, 205].map((n) => `127.0.0.${n}`);
 	const served = new Map<string, string | null>();
 	for (const s of sources) {
@@ -174,7 +160,7 @@ t.test('the JSON snapshot agrees with the traffic that was sent', async (t) => {
 });
 
 t.test('balstat tables list every backend path and every remote, in address order', async (t) => {
-	const { port, sock, backends } = await fleet(t, ['5301', '5302']);
+	const { port, sock, backends } = await startFleet(t, ['5301', '5302']);
 	const sources = ['127.0.1.10', '127.0.1.100', '127.0.0.254', '127.0.1.9'];
 	for (const s of sources) {
 		await udpQuery({ port, source: s, name: 'tbl.example' });
@@ -241,7 +227,7 @@ t.test('a stale stats socket is replaced; a live one stops a second bbal', async
 });
 
 t.test('SIGTERM: exit 0, stats socket removed, shutdown logged', async (t) => {
-	const { bbal, sock } = await fleet(t, ['5301']);
+	const { bbal, sock } = await startFleet(t, ['5301']);
 	t.ok(lstatSync(sock).isSocket(), 'stats socket exists while running');
 	const st = await bbal.stop('SIGTERM');
 	t.same(st, { code: 0, signal: null }, 'exit 0');
@@ -251,7 +237,7 @@ t.test('SIGTERM: exit 0, stats socket removed, shutdown logged', async (t) => {
 });
 
 t.test('SIGTERM lets open TCP sessions finish, refuses new work, exits 0', async (t) => {
-	const { port, bbal } = await fleet(t, ['5301', '5302', '5303']);
+	const { port, bbal } = await startFleet(t, ['5301', '5302', '5303']);
 	const sources = ['127.0.0.220', '127.0.0.221', '127.0.0.222'];
 	const clients: TcpDns[] = [];
 	const home: Array<string | null> = [];
@@ -294,7 +280,7 @@ t.test('SIGTERM lets open TCP sessions finish, refuses new work, exits 0', async
 });
 
 t.test('SIGTERM with a TCP client that never closes: exit 0 after the drain limit', async (t) => {
-	const { port, bbal } = await fleet(t, ['5301']);
+	const { port, bbal } = await startFleet(t, ['5301']);
 	const c = await TcpDns.connect(t, port, '127.0.0.230');
 	t.equal((await c.query(42)).id, 42, 'session flows');
 	const sigAt = Date.now();
@@ -308,7 +294,7 @@ t.test('SIGTERM with a TCP client that never closes: exit 0 after the drain limi
 });
 
 t.test('SIGHUP finds a new backend socket at once, not at the next periodic rescan', async (t) => {
-	const { dir, bbal, sock } = await fleet(t, ['5301']);
+	const { dir, bbal, sock } = await startFleet(t, ['5301']);
 	/* The backend starts elsewhere and is renamed in, so its start-up time cannot eat the window. */
 	const side = await makeSocketDir(t);
 	const late = await startBackend(t, side, '5302');
@@ -330,7 +316,7 @@ t.test('SIGHUP finds a new backend socket at once, not at the next periodic resc
 });
 
 t.test('SIGUSR2 logs the stats snapshot', async (t) => {
-	const { bbal, port } = await fleet(t, ['5301', '5302']);
+	const { bbal, port } = await startFleet(t, ['5301', '5302']);
 	await udpQuery({ port, source: '127.0.0.240', name: 'u.example' });
 	const since = bbal.logs.length;
 	bbal.proc.kill('SIGUSR2');

@@ -19,25 +19,11 @@ import {
 	CLIENT_HEARTBEAT_FRAME, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
 } from '../src/protocol.js';
 import {
-	type Backend, type Bbal, backendOf, encodeQuery, freePort, makeSocketDir, startBackend, startBbal,
+	type Backend, type Bbal, backendOf, encodeQuery, freePort, makeSocketDir, startBbal, startFleet,
 	udpQuery, waitFor,
 } from './helpers.js';
 
 const src = (n: number): string => `127.0.0.${n}`;
-
-/* bbal (with extra flags) in front of these real backends, all established. */
-async function fleet(t: Test, labels: string[], args: string[] = []) {
-	const dir = await makeSocketDir(t);
-	const backends: Backend[] = [];
-	for (const l of labels) {
-		backends.push(await startBackend(t, dir, l));
-	}
-	const port = await freePort();
-	const bbal = await startBbal(t, { dir, port, args });
-	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= labels.length,
-		5000, 20, `${labels.length} backends established`);
-	return { dir, port, bbal, backends };
-}
 
 /* Log records that fault a backend (they carry a reason). */
 const faults = (bbal: Bbal) => bbal.logs.filter((r) => r.reason !== undefined);
@@ -149,7 +135,7 @@ async function tcpQuery(t: Test, port: number, source: string, name: string,
 }
 
 t.test('a TCP query is answered by the backend that answers the same source over UDP', async (t) => {
-	const { port } = await fleet(t, ['5301', '5302', '5303']);
+	const { port } = await startFleet(t, ['5301', '5302', '5303']);
 	const seen = new Set<string | null>();
 	for (const s of [100, 101, 102].map(src)) {
 		const c = await TcpClient.connect(t, port, s);
@@ -167,7 +153,7 @@ t.test('a TCP query is answered by the backend that answers the same source over
 });
 
 t.test('two queries written before the session is up are both answered', async (t) => {
-	const { port } = await fleet(t, ['5301']);
+	const { port } = await startFleet(t, ['5301']);
 	const both = Buffer.concat([framed(encodeQuery('one.example', 'TXT', 111)),
 		framed(encodeQuery('two.example', 'A', 222))]);
 	const c = await TcpClient.connect(t, port, src(110), both);
@@ -180,7 +166,7 @@ t.test('two queries written before the session is up are both answered', async (
 });
 
 t.test('a large answer arrives whole over TCP', async (t) => {
-	const { port } = await fleet(t, ['5301']);
+	const { port } = await startFleet(t, ['5301']);
 	const c = await TcpClient.connect(t, port, src(115));
 	c.send('big.example', 'A', 515);
 	const ans = await c.answer(515);
@@ -192,7 +178,7 @@ t.test('a large answer arrives whole over TCP', async (t) => {
 });
 
 t.test('a client that half-closes after its query gets the whole answer, then the end', async (t) => {
-	const { port } = await fleet(t, ['5301']);
+	const { port } = await startFleet(t, ['5301']);
 	const c = await TcpClient.connect(t, port, src(120));
 	c.send('big.example', 'A', 1200);
 	c.sock.end();
@@ -203,7 +189,7 @@ t.test('a client that half-closes after its query gets the whole answer, then th
 });
 
 t.test('a backend killed under an open connection: the client is closed, a new one goes elsewhere', async (t) => {
-	const { port, backends } = await fleet(t, ['5301', '5302']);
+	const { port, backends } = await startFleet(t, ['5301', '5302']);
 	const s = src(125);
 	const c = await TcpClient.connect(t, port, s);
 	c.send('before.example', 'TXT', 1250);
@@ -240,7 +226,7 @@ const hasDig = await new Promise<boolean>((resolve) => {
 t.test('dig +tcp reaches the source\'s UDP backend', {
 	skip: hasDig ? false : 'dig is not installed (.ci/run installs bind9-dnsutils)',
 }, async (t) => {
-	const { port } = await fleet(t, ['5301', '5302', '5303']);
+	const { port } = await startFleet(t, ['5301', '5302', '5303']);
 	/* 127.0.0.135 lands on the second backend: a TCP path that picked afresh would show. */
 	await udpQuery({ port, source: src(134), name: 'warm.example' });
 	const udp = await udpQuery({ port, source: src(135), name: 'u.example' });
@@ -252,7 +238,7 @@ t.test('dig +tcp reaches the source\'s UDP backend', {
 });
 
 t.test('over --max-tcp-connections a new connection is closed at once; the rest are unaffected', async (t) => {
-	const { port, bbal } = await fleet(t, ['5301'], ['--max-tcp-connections', '2']);
+	const { port, bbal } = await startFleet(t, ['5301'], ['--max-tcp-connections', '2']);
 	const accepted = (): number => bbal.logs.filter((r) => r.msg === 'tcp connection accepted').length;
 	const a = await TcpClient.connect(t, port, src(140));
 	const b = await TcpClient.connect(t, port, src(141));
@@ -283,7 +269,7 @@ t.test('over --max-tcp-connections a new connection is closed at once; the rest 
 });
 
 t.test('a client that stalls inside a length prefix is closed by the idle deadline', async (t) => {
-	const { port, bbal } = await fleet(t, ['5301', '5302'], ['--tcp-idle-timeout', '1']);
+	const { port, bbal } = await startFleet(t, ['5301', '5302'], ['--tcp-idle-timeout', '1']);
 	const since = bbal.logs.length;
 	const stalled = await TcpClient.connect(t, port, src(150), Buffer.from([0x00]));
 	const stalledAt = Date.now();
@@ -303,7 +289,7 @@ t.test('a client that stalls inside a length prefix is closed by the idle deadli
 });
 
 t.test('garbage, instant closes and 200 rapid connections leave bbal serving', async (t) => {
-	const { port, bbal } = await fleet(t, ['5301', '5302'], ['--tcp-idle-timeout', '2']);
+	const { port, bbal } = await startFleet(t, ['5301', '5302'], ['--tcp-idle-timeout', '2']);
 	const garbage = await TcpClient.connect(t, port, src(160), randomBytes(2048));
 	garbage.sock.end();
 	const instant = await TcpClient.connect(t, port, src(161));

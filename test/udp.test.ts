@@ -5,34 +5,15 @@
  */
 
 import { execFile } from 'node:child_process';
-import t, { type Test } from 'tap';
+import t from 'tap';
 import {
-	type Bbal, type Backend, freePort, makeSocketDir, queryUntil, startBackend, startBbal, udpQuery,
-	udpSendRaw, waitFor,
+	type Backend, queryUntil, startBackend, startFleet, udpQuery, udpSendRaw,
 } from './helpers.js';
-
-/* bbal with these backends, every one of them established. */
-async function fleet(t: Test, labels: string[]) {
-	const dir = await makeSocketDir(t);
-	const backends: Backend[] = [];
-	for (const l of labels) {
-		backends.push(await startBackend(t, dir, l));
-	}
-	const port = await freePort();
-	const bbal = await startBbal(t, { dir, port });
-	await waitForEstablished(bbal, labels.length);
-	return { dir, port, bbal, backends };
-}
-
-async function waitForEstablished(bbal: Bbal, n: number, since = 0): Promise<void> {
-	await waitFor(() => bbal.logs.slice(since).filter((r) => r.msg === 'backend socket established').length >= n,
-		5000, 20, `${n} backends established`);
-}
 
 const src = (n: number): string => `127.0.0.${n}`;
 
 t.test('every source gets answers with its own id, always from the same backend, spread over all', async (t) => {
-	const { port } = await fleet(t, ['5301', '5302', '5303']);
+	const { port } = await startFleet(t, ['5301', '5302', '5303']);
 	const sources = [10, 11, 12, 13, 14, 15, 16, 17, 18].map(src);
 	const first = new Map<string, string | null>();
 	for (const s of sources) {
@@ -57,7 +38,7 @@ t.test('every source gets answers with its own id, always from the same backend,
 });
 
 t.test('a killed backend\'s sources move within two seconds and come back when it returns', async (t) => {
-	const { port, bbal, backends } = await fleet(t, ['5301', '5302', '5303']);
+	const { port, bbal, backends } = await startFleet(t, ['5301', '5302', '5303']);
 	const sources = [20, 21, 22, 23, 24, 25].map(src);
 	const home = new Map<string, string | null>();
 	for (const s of sources) {
@@ -88,7 +69,7 @@ t.test('a killed backend\'s sources move within two seconds and come back when i
 });
 
 t.test('a socket added to the directory is picked up by the rescan and serves new sources', async (t) => {
-	const { dir, port, bbal } = await fleet(t, ['5301']);
+	const { dir, port, bbal } = await startFleet(t, ['5301']);
 	await udpQuery({ port, source: src(30), name: 'x.example' });
 	const since = bbal.logs.length;
 	await startBackend(t, dir, 'late-comer', 'late');
@@ -104,7 +85,7 @@ t.test('a socket added to the directory is picked up by the rescan and serves ne
 });
 
 t.test('an oversized datagram is dropped and logged; the next query is answered', async (t) => {
-	const { port, bbal } = await fleet(t, ['5301']);
+	const { port, bbal } = await startFleet(t, ['5301']);
 	await udpSendRaw({ port, source: src(40), bytes: Buffer.alloc(1600, 0x41) });
 	const rec = await bbal.waitForLog((r) => r.msg === 'dropping oversized UDP packet');
 	t.equal(rec.len, 1600);
@@ -120,7 +101,7 @@ const hasDig = await new Promise<boolean>((resolve) => {
 t.test('dig from 127.0.0.7 is answered by the same backend every time', {
 	skip: hasDig ? false : 'dig is not installed (.ci/run installs bind9-dnsutils)',
 }, async (t) => {
-	const { port } = await fleet(t, ['5301', '5302', '5303']);
+	const { port } = await startFleet(t, ['5301', '5302', '5303']);
 	const answers: string[] = [];
 	for (let i = 0; i < 4; i++) {
 		const out = await new Promise<string>((resolve, reject) => {
