@@ -60,6 +60,14 @@
  * counted instead of queued.  Queueing would only trade a visible drop for
  * unbounded memory and answers that arrive after the client gave up.
  *
+ * STUCK means more than CONTROL_HIGH_WATER_BYTES (256 KiB, about five
+ * thousand queries) waiting inside bbal for one backend, on top of what the
+ * kernel's socket buffer holds.  Node's default of 16 KiB would call a
+ * healthy but momentarily slower backend stuck under a burst (a resolver
+ * with 800 queries in flight is enough); 256 KiB is a few hundred
+ * milliseconds of a busy backend's work, short of any resolver's timeout,
+ * and bounds the memory a dead-but-connected backend can cost.
+ *
  * The registry also owns round-robin selection of a backend for a new remote
  * and the rebalance decision; it never touches remotes itself (main asks for
  * the plan and hands it to remotes.ts), and it never touches the UDP socket:
@@ -91,6 +99,8 @@ export const MAX_SOCKET_PATH_BYTES = 107;
 export const NAMED_ID_MIN = 5300;
 export const NAMED_ID_MAX = 5399;
 
+/* How much may wait inside bbal for one control session before it is stuck. */
+export const CONTROL_HIGH_WATER_BYTES = 256 * 1024;
 /* Frames queued in one turn are packed into buffers of about this size. */
 const OUT_CHUNK_BYTES = 16 * 1024;
 
@@ -117,11 +127,14 @@ export type OutboundUdpHandler = (addr: number, port: number, payload: Buffer, f
 /**
  * How a connection to a backend is opened (control sessions and TCP
  * sessions alike); tests substitute their own.  Half-open is allowed so a
- * TCP session can pass a FIN through in each direction on its own.
+ * TCP session can pass a FIN through in each direction on its own.  A
+ * control session passes a larger write high-water mark (see STUCK).
  */
-export type Connector = (path: string) => net.Socket;
+export type Connector = (path: string, writableHighWaterMark?: number) => net.Socket;
 
-export const connectUnix: Connector = (path) => net.createConnection({ path, allowHalfOpen: true });
+export const connectUnix: Connector = (path, writableHighWaterMark) =>
+	/* net.Socket passes stream options through; @types/node omits them here. */
+	net.createConnection({ path, allowHalfOpen: true, writableHighWaterMark } as net.NetConnectOpts);
 
 function ignoreError(): void {}
 
@@ -260,7 +273,7 @@ export class Backend implements FrameSink {
 		this.setState('connecting');
 		this.stats.connStart++;
 		this.log.debug('connecting to backend');
-		const sock = this.registry.connector(this.path);
+		const sock = this.registry.connector(this.path, CONTROL_HIGH_WATER_BYTES);
 		this.socket = sock;
 		this.reader = new FrameReader(this);
 		sock.on('error', this.controlOnError);

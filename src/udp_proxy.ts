@@ -49,6 +49,8 @@ import { LogGate, type TimeoutWheel } from './timeouts.js';
 /* Room for bursts while the event loop is busy elsewhere. */
 const RECV_BUFFER_BYTES = 4 * 1024 * 1024;
 const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
+/* Slots in the direct-mapped cache of destination address texts. */
+const ADDR_CACHE_MASK = 4095;
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */
 export const SYNTH_ANSWERS_PER_SEC = 10;
 
@@ -91,6 +93,16 @@ export interface UdpProxyStats {
 	refused: number;
 }
 
+/*
+ * dgram resolves every destination with dns.lookup() before sending, which
+ * for an address literal still costs a regex and a deferred callback per
+ * answer.  Every address bbal sends to is a dotted quad it built itself, so
+ * the lookup hands it straight back.
+ */
+function literalLookup(address: string, _family: unknown, callback: (err: Error | null, address: string, family: number) => void): void {
+	callback(null, address, 4);
+}
+
 export class UdpProxy {
 	readonly stats: UdpProxyStats = {
 		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, sendErrors: 0,
@@ -113,6 +125,8 @@ export class UdpProxy {
 	/* Read once: the level is fixed for the life of the process. */
 	private readonly trace: boolean;
 	private state: 'new' | 'listening' | 'closed' = 'new';
+	private readonly addrCacheKey = new Uint32Array(ADDR_CACHE_MASK + 1);
+	private readonly addrCacheText: Array<string | undefined> = new Array<string | undefined>(ADDR_CACHE_MASK + 1);
 
 	constructor(opts: { remotes: Remotes; log: Logger; wheel: TimeoutWheel } & UdpEdgeOptions) {
 		this.remotes = opts.remotes;
@@ -129,7 +143,7 @@ export class UdpProxy {
 		this.noBackendGate = new LogGate(opts.wheel);
 		this.stuckGate = new LogGate(opts.wheel);
 		this.sendErrorGate = new LogGate(opts.wheel);
-		this.socket = dgram.createSocket({ type: 'udp4', reuseAddr: true });
+		this.socket = dgram.createSocket({ type: 'udp4', reuseAddr: true, lookup: literalLookup });
 	}
 
 	/** Bind; rejects with the socket error (EADDRINUSE, EACCES ...). */
@@ -162,8 +176,18 @@ export class UdpProxy {
 		if (this.state !== 'listening') {
 			return;
 		}
+		/* dgram wants the address as text: keep the texts of recent ones. */
+		const slot = addr & ADDR_CACHE_MASK;
+		let ip: string;
+		if (this.addrCacheKey[slot] === addr && this.addrCacheText[slot] !== undefined) {
+			ip = this.addrCacheText[slot] as string;
+		} else {
+			ip = u32ToIpv4(addr);
+			this.addrCacheKey[slot] = addr;
+			this.addrCacheText[slot] = ip;
+		}
 		try {
-			this.socket.send(payload, port, u32ToIpv4(addr));
+			this.socket.send(payload, port, ip);
 			this.stats.sent++;
 		} catch (err) {
 			/* A port of 0 or over 65535 throws at once. */
