@@ -251,25 +251,21 @@ export function makeLogger(level: LogLevel, dest?: pino.DestinationStream): Logg
 	return dest === undefined ? pino(opts) : pino(opts, dest);
 }
 
-export interface BalancerOptions {
-	bind: string;
-	port: number;
-	sockets: string;
-	log: Logger;
-	clock?: Clock;
-	maxTcpConnections?: number;
-	tcpIdleTimeoutSecs?: number;
-	statsSocket?: string;
-	/** When false, a stats socket that cannot be opened is only a warning. */
-	statsSocketRequired?: boolean;
-	metrics?: { host: string; port: number } | null;
-	noBackend?: NoBackendAction;
-	maxRemotes?: number;
-	maxQpsPerRemote?: number;
-	rateLimitAction?: RateLimitAction;
-	allow?: string[];
-	maxTcpMessageBytes?: number;
-}
+/**
+ * What a Balancer is built from: the parsed options (all but the address,
+ * port and directory optional, defaulting as on the command line), a
+ * logger, and optionally a clock.
+ */
+export type BalancerOptions = Pick<Options, 'bind' | 'port' | 'sockets'>
+	& Partial<Omit<Options, 'bind' | 'port' | 'sockets' | 'logLevel' | 'statsSocket' | 'statsSocketExplicit'>>
+	& {
+		log: Logger;
+		clock?: Clock;
+		/** Serve the stats snapshot here (none when absent). */
+		statsSocket?: string;
+		/** When false, a stats socket that cannot be opened is only a warning. */
+		statsSocketRequired?: boolean;
+	};
 
 /**
  * One running balancer: every subsystem, wired, plus the periodic jobs.
@@ -472,23 +468,7 @@ export async function main(argv: string[]): Promise<void> {
 		process.exit(1);
 	});
 
-	const bal = new Balancer({
-		bind: opts.bind,
-		port: opts.port,
-		sockets: opts.sockets,
-		log,
-		maxTcpConnections: opts.maxTcpConnections,
-		tcpIdleTimeoutSecs: opts.tcpIdleTimeoutSecs,
-		statsSocket: opts.statsSocket,
-		statsSocketRequired: opts.statsSocketExplicit,
-		metrics: opts.metrics,
-		noBackend: opts.noBackend,
-		maxRemotes: opts.maxRemotes,
-		maxQpsPerRemote: opts.maxQpsPerRemote,
-		rateLimitAction: opts.rateLimitAction,
-		allow: opts.allow,
-		maxTcpMessageBytes: opts.maxTcpMessageBytes,
-	});
+	const bal = new Balancer({ ...opts, log, statsSocketRequired: opts.statsSocketExplicit });
 	/*
 	 * Signals are handled from the start: a service manager may send a
 	 * refresh (SIGHUP) or a stop while the listeners are still opening, and
