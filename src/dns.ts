@@ -36,8 +36,15 @@
  * original did.
  */
 
-import dnsPacket from 'dns-packet';
+import { createRequire } from 'node:module';
 import { ipv4ToU32 } from './protocol.js';
+
+/*
+ * dns-packet is needed only to name queries in trace logs, so it is loaded
+ * on first use: at any other level bbal never pays its memory.
+ */
+const requireLazily = createRequire(import.meta.url);
+let decodePacket: ((b: Buffer) => { id?: number; questions?: Array<{ name: string; type: string }> }) | null = null;
 
 export const DNS_HEADER_BYTES = 12;
 export const OPCODE_QUERY = 0;
@@ -127,7 +134,8 @@ export function buildErrorAnswer(query: Uint8Array, rcode: number): Buffer | nul
 /** qname, qtype and id for a trace log line; only called when trace is on. */
 export function describeQuery(msg: Uint8Array): { qname: string; qtype: string; id: number } | null {
 	try {
-		const p = dnsPacket.decode(Buffer.from(msg.buffer, msg.byteOffset, msg.byteLength));
+		decodePacket ??= (requireLazily('dns-packet') as typeof import('dns-packet')).decode;
+		const p = decodePacket(Buffer.from(msg.buffer, msg.byteOffset, msg.byteLength));
 		const q = p.questions?.[0];
 		return { qname: q?.name ?? '', qtype: String(q?.type ?? ''), id: p.id ?? 0 };
 	} catch {

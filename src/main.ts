@@ -40,7 +40,7 @@ import {
 import { Acl } from './dns.js';
 import { DEFAULT_MAX_REMOTES, Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { type Clock, monotonicClock, TimeoutWheel } from './timeouts.js';
-import { Metrics } from './metrics.js';
+import type { Metrics } from './metrics.js';
 import { DEFAULT_STATS_SOCKET, isInside, StatsServer, StatsSocketError, type StatsSources, takeSnapshot } from './stats.js';
 import {
 	DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_TCP_IDLE_TIMEOUT_SECS, TcpListener,
@@ -342,6 +342,8 @@ export class Balancer {
 		await this.tcp.listen(this.opts.bind, this.opts.port);
 		await this.openStatsSocket();
 		if (this.opts.metrics) {
+			/* Loaded only when asked for: prom-client is ~10 MB of RSS. */
+			const { Metrics } = await import('./metrics.js');
 			const m = new Metrics(this.statsSources, this.log);
 			const { host, port } = this.opts.metrics;
 			await m.listen(host, port).catch((err: NodeJS.ErrnoException) => {
