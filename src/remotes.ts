@@ -96,17 +96,19 @@ export interface RemoteStats {
 	rateLimited: number;
 }
 
-/* Index of the second a rate window covers, on the coarse clock. */
-function secondOf(ms: number): number {
-	return Math.floor(ms / 1000);
-}
+
 
 export class Remote {
 	primary: Backend | null = null;
 	backup: Backend | null = null;
 	readonly stats: RemoteStats = { udp: 0, udpDrop: 0, tcp: 0, tcpDrop: 0, udpInvalid: 0, rateLimited: 0 };
-	lastSeenMs: number;
-	readonly firstSeenMs: number;
+	/*
+	 * Times are whole seconds since the table was made: small integers that
+	 * V8 stores in the object itself, where milliseconds since 1970 would
+	 * each need a boxed double (16 bytes per field per remote).
+	 */
+	lastSeenSec: number;
+	readonly firstSeenSec: number;
 	/** Seen since it last reached the head of the eviction queue. */
 	referenced = false;
 	/** Neighbours in the eviction queue (Remotes owns the links). */
@@ -121,15 +123,23 @@ export class Remote {
 	constructor(
 		private readonly table: Remotes,
 		readonly addr: number,
-		nowMs: number,
+		nowSec: number,
 	) {
-		this.firstSeenMs = nowMs;
-		this.lastSeenMs = nowMs;
+		this.firstSeenSec = nowSec;
+		this.lastSeenSec = nowSec;
+	}
+
+	get lastSeenMs(): number {
+		return this.table.epochMs + this.lastSeenSec * 1000;
+	}
+
+	get firstSeenMs(): number {
+		return this.table.epochMs + this.firstSeenSec * 1000;
 	}
 
 	/** Count a query against the per-second limit; false when over it. */
 	admitQuery(limit: number): boolean {
-		const sec = secondOf(this.lastSeenMs);
+		const sec = this.lastSeenSec;
 		if (sec !== this.qpsSecond) {
 			this.qpsSecond = sec;
 			this.qpsCount = 0;
@@ -139,7 +149,7 @@ export class Remote {
 
 	/** May bbal send this remote another synthesized answer this second? */
 	admitSynthesized(limit: number): boolean {
-		const sec = secondOf(this.lastSeenMs);
+		const sec = this.lastSeenSec;
 		if (sec !== this.synthSecond) {
 			this.synthSecond = sec;
 			this.synthCount = 0;
@@ -231,6 +241,8 @@ export class Remotes {
 	/** Remotes evicted to make room at the cap. */
 	evicted = 0;
 	readonly maxRemotes: number;
+	/** Zero of the remotes' second counts (the wheel's time at creation). */
+	readonly epochMs: number;
 	private queueHead: Remote | null = null;
 	private queueTail: Remote | null = null;
 	private readonly newGate: LogGate;
@@ -242,6 +254,7 @@ export class Remotes {
 		this.backends = opts.backends;
 		this.wheel = opts.wheel;
 		this.maxRemotes = opts.maxRemotes ?? DEFAULT_MAX_REMOTES;
+		this.epochMs = opts.wheel.nowMs;
 		assert(this.maxRemotes >= 1, 'maxRemotes must be at least 1');
 		this.newGate = new LogGate(opts.wheel, 5, REMOTE_LOG_BURST);
 		this.assignGate = new LogGate(opts.wheel, 5, REMOTE_LOG_BURST);
@@ -261,7 +274,7 @@ export class Remotes {
 
 	/** The remote for this address, created on first sight; marks it seen. */
 	lookup(addr: number): Remote {
-		const now = this.wheel.nowMs;
+		const now = Math.floor((this.wheel.nowMs - this.epochMs) / 1000);
 		let rem = this.byAddr.get(addr);
 		if (rem === undefined) {
 			if (this.byAddr.size >= this.maxRemotes) {
@@ -276,7 +289,7 @@ export class Remotes {
 				this.log.info({ remote_ip: rem.ip, not_logged: skipped }, 'new remote peer');
 			}
 		} else {
-			rem.lastSeenMs = now;
+			rem.lastSeenSec = now;
 			rem.referenced = true;
 		}
 		return rem;
@@ -294,10 +307,10 @@ export class Remotes {
 
 	/** Forget remotes idle for more than REMOTE_IDLE_EXPIRY_SECS. */
 	expire(nowMs: number = this.wheel.nowMs): number {
-		const limit = nowMs - REMOTE_IDLE_EXPIRY_SECS * 1000;
+		const limit = (nowMs - this.epochMs) / 1000 - REMOTE_IDLE_EXPIRY_SECS;
 		const stale: Remote[] = [];
 		for (const rem of this.byAddr.values()) {
-			if (rem.lastSeenMs < limit) {
+			if (rem.lastSeenSec < limit) {
 				stale.push(rem);
 			}
 		}
