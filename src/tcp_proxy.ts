@@ -353,7 +353,10 @@ export class TcpProxy {
 			 * idle deadline cuts it if the peer never closes.
 			 */
 			const other = this.frontClosed ? this.back : this.front;
-			other.end();
+			/* Already ended or closing: end() again would only build an error. */
+			if (!other.writableEnded && !other.destroyed) {
+				other.end();
+			}
 		}
 	}
 
