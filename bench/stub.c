@@ -1,0 +1,571 @@
+/*
+ * stub: the fastest backend we can put behind a DNS proxy, for the benchmark.
+ *
+ * It answers every DNS query with one fixed A record: the query's header and
+ * question copied, QR=1 and RA=1, RCODE 0, ANCOUNT=1, NSCOUNT=ARCOUNT=0 (any
+ * EDNS record in the query is dropped), then
+ *   c0 0c  00 01  00 01  00 00 00 00  00 04  01 02 03 04
+ * (the question's name, type A, class IN, TTL 0, 1.2.3.4).
+ *
+ *   stub udp PORT      a UDP DNS server on 127.0.0.1:PORT (direct and dnsdist)
+ *   stub framed PATH   an AF_UNIX stream server at PATH speaking the bbal
+ *                      balancer protocol (shared/PROTOCOL.md): CLIENT_HELLO(1)
+ *                      -> SERVER_HELLO(1001), CLIENT_HEARTBEAT(4) ->
+ *                      SERVER_HEARTBEAT(1004), INBOUND_UDP(2: addr, port, len,
+ *                      bytes) -> OUTBOUND_UDP(1002: same addr and port, len,
+ *                      answer). Every integer a u32, little-endian. Frames may
+ *                      be split across reads and many may come in one read;
+ *                      the answers to one read go out in one write. Any number
+ *                      of connections at once. INBOUND_TCP (3) is not served:
+ *                      that connection is closed.
+ *   stub spray PORT COUNT [FIRST_IP]
+ *                      a client, not a server: sends one query to
+ *                      127.0.0.1:PORT from each of COUNT distinct source
+ *                      addresses FIRST_IP, FIRST_IP+1, ... (default 127.1.0.0),
+ *                      all from one socket: the source of each datagram is
+ *                      chosen with IP_PKTINFO, which any user may do for a
+ *                      local address, and every 127/8 address is local. At
+ *                      most 256 queries are outstanding; one unanswered for
+ *                      200 ms is given up on. Prints
+ *                      "sent N answered M ms T" and exits 0.
+ *
+ * One thread, epoll, level-triggered, nothing allocated per query. SIGTERM
+ * and SIGINT end it (the framed server unlinks its socket first).
+ * Every address it listens on or sends to is on loopback.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_DNS 1500       /* the protocol's UDP size limit */
+#define ANSWER_RR_LEN 16
+#define BATCH 64           /* datagrams per recvmmsg/sendmmsg */
+
+static volatile sig_atomic_t stopping = 0;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stopping = 1;
+}
+
+static void die(const char *what)
+{
+	perror(what);
+	exit(1);
+}
+
+static void set_nonblock(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		die("fcntl");
+}
+
+static void big_buffers(int fd)
+{
+	int sz = 4 << 20;
+	/* FORCE works as root past rmem_max/wmem_max; otherwise fall back. */
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &sz, sizeof(sz)) < 0)
+		(void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof(sz));
+	if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sz, sizeof(sz)) < 0)
+		(void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+}
+
+static void install_signals(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal; /* no SA_RESTART: epoll_wait returns EINTR */
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+}
+
+/*
+ * Writes the answer to query q (qlen bytes) into out, which has room for
+ * qlen + ANSWER_RR_LEN bytes. Returns the answer's length, or 0 if q is not
+ * a query we can answer (short, a response, no single question, a name that
+ * runs off the end).
+ */
+static size_t make_answer(const uint8_t *q, size_t qlen, uint8_t *out)
+{
+	static const uint8_t rr[ANSWER_RR_LEN] = {
+		0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00,
+		0x00, 0x00, 0x00, 0x04, 0x01, 0x02, 0x03, 0x04,
+	};
+	size_t i = 12;
+
+	if (qlen < 12 || qlen > MAX_DNS || (q[2] & 0x80) != 0 || q[4] != 0 || q[5] != 1)
+		return 0;
+	for (;;) {
+		if (i >= qlen)
+			return 0;
+		uint8_t l = q[i];
+		if (l == 0) {
+			i += 1;
+			break;
+		}
+		if ((l & 0xc0) == 0xc0) { /* a pointer ends the name */
+			i += 2;
+			break;
+		}
+		if ((l & 0xc0) != 0)
+			return 0;
+		i += 1 + (size_t)l;
+	}
+	i += 4; /* QTYPE, QCLASS */
+	if (i > qlen)
+		return 0;
+	memcpy(out, q, i);
+	out[2] |= 0x80;                   /* QR */
+	out[3] = (uint8_t)((out[3] & 0x70) | 0x80); /* RA, keep Z/AD/CD, RCODE 0 */
+	out[6] = 0;
+	out[7] = 1;                       /* ANCOUNT */
+	out[8] = out[9] = out[10] = out[11] = 0; /* NSCOUNT, ARCOUNT */
+	memcpy(out + i, rr, ANSWER_RR_LEN);
+	return i + ANSWER_RR_LEN;
+}
+
+/* ------------------------------------------------------------------ UDP */
+
+static int run_udp(int port)
+{
+	int fd = socket(AF_INET, SOCK_DGRAM, 0);
+	if (fd < 0)
+		die("socket");
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	big_buffers(fd);
+	struct sockaddr_in sin;
+	memset(&sin, 0, sizeof(sin));
+	sin.sin_family = AF_INET;
+	sin.sin_port = htons((uint16_t)port);
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (bind(fd, (struct sockaddr *)&sin, sizeof(sin)) < 0)
+		die("bind");
+	set_nonblock(fd);
+
+	int ep = epoll_create1(0);
+	struct epoll_event ev = { .events = EPOLLIN, .data.fd = fd };
+	if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0)
+		die("epoll");
+
+	static uint8_t inbuf[BATCH][MAX_DNS];
+	static uint8_t outbuf[BATCH][MAX_DNS + ANSWER_RR_LEN];
+	static struct sockaddr_in from[BATCH];
+	static struct iovec iin[BATCH], iout[BATCH];
+	static struct mmsghdr min[BATCH], mout[BATCH];
+
+	for (int k = 0; k < BATCH; k++) {
+		iin[k].iov_base = inbuf[k];
+		iin[k].iov_len = MAX_DNS;
+		min[k].msg_hdr.msg_iov = &iin[k];
+		min[k].msg_hdr.msg_iovlen = 1;
+		min[k].msg_hdr.msg_name = &from[k];
+	}
+	printf("ready udp 127.0.0.1:%d\n", port);
+	fflush(stdout);
+
+	while (!stopping) {
+		struct epoll_event got;
+		int n = epoll_wait(ep, &got, 1, 1000);
+		if (n < 0 && errno != EINTR)
+			die("epoll_wait");
+		if (n <= 0)
+			continue;
+		for (;;) {
+			for (int k = 0; k < BATCH; k++)
+				min[k].msg_hdr.msg_namelen = sizeof(from[k]);
+			int r = recvmmsg(fd, min, BATCH, MSG_DONTWAIT, NULL);
+			if (r <= 0)
+				break;
+			int m = 0;
+			for (int k = 0; k < r; k++) {
+				size_t alen = make_answer(inbuf[k], min[k].msg_len, outbuf[m]);
+				if (alen == 0)
+					continue;
+				iout[m].iov_base = outbuf[m];
+				iout[m].iov_len = alen;
+				memset(&mout[m].msg_hdr, 0, sizeof(mout[m].msg_hdr));
+				mout[m].msg_hdr.msg_iov = &iout[m];
+				mout[m].msg_hdr.msg_iovlen = 1;
+				mout[m].msg_hdr.msg_name = &from[k];
+				mout[m].msg_hdr.msg_namelen = min[k].msg_hdr.msg_namelen;
+				m++;
+			}
+			int sent = 0;
+			while (sent < m) {
+				int s = sendmmsg(fd, mout + sent, (unsigned)(m - sent), 0);
+				if (s <= 0)
+					break; /* a full send buffer drops, like any DNS server */
+				sent += s;
+			}
+			if (r < BATCH)
+				break;
+		}
+	}
+	close(fd);
+	return 0;
+}
+
+/* --------------------------------------------------------------- framed */
+
+enum {
+	CLIENT_HELLO = 1, INBOUND_UDP = 2, INBOUND_TCP = 3, CLIENT_HEARTBEAT = 4,
+	SERVER_HELLO = 1001, OUTBOUND_UDP = 1002, SERVER_HEARTBEAT = 1004,
+};
+
+#define READ_CHUNK (256 * 1024)
+#define OUT_HIGH (8 * 1024 * 1024) /* stop reading while this much is unsent */
+
+struct conn {
+	int fd;
+	uint8_t *in;
+	size_t in_len, in_cap;
+	uint8_t *out;
+	size_t out_off, out_len, out_cap;
+	int want_out; /* EPOLLOUT armed */
+};
+
+static uint32_t get_u32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)v;
+	p[1] = (uint8_t)(v >> 8);
+	p[2] = (uint8_t)(v >> 16);
+	p[3] = (uint8_t)(v >> 24);
+}
+
+static void reserve(uint8_t **buf, size_t *cap, size_t need)
+{
+	if (need <= *cap)
+		return;
+	size_t c = *cap ? *cap : 4096;
+	while (c < need)
+		c *= 2;
+	uint8_t *nb = realloc(*buf, c);
+	if (nb == NULL)
+		die("realloc");
+	*buf = nb;
+	*cap = c;
+}
+
+/* Room for n more bytes at the end of c->out (compacting what was sent). */
+static uint8_t *out_room(struct conn *c, size_t n)
+{
+	if (c->out_off > 0 && c->out_off == c->out_len) {
+		c->out_off = c->out_len = 0;
+	}
+	reserve(&c->out, &c->out_cap, c->out_len + n);
+	return c->out + c->out_len;
+}
+
+static void close_conn(int ep, struct conn *c)
+{
+	epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+	close(c->fd);
+	free(c->in);
+	free(c->out);
+	free(c);
+}
+
+static void update_events(int ep, struct conn *c)
+{
+	size_t pending = c->out_len - c->out_off;
+	int want_out = pending > 0;
+	uint32_t evs = (pending >= OUT_HIGH ? 0 : EPOLLIN) | (want_out ? EPOLLOUT : 0);
+	struct epoll_event ev = { .events = evs, .data.ptr = c };
+	epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+	c->want_out = want_out;
+}
+
+/* Write what is pending. Returns -1 if the connection broke. */
+static int flush_out(struct conn *c)
+{
+	while (c->out_off < c->out_len) {
+		ssize_t w = write(c->fd, c->out + c->out_off, c->out_len - c->out_off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				break;
+			return -1;
+		}
+		c->out_off += (size_t)w;
+	}
+	if (c->out_off == c->out_len) {
+		c->out_off = c->out_len = 0;
+	} else if (c->out_off > (1 << 20)) {
+		memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+		c->out_len -= c->out_off;
+		c->out_off = 0;
+	}
+	return 0;
+}
+
+/*
+ * Consume every whole frame in c->in, appending answers to c->out.
+ * Returns -1 on a frame we refuse (the connection is then closed).
+ */
+static int parse_frames(struct conn *c)
+{
+	size_t p = 0;
+	while (c->in_len - p >= 4) {
+		const uint8_t *f = c->in + p;
+		uint32_t type = get_u32(f);
+		if (type == CLIENT_HELLO || type == CLIENT_HEARTBEAT) {
+			uint8_t *o = out_room(c, 4);
+			put_u32(o, type == CLIENT_HELLO ? SERVER_HELLO : SERVER_HEARTBEAT);
+			c->out_len += 4;
+			p += 4;
+		} else if (type == INBOUND_UDP) {
+			if (c->in_len - p < 16)
+				break;
+			uint32_t len = get_u32(f + 12);
+			if (len > 65535)
+				return -1;
+			if (c->in_len - p < 16 + (size_t)len)
+				break;
+			uint8_t *o = out_room(c, 16 + (size_t)len + ANSWER_RR_LEN);
+			size_t alen = len <= MAX_DNS ? make_answer(f + 16, len, o + 16) : 0;
+			if (alen > 0) {
+				put_u32(o, OUTBOUND_UDP);
+				memcpy(o + 4, f + 4, 8); /* the remote's address and port */
+				put_u32(o + 12, (uint32_t)alen);
+				c->out_len += 16 + alen;
+			}
+			p += 16 + (size_t)len;
+		} else {
+			return -1; /* INBOUND_TCP or anything unknown */
+		}
+	}
+	if (p > 0) {
+		memmove(c->in, c->in + p, c->in_len - p);
+		c->in_len -= p;
+	}
+	return 0;
+}
+
+/* Readable: read once, answer every whole frame, write the answers at once. */
+static void on_readable(int ep, struct conn *c)
+{
+	reserve(&c->in, &c->in_cap, c->in_len + READ_CHUNK);
+	ssize_t r = read(c->fd, c->in + c->in_len, c->in_cap - c->in_len);
+	if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+		close_conn(ep, c);
+		return;
+	}
+	if (r < 0)
+		return;
+	c->in_len += (size_t)r;
+	if (parse_frames(c) < 0 || flush_out(c) < 0) {
+		close_conn(ep, c);
+		return;
+	}
+	size_t pending = c->out_len - c->out_off;
+	if ((pending > 0) != c->want_out || pending >= OUT_HIGH)
+		update_events(ep, c);
+}
+
+static int run_framed(const char *path)
+{
+	struct sockaddr_un sun;
+	if (strlen(path) >= sizeof(sun.sun_path)) {
+		fprintf(stderr, "stub: socket path too long: %s\n", path);
+		return 2;
+	}
+	int lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+	if (lfd < 0)
+		die("socket");
+	memset(&sun, 0, sizeof(sun));
+	sun.sun_family = AF_UNIX;
+	strcpy(sun.sun_path, path);
+	unlink(path);
+	if (bind(lfd, (struct sockaddr *)&sun, sizeof(sun)) < 0)
+		die("bind");
+	if (listen(lfd, 128) < 0)
+		die("listen");
+	set_nonblock(lfd);
+
+	int ep = epoll_create1(0);
+	struct epoll_event ev = { .events = EPOLLIN, .data.ptr = NULL }; /* NULL = listener */
+	if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev) < 0)
+		die("epoll");
+	printf("ready framed %s\n", path);
+	fflush(stdout);
+
+	struct epoll_event evs[64];
+	while (!stopping) {
+		int n = epoll_wait(ep, evs, 64, 1000);
+		if (n < 0 && errno != EINTR)
+			die("epoll_wait");
+		for (int k = 0; k < n; k++) {
+			struct conn *c = evs[k].data.ptr;
+			if (c == NULL) {
+				for (;;) {
+					int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+					if (fd < 0)
+						break;
+					big_buffers(fd);
+					struct conn *nc = calloc(1, sizeof(*nc));
+					if (nc == NULL)
+						die("calloc");
+					nc->fd = fd;
+					struct epoll_event cev = { .events = EPOLLIN, .data.ptr = nc };
+					if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &cev) < 0)
+						die("epoll_ctl");
+				}
+				continue;
+			}
+			if (evs[k].events & EPOLLOUT) {
+				if (flush_out(c) < 0) {
+					close_conn(ep, c);
+					continue;
+				}
+				update_events(ep, c);
+			}
+			if (evs[k].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+				on_readable(ep, c); /* may free c: nothing after it */
+		}
+	}
+	close(lfd);
+	unlink(path);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- spray */
+
+static double now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static int run_spray(int port, long count, const char *first)
+{
+	struct in_addr base;
+	if (inet_pton(AF_INET, first, &base) != 1 || (ntohl(base.s_addr) >> 24) != 127) {
+		fprintf(stderr, "stub: FIRST_IP must be in 127.0.0.0/8\n");
+		return 2;
+	}
+	uint32_t b = ntohl(base.s_addr);
+	if ((uint64_t)b + (uint64_t)count > 0x7fffffffULL) {
+		fprintf(stderr, "stub: FIRST_IP + COUNT leaves 127.0.0.0/8\n");
+		return 2;
+	}
+	int fd = socket(AF_INET, SOCK_DGRAM, 0);
+	if (fd < 0)
+		die("socket");
+	big_buffers(fd);
+	struct sockaddr_in any;
+	memset(&any, 0, sizeof(any));
+	any.sin_family = AF_INET; /* INADDR_ANY: answers to every 127/8 source land here */
+	if (bind(fd, (struct sockaddr *)&any, sizeof(any)) < 0)
+		die("bind");
+	set_nonblock(fd);
+
+	struct sockaddr_in dst;
+	memset(&dst, 0, sizeof(dst));
+	dst.sin_family = AF_INET;
+	dst.sin_port = htons((uint16_t)port);
+	dst.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+
+	/* www.example.com A IN, RD; the id is the low 16 bits of the index. */
+	static const uint8_t qtail[] = {
+		3, 'w', 'w', 'w', 7, 'e', 'x', 'a', 'm', 'p', 'l', 'e', 3, 'c', 'o', 'm', 0,
+		0, 1, 0, 1,
+	};
+	uint8_t q[12 + sizeof(qtail)];
+	memset(q, 0, 12);
+	q[2] = 0x01; /* RD */
+	q[5] = 1;    /* QDCOUNT */
+	memcpy(q + 12, qtail, sizeof(qtail));
+
+	const long window = 256;
+	long sent = 0, answered = 0, given_up = 0;
+	double start = now_ms(), last_progress = start;
+	uint8_t rbuf[MAX_DNS];
+	while (!stopping) {
+		long outstanding = sent - answered - given_up;
+		if (sent == count && outstanding <= 0)
+			break;
+		while (sent < count && outstanding < window) {
+			q[0] = (uint8_t)(sent >> 8);
+			q[1] = (uint8_t)sent;
+			char cbuf[CMSG_SPACE(sizeof(struct in_pktinfo))];
+			memset(cbuf, 0, sizeof(cbuf));
+			struct iovec iov = { .iov_base = q, .iov_len = sizeof(q) };
+			struct msghdr mh = {
+				.msg_name = &dst, .msg_namelen = sizeof(dst),
+				.msg_iov = &iov, .msg_iovlen = 1,
+				.msg_control = cbuf, .msg_controllen = sizeof(cbuf),
+			};
+			struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+			cm->cmsg_level = IPPROTO_IP;
+			cm->cmsg_type = IP_PKTINFO;
+			cm->cmsg_len = CMSG_LEN(sizeof(struct in_pktinfo));
+			struct in_pktinfo *pi = (struct in_pktinfo *)CMSG_DATA(cm);
+			pi->ipi_spec_dst.s_addr = htonl(b + (uint32_t)sent);
+			if (sendmsg(fd, &mh, 0) < 0) {
+				if (errno == EAGAIN || errno == ENOBUFS)
+					break;
+				die("sendmsg");
+			}
+			sent++;
+			outstanding++;
+		}
+		struct pollfd pfd = { .fd = fd, .events = POLLIN };
+		int pr = poll(&pfd, 1, 50);
+		if (pr < 0 && errno != EINTR)
+			die("poll");
+		for (;;) {
+			ssize_t r = recv(fd, rbuf, sizeof(rbuf), 0);
+			if (r < 0)
+				break;
+			answered++;
+			last_progress = now_ms();
+		}
+		/* Nothing answered for 200 ms: give up on what is outstanding. */
+		if (now_ms() - last_progress > 200) {
+			if (sent - answered - given_up > 0)
+				given_up = sent - answered;
+			last_progress = now_ms();
+		}
+	}
+	printf("sent %ld answered %ld ms %.0f\n", sent, answered, now_ms() - start);
+	close(fd);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	install_signals();
+	if (argc == 3 && strcmp(argv[1], "udp") == 0)
+		return run_udp(atoi(argv[2]));
+	if (argc == 3 && strcmp(argv[1], "framed") == 0)
+		return run_framed(argv[2]);
+	if ((argc == 4 || argc == 5) && strcmp(argv[1], "spray") == 0)
+		return run_spray(atoi(argv[2]), atol(argv[3]), argc == 5 ? argv[4] : "127.1.0.0");
+	fprintf(stderr, "usage: stub udp PORT | stub framed PATH | stub spray PORT COUNT [FIRST_IP]\n");
+	return 2;
+}
