@@ -36,7 +36,8 @@ const BUILD = path.join(HERE, 'build');
 const RESULTS = path.join(HERE, 'results');
 const STUB_SRC = path.join(HERE, 'stub.c');
 const STUB = path.join(BUILD, 'stub');
-const BBAL = path.join(ROOT, 'bin', 'bbal.js');
+/* The launcher, as installed: it execs node with bbal's V8 flags. */
+const BBAL = path.join(ROOT, 'bin', 'bbal');
 const MNAME = path.join(HERE, 'mname_server.cjs');
 const TCP_CONNS = path.join(HERE, 'tcp_conns.mjs');
 
@@ -623,19 +624,20 @@ async function startDnsdist(port, backendPort) {
 }
 
 /*
- * bbal as the brief launches it: node bin/bbal.js ... -l warn. Ready when the
+ * bbal as operators launch it: bin/bbal ... -l warn. Ready when the
  * stats snapshot shows every backend ok (and, unless noProbe, a query from
  * 127.0.0.1 is answered).
  */
 async function startBbal(name, { port, dir, backends, noProbe = false, profileName, stats = `${dir}.stats.sock` }) {
-	const nodeArgs = [];
-	if (opts.profile && profileName) {
-		mkdirSync(path.join(BUILD, 'prof'), { recursive: true });
-		nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${path.join(BUILD, 'prof')}`, `--cpu-prof-name=${profileName}`);
-	}
 	const env = { ...process.env };
 	delete env.LOG_LEVEL;
-	const p = start(name, process.execPath, [...nodeArgs, BBAL, '-b', '127.0.0.1', '-p', String(port), '-s', dir,
+	if (opts.profile && profileName) {
+		/* The launcher execs node itself, so profiling flags travel in NODE_OPTIONS. */
+		mkdirSync(path.join(BUILD, 'prof'), { recursive: true });
+		env.NODE_OPTIONS = [env.NODE_OPTIONS, '--cpu-prof', `--cpu-prof-dir=${path.join(BUILD, 'prof')}`,
+			`--cpu-prof-name=${profileName}`].filter(Boolean).join(' ');
+	}
+	const p = start(name, BBAL, ['-b', '127.0.0.1', '-p', String(port), '-s', dir,
 		'-S', stats, '-l', 'warn'], { env });
 	p.stats = stats;
 	await waitFor(`${name}: ${backends} backend(s) ok`, async () => {
