@@ -42,7 +42,9 @@
  * than a busy loop of log lines.  A hello puts the delay back to 1.  A
  * connect that fails with ENOENT means the socket file is gone: the backend is
  * marked removed and not retried until a rescan sees the file again; its
- * remotes choose a new primary rather than wait for it.
+ * remotes choose a new primary rather than wait for it.  A rescan that no
+ * longer finds the file does the same even while the control session is up,
+ * since no new connection (no TCP session) could reach the backend.
  *
  * HEARTBEATS.  Five seconds after the hello, and five seconds after each
  * reply, bbal sends CLIENT_HEARTBEAT; a reply must come within 15 seconds.
@@ -66,7 +68,12 @@
  * healthy but momentarily slower backend stuck under a burst (a resolver
  * with 800 queries in flight is enough); 256 KiB is a few hundred
  * milliseconds of a busy backend's work, short of any resolver's timeout,
- * and bounds the memory a dead-but-connected backend can cost.
+ * and bounds the memory a dead-but-connected backend can cost.  A session
+ * that stays stuck for STUCK_FAULT_SECS (2) is faulted: a backend that has
+ * not drained a quarter of a megabyte in two seconds has stopped, and its
+ * remotes are better served by a backup now than after the 15-second
+ * heartbeat deadline; closing the session also throws away the queries
+ * queued for it, which nobody would want answered any more.
  *
  * The registry also owns round-robin selection of a backend for a new remote
  * and the rebalance decision; it never touches remotes itself (main asks for
@@ -99,6 +106,8 @@ export const MAX_SOCKET_PATH_BYTES = 107;
 export const NAMED_ID_MIN = 5300;
 export const NAMED_ID_MAX = 5399;
 
+/* A session stuck this long is faulted (see STUCK). */
+export const STUCK_FAULT_SECS = 2;
 /* How much may wait inside bbal for one control session before it is stuck. */
 export const CONTROL_HIGH_WATER_BYTES = 256 * 1024;
 /* Frames queued in one turn are packed into buffers of about this size. */
@@ -162,6 +171,7 @@ export class Backend implements FrameSink {
 	private readonly connectTimeout: Timeout;
 	private readonly reconnectTimeout: Timeout;
 	private readonly heartbeatTimeout: Timeout;
+	private readonly stuckTimeout: Timeout;
 
 	constructor(
 		private readonly registry: Backends,
@@ -176,6 +186,9 @@ export class Backend implements FrameSink {
 		});
 		this.reconnectTimeout = wheel.create(`backend ${id} reconnect`, () => this.connect());
 		this.heartbeatTimeout = wheel.create(`backend ${id} heartbeat`, () => this.heartbeatDue());
+		this.stuckTimeout = wheel.create(`backend ${id} stuck deadline`, () => {
+			this.fault('session stuck: the backend stopped reading', { stuck_secs: STUCK_FAULT_SECS });
+		});
 	}
 
 	get ok(): boolean {
@@ -255,6 +268,7 @@ export class Backend implements FrameSink {
 		this.outChunks = [];
 		if (!ok && !this.stuck) {
 			this.stuck = true;
+			this.stuckTimeout.set(STUCK_FAULT_SECS);
 			this.log.warn('backend session stuck (write queue full): dropping new UDP queries');
 		}
 	}
@@ -336,10 +350,29 @@ export class Backend implements FrameSink {
 		this.log.info('backend socket removed');
 	}
 
+	/**
+	 * The socket file is gone (a rescan no longer lists it, or a TCP
+	 * session's connect got ENOENT) while the control session may still be
+	 * up.  Nothing new can reach this backend -- every TCP session would
+	 * fail -- so it is removed now, rather than when its process finally
+	 * dies, and its remotes choose afresh.
+	 */
+	socketGone(): void {
+		if (this.state === 'removed' || this.state === 'closed') {
+			return;
+		}
+		if (this.state === 'ok') {
+			this.stats.faults++;
+		}
+		this.log.warn({ state: this.state }, 'backend socket file is gone');
+		this.markRemoved();
+	}
+
 	/* Forget the socket and everything tied to it; the state is the caller's. */
 	private dropSession(): void {
 		this.connectTimeout.clear();
 		this.heartbeatTimeout.clear();
+		this.stuckTimeout.clear();
 		this.heartbeatOutstanding = false;
 		this.stuck = false;
 		this.discardQueued();
@@ -407,6 +440,7 @@ export class Backend implements FrameSink {
 	private readonly controlOnDrain = (): void => {
 		if (this.stuck) {
 			this.stuck = false;
+			this.stuckTimeout.clear();
 			this.log.info('backend session writable again');
 		}
 	};
@@ -562,9 +596,15 @@ export class Backends {
 				return;
 			}
 			entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+			const present = new Set<string>();
 			for (const de of entries) {
 				if (de.isSocket()) {
-					this.foundPath(de.name);
+					present.add(this.foundPath(de.name)?.path ?? '');
+				}
+			}
+			for (const be of this.list()) {
+				if (!present.has(be.path)) {
+					be.socketGone();
 				}
 			}
 		} finally {

@@ -321,8 +321,12 @@ export class TcpProxy {
 		this.teardown();
 	};
 
-	private readonly backOnError = (err: Error): void => {
+	private readonly backOnError = (err: NodeJS.ErrnoException): void => {
 		this.log.warn({ err }, 'backend tcp session error');
+		if (err.code === 'ENOENT' && this.state === 'connecting') {
+			/* The socket file is gone: the next connection should go elsewhere. */
+			this.backend.socketGone();
+		}
 		this.teardown();
 	};
 

@@ -273,6 +273,28 @@ t.test('writes queued in one turn leave in one write; a stuck session drops and 
 	t.ok(be.ok, 'a stuck session is not a fault by itself');
 });
 
+t.test('a session stuck for 2 s is faulted; one that drains in time is not', async (t) => {
+	const env = setup();
+	const { be, sock } = okBackend(env, '5301');
+	sock.accept = false;
+	be.sendUdp(1, 1, Buffer.from('q'));
+	await turn();
+	t.ok(be.isStuck);
+	env.advance(1);
+	sock.emit('drain');
+	env.advance(2);
+	t.ok(be.ok, 'drained within the deadline: still ok');
+	be.sendUdp(1, 1, Buffer.from('q'));
+	await turn();
+	t.ok(be.isStuck, 'stuck again');
+	env.advance(1);
+	t.ok(be.ok, 'still ok after 1 s');
+	env.advance(1);
+	t.equal(be.state, 'waiting', 'faulted after 2 s stuck');
+	t.ok(sock.destroyed, 'its queue is thrown away with the session');
+	t.notOk(be.isStuck);
+});
+
 t.test('ids: 5300-5399 names when free, otherwise one more than the highest', async (t) => {
 	const env = setup('/s');
 	t.equal(env.reg.foundPath('5310')?.id, 5310);
