@@ -1,0 +1,56 @@
+/*
+ * The chaos suite's short form, inside `npm test` (under 60 s).
+ *
+ * The same fleet, load driver, fault windows and verdicts as `npm run
+ * chaos` (see scenarios.ts and report.ts), with shorter phases and four of
+ * the six scenarios:
+ *
+ *   kill      SIGKILL an mname, restart it 2 s later (not 5)
+ *   violate   the fake sends garbage mid-stream
+ *   remove    unlink an mname's socket, add a new backend 1 s later, kill
+ *             the orphaned process 8 s after the unlink (past the 6-s bound)
+ *   restart   SIGTERM bbal and start it again
+ *
+ * Left to `npm run chaos`: the SIGSTOP (25 s, for the heartbeat) and the
+ * stuck backend (14 s, for bbal's 256 KiB stuck threshold to fill at this
+ * rate), which alone would take longer than the whole budget.  The load is
+ * the full one (2,000 qps from 50 sources, every 20th query over TCP).
+ *
+ * Every scenario must pass: nothing lost outside its fault windows, its
+ * remotes back on their primary within 10 s of its recovery, bbal's RSS and
+ * descriptors back within 10%, no untold exit.  Each table is printed as a
+ * TAP comment.
+ */
+
+import t from 'tap';
+import type { Timing } from './scenarios.js';
+import { runSuite } from './suite.js';
+
+const SHORT_TIMING: Timing = {
+	beforeMs: 2000, afterMs: 2000, killDownMs: 2000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 1000,
+	orphanMs: 8000, returnWaitMs: 12_000, balanceWaitMs: 0,
+};
+
+t.test('chaos, short form: faults under load lose nothing outside their windows', async (t) => {
+	const res = await runSuite(t, {
+		rate: 2000,
+		sources: 50,
+		tcpEvery: 20,
+		timeoutMs: 1000,
+		warmupMs: 1500,
+		burstMs: 8000,
+		timing: SHORT_TIMING,
+		plan: ['kill', 'violate', 'remove', 'restart'],
+		log: (line) => t.comment(line),
+	});
+	t.comment(`summary (${(res.elapsedMs / 1000).toFixed(1)} s):\n${res.summary}`);
+	for (const { run, a } of res.results) {
+		t.equal(a.outside, 0, `${run.name}: no query lost outside the fault windows (${a.inside} inside)`);
+		t.same(a.notReturned, [], `${run.name}: every moved remote back on its primary`);
+		t.same(a.lateReturns, [], `${run.name}: ... within 10 s of the primary's recovery`);
+		t.equal(run.unexpectedExits.length, 0, `${run.name}: bbal never exited untold`);
+		t.ok(a.pass, `${run.name}: ${a.pass ? 'PASS' : a.failures.join('; ')}`);
+	}
+	/* The budget is a design figure, not an assertion: a busy machine makes everything slower. */
+	t.comment(`the short form took ${(res.elapsedMs / 1000).toFixed(1)} s (budget 60 s; about 45 s on an idle 2-core machine)`);
+});

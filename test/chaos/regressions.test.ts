@@ -1,0 +1,180 @@
+/*
+ * Regression tests for what the chaos suite found in bbal, each reduced to
+ * the smallest fleet that shows it.
+ *
+ * 1. A removed socket file is never noticed while the backend's control
+ *    session stays up.  README ("The socket directory"): "A socket whose
+ *    file disappears is marked *removed* and not retried until the file is
+ *    back."  In fact Backends.rescan() only looks at the sockets that exist,
+ *    and a backend is marked removed only when connecting its control
+ *    session fails with ENOENT, which never happens while the session it has
+ *    stays open.  So when a backend's socket file is unlinked while its
+ *    process runs on, bbal keeps it ok and keeps its remotes on it; every TCP
+ *    connection from those remotes then fails (the per-connection session's
+ *    connect gets ENOENT and the client is reset), for as long as the
+ *    process lives, and UDP keeps going to a backend nobody can reach any
+ *    more.  The chaos "remove" scenario lost every TCP query of the
+ *    backend's remotes from 6 s after the unlink until the process died.
+ *    (Fixed in 939bb51.)
+ *
+ * 2. A backend that stalls and then resumes is first handed everything bbal
+ *    queued for it during the stall.  A session is "stuck" only once 256 KiB
+ *    wait in bbal (CONTROL_HIGH_WATER_BYTES) on top of the socket buffer;
+ *    both are delivered when the backend reads again, so it first answers
+ *    thousands of queries whose clients gave up long ago, and the fresh
+ *    queries of its remotes wait behind them.  The chaos "stuck" scenario
+ *    (14-s stall at 2,000 qps) lost up to 5,543 queries after bbal had
+ *    logged the session writable again, all timeouts of the stalled
+ *    backend's remotes; meanwhile those remotes got no failover at all
+ *    until the heartbeat deadline (up to 22 s), because a stuck session
+ *    drops rather than faults.  This test shows the stale delivery in a few
+ *    seconds with padded queries: after a 4-s stall the backend received,
+ *    on the session bbal kept, 425 queries up to 4 s old before any new one.
+ *    (Fixed in 939bb51: a session stuck for 2 s is faulted.)
+ */
+
+import dgram from 'node:dgram';
+import net from 'node:net';
+import { unlink } from 'node:fs/promises';
+import path from 'node:path';
+import t from 'tap';
+import dnsPacket from 'dns-packet';
+import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_UDP, FrameReader, SERVER_HEARTBEAT_FRAME,
+	SERVER_HELLO_FRAME } from '../../src/protocol.js';
+import {
+	backendOf, encodeQuery, freePort, makeSocketDir, sleep, startBbal, startFleet, udpQuery, waitFor,
+} from '../helpers.js';
+
+/* One TCP query from `source`; resolves with the answering backend's label, or the error. */
+function tcpQuery(port: number, source: string, name: string, timeoutMs = 2000): Promise<string> {
+	return new Promise((resolve) => {
+		const sock = net.connect({ host: '127.0.0.1', port, localAddress: source });
+		const q = encodeQuery(name, 'TXT', 4242);
+		let buf = Buffer.alloc(0);
+		const done = (what: string): void => {
+			clearTimeout(timer);
+			sock.destroy();
+			resolve(what);
+		};
+		const timer = setTimeout(() => done('timeout'), timeoutMs);
+		sock.on('connect', () => {
+			const len = Buffer.alloc(2);
+			len.writeUInt16BE(q.length, 0);
+			sock.write(Buffer.concat([len, q]));
+		});
+		sock.on('data', (d: Buffer) => {
+			buf = Buffer.concat([buf, d]);
+			if (buf.length >= 2 && buf.length >= 2 + buf.readUInt16BE(0)) {
+				done(backendOf(dnsPacket.decode(buf.subarray(2, 2 + buf.readUInt16BE(0)))) ?? 'no label');
+			}
+		});
+		sock.on('error', (err: NodeJS.ErrnoException) => done(`error ${err.code ?? err.message}`));
+		sock.on('close', () => done('closed before the answer'));
+	});
+}
+
+t.test('a backend whose socket file is removed while its session is up is marked removed at the next rescan',
+	async (t) => {
+		const { bbal, port, backends } = await startFleet(t, ['5301', '5302']);
+		const gone = backends[1];
+		t.ok(gone, 'the second backend exists');
+		/* A source that 5302 serves. */
+		let source = '';
+		for (let n = 1; n <= 8 && source === ''; n++) {
+			const s = `127.0.3.${n}`;
+			if ((await udpQuery({ port, source: s, name: 'who.example' })).backend === '5302') {
+				source = s;
+			}
+		}
+		t.not(source, '', 'some source is served by 5302');
+		t.equal(await tcpQuery(port, source, 'before.example'), '5302', 'TCP from it reaches 5302 before');
+
+		const since = bbal.logs.length;
+		await unlink(gone?.path as string);
+		/* The directory is read every 5 s; the wheel may fire a tick late. */
+		const removed = await bbal.waitForLog((r) => r.be_id === 5302 && r.msg === 'backend socket removed', 7000, since)
+			.then(() => true, () => false);
+		t.ok(removed, 'bbal logs 5302 removed within 7 s of its socket file disappearing (README: "The socket directory")');
+		t.equal(await tcpQuery(port, source, 'after.example'), '5301',
+			'a TCP query from a remote of the removed backend is then served by another backend');
+	});
+
+t.test('a backend that resumes after a stall is not handed queries older than a resolver waits', async (t) => {
+	const dir = await makeSocketDir(t);
+	/* A backend that says hello, answers heartbeats, and notes when each query reaches it. */
+	const arrivals: Array<{ sentAt: number; at: number; session: { ended: boolean } }> = [];
+	let conn: net.Socket | null = null;
+	const srv = net.createServer((sock) => {
+		conn = sock;
+		/* Whether bbal has closed this session: queries on a session bbal gave up on go nowhere. */
+		const session = { ended: false };
+		sock.on('end', () => {
+			session.ended = true;
+		});
+		sock.on('error', () => {});
+		const reader = new FrameReader({
+			onFrame(type, _addr, _port, payload) {
+				if (type === FRAME_CLIENT_HELLO) {
+					sock.write(SERVER_HELLO_FRAME);
+				} else if (type === FRAME_CLIENT_HEARTBEAT) {
+					sock.write(SERVER_HEARTBEAT_FRAME);
+				} else if (type === FRAME_INBOUND_UDP && payload !== null) {
+					const m = /t(\d+)\.stale/.exec(dnsPacket.decode(payload).questions?.[0]?.name ?? '');
+					if (m !== null) {
+						arrivals.push({ sentAt: Number(m[1]), at: Date.now(), session });
+					}
+				}
+				return true;
+			},
+			onFrameError() {},
+		});
+		sock.on('data', (d: Buffer) => reader.feed(d));
+	});
+	await new Promise<void>((resolve) => srv.listen(path.join(dir, '5301'), resolve));
+	t.teardown(() => {
+		conn?.destroy();
+		srv.close();
+	});
+	const port = await freePort();
+	const bbal = await startBbal(t, { dir, port });
+	await bbal.waitForLog((r) => r.msg === 'backend socket established');
+	const client = dgram.createSocket('udp4');
+	await new Promise<void>((resolve) => client.bind(0, '127.0.4.1', resolve));
+	t.teardown(() => client.close());
+	/* 1,200-byte queries (a valid question, then padding bbal does not read): 256 KiB is 220 of them. */
+	const send = (): void => {
+		const q = Buffer.alloc(1200);
+		encodeQuery(`t${Date.now()}.stale.example`, 'A', 7).copy(q);
+		client.send(q, port, '127.0.0.1');
+	};
+	const stalledAt = Date.now();
+	(conn as net.Socket | null)?.pause();
+	/* 250 queries a second for 4 s: bbal finds the session stuck on the way and drops the rest. */
+	for (let i = 0; i < 40; i++) {
+		for (let j = 0; j < 25; j++) {
+			send();
+		}
+		await sleep(100);
+	}
+	const stuck = bbal.logs.some((r) => r.msg === 'backend session stuck (write queue full): dropping new UDP queries');
+	t.ok(stuck, 'bbal found the session stuck during the stall');
+	const resumedAt = Date.now();
+	arrivals.length = 0;
+	(conn as net.Socket | null)?.resume();
+	/* The stall is over for bbal when the session drains, or when bbal gave up on it and faulted it. */
+	await waitFor(() => bbal.logs.some((r) => r.msg === 'backend session writable again'
+		|| r.msg === 'backend faulted (reset and reconnect)'), 5000, 50, 'the session writable again, or faulted');
+	await sleep(500);
+	/*
+	 * What sat in the backend's own receive queue when bbal closed the
+	 * session cannot be taken back, and is harmless: its answers go nowhere.
+	 * What counts is a session bbal keeps: its old queries come before every
+	 * new one.
+	 */
+	const live = arrivals.filter((a) => !a.session.ended);
+	const ages = live.map((a) => a.at - a.sentAt);
+	const stale = ages.filter((a) => a > 1000).length;
+	t.comment(`stall ${resumedAt - stalledAt} ms: after it, the backend received ${arrivals.length} queries, `
+		+ `${live.length} on a session bbal kept, ${stale} of those over 1 s old, the oldest ${Math.max(0, ...ages)} ms`);
+	t.equal(stale, 0, 'no query that waited over 1 s in bbal reaches the backend on a live session after the stall');
+});

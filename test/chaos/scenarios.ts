@@ -1,0 +1,480 @@
+/*
+ * CHAOS SCENARIOS
+ *
+ * Each scenario hurts one thing while the load driver runs, repairs it, and
+ * hands the runner its fault windows.  The runner measures bbal before and
+ * after, waits for the remotes to come home, and asks report.ts for the
+ * verdict.  Scenarios run one after another on one fleet (three real mname
+ * backends, 5301-5303, and one fake, 5310) behind one bbal, and each
+ * leaves the fleet whole for the next, so the same code serves `npm run
+ * chaos`, its short form in `npm test` and the soak.
+ *
+ * THE FAULT WINDOWS.  A window runs from the fault to the moment bbal
+ * noticed it, read from bbal's own log, never beyond the latest moment its
+ * documented timings (README, PROTOCOL.md) let it know:
+ *
+ *   kill      SIGKILL of an mname.  The kernel closes the socket at once:
+ *             EOF.  Ends at bbal's "backend faulted" line for it; at most
+ *             1 s.
+ *   stop      SIGSTOP of an mname, SIGCONT after stopSecs.  Only the
+ *             heartbeat can tell: a heartbeat goes out 5 s after the last
+ *             reply and must be answered within 15 s, and each of the two
+ *             timeouts may fire up to one 1-s tick late.  Ends at bbal's
+ *             "backend faulted" line -- no heartbeat, or, sooner, the 10-s
+ *             INBOUND_TCP_OK deadline of a TCP session opened to it
+ *             meanwhile; at most 22 s.  The stop
+ *             lasts 25 s by default rather than 20: with a 20-s stop, the
+ *             SIGCONT comes before bbal's worst case and, depending on where
+ *             the heartbeat cycle was, bbal may rightly never fault it, so
+ *             the heartbeat path would be tested only some of the time.
+ *   remove    unlink of an mname's socket file; the process runs on, its
+ *             open session to bbal too, but no new connection reaches it.
+ *             bbal reads the directory every 5 s: ends at its "backend socket
+ *             removed" (or faulted) line; at most 5 s + 1 tick = 6 s.  A new
+ *             backend socket is added later, and the orphaned process is
+ *             SIGKILLed well after that bound (a kill window of its own), so
+ *             what bbal does between the bound and the kill counts.
+ *   stuck     the fake stops reading everything for stuckSecs, then reads
+ *             again.  bbal calls a session stuck once 256 KiB wait in it
+ *             (backends.ts), about 10 s at this load, and faults a session
+ *             stuck for 2 s; a TCP session opened to the backend meanwhile
+ *             faults it at its 10-s INBOUND_TCP_OK deadline.  stuckSecs is 14,
+ *             so that one of these happens.  "While stuck": ends when bbal
+ *             logs the session writable again, or faults it; at most the
+ *             resume + 1 s to drain what was queued.
+ *   violate  the fake writes garbage between two answers on its control
+ *             session.  The read that carries it faults the backend: ends at
+ *             bbal's "backend faulted" line; at most 1 s.
+ *   restart  SIGTERM to bbal, then a new bbal.  The restart gap: from the
+ *             SIGTERM until the new bbal logs its first established backend
+ *             (before that nothing can serve; it answers SERVFAIL).  No
+ *             bound: the gap is the operator's.  Every remote is concerned.
+ *
+ * Recovery, for the 10-s return criterion, is the moment the primary could
+ * serve again: listening after its restart, SIGCONT, resumed, and for a
+ * protocol violation the violation itself (new sessions are served at once).
+ */
+
+import { readFileSync } from 'node:fs';
+import { sleep } from '../helpers.js';
+import type { ChaosBackend, ChaosFleet } from './fleet.js';
+import type { LoadDriver } from './load.js';
+import {
+	type Analysis, analyze, type FaultWindow, formatScenario, primaries, type ScenarioRun,
+} from './report.js';
+
+export interface Timing {
+	beforeMs: number;
+	afterMs: number;
+	killDownMs: number;
+	stopMs: number;
+	stuckMs: number;
+	/** From a socket's removal to the new backend socket. */
+	addAfterMs: number;
+	/** From a socket's removal to the SIGKILL of its orphaned process (at least 1 s after the new backend is up). */
+	orphanMs: number;
+	/** Longest wait for the remotes to return (after recovery). */
+	returnWaitMs: number;
+	/** Longest wait for bbal's rebalance to even the spread out after a reassignment; 0: don't wait. */
+	balanceWaitMs: number;
+}
+
+export const FULL_TIMING: Timing = {
+	beforeMs: 5000, afterMs: 5000, killDownMs: 5000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 8000,
+	orphanMs: 16_000, returnWaitMs: 12_000, balanceWaitMs: 65_000,
+};
+
+export interface Ctx {
+	fleet: ChaosFleet;
+	driver: LoadDriver;
+	timing: Timing;
+	timeoutMs: number;
+	/** Names for backends added by the remove scenario. */
+	nextName: () => string;
+	log: (line: string) => void;
+}
+
+type LogPred = (r: { msg?: string; reason?: unknown; be_path?: unknown; instance: number }) => boolean;
+
+interface PendingWindow {
+	label: string;
+	target: string | null;
+	faultAt: number;
+	/** The line that shows bbal saw the fault (default: close). */
+	notice?: LogPred;
+	/** The line that ends the window. */
+	close: LogPred;
+	boundMs: number;
+	definition: string;
+}
+
+interface Injected {
+	windows: PendingWindow[];
+	recovery: { target: string; recoveredAt: number } | null;
+	rehome: boolean;
+	bbalReplaced?: boolean;
+	expectedFdDelta?: number;
+	failures?: string[];
+	notes?: string[];
+}
+
+export interface Scenario {
+	name: string;
+	/** What it hurts: an mname backend, the fake, or bbal. */
+	needs: 'mname' | 'fake' | 'bbal';
+	describe(target: string, t: Timing): string;
+	inject(ctx: Ctx, target: string): Promise<Injected>;
+}
+
+const FAULTED = 'backend faulted (reset and reconnect)';
+
+function faultOf(path: string): LogPred {
+	return (r) => r.be_path === path && (r.msg === FAULTED || r.msg === 'backend socket removed');
+}
+
+function describeLog(r: { msg?: string; reason?: unknown }): string {
+	return r.reason !== undefined ? `${r.msg}: ${String(r.reason)}` : String(r.msg);
+}
+
+function backend(ctx: Ctx, name: string): ChaosBackend {
+	const be = ctx.fleet.backends.get(name);
+	if (be === undefined) {
+		throw new Error(`no backend ${name}`);
+	}
+	return be;
+}
+
+export const SCENARIOS: Scenario[] = [
+	{
+		name: 'kill',
+		needs: 'mname',
+		describe: (b, t) => `SIGKILL backend ${b}, restart it at the same path ${t.killDownMs / 1000} s later`,
+		async inject(ctx, name) {
+			const be = backend(ctx, name);
+			const faultAt = Date.now();
+			await be.kill();
+			await sleep(ctx.timing.killDownMs - (Date.now() - faultAt));
+			const recoveredAt = await be.restart();
+			return {
+				windows: [{
+					label: `SIGKILL ${name}`, target: name, faultAt, close: faultOf(be.path), boundMs: 1000,
+					definition: 'EOF: from the SIGKILL until bbal logs the backend faulted; at most 1 s',
+				}],
+				recovery: { target: name, recoveredAt },
+				rehome: false,
+			};
+		},
+	},
+	{
+		name: 'stop',
+		needs: 'mname',
+		describe: (b, t) => `SIGSTOP backend ${b} for ${t.stopMs / 1000} s (heartbeat fault), then SIGCONT`,
+		async inject(ctx, name) {
+			const be = backend(ctx, name);
+			const faultAt = Date.now();
+			be.signal('SIGSTOP');
+			try {
+				await sleep(ctx.timing.stopMs);
+			} finally {
+				be.signal('SIGCONT');
+			}
+			const recoveredAt = Date.now();
+			return {
+				windows: [{
+					label: `SIGSTOP ${name}`, target: name, faultAt, close: faultOf(be.path), boundMs: 22_000,
+					definition: 'heartbeat: from the SIGSTOP until bbal logs the backend faulted; at most '
+						+ '5 s (heartbeat interval) + 15 s (reply deadline) + 2 ticks = 22 s',
+				}],
+				recovery: { target: name, recoveredAt },
+				rehome: false,
+			};
+		},
+	},
+	{
+		name: 'remove',
+		needs: 'mname',
+		describe: (b, t) => `remove backend ${b}'s socket file (its process runs on); add a new backend socket `
+			+ `${t.addAfterMs / 1000} s later; SIGKILL the orphaned process ${t.orphanMs / 1000} s after the removal`,
+		async inject(ctx, name) {
+			const be = backend(ctx, name);
+			const faultAt = await ctx.fleet.removeSocket(name);
+			await sleep(ctx.timing.addAfterMs);
+			const newName = ctx.nextName();
+			const added = await ctx.fleet.addMname(newName);
+			const addedAt = Date.now();
+			const bbal = ctx.fleet.bbal;
+			const since = bbal.logs.length;
+			const notes: string[] = [];
+			const failures: string[] = [];
+			try {
+				await bbal.waitForLog((r) => r.msg === 'backend socket established' && r.be_path === added.path,
+					7000, since);
+				notes.push(`new backend ${newName} established ${((Date.now() - addedAt) / 1000).toFixed(1)} s `
+					+ 'after its socket appeared (the directory is read every 5 s)');
+			} catch {
+				failures.push(`new backend ${newName} not established within 7 s of its socket appearing`);
+			}
+			/* The orphan outlives the window's bound, so what bbal does after it shows. */
+			await sleep(Math.max(1000, ctx.timing.orphanMs - (Date.now() - faultAt)));
+			const orphanAt = Date.now();
+			await be.kill();
+			ctx.fleet.backends.delete(name);
+			return {
+				windows: [{
+					label: `unlink ${name}`, target: name, faultAt,
+					close: (r) => r.be_path === be.path && (r.msg === 'backend socket removed' || r.msg === FAULTED),
+					boundMs: 6000,
+					definition: 'rescan: from the unlink until bbal logs the backend removed (or faulted); the '
+						+ 'directory is read every 5 s, so at most 5 s + 1 tick = 6 s',
+				}, {
+					label: `SIGKILL orphan ${name}`, target: name, faultAt: orphanAt, close: faultOf(be.path),
+					boundMs: 1000,
+					definition: 'EOF: from the SIGKILL of the orphaned process until bbal logs the fault; at most 1 s',
+				}],
+				recovery: null,
+				rehome: true,
+				expectedFdDelta: 0,
+				notes,
+				failures,
+			};
+		},
+	},
+	{
+		name: 'stuck',
+		needs: 'fake',
+		describe: (b, t) => `backend ${b} stops reading for ${t.stuckMs / 1000} s while load continues, then reads again`,
+		async inject(ctx, name) {
+			const be = backend(ctx, name);
+			const faultAt = await be.command('stuck');
+			await sleep(ctx.timing.stuckMs);
+			const recoveredAt = await be.command('resume');
+			const stuckLine = ctx.fleet.findLog(faultAt, (r) => r.be_path === be.path
+				&& r.msg === 'backend session stuck (write queue full): dropping new UDP queries');
+			const notes = [stuckLine === null ? 'bbal never found the session stuck (the socket took every write)'
+				: `bbal found the session stuck after ${((stuckLine.t - faultAt) / 1000).toFixed(3)} s and dropped `
+					+ 'new queries for it from then on'];
+			return {
+				windows: [{
+					label: `stuck ${name}`, target: name, faultAt,
+					notice: (r) => r.be_path === be.path && (r.msg?.startsWith('backend session stuck') === true
+						|| r.msg === FAULTED),
+					close: (r) => r.be_path === be.path && (r.msg === 'backend session writable again' || r.msg === FAULTED),
+					boundMs: ctx.timing.stuckMs + 1000,
+					definition: 'while stuck: from the moment the backend stops reading until bbal logs its session '
+						+ 'writable again (or faults it); at most the resume + 1 s',
+				}],
+				recovery: { target: name, recoveredAt },
+				rehome: false,
+				notes,
+			};
+		},
+	},
+	{
+		name: 'violate',
+		needs: 'fake',
+		describe: (b) => `backend ${b} sends garbage mid-stream on its control session, then serves new sessions`,
+		async inject(ctx, name) {
+			const be = backend(ctx, name);
+			const faultAt = await be.command('violate');
+			return {
+				windows: [{
+					label: `garbage from ${name}`, target: name, faultAt, close: faultOf(be.path), boundMs: 1000,
+					definition: 'protocol violation: from the garbage until bbal logs the backend faulted; at most 1 s',
+				}],
+				recovery: { target: name, recoveredAt: faultAt },
+				rehome: false,
+			};
+		},
+	},
+	{
+		name: 'restart',
+		needs: 'bbal',
+		describe: () => 'restart bbal (SIGTERM, then start it again) while load runs',
+		async inject(ctx) {
+			const failures: string[] = [];
+			const stopped = await ctx.fleet.stopBbal();
+			if (stopped.code !== 0) {
+				failures.push(`bbal did not exit 0 on SIGTERM (code ${stopped.code}, signal ${stopped.signal})`);
+			}
+			const instance = ctx.fleet.bbalInstances;
+			await ctx.fleet.startBbal();
+			return {
+				windows: [{
+					label: 'bbal restart', target: null, faultAt: stopped.at,
+					close: (r) => r.instance === instance && r.msg === 'backend socket established',
+					boundMs: Infinity,
+					definition: 'restart gap: from the SIGTERM until the new bbal logs its first established backend',
+				}],
+				recovery: null,
+				rehome: true,
+				bbalReplaced: true,
+				failures,
+				notes: [`old bbal exited ${stopped.code} after SIGTERM`],
+			};
+		},
+	},
+];
+
+export function scenario(name: string): Scenario {
+	const s = SCENARIOS.find((x) => x.name === name);
+	if (s === undefined) {
+		throw new Error(`no scenario ${name} (have ${SCENARIOS.map((x) => x.name).join(', ')})`);
+	}
+	return s;
+}
+
+/* Poll until every source that was on `target` before the fault is answered by it again. */
+async function waitReturn(ctx: Ctx, start: number, faultAt: number, target: string, deadline: number): Promise<void> {
+	const n = ctx.driver.sources.length;
+	for (;;) {
+		const recs = ctx.driver.records;
+		const prim = primaries(recs, start, faultAt, n);
+		const last: Array<string | null> = Array.from({ length: n }, () => null);
+		for (const r of recs) {
+			if (r.fate === 'ok' && r.sentAt >= faultAt) {
+				last[r.src] = r.backend;
+			}
+		}
+		if (prim.every((p, i) => p !== target || last[i] === target) || Date.now() > deadline) {
+			return;
+		}
+		await sleep(200);
+	}
+}
+
+/* Poll bbal's snapshot until the ok backends' spread is what rebalancing leaves alone. */
+async function waitBalanced(ctx: Ctx, timeoutMs: number): Promise<string> {
+	const t0 = Date.now();
+	let last = '';
+	for (;;) {
+		try {
+			const snap = await ctx.fleet.snapshot();
+			const ok = snap.backends.filter((b) => b.ok);
+			const counts = ok.map((b) => b.remotes);
+			last = ok.map((b) => `${b.id}:${b.remotes}`).join(' ');
+			if (ok.length > 0 && Math.max(...counts) - Math.min(...counts) <= ok.length) {
+				return `spread even (${last}) after ${((Date.now() - t0) / 1000).toFixed(1)} s`;
+			}
+		} catch {
+			/* bbal busy or restarting: try again. */
+		}
+		if (Date.now() - t0 > timeoutMs) {
+			return `spread still uneven after ${timeoutMs / 1000} s (${last})`;
+		}
+		await sleep(500);
+	}
+}
+
+export interface ScenarioResult {
+	run: ScenarioRun;
+	a: Analysis;
+}
+
+/** Run one scenario against the fleet under load and return its verdict. */
+export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promise<ScenarioResult> {
+	const { fleet, driver, timing } = ctx;
+	const start = Date.now();
+	const exitsBefore = fleet.unexpectedExits.length;
+	driver.maxStallMs = 0;
+	driver.maxBurst = 0;
+	driver.stalls = [];
+	const skippedBefore = driver.skipped;
+	const procBefore = await driver.quiesce(() => fleet.sample());
+	await sleep(Math.max(0, timing.beforeMs - (Date.now() - start)));
+	const loadBefore = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+	ctx.log(`chaos: ${sc.name} ${target}`);
+	const inj = await sc.inject(ctx, target);
+	const faultAt = Math.min(...inj.windows.map((w) => w.faultAt));
+	const notes = [...(inj.notes ?? [])];
+	if (inj.recovery !== null) {
+		await waitReturn(ctx, start, faultAt, inj.recovery.target, inj.recovery.recoveredAt + timing.returnWaitMs);
+	}
+	if (inj.rehome && timing.balanceWaitMs > 0) {
+		notes.push(`rebalance: ${await waitBalanced(ctx, timing.balanceWaitMs)}`);
+	}
+	const settledAt = Date.now();
+	await sleep(timing.afterMs);
+	const procAfter = await driver.quiesce(() => fleet.sample());
+	const end = Date.now();
+	const stalls = driver.stalls.filter(([a, b]) => b - a >= 250);
+	notes.push(`load driver: its own event loop stalled at most ${driver.maxStallMs.toFixed(0)} ms`
+		+ (stalls.length > 0 ? `; ${stalls.length} stalls of 250 ms or more (the machine was too busy for these `
+			+ `figures to be trusted), at ${stalls.slice(0, 4).map(([a, b]) => `${new Date(a).toISOString().slice(11, 23)}`
+			+ ` (${b - a} ms)`).join(', ')}` : '')
+		+ `; ${driver.skipped - skippedBefore} queries skipped rather than sent late`);
+	notes.push(`machine load average (1, 5, 15 min) ${loadBefore} before, `
+		+ `${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')} after (2 cores; bbal, `
+		+ 'the backends and the load driver themselves make about 1)');
+	await driver.settled(end);
+	const recs = driver.take(end).filter((r) => r.sentAt >= start);
+
+	const windows: FaultWindow[] = inj.windows.map((w) => {
+		const closing = fleet.findLog(w.faultAt, w.close);
+		const noticed = w.notice === undefined ? closing : fleet.findLog(w.faultAt, w.notice);
+		const bound = w.faultAt + w.boundMs;
+		const byLog = closing !== null && closing.t <= bound;
+		return {
+			label: w.label,
+			target: w.target,
+			faultAt: w.faultAt,
+			noticedAt: noticed?.t ?? null,
+			noticedBy: noticed === null ? null : describeLog(noticed),
+			end: byLog ? (closing as { t: number }).t : bound,
+			endBy: byLog ? `when bbal logged "${describeLog(closing as { msg?: string })}"`
+				: `at the bound (${w.boundMs / 1000} s): bbal logged ${closing === null ? 'nothing' : 'later'}`,
+			definition: w.definition,
+		};
+	});
+	/* What bbal logged about the hurt backend (or about itself), for the table. */
+	const paths = new Set(inj.windows.map((w) => (w.target === null ? null : fleet.backendPath(w.target))));
+	const said: string[] = [];
+	for (const r of fleet.logs()) {
+		if (r.t < faultAt - 100 || r.t > end || said.length >= 14) {
+			continue;
+		}
+		const mine = paths.has(null) ? ['shutting down', 'exiting', 'listening', 'backend socket established'].includes(String(r.msg))
+			: (paths.has(r.be_path as string) && r.remote_ip === undefined);
+		if (mine) {
+			const errCode = (r.err as { code?: string } | undefined)?.code;
+			said.push(`${r.t >= faultAt ? '+' : ''}${((r.t - faultAt) / 1000).toFixed(3)} s  ${describeLog(r)}`
+				+ (errCode !== undefined ? ` (${errCode})` : '') + (paths.has(null) ? ` [bbal #${r.instance + 1}]` : ''));
+		}
+	}
+	const run: ScenarioRun = {
+		name: `${sc.name} ${target}`.trim(),
+		description: sc.describe(target, timing),
+		sources: driver.sources,
+		timeoutMs: ctx.timeoutMs,
+		start,
+		faultAt,
+		settledAt,
+		end,
+		windows,
+		recovery: inj.recovery,
+		rehome: inj.rehome,
+		procBefore,
+		procAfter,
+		bbalReplaced: inj.bbalReplaced ?? false,
+		expectedFdDelta: inj.expectedFdDelta ?? 0,
+		unexpectedExits: fleet.unexpectedExits.slice(exitsBefore),
+		failures: inj.failures ?? [],
+		notes,
+		bbalSaid: said,
+		driverStalls: stalls,
+	};
+	const a = analyze(run, recs);
+	ctx.log(formatScenario(run, a));
+	return { run, a };
+}
+
+/** A backend of the kind a scenario needs, chosen by `pick` (index into the candidates). */
+export function targetFor(ctx: Ctx, sc: Scenario, pick = 0): string {
+	if (sc.needs === 'bbal') {
+		return '';
+	}
+	const names = [...ctx.fleet.backends.values()].filter((b) => b.kind === sc.needs).map((b) => b.name).sort();
+	if (names.length === 0) {
+		throw new Error(`no ${sc.needs} backend for ${sc.name}`);
+	}
+	return names[pick % names.length] as string;
+}
