@@ -37,7 +37,7 @@
  */
 
 import { createRequire } from 'node:module';
-import { ipv4ToU32 } from './protocol.js';
+import { ipv4ToU32, u32ToIpv4 } from './protocol.js';
 
 /*
  * dns-packet is needed only to name queries in trace logs, so it is loaded
@@ -159,13 +159,9 @@ export function parseCidr(text: string): Cidr {
 	}
 	const mask = bits === 0 ? 0 : (0xffffffff << (32 - bits)) >>> 0;
 	if (((addr & mask) >>> 0) !== addr) {
-		throw new Error(`"${text}" has host bits set: did you mean ${ipv4FromU32((addr & mask) >>> 0)}/${bits}?`);
+		throw new Error(`"${text}" has host bits set: did you mean ${u32ToIpv4((addr & mask) >>> 0)}/${bits}?`);
 	}
 	return { text: text.trim(), net: addr, mask };
-}
-
-function ipv4FromU32(a: number): string {
-	return `${a >>> 24}.${(a >>> 16) & 255}.${(a >>> 8) & 255}.${a & 255}`;
 }
 
 export class Acl {
