@@ -90,50 +90,37 @@ export class Metrics {
 				},
 			});
 		};
+		/* One counter, one label, its values read at scrape time. */
+		const byLabel = (name: string, help: string, label: string, read: () => Record<string, number>): void => {
+			new Counter({
+				name, help, labelNames: [label], registers,
+				collect() {
+					this.reset();
+					for (const [value, n] of Object.entries(read())) {
+						this.inc({ [label]: value }, n);
+					}
+				},
+			});
+		};
 		const udp = src.udp.stats;
 		total('bbal_udp_received_total', 'UDP datagrams received from remotes.', () => udp.received);
 		total('bbal_udp_forwarded_total', 'UDP queries forwarded to a backend.', () => udp.forwarded);
 		total('bbal_udp_answers_total', 'UDP answers sent to remotes.', () => udp.sent);
 		total('bbal_udp_send_errors_total', 'UDP answers that could not be sent.', () => udp.sendErrors);
-		new Counter({
-			name: 'bbal_udp_dropped_total', help: 'UDP queries dropped, by reason.',
-			labelNames: ['reason'], registers,
-			collect() {
-				this.reset();
-				this.inc({ reason: 'oversize' }, udp.oversize);
-				this.inc({ reason: 'invalid' }, udp.invalid);
-				this.inc({ reason: 'acl' }, udp.aclDropped);
-				this.inc({ reason: 'no_backend' }, udp.noBackend);
-				this.inc({ reason: 'stuck' }, udp.stuck);
-			},
-		});
+		byLabel('bbal_udp_dropped_total', 'UDP queries dropped, by reason.', 'reason', () => ({
+			oversize: udp.oversize, invalid: udp.invalid, acl: udp.aclDropped, no_backend: udp.noBackend, stuck: udp.stuck,
+		}));
 		total('bbal_udp_rate_limited_total', 'UDP queries over --max-qps-per-remote.', () => udp.rateLimited);
-		new Counter({
-			name: 'bbal_synthesized_answers_total', help: 'Answers bbal sent itself instead of a backend, by rcode.',
-			labelNames: ['rcode'], registers,
-			collect() {
-				this.reset();
-				this.inc({ rcode: 'SERVFAIL' }, udp.servfail);
-				this.inc({ rcode: 'REFUSED' }, udp.refused);
-			},
-		});
+		byLabel('bbal_synthesized_answers_total', 'Answers bbal sent itself instead of a backend, by rcode.', 'rcode',
+			() => ({ SERVFAIL: udp.servfail, REFUSED: udp.refused }));
 		const tcp = src.tcp.stats;
 		total('bbal_tcp_accepted_total', 'TCP connections accepted.', () => tcp.accepted);
 		total('bbal_tcp_established_total', 'TCP sessions that reached a backend.', () => tcp.established);
-		new Counter({
-			name: 'bbal_tcp_dropped_total', help: 'TCP connections closed by bbal before or instead of a session, by reason.',
-			labelNames: ['reason'], registers,
-			collect() {
-				this.reset();
-				this.inc({ reason: 'over_cap' }, tcp.overCap);
-				this.inc({ reason: 'no_backend' }, tcp.noBackend);
-				this.inc({ reason: 'idle' }, tcp.idleClosed);
-				this.inc({ reason: 'bad_first_frame' }, tcp.badFirstFrame);
-				this.inc({ reason: 'ok_timeout' }, tcp.okTimeouts);
-				this.inc({ reason: 'acl' }, tcp.aclDropped);
-				this.inc({ reason: 'invalid' }, tcp.invalid);
-			},
-		});
+		byLabel('bbal_tcp_dropped_total', 'TCP connections closed by bbal before or instead of a session, by reason.',
+			'reason', () => ({
+				over_cap: tcp.overCap, no_backend: tcp.noBackend, idle: tcp.idleClosed, bad_first_frame: tcp.badFirstFrame,
+				ok_timeout: tcp.okTimeouts, acl: tcp.aclDropped, invalid: tcp.invalid,
+			}));
 		new Gauge({
 			name: 'bbal_tcp_open', help: 'TCP connections open now.', registers,
 			collect() {
