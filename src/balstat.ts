@@ -62,7 +62,7 @@ export function formatSnapshot(snap: Snapshot): string {
 		+ `bbal answered SERVFAIL ${u.servfail}, REFUSED ${u.refused}`);
 	out.push(`tcp: open ${c.open}, accepted ${c.accepted}, established ${c.established}; `
 		+ `closed: over cap ${c.overCap}, outside --allow ${c.aclDropped}, no backend ${c.noBackend}, `
-		+ `not DNS ${c.invalid}, idle ${c.idleClosed}`);
+		+ `not DNS ${c.invalid}, idle ${c.idleClosed}, client gone before the backend ${c.abandoned}`);
 	return out.join('\n');
 }
 

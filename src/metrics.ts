@@ -119,7 +119,7 @@ export class Metrics {
 		byLabel('bbal_tcp_dropped_total', 'TCP connections closed by bbal before or instead of a session, by reason.',
 			'reason', () => ({
 				over_cap: tcp.overCap, no_backend: tcp.noBackend, idle: tcp.idleClosed, bad_first_frame: tcp.badFirstFrame,
-				ok_timeout: tcp.okTimeouts, acl: tcp.aclDropped, invalid: tcp.invalid,
+				ok_timeout: tcp.okTimeouts, acl: tcp.aclDropped, invalid: tcp.invalid, abandoned: tcp.abandoned,
 			}));
 		new Gauge({
 			name: 'bbal_tcp_open', help: 'TCP connections open now.', registers,

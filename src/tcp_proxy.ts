@@ -29,11 +29,24 @@
  *   closed       both sockets destroyed, the timeout cleared, the object
  *                forgotten by the listener.
  *
- * Until the OK arrives the client is not read at all (the listener accepts
- * with pauseOnConnect): whatever it sends early waits in the kernel and is
- * delivered, in order, the moment the session flows.  Bytes that follow the
- * OK in the same read from the backend are the start of the answer and go
- * to the client before anything else.
+ * Until the OK arrives the client is read into a small buffer, at most one
+ * maximal message (beyond that it is paused and the rest waits in the
+ * kernel); the buffer goes to the backend, in order, the moment the session
+ * flows.  Bytes that follow the OK in the same read from the backend are the
+ * start of the answer and go to the client before anything else.
+ *
+ * A CLIENT THAT HANGS UP FIRST.  Reading early is what lets bbal see a client
+ * leave while its backend is slow to accept: resolvers give up on a TCP
+ * query within a second or two, and a stalled backend (whose 10-s OK deadline
+ * has not yet run out) would otherwise keep every such dead connection and
+ * fill --max-tcp-connections, so that remotes of healthy backends were
+ * refused.  A client that ends its stream before sending one whole message
+ * can never be answered: the connection is closed at once.  One that sent a
+ * whole query and then half-closed may be a legitimate client waiting for
+ * its answer, or one that gave up; TCP cannot tell the two apart, so it is
+ * kept, but marked: when the cap is reached, the oldest such connection is
+ * closed to make room rather than refusing the newcomer.  Both count as
+ * `abandoned`; neither faults the backend (the deadline still does).
  *
  * WATCHING THE CLIENT.  The client's bytes pass through unchanged, but bbal
  * follows its message boundaries as they go (each DNS message over TCP is a
@@ -87,6 +100,8 @@ export interface TcpListenerStats {
 	badFirstFrame: number;
 	/** The backend missed the INBOUND_TCP_OK deadline. */
 	okTimeouts: number;
+	/** Closed because the client hung up before the backend's INBOUND_TCP_OK. */
+	abandoned: number;
 	/** Closed at accept: source outside --allow. */
 	aclDropped: number;
 	/** Closed: not a DNS query first, or a message too short or too long. */
@@ -123,6 +138,12 @@ export class TcpProxy {
 	private prefixHi = -1;
 	private header: Buffer | null = Buffer.alloc(DNS_HEADER_BYTES);
 	private headerLen = 0;
+	/* Whole messages seen from the client so far. */
+	private messagesIn = 0;
+	/* What the client sent before the session flowed, and whether it ended. */
+	private early: Buffer[] = [];
+	private earlyBytes = 0;
+	private frontEnded = false;
 
 	constructor(
 		private readonly listener: TcpListener,
@@ -142,7 +163,10 @@ export class TcpProxy {
 
 		front.on('error', this.frontOnError);
 		front.on('close', this.frontOnClose);
+		front.on('data', this.frontOnEarlyData);
+		front.on('end', this.frontOnEarlyEnd);
 		front.setNoDelay(true);
+		front.resume();
 
 		this.back = listener.backends.connector(backend.path);
 		this.back.on('error', this.backOnError);
@@ -190,11 +214,43 @@ export class TcpProxy {
 		this.teardown();
 	};
 
+	private readonly frontOnEarlyData = (chunk: Buffer): void => {
+		if (!this.acceptFromClient(chunk)) {
+			return;
+		}
+		this.early.push(chunk);
+		this.earlyBytes += chunk.length;
+		if (this.earlyBytes >= this.listener.maxMessageBytes + 2) {
+			this.front.pause();
+		}
+	};
+
+	private readonly frontOnEarlyEnd = (): void => {
+		this.frontEnded = true;
+		if (this.messagesIn === 0) {
+			this.log.debug('client hung up before sending a whole query');
+			this.listener.stats.abandoned++;
+			this.teardown();
+			return;
+		}
+		this.listener.hungUp(this);
+	};
+
+	/** Closed to make room: the client half-closed before the session flowed. */
+	evict(): void {
+		this.log.debug('closing connection whose client hung up before INBOUND_TCP_OK (making room)');
+		this.listener.stats.abandoned++;
+		this.teardown();
+	}
+
 	/* The OK is in: join the two sockets. */
 	private flow(rest: Buffer): void {
 		const { front, back } = this;
 		back.removeListener('data', this.backOnFirstData);
 		back.removeListener('end', this.backOnEarlyEnd);
+		front.removeListener('data', this.frontOnEarlyData);
+		front.removeListener('end', this.frontOnEarlyEnd);
+		this.listener.notHungUp(this);
 		this.setState('flowing');
 		this.backend.stats.tcp++;
 		this.listener.stats.established++;
@@ -207,22 +263,40 @@ export class TcpProxy {
 		back.on('data', this.touch);
 		back.pipe(front);
 		/* Client to backend: by hand, the same way, watching messages. */
+		let more = true;
+		for (const chunk of this.early) {
+			more = back.write(chunk);
+		}
+		this.early = [];
+		if (this.frontEnded) {
+			back.end();
+			return;
+		}
 		front.on('data', this.frontOnData);
 		front.on('end', this.frontOnEnd);
 		back.on('drain', this.backOnDrain);
-		front.resume();
+		if (more) {
+			front.resume();
+		} else {
+			front.pause();
+		}
+	}
+
+	/* Check a chunk from the client; false when the connection was closed for it. */
+	private acceptFromClient(chunk: Buffer): boolean {
+		this.touch();
+		const problem = this.followMessages(chunk);
+		if (problem === null) {
+			return true;
+		}
+		this.listener.stats.invalid++;
+		this.listener.logInvalid(this, problem);
+		this.teardown();
+		return false;
 	}
 
 	private readonly frontOnData = (chunk: Buffer): void => {
-		this.touch();
-		const problem = this.followMessages(chunk);
-		if (problem !== null) {
-			this.listener.stats.invalid++;
-			this.listener.logInvalid(this, problem);
-			this.teardown();
-			return;
-		}
-		if (!this.back.write(chunk)) {
+		if (this.acceptFromClient(chunk) && !this.back.write(chunk)) {
 			this.front.pause();
 		}
 	};
@@ -281,6 +355,9 @@ export class TcpProxy {
 			}
 			this.msgRemaining -= take;
 			off += take;
+			if (this.msgRemaining === 0) {
+				this.messagesIn++;
+			}
 		}
 		return null;
 	}
@@ -294,7 +371,10 @@ export class TcpProxy {
 	private deadlineDue(): void {
 		if (this.state === 'connecting' || this.state === 'awaiting OK') {
 			this.listener.stats.okTimeouts++;
-			this.log.error({ deadline_secs: TCP_OK_DEADLINE_SECS }, 'no INBOUND_TCP_OK from backend');
+			const skipped = this.listener.okTimeoutGate.open();
+			if (skipped >= 0) {
+				this.log.error({ deadline_secs: TCP_OK_DEADLINE_SECS, not_logged: skipped }, 'no INBOUND_TCP_OK from backend');
+			}
 			this.backend.fault('TCP session: no INBOUND_TCP_OK in time', { conn_id: this.id });
 			this.teardown();
 			return;
@@ -390,7 +470,7 @@ export class TcpProxy {
 export class TcpListener {
 	readonly stats: TcpListenerStats = {
 		accepted: 0, overCap: 0, noBackend: 0, established: 0, idleClosed: 0, badFirstFrame: 0, okTimeouts: 0,
-		aclDropped: 0, invalid: 0,
+		abandoned: 0, aclDropped: 0, invalid: 0,
 	};
 	readonly log: Logger;
 	readonly wheel: TimeoutWheel;
@@ -402,6 +482,9 @@ export class TcpListener {
 	private readonly remotes: Remotes;
 	private readonly server: net.Server;
 	private readonly proxies = new Set<TcpProxy>();
+	/* Proxies whose client half-closed before the OK, oldest first. */
+	private readonly hungUpProxies = new Set<TcpProxy>();
+	readonly okTimeoutGate: LogGate;
 	private readonly overCapGate: LogGate;
 	private readonly noBackendGate: LogGate;
 	private readonly aclGate: LogGate;
@@ -423,6 +506,7 @@ export class TcpListener {
 		this.invalidGate = new LogGate(opts.wheel);
 		this.overCapGate = new LogGate(opts.wheel);
 		this.noBackendGate = new LogGate(opts.wheel);
+		this.okTimeoutGate = new LogGate(opts.wheel);
 		this.server = createServer({ allowHalfOpen: true, pauseOnConnect: true });
 		this.server.on('connection', this.serverOnConnection);
 	}
@@ -451,6 +535,13 @@ export class TcpListener {
 	private readonly serverOnConnection = (front: net.Socket): void => {
 		front.on('error', ignoreError);
 		this.stats.accepted++;
+		if (this.proxies.size >= this.maxConnections) {
+			/* Room taken by a client that has already gone is given back first. */
+			const oldest = this.hungUpProxies.values().next();
+			if (!oldest.done) {
+				oldest.value.evict();
+			}
+		}
 		if (this.state !== 'listening' || this.proxies.size >= this.maxConnections) {
 			this.stats.overCap++;
 			const skipped = this.overCapGate.open();
@@ -505,9 +596,19 @@ export class TcpListener {
 		}
 	}
 
+	/** A proxy's client half-closed before the session flowed. */
+	hungUp(proxy: TcpProxy): void {
+		this.hungUpProxies.add(proxy);
+	}
+
+	notHungUp(proxy: TcpProxy): void {
+		this.hungUpProxies.delete(proxy);
+	}
+
 	/** A proxy has closed both sockets. */
 	released(proxy: TcpProxy): void {
 		this.proxies.delete(proxy);
+		this.hungUpProxies.delete(proxy);
 		if (this.proxies.size === 0 && this.whenEmpty !== null) {
 			this.whenEmpty();
 		}

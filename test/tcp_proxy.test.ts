@@ -24,13 +24,13 @@ import { TimeoutWheel } from '../src/timeouts.js';
 import { encodeQuery, freePort, makeSocketDir, startBackend, waitFor } from './helpers.js';
 
 /* Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`. */
-async function rig(t: Test, dir: string, idleTimeoutSecs = 10) {
+async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 512) {
 	const clock = { now: 10_000_000 };
 	const wheel = new TimeoutWheel(() => clock.now);
 	const log = pino({ level: 'silent' });
 	const backends = new Backends({ dir, log, wheel, onOutboundUdp: () => {} });
 	const remotes = new Remotes({ log, backends, wheel });
-	const tcp = new TcpListener({ remotes, backends, wheel, log, idleTimeoutSecs });
+	const tcp = new TcpListener({ remotes, backends, wheel, log, idleTimeoutSecs, maxConnections });
 	const port = await freePort();
 	await tcp.listen('127.0.0.1', port);
 	t.teardown(async () => {
@@ -122,6 +122,94 @@ t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faul
 	t.equal(env.tcp.size, 0, 'the proxy is released');
 });
 
+/* A DNS query as it goes over TCP: 2-byte length, then the message. */
+function framedQuery(name: string): Buffer {
+	const q = encodeQuery(name, 'A', 7);
+	const len = Buffer.alloc(2);
+	len.writeUInt16BE(q.length, 0);
+	return Buffer.concat([len, q]);
+}
+
+const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
+
+t.test('a client that hangs up before a whole query is closed at once; the backend is not faulted', async (t) => {
+	const dir = await makeSocketDir(t);
+	const fake = await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
+	const env = await rig(t, dir);
+	const be = env.backends.foundPath('5301') as Backend;
+	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const client = await connect(env.port, '127.0.0.153');
+	client.on('error', () => {});
+	await waitFor(() => fake.tcpFrames.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
+	client.end(framedQuery('half.example').subarray(0, 9));
+	await waitFor(() => env.tcp.size === 0, 2000, 10, 'the slot is given back without waiting for the deadline');
+	t.equal(env.tcp.stats.abandoned, 1, 'counted as abandoned');
+	env.advance(TCP_OK_DEADLINE_SECS);
+	t.ok(be.ok, 'the backend is not faulted for it');
+	t.equal(env.tcp.stats.okTimeouts, 0);
+});
+
+t.test('a query half-closed before INBOUND_TCP_OK reaches the backend when it accepts, and is answered', async (t) => {
+	const dir = await makeSocketDir(t);
+	let session: net.Socket | null = null;
+	const got: Buffer[] = [];
+	let backEnded = false;
+	await fakeBackend(t, path.join(dir, '5301'), (sock) => {
+		session = sock;
+		sock.on('data', (d: Buffer) => got.push(d));
+		sock.on('end', () => {
+			backEnded = true;
+		});
+	});
+	const env = await rig(t, dir);
+	const be = env.backends.foundPath('5301') as Backend;
+	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const client = await connect(env.port, '127.0.0.154');
+	const answer: Buffer[] = [];
+	client.on('data', (d: Buffer) => answer.push(d));
+	const clientEnded = new Promise<void>((resolve) => client.on('end', resolve));
+	const query = framedQuery('early.example');
+	client.end(query);
+	await waitFor(() => session !== null, 2000, 10, 'INBOUND_TCP at the backend');
+	await settle();
+	t.equal(env.tcp.size, 1, 'kept while the backend has not answered: the client may be waiting');
+	const back = session as unknown as net.Socket;
+	back.write(INBOUND_TCP_OK_FRAME);
+	await waitFor(() => backEnded, 2000, 10, 'the backend sees the client\'s FIN');
+	t.same(Buffer.concat(got), query, 'after the OK the backend gets the query, byte for byte');
+	back.end(Buffer.from([0x00, 0x02, 0xab, 0xcd]));
+	await clientEnded;
+	t.same(Buffer.concat(answer), Buffer.from([0x00, 0x02, 0xab, 0xcd]), 'and the client the answer, then the end');
+	t.equal(env.tcp.stats.abandoned, 0);
+});
+
+t.test('at the cap, a connection whose client half-closed before the OK makes room for a new one', async (t) => {
+	const dir = await makeSocketDir(t);
+	await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
+	const env = await rig(t, dir, 10, 2);
+	const be = env.backends.foundPath('5301') as Backend;
+	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const waiting = await connect(env.port, '127.0.0.155');
+	const gone = await connect(env.port, '127.0.0.156');
+	waiting.on('error', () => {});
+	gone.on('error', () => {});
+	waiting.write(framedQuery('waiting.example'));
+	gone.end(framedQuery('gone.example'));
+	await waitFor(() => env.tcp.size === 2, 2000, 10, 'two connections held');
+	await settle();
+	const fresh = await connect(env.port, '127.0.0.157');
+	fresh.on('error', () => {});
+	await closed(gone);
+	await settle();
+	t.equal(env.tcp.size, 2, 'the newcomer took the place of the one whose client had gone');
+	t.equal(env.tcp.stats.overCap, 0, 'nobody refused');
+	t.equal(env.tcp.stats.abandoned, 1);
+	t.notOk(waiting.destroyed, 'the client still waiting keeps its connection');
+	const refused = await connect(env.port, '127.0.0.158');
+	await closed(refused);
+	t.equal(env.tcp.stats.overCap, 1, 'with nobody gone, the cap refuses as before');
+});
+
 t.test('the idle deadline closes a silent connection; activity postpones it', async (t) => {
 	const dir = await makeSocketDir(t);
 	await fakeBackend(t, path.join(dir, '5301'), (sock) => sock.write(INBOUND_TCP_OK_FRAME));
@@ -133,7 +221,6 @@ t.test('the idle deadline closes a silent connection; activity postpones it', as
 	quiet.on('error', () => {});
 	chatty.on('error', () => {});
 	await waitFor(() => env.tcp.stats.established === 2, 2000, 10, 'both sessions flowing');
-	const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
 	quiet.write(Buffer.from([0x00])); /* half a length prefix, then nothing */
 	await settle();
 	env.advance(5);

@@ -31,6 +31,17 @@
  *    seconds with padded queries: after a 4-s stall the backend received,
  *    on the session bbal kept, 425 queries up to 4 s old before any new one.
  *    (Fixed in 939bb51: a session stuck for 2 s is faulted.)
+ *
+ * 3. A TCP connection waiting for its backend's INBOUND_TCP_OK holds its
+ *    slot until the 10-s OK deadline even after its client has hung up: the
+ *    client socket is accepted paused (pauseOnConnect) and not read until
+ *    the OK, so bbal never sees the client's FIN.  A stalled backend that
+ *    gets TCP connections therefore fills --max-tcp-connections with dead
+ *    ones, and then bbal refuses TCP from every remote, those of healthy
+ *    backends too.  The chaos "stuck" scenario (14-s stall) counted
+ *    tcp.overCap +208 and lost 84 TCP queries of remotes served by healthy
+ *    backends, outside any window.  Each of those connections also logs its
+ *    own "no INBOUND_TCP_OK from backend" error line, unthrottled.
  */
 
 import dgram from 'node:dgram';
@@ -42,7 +53,7 @@ import dnsPacket from 'dns-packet';
 import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_UDP, FrameReader, SERVER_HEARTBEAT_FRAME,
 	SERVER_HELLO_FRAME } from '../../src/protocol.js';
 import {
-	backendOf, encodeQuery, freePort, makeSocketDir, sleep, startBbal, startFleet, udpQuery, waitFor,
+	backendOf, encodeQuery, freePort, makeSocketDir, sleep, startBackend, startBbal, startFleet, udpQuery, waitFor,
 } from '../helpers.js';
 
 /* One TCP query from `source`; resolves with the answering backend's label, or the error. */
@@ -177,4 +188,49 @@ t.test('a backend that resumes after a stall is not handed queries older than a 
 	t.comment(`stall ${resumedAt - stalledAt} ms: after it, the backend received ${arrivals.length} queries, `
 		+ `${live.length} on a session bbal kept, ${stale} of those over 1 s old, the oldest ${Math.max(0, ...ages)} ms`);
 	t.equal(stale, 0, 'no query that waited over 1 s in bbal reaches the backend on a live session after the stall');
+});
+
+t.test('a client that hangs up while its backend has not sent INBOUND_TCP_OK frees its TCP slot', async (t) => {
+	const dir = await makeSocketDir(t);
+	await startBackend(t, dir, '5301');
+	/* 5302 serves its control session (hello, heartbeats) but never answers INBOUND_TCP. */
+	const conns = new Set<net.Socket>();
+	const srv = net.createServer((sock) => {
+		conns.add(sock);
+		sock.on('error', () => {});
+		sock.once('data', (d: Buffer) => {
+			if (d.readUInt32LE(0) === FRAME_CLIENT_HELLO) {
+				sock.write(SERVER_HELLO_FRAME);
+				sock.on('data', (more: Buffer) => {
+					for (let off = 0; off + 4 <= more.length; off += 4) {
+						if (more.readUInt32LE(off) === FRAME_CLIENT_HEARTBEAT) {
+							sock.write(SERVER_HEARTBEAT_FRAME);
+						}
+					}
+				});
+			}
+		});
+	});
+	await new Promise<void>((resolve) => srv.listen(path.join(dir, '5302'), resolve));
+	t.teardown(() => {
+		for (const c of conns) {
+			c.destroy();
+		}
+		srv.close();
+	});
+	const port = await freePort();
+	const cap = 10;
+	const bbal = await startBbal(t, { dir, port, args: ['--max-tcp-connections', String(cap)] });
+	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= 2, 5000, 20,
+		'both backends established');
+	/* One source that 5301 serves, one that the stalled 5302 serves (round-robin gives them in turn). */
+	const ok = '127.0.6.1';
+	const stalled = '127.0.6.2';
+	t.equal(await tcpQuery(port, ok, 'first.example'), '5301', `${ok} is served by 5301`);
+	/* Clients of the stalled backend give up after 300 ms, as resolvers do. */
+	const gone = await Promise.all(Array.from({ length: cap }, (_, i) => tcpQuery(port, stalled, `gone${i}.example`, 300)));
+	t.same([...new Set(gone)], ['timeout'], `${stalled} is served by the stalled 5302: none of its ${cap} queries answered`);
+	await sleep(700);
+	t.equal(await tcpQuery(port, ok, 'after.example'), '5301',
+		`with ${cap} clients of a stalled backend gone, a remote of a healthy backend still gets TCP service`);
 });
