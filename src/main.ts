@@ -48,6 +48,8 @@ import {
 import { type NoBackendAction, type RateLimitAction, UdpProxy } from './udp_proxy.js';
 
 export const TICK_MS = 1000;
+/* How long start() waits for the backends it finds to connect before it opens the DNS ports. */
+export const STARTUP_BACKEND_WAIT_MS = 1000;
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
 export type LogLevel = typeof LOG_LEVELS[number];
 
@@ -336,10 +338,14 @@ export class Balancer {
 		expire.set(REMOTE_EXPIRY_CHECK_SECS);
 	}
 
-	/** Bind the listeners, find the backends, start the tick. */
+	/**
+	 * Find the backends, give them a moment to connect, then bind the DNS
+	 * listeners and start the tick.  Binding first would answer SERVFAIL to
+	 * every query of the few hundred milliseconds the backends take to say
+	 * hello -- on each restart, with healthy backends behind it; a resolver
+	 * retries a query that got no answer, while a SERVFAIL may be cached.
+	 */
 	async start(): Promise<void> {
-		await this.udp.listen(this.opts.bind, this.opts.port);
-		await this.tcp.listen(this.opts.bind, this.opts.port);
 		await this.openStatsSocket();
 		if (this.opts.metrics) {
 			/* Loaded only when asked for: prom-client is ~10 MB of RSS. */
@@ -353,12 +359,27 @@ export class Balancer {
 			this.log.info({ metrics: `http://${host}:${port}/metrics` }, 'metrics listening');
 		}
 		await this.backends.rescan();
+		await this.backendsSettled(STARTUP_BACKEND_WAIT_MS);
+		if (this.closed) {
+			/* Told to stop while the backends were connecting. */
+			return;
+		}
+		await this.udp.listen(this.opts.bind, this.opts.port);
+		await this.tcp.listen(this.opts.bind, this.opts.port);
 		this.tick = setInterval(() => this.wheel.run(), TICK_MS);
 		this.tick.unref();
 		this.log.info({
 			address: this.opts.bind, port: this.opts.port, socket_dir: this.opts.sockets,
 			allow: this.opts.allow?.length ? this.opts.allow : 'everyone',
 		}, 'listening');
+	}
+
+	/* Until no backend is still connecting (each is ok or has failed), or `ms`. */
+	private async backendsSettled(ms: number): Promise<void> {
+		const until = Date.now() + ms;
+		while (Date.now() < until && this.backends.list().some((be) => be.state === 'connecting')) {
+			await new Promise((resolve) => setTimeout(resolve, 5));
+		}
 	}
 
 	/** The live objects a stats snapshot reads. */

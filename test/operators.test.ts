@@ -7,6 +7,7 @@
  */
 
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import dgram from 'node:dgram';
 import { existsSync, lstatSync } from 'node:fs';
 import { rename, rm } from 'node:fs/promises';
 import net from 'node:net';
@@ -224,6 +225,36 @@ t.test('a stale stats socket is replaced; a live one stops a second bbal', async
 	const again = await balstat(['--json', '-S', sock]);
 	t.equal(again.code, 0, 'the first bbal still serves its stats socket');
 	t.equal((JSON.parse(again.stdout) as Snapshot).pid, a.proc.pid, 'and it is still the first bbal');
+});
+
+t.test('a starting bbal opens its DNS port only once its backends are up: no SERVFAIL at start', async (t) => {
+	const dir = await makeSocketDir(t);
+	for (const l of ['5301', '5302', '5303']) {
+		await startBackend(t, dir, l);
+	}
+	const port = await freePort();
+	/* A host querying every 2 ms from before bbal starts, as hosts do through a restart. */
+	const client = dgram.createSocket('udp4');
+	await new Promise<void>((resolve) => client.bind(0, '127.0.0.40', resolve));
+	const rcodes: number[] = [];
+	client.on('message', (m: Buffer) => rcodes.push((m[3] as number) & 0x0f));
+	client.on('error', () => {});
+	let id = 1;
+	const sender = setInterval(() => client.send(encodeQuery('start.example', 'A', id++ & 0xffff), port, '127.0.0.1'), 2);
+	t.teardown(() => {
+		clearInterval(sender);
+		client.close();
+	});
+	const bbal = await startBbal(t, { dir, port });
+	await bbal.waitForLog((r) => r.msg === 'listening');
+	await new Promise((resolve) => setTimeout(resolve, 300));
+	clearInterval(sender);
+	await new Promise((resolve) => setTimeout(resolve, 100));
+	const established = bbal.logs.findIndex((r) => r.msg === 'backend socket established');
+	const listening = bbal.logs.findIndex((r) => r.msg === 'listening');
+	t.ok(established >= 0 && established < listening, 'a backend was established before bbal said it was listening');
+	t.ok(rcodes.length > 50, `the host's queries were answered from the start (${rcodes.length} answers)`);
+	t.same([...new Set(rcodes)], [0], 'every answer came from a backend: none was bbal\'s SERVFAIL');
 });
 
 t.test('SIGTERM: exit 0, stats socket removed, shutdown logged', async (t) => {
