@@ -159,6 +159,59 @@ export async function procSampleMedian(pid: number, metricsUrl: string | null, n
 	};
 }
 
+/*
+ * How busy the machine was, and how much of that was not the chaos fleet:
+ * /proc/stat's busy time, less the CPU time of this process (the load
+ * driver) and its children (bbal, the backends).  Processes that exit in
+ * between take their share with them, so "foreign" is an upper bound, close
+ * enough to tell a quiet machine from one another workload saturates.
+ */
+export interface CpuSample {
+	totalTicks: number;
+	busyTicks: number;
+	/* CPU ticks used so far by each process of the fleet (and the driver). */
+	fleetTicks: Map<number, number>;
+}
+
+function procTicks(pid: number): number | undefined {
+	try {
+		const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+		const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+		return Number(fields[11]) + Number(fields[12]);
+	} catch {
+		return undefined;
+	}
+}
+
+export function cpuSample(pids: number[]): CpuSample {
+	const cpu = (readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? '').trim().split(/\s+/).slice(1).map(Number);
+	const total = cpu.reduce((a, b) => a + b, 0);
+	const idle = (cpu[3] ?? 0) + (cpu[4] ?? 0);
+	const fleetTicks = new Map<number, number>();
+	for (const pid of pids) {
+		const t = procTicks(pid);
+		if (t !== undefined) {
+			fleetTicks.set(pid, t);
+		}
+	}
+	return { totalTicks: total, busyTicks: total - idle, fleetTicks };
+}
+
+/*
+ * Percent of all cores busy, and busy with something other than the fleet,
+ * between two samples.  A process started in between counts from zero; one
+ * that exited in between counts nothing (so "foreign" errs high).
+ */
+export function cpuShare(a: CpuSample, b: CpuSample): { busy: number; foreign: number } {
+	const total = Math.max(1, b.totalTicks - a.totalTicks);
+	const busy = b.busyTicks - a.busyTicks;
+	let fleet = 0;
+	for (const [pid, t] of b.fleetTicks) {
+		fleet += Math.max(0, t - (a.fleetTicks.get(pid) ?? 0));
+	}
+	return { busy: busy / total * 100, foreign: Math.max(0, busy - fleet) / total * 100 };
+}
+
 export type BackendKind = 'mname' | 'fake';
 
 export interface ChaosBackend {
@@ -435,6 +488,11 @@ export class ChaosFleet {
 			}
 		}
 		return best;
+	}
+
+	/** This process and every process of the fleet now. */
+	get pids(): number[] {
+		return [process.pid, this.bbalPid, ...[...this.backends.values()].map((b) => b.pid)];
 	}
 
 	get bbalInstances(): number {

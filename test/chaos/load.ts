@@ -15,8 +15,9 @@
  * queries a second.
  *
  * UDP AND TCP.  Every source has one UDP socket bound to its address, so to
- * bbal each address is one remote.  Every `tcpEvery`-th query goes over TCP
- * instead: a fresh connection from the same source address (so bbal routes it
+ * bbal each address is one remote.  One query in `tcpEvery` goes over TCP
+ * instead, spread over all the sources (each source's every tcpEvery-th): a
+ * fresh connection from the same source address (so bbal routes it
  * like that host's UDP), one length-prefixed query, the answer, close.  A
  * refused or reset connection, or one closed before the answer, is a lost
  * query like a UDP query that got no answer.
@@ -125,7 +126,6 @@ export class LoadDriver {
 	/** Longest gap between two sweeps: how long the driver itself stalled (reset by the reader). */
 	maxStallMs = 0;
 	private lastSweep = performance.now();
-	private lastTick = performance.now();
 	private judgeAfter = 0;
 	/** Wall-clock intervals in which the driver's own event loop stalled over 100 ms (reset by the reader). */
 	stalls: Array<[number, number]> = [];
@@ -235,15 +235,10 @@ export class LoadDriver {
 	}
 
 	private readonly tick = (): void => {
-		const now = performance.now();
-		const gap = now - this.lastTick;
-		this.lastTick = now;
 		if (!this.running || this.paused) {
 			return;
 		}
-		if (gap > STALL_MS) {
-			this.stalls.push([Math.round(Date.now() - gap), Date.now()]);
-		}
+		const now = performance.now();
 		let n = Math.floor((now - this.startMono) * this.opts.rate / 1000) - this.seq;
 		if (n > this.maxBurst) {
 			this.maxBurst = n;
@@ -263,7 +258,9 @@ export class LoadDriver {
 	private sendOne(): void {
 		const seq = this.seq++;
 		const src = seq % this.sources.length;
-		const tcp = this.opts.tcpEvery > 0 && seq % this.opts.tcpEvery === this.opts.tcpEvery - 1;
+		/* Every source in turn, every tcpEvery-th round offset by the source: TCP comes from all of them. */
+		const round = Math.floor(seq / this.sources.length);
+		const tcp = this.opts.tcpEvery > 0 && (round + src) % this.opts.tcpEvery === 0;
 		const id = this.nextId[src] as number;
 		this.nextId[src] = id >= 0xffff ? 1 : id + 1;
 		const name = `q${seq}-${src}.chaos.example`;
@@ -389,6 +386,7 @@ export class LoadDriver {
 		 */
 		if (lag > STALL_MS) {
 			this.judgeAfter = now + STALL_SETTLE_MS;
+			this.stalls.push([Math.round(Date.now() - lag), Date.now()]);
 		}
 		if (now < this.judgeAfter) {
 			return;

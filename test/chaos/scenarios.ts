@@ -57,7 +57,7 @@
 
 import { readFileSync } from 'node:fs';
 import { sleep } from '../helpers.js';
-import type { ChaosBackend, ChaosFleet } from './fleet.js';
+import { type ChaosBackend, type ChaosFleet, cpuSample, cpuShare } from './fleet.js';
 import type { LoadDriver } from './load.js';
 import {
 	type Analysis, analyze, type FaultWindow, formatScenario, primaries, type ScenarioRun,
@@ -382,6 +382,7 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 	const procBefore = await driver.quiesce(() => fleet.sample());
 	await sleep(Math.max(0, timing.beforeMs - (Date.now() - start)));
 	const loadBefore = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+	const cpuBefore = cpuSample(fleet.pids);
 	ctx.log(`chaos: ${sc.name} ${target}`);
 	const inj = await sc.inject(ctx, target);
 	const faultAt = Math.min(...inj.windows.map((w) => w.faultAt));
@@ -402,9 +403,11 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 			+ `figures to be trusted), at ${stalls.slice(0, 4).map(([a, b]) => `${new Date(a).toISOString().slice(11, 23)}`
 			+ ` (${b - a} ms)`).join(', ')}` : '')
 		+ `; ${driver.skipped - skippedBefore} queries skipped rather than sent late`);
-	notes.push(`machine load average (1, 5, 15 min) ${loadBefore} before, `
-		+ `${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')} after (2 cores; bbal, `
-		+ 'the backends and the load driver themselves make about 1)');
+	const cpu = cpuShare(cpuBefore, cpuSample(fleet.pids));
+	notes.push(`machine: ${cpu.busy.toFixed(0)}% of all cores busy, ${cpu.foreign.toFixed(0)}% with processes outside `
+		+ `the chaos fleet${cpu.foreign > 25 ? ' (another workload competed for the CPU: latencies and timeouts are '
+			+ 'not bbal\'s alone)' : ''}; load average ${loadBefore} before, `
+		+ `${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')} after`);
 	await driver.settled(end);
 	const recs = driver.take(end).filter((r) => r.sentAt >= start);
 
