@@ -46,9 +46,10 @@
  *             session.  The read that carries it faults the backend: ends at
  *             bbal's "backend faulted" line; at most 1 s.
  *   restart  SIGTERM to bbal, then a new bbal.  The restart gap: from the
- *             SIGTERM until the new bbal logs its first established backend
- *             (before that nothing can serve; it answers SERVFAIL).  No
- *             bound: the gap is the operator's.  Every remote is concerned.
+ *             SIGTERM until the new bbal logs "listening", which it does once
+ *             its backends have connected (before that nothing listens on
+ *             the port).  No bound: the gap is the operator's.  Every remote
+ *             is concerned.
  *
  * Recovery, for the 10-s return criterion, is the moment the primary could
  * serve again: listening after its restart, SIGCONT, resumed, and for a
@@ -301,9 +302,9 @@ export const SCENARIOS: Scenario[] = [
 			return {
 				windows: [{
 					label: 'bbal restart', target: null, faultAt: stopped.at,
-					close: (r) => r.instance === instance && r.msg === 'backend socket established',
+					close: (r) => r.instance === instance && r.msg === 'listening',
 					boundMs: Infinity,
-					definition: 'restart gap: from the SIGTERM until the new bbal logs its first established backend',
+					definition: 'restart gap: from the SIGTERM until the new bbal, its backends connected, is listening',
 				}],
 				recovery: null,
 				rehome: true,
