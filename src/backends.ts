@@ -46,6 +46,15 @@
  * longer finds the file does the same even while the control session is up,
  * since no new connection (no TCP session) could reach the backend.
  *
+ * A socket file that a rescan finds re-created (another inode at the same
+ * path: the backend restarted and bound afresh) is a newly found socket: a
+ * backend waiting out its back-off is tried at once.  Otherwise a backend
+ * down for half a minute would wait up to 32 s more after it came back.
+ * The registry also watches the directory (fs.watch, inotify or event
+ * ports) and rescans as soon as anything in it changes, so a new or
+ * restarted backend is connected within milliseconds rather than at the
+ * next 5-second rescan, which stays as the safety net.
+ *
  * HEARTBEATS.  Five seconds after the hello, and five seconds after each
  * reply, bbal sends CLIENT_HEARTBEAT; a reply must come within 15 seconds.
  * That catches a backend whose process lives but whose event loop is stuck,
@@ -82,7 +91,8 @@
  */
 
 import assert from 'node:assert/strict';
-import { readdir } from 'node:fs/promises';
+import { type FSWatcher, watch } from 'node:fs';
+import { lstat, readdir } from 'node:fs/promises';
 import net from 'node:net';
 import type { Logger } from 'pino';
 import { AVLTree } from 'avl';
@@ -100,6 +110,9 @@ export const MIN_RECONNECT_DELAY_SECS = 1;
 export const RECONNECT_DELAY_STEP_SECS = 2;
 export const MAX_RECONNECT_DELAY_SECS = 32;
 export const RESCAN_INTERVAL_SECS = 5;
+/* After a change in the watched directory, rescan this much later: one rescan for a burst of changes
+ * (a restarting backend unlinks its old socket and binds a new one). */
+export const WATCH_RESCAN_DELAY_MS = 100;
 export const REBALANCE_INTERVAL_SECS = 15;
 /* sun_path holds 108 bytes on Linux, one of them the terminating NUL. */
 export const MAX_SOCKET_PATH_BYTES = 107;
@@ -151,6 +164,8 @@ export class Backend implements FrameSink {
 	state: BackendState = 'waiting';
 	heartbeatOutstanding = false;
 	reconnectDelaySecs = 0;
+	/* The socket file's inode when a rescan last saw it; -1 before. */
+	private ino = -1;
 	/** Remotes whose primary this is (kept by remotes.ts). */
 	remotes = 0;
 	/** Round trip of the last answered heartbeat, or -1 before the first. */
@@ -318,10 +333,20 @@ export class Backend implements FrameSink {
 		this.scheduleReconnect();
 	}
 
-	/** A rescan found this path: a new backend, or a removed one returning. */
-	found(): void {
+	/**
+	 * A rescan found this path: a new backend, a removed one returning, or
+	 * (another inode than last time) one that bound its socket afresh.
+	 */
+	found(ino = -1): void {
+		const renewed = ino >= 0 && this.ino >= 0 && ino !== this.ino;
+		if (ino >= 0) {
+			this.ino = ino;
+		}
 		if (this.state === 'removed') {
 			this.log.info('backend socket returned (connecting)');
+		} else if (renewed && this.state === 'waiting') {
+			this.log.info('backend socket re-created (connecting now)');
+			this.reconnectTimeout.clear();
 		} else if (this.state !== 'waiting' || this.reconnectTimeout.armed) {
 			return;
 		}
@@ -544,6 +569,8 @@ export class Backends {
 	private flushScheduled = false;
 	private rescanning = false;
 	private closed = false;
+	private watcher: FSWatcher | null = null;
+	private watchRescan: NodeJS.Timeout | null = null;
 
 	constructor(opts: BackendsOptions) {
 		this.dir = opts.dir.replace(/\/+$/, '') || '/';
@@ -595,13 +622,16 @@ export class Backends {
 			if (this.closed) {
 				return;
 			}
-			entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-			const present = new Set<string>();
-			for (const de of entries) {
-				if (de.isSocket()) {
-					present.add(this.foundPath(de.name)?.path ?? '');
-				}
+			const names = entries.filter((de) => de.isSocket()).map((de) => de.name).sort();
+			/* The inodes tell a socket bound afresh from the one bbal knew. */
+			const inodes = await Promise.all(names.map((name) => lstat(this.pathOf(name)).then((st) => st.ino, () => -1)));
+			if (this.closed) {
+				return;
 			}
+			const present = new Set<string>();
+			names.forEach((name, i) => {
+				present.add(this.foundPath(name, inodes[i])?.path ?? '');
+			});
 			for (const be of this.list()) {
 				if (!present.has(be.path)) {
 					be.socketGone();
@@ -612,9 +642,43 @@ export class Backends {
 		}
 	}
 
-	/** A socket named `name` exists in the directory. */
-	foundPath(name: string): Backend | null {
-		const path = this.dir === '/' ? `/${name}` : `${this.dir}/${name}`;
+	/**
+	 * Watch the directory and rescan soon after anything in it changes
+	 * (several events of one change make one rescan).  Best effort: where
+	 * watching fails, the periodic rescan still finds everything.
+	 */
+	watch(): void {
+		if (this.watcher !== null || this.closed) {
+			return;
+		}
+		try {
+			this.watcher = watch(this.dir, { persistent: false }, this.dirChanged);
+			this.watcher.on('error', (err) => {
+				this.log.warn({ err, socket_dir: this.dir }, 'stopped watching socket directory (rescanning every 5 s only)');
+				this.watcher?.close();
+			});
+		} catch (err) {
+			this.log.warn({ err, socket_dir: this.dir }, 'cannot watch socket directory (rescanning every 5 s only)');
+		}
+	}
+
+	private readonly dirChanged = (): void => {
+		if (this.watchRescan !== null || this.closed) {
+			return;
+		}
+		this.watchRescan = setTimeout(() => {
+			this.watchRescan = null;
+			void this.rescan();
+		}, WATCH_RESCAN_DELAY_MS);
+	};
+
+	private pathOf(name: string): string {
+		return this.dir === '/' ? `/${name}` : `${this.dir}/${name}`;
+	}
+
+	/** A socket named `name` exists in the directory (with inode `ino`, when known). */
+	foundPath(name: string, ino = -1): Backend | null {
+		const path = this.pathOf(name);
 		if (Buffer.byteLength(path) > MAX_SOCKET_PATH_BYTES) {
 			if (!this.reportedPaths.has(path)) {
 				this.reportedPaths.add(path);
@@ -630,7 +694,7 @@ export class Backends {
 			this.byPath.insert(path, be);
 			be.log.info('new backend');
 		}
-		be.found();
+		be.found(ino);
 		return be;
 	}
 
@@ -731,6 +795,10 @@ export class Backends {
 			return;
 		}
 		this.closed = true;
+		this.watcher?.close();
+		if (this.watchRescan !== null) {
+			clearTimeout(this.watchRescan);
+		}
 		for (const be of this.list()) {
 			be.close();
 		}

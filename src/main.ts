@@ -73,6 +73,8 @@ export interface Options {
 	/** The --allow prefixes as given (validated); empty allows everyone. */
 	allow: string[];
 	maxTcpMessageBytes: number;
+	/** Watch the socket directory for changes (off with --no-watch). */
+	watchDir: boolean;
 }
 
 /** A listener other than DNS could not start: reported in one line, exit 1. */
@@ -136,6 +138,10 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		.option('tcp-idle-timeout', {
 			type: 'string', default: String(DEFAULT_TCP_IDLE_TIMEOUT_SECS),
 			describe: 'seconds a TCP connection may pass no bytes before it is closed',
+		})
+		.option('no-watch', {
+			type: 'boolean', default: false,
+			describe: 'do not watch the socket directory; find changes by the 5-s rescan and SIGHUP only',
 		})
 		/* --no-backend is an option of its own, not "backend = false". */
 		.parserConfiguration({ 'boolean-negation': false })
@@ -210,7 +216,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 	return {
 		bind, port, sockets, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs,
 		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
-		maxTcpMessageBytes,
+		maxTcpMessageBytes, watchDir: args['no-watch'] !== true,
 	};
 }
 
@@ -359,6 +365,9 @@ export class Balancer {
 			this.log.info({ metrics: `http://${host}:${port}/metrics` }, 'metrics listening');
 		}
 		await this.backends.rescan();
+		if (this.opts.watchDir !== false) {
+			this.backends.watch();
+		}
 		await this.backendsSettled(STARTUP_BACKEND_WAIT_MS);
 		if (this.closed) {
 			/* Told to stop while the backends were connecting. */

@@ -187,6 +187,31 @@ t.test('ENOENT marks the backend removed; it returns when a rescan sees the sock
 	t.equal(env.sockets.length, n + 1);
 });
 
+t.test('a socket bound afresh at the same path (a restarted backend) is tried at once, not after its back-off',
+	async (t) => {
+		const env = setup();
+		const be = env.reg.foundPath('5301', 100) as Backend;
+		const refused = (): void => {
+			env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+		};
+		refused();
+		for (let i = 0; i < 5; i++) {
+			env.advance(be.reconnectDelaySecs);
+			refused();
+		}
+		t.equal(be.state, 'waiting');
+		t.ok(be.reconnectDelaySecs >= 9, `the back-off has grown (${be.reconnectDelaySecs} s)`);
+		const n = env.sockets.length;
+		env.reg.foundPath('5301', 100);
+		t.equal(env.sockets.length, n, 'the same socket file: the back-off is honoured');
+		env.reg.foundPath('5301', 101);
+		t.equal(env.sockets.length, n + 1, 'a new inode at the path: connected at once');
+		t.equal(be.state, 'connecting');
+		env.last().emit('connect');
+		env.last().emit('data', SERVER_HELLO_FRAME);
+		t.ok(be.ok, 'and ok on its hello');
+	});
+
 t.test('protocol violations on the control session fault the backend', async (t) => {
 	const cases: Array<[string, Buffer[]]> = [
 		['a frame before the hello', [SERVER_HEARTBEAT_FRAME]],

@@ -325,7 +325,8 @@ t.test('SIGTERM with a TCP client that never closes: exit 0 after the drain limi
 });
 
 t.test('SIGHUP finds a new backend socket at once, not at the next periodic rescan', async (t) => {
-	const { dir, bbal, sock } = await startFleet(t, ['5301']);
+	/* Without the directory watch, which would find it at once too. */
+	const { dir, bbal, sock } = await startFleet(t, ['5301'], ['--no-watch']);
 	/* The backend starts elsewhere and is renamed in, so its start-up time cannot eat the window. */
 	const side = await makeSocketDir(t);
 	const late = await startBackend(t, side, '5302');
@@ -344,6 +345,25 @@ t.test('SIGHUP finds a new backend socket at once, not at the next periodic resc
 	t.ok(Date.now() < rescanAt, `established ${rescanAt - Date.now()} ms before the periodic rescan was due`);
 	t.equal(rec.be_path, path.join(dir, '5302'), 'the new socket');
 	t.ok(bbal.logs.slice(since).some((r) => r.msg === 'SIGHUP: rescanning socket directory'), 'SIGHUP logged');
+});
+
+t.test('a backend socket that appears in the directory is connected within a second, unasked', async (t) => {
+	const { dir, bbal, sock } = await startFleet(t, ['5301']);
+	const side = await makeSocketDir(t);
+	const late = await startBackend(t, side, '5302');
+	let rescanAt = 0;
+	await waitFor(async () => {
+		const snap = JSON.parse(await readSnapshot(sock)) as Snapshot;
+		const to = snap.timeouts.find((x) => x.name === 'rescan socket directory');
+		rescanAt = Date.now() + (to?.expiresInMs ?? 0);
+		return (to?.expiresInMs ?? 0) >= 2500;
+	}, 7000, 100, 'a rescan period with 2.5 s left');
+	const since = bbal.logs.length;
+	const movedAt = Date.now();
+	await rename(late.path, path.join(dir, '5302'));
+	await bbal.waitForLog((r) => r.msg === 'backend socket established' && r.be_id === 5302, 1000, since);
+	t.ok(Date.now() < rescanAt, `established ${Date.now() - movedAt} ms after the socket appeared, `
+		+ `${rescanAt - Date.now()} ms before the periodic rescan was due`);
 });
 
 t.test('SIGUSR2 logs the stats snapshot', async (t) => {
