@@ -102,7 +102,7 @@ t.test('a backend whose socket file is removed while its session is up is marked
 
 		const since = bbal.logs.length;
 		await unlink(gone?.path as string);
-		/* The directory is read every 5 s; the wheel may fire a tick late. */
+		/* The directory is watched, and read every 5 s in any case; the wheel may fire a tick late. */
 		const removed = await bbal.waitForLog((r) => r.be_id === 5302 && r.msg === 'backend socket removed', 7000, since)
 			.then(() => true, () => false);
 		t.ok(removed, 'bbal logs 5302 removed within 7 s of its socket file disappearing (README: "The socket directory")');

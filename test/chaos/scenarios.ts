@@ -211,7 +211,7 @@ export const SCENARIOS: Scenario[] = [
 				await bbal.waitForLog((r) => r.msg === 'backend socket established' && r.be_path === added.path,
 					7000, since);
 				notes.push(`new backend ${newName} established ${((Date.now() - addedAt) / 1000).toFixed(1)} s `
-					+ 'after its socket appeared (the directory is read every 5 s)');
+					+ 'after its socket appeared (the directory is watched, and read every 5 s)');
 			} catch {
 				failures.push(`new backend ${newName} not established within 7 s of its socket appearing`);
 			}
@@ -226,7 +226,7 @@ export const SCENARIOS: Scenario[] = [
 					close: (r) => r.be_path === be.path && (r.msg === 'backend socket removed' || r.msg === FAULTED),
 					boundMs: 6000,
 					definition: 'rescan: from the unlink until bbal logs the backend removed (or faulted); the '
-						+ 'directory is read every 5 s, so at most 5 s + 1 tick = 6 s',
+						+ 'directory is watched, and read every 5 s in any case, so at most 5 s + 1 tick = 6 s',
 				}, {
 					label: `SIGKILL orphan ${name}`, target: name, faultAt: orphanAt, close: faultOf(be.path),
 					boundMs: 1000,
