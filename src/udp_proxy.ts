@@ -21,9 +21,15 @@
  * address and port, so an answer needs no lookup at all on its way out.
  *
  * This is the hot path, so it is written to allocate nothing per datagram
- * beyond what Node itself does: the handlers are bound once, the remote is a
- * hash lookup, the frame is written straight into the backend's outgoing
- * buffer, and a log object is built only when a line will really be written.
+ * beyond what the transport itself does: the handlers are bound once, the
+ * source arrives as a u32 (no address text is parsed or built unless a line
+ * is logged), the remote is a hash lookup, the frame is written straight
+ * into the backend's outgoing buffer, and a log object is built only when a
+ * line will really be written.  The socket itself is udp_socket.ts's: the
+ * native transport (recvmmsg/sendmmsg batches) when its addon is built,
+ * Node's dgram otherwise.  Either way the datagram handed over is a view of
+ * a buffer that is reused, so nothing here keeps it past the call: the
+ * backend copies it into its frame, a synthesized answer is a new buffer.
  *
  * Conditions that repeat per datagram (oversized, no backend ok, session
  * stuck) are counted every time, on the remote and here, and logged at most
@@ -35,22 +41,17 @@
  * backends.ts for why).
  */
 
-import dgram from 'node:dgram';
 import type { Logger } from 'pino';
 import type { Backend } from './backends.js';
 import {
 	Acl, buildErrorAnswer, checkQueryHeader, describeQuery, HEADER_OK, HEADER_PROBLEMS, RCODE_REFUSED,
 	RCODE_SERVFAIL,
 } from './dns.js';
-import { ipv4ToU32, MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
+import { MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
 import { LogGate, type TimeoutWheel } from './timeouts.js';
+import { createUdpTransport, type UdpTransport, type UdpTransportError } from './udp_socket.js';
 
-/* Room for bursts while the event loop is busy elsewhere. */
-const RECV_BUFFER_BYTES = 4 * 1024 * 1024;
-const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
-/* Slots in the direct-mapped cache of destination address texts. */
-const ADDR_CACHE_MASK = 4095;
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */
 export const SYNTH_ANSWERS_PER_SEC = 10;
 
@@ -93,22 +94,12 @@ export interface UdpProxyStats {
 	refused: number;
 }
 
-/*
- * dgram resolves every destination with dns.lookup() before sending, which
- * for an address literal still costs a regex and a deferred callback per
- * answer.  Every address bbal sends to is a dotted quad it built itself, so
- * the lookup hands it straight back.
- */
-function literalLookup(address: string, _family: unknown, callback: (err: Error | null, address: string, family: number) => void): void {
-	callback(null, address, 4);
-}
-
 export class UdpProxy {
 	readonly stats: UdpProxyStats = {
 		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, sendErrors: 0,
 		invalid: 0, aclDropped: 0, rateLimited: 0, servfail: 0, refused: 0,
 	};
-	private readonly socket: dgram.Socket;
+	private readonly transport: UdpTransport;
 	private readonly remotes: Remotes;
 	private readonly log: Logger;
 	private readonly oversizeGate: LogGate;
@@ -125,8 +116,6 @@ export class UdpProxy {
 	/* Read once: the level is fixed for the life of the process. */
 	private readonly trace: boolean;
 	private state: 'new' | 'listening' | 'closed' = 'new';
-	private readonly addrCacheKey = new Uint32Array(ADDR_CACHE_MASK + 1);
-	private readonly addrCacheText: Array<string | undefined> = new Array<string | undefined>(ADDR_CACHE_MASK + 1);
 
 	constructor(opts: { remotes: Remotes; log: Logger; wheel: TimeoutWheel } & UdpEdgeOptions) {
 		this.remotes = opts.remotes;
@@ -143,32 +132,27 @@ export class UdpProxy {
 		this.noBackendGate = new LogGate(opts.wheel);
 		this.stuckGate = new LogGate(opts.wheel);
 		this.sendErrorGate = new LogGate(opts.wheel);
-		this.socket = dgram.createSocket({ type: 'udp4', reuseAddr: true, lookup: literalLookup });
+		this.transport = createUdpTransport();
+	}
+
+	/** Which transport carries the datagrams: 'native' (batched) or 'dgram'. */
+	get transportKind(): 'native' | 'dgram' {
+		return this.transport.kind;
 	}
 
 	/** Bind; rejects with the socket error (EADDRINUSE, EACCES ...). */
-	listen(address: string, port: number): Promise<void> {
-		return new Promise((resolve, reject) => {
-			const onError = (err: Error): void => {
-				this.socket.close();
-				this.state = 'closed';
-				reject(err);
-			};
-			this.socket.once('error', onError);
-			this.socket.bind({ address, port, exclusive: true }, () => {
-				this.socket.removeListener('error', onError);
-				this.socket.on('error', this.socketOnError);
-				this.socket.on('message', this.socketOnMessage);
-				try {
-					this.socket.setRecvBufferSize(RECV_BUFFER_BYTES);
-					this.socket.setSendBufferSize(SEND_BUFFER_BYTES);
-				} catch (err) {
-					this.log.debug({ err }, 'could not enlarge UDP socket buffers');
-				}
-				this.state = 'listening';
-				resolve();
-			});
-		});
+	async listen(address: string, port: number): Promise<void> {
+		/* Handlers first: no datagram or error may arrive before them. */
+		this.transport.onDatagram = this.socketOnMessage;
+		this.transport.onError = this.socketOnError;
+		try {
+			await this.transport.bind(address, port);
+		} catch (err) {
+			this.state = 'closed';
+			throw err;
+		}
+		this.state = 'listening';
+		this.log.debug({ udp_transport: this.transport.kind }, 'UDP socket bound');
 	}
 
 	/** An answer from a backend: send it to the remote it names. */
@@ -176,44 +160,35 @@ export class UdpProxy {
 		if (this.state !== 'listening') {
 			return;
 		}
-		/* dgram wants the address as text: keep the texts of recent ones. */
-		const slot = addr & ADDR_CACHE_MASK;
-		let ip: string;
-		if (this.addrCacheKey[slot] === addr && this.addrCacheText[slot] !== undefined) {
-			ip = this.addrCacheText[slot] as string;
-		} else {
-			ip = u32ToIpv4(addr);
-			this.addrCacheKey[slot] = addr;
-			this.addrCacheText[slot] = ip;
-		}
-		try {
-			this.socket.send(payload, port, ip);
+		if (this.transport.send(payload, addr, port)) {
 			this.stats.sent++;
-		} catch (err) {
-			/* A port of 0 or over 65535 throws at once. */
+		} else {
+			/* A port of 0 or over 65535, or a payload too big for UDP. */
 			this.stats.sendErrors++;
 			if (this.sendErrorGate.open() >= 0) {
+				const err = new Error(`cannot send ${payload.length} bytes to port ${port}`);
 				from.log.warn({ err, dest_ip: u32ToIpv4(addr), dest_port: port }, 'outbound UDP packet error');
 			}
 		}
 	}
 
-	private readonly socketOnMessage = (msg: Buffer, rinfo: dgram.RemoteInfo): void => {
+	/*
+	 * msg is a view of the transport's buffer, valid during this call only;
+	 * len is the datagram's true length (msg is cut to the receive slot when
+	 * the datagram was longer).
+	 */
+	private readonly socketOnMessage = (msg: Buffer, addr: number, port: number, len: number): void => {
 		this.stats.received++;
-		const addr = ipv4ToU32(rinfo.address);
-		if (addr < 0) {
-			return;
-		}
 		if (this.acl !== null && !this.acl.allows(addr)) {
 			this.stats.aclDropped++;
 			const skipped = this.aclGate.open();
 			if (skipped >= 0) {
-				this.log.warn({ remote_ip: rinfo.address, not_logged: skipped }, 'query from outside --allow (dropped)');
+				this.log.warn({ remote_ip: u32ToIpv4(addr), not_logged: skipped }, 'query from outside --allow (dropped)');
 			}
 			return;
 		}
 		const rem = this.remotes.lookup(addr);
-		if (msg.length > MAX_UDP_PAYLOAD_BYTES) {
+		if (len > MAX_UDP_PAYLOAD_BYTES) {
 			/*
 			 * Resolvers have no reason to send a query this large; it can
 			 * only be reassembled fragments or junk, and the protocol cannot
@@ -223,7 +198,7 @@ export class UdpProxy {
 			this.stats.oversize++;
 			const skipped = this.oversizeGate.open();
 			if (skipped >= 0) {
-				rem.log.warn({ len: msg.length, max: MAX_UDP_PAYLOAD_BYTES, not_logged: skipped },
+				rem.log.warn({ len, max: MAX_UDP_PAYLOAD_BYTES, not_logged: skipped },
 					'dropping oversized UDP packet');
 			}
 			return;
@@ -246,7 +221,7 @@ export class UdpProxy {
 			if (skipped >= 0) {
 				rem.log.warn({ max_qps: this.maxQps, not_logged: skipped }, 'remote over its query rate limit');
 			}
-			if (this.refuseOverRate && this.answer(rem, msg, rinfo, RCODE_REFUSED)) {
+			if (this.refuseOverRate && this.answer(rem, msg, addr, port, RCODE_REFUSED)) {
 				this.stats.refused++;
 			}
 			return;
@@ -260,17 +235,17 @@ export class UdpProxy {
 				rem.log.warn({ not_logged: skipped, answer: this.servfailOnNoBackend ? 'SERVFAIL' : 'none' },
 					'no backend for remote');
 			}
-			if (this.servfailOnNoBackend && this.answer(rem, msg, rinfo, RCODE_SERVFAIL)) {
+			if (this.servfailOnNoBackend && this.answer(rem, msg, addr, port, RCODE_SERVFAIL)) {
 				this.stats.servfail++;
 			}
 			return;
 		}
-		if (!be.sendUdp(addr, rinfo.port, msg)) {
+		if (!be.sendUdp(addr, port, msg)) {
 			rem.stats.udpDrop++;
 			this.stats.stuck++;
 			const skipped = this.stuckGate.open();
 			if (skipped >= 0) {
-				be.log.warn({ remote_ip: rinfo.address, not_logged: skipped },
+				be.log.warn({ remote_ip: u32ToIpv4(addr), not_logged: skipped },
 					'stuck backend write queue (dropping UDP packet)');
 			}
 			return;
@@ -278,15 +253,16 @@ export class UdpProxy {
 		rem.stats.udp++;
 		this.stats.forwarded++;
 		if (this.trace) {
-			rem.log.trace({ be_id: be.id, remote_port: rinfo.port, query: describeQuery(msg) }, 'forwarded UDP query');
+			rem.log.trace({ be_id: be.id, remote_port: port, query: describeQuery(msg) }, 'forwarded UDP query');
 		}
 	};
 
 	/*
 	 * Answer a query from bbal itself (SERVFAIL, REFUSED), within the
-	 * remote's allowance of synthesized answers.  True when one was sent.
+	 * remote's allowance of synthesized answers.  True when one was sent
+	 * (queued: the transport sends it when this callback returns).
 	 */
-	private answer(rem: Remote, msg: Buffer, rinfo: dgram.RemoteInfo, rcode: number): boolean {
+	private answer(rem: Remote, msg: Buffer, addr: number, port: number, rcode: number): boolean {
 		if (!rem.admitSynthesized(SYNTH_ANSWERS_PER_SEC)) {
 			return false;
 		}
@@ -295,14 +271,18 @@ export class UdpProxy {
 			return false;
 		}
 		if (this.trace) {
-			rem.log.trace({ rcode, remote_port: rinfo.port, query: describeQuery(msg) }, 'answered UDP query itself');
+			rem.log.trace({ rcode, remote_port: port, query: describeQuery(msg) }, 'answered UDP query itself');
 		}
-		this.socket.send(out, rinfo.port, rinfo.address);
-		return true;
+		/* False only for a source port of 0, which no answer can reach. */
+		return this.transport.send(out, addr, port);
 	}
 
-	private readonly socketOnError = (err: Error): void => {
-		this.stats.sendErrors++;
+	/*
+	 * The native transport reports a failed sendmmsg() once for all the
+	 * answers it dropped (a full send buffer refuses the rest of a batch).
+	 */
+	private readonly socketOnError = (err: UdpTransportError): void => {
+		this.stats.sendErrors += err.dropped ?? 1;
 		if (this.sendErrorGate.open() >= 0) {
 			this.log.warn({ err }, 'UDP socket error');
 		}
@@ -314,6 +294,6 @@ export class UdpProxy {
 			return Promise.resolve();
 		}
 		this.state = 'closed';
-		return new Promise((resolve) => this.socket.close(() => resolve()));
+		return this.transport.close();
 	}
 }

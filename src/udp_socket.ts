@@ -1,0 +1,417 @@
+/*
+ * UDP SOCKET
+ *
+ * The one UDP socket bbal listens on, behind a small transport interface so
+ * that the proxy does not care how datagrams cross the kernel boundary.
+ * There are two transports:
+ *
+ *   native  native/udp_batch.c (built by `npm install` into
+ *           build/Release/udp_batch.node): the addon owns the socket and
+ *           moves datagrams in batches, one recvmmsg() for up to 64 queries
+ *           and one sendmmsg() for every answer queued in one event-loop
+ *           callback.  Linux only.
+ *   dgram   Node's dgram, as bbal always did: one recvmsg() and one
+ *           sendmsg() per datagram.  Used when the addon is missing or
+ *           does not load, or when the environment says BBAL_UDP=dgram.
+ *
+ * Both hand the proxy the same thing: for each datagram, its bytes, the
+ * source address as a u32 (protocol.ts's form, the key of the remotes
+ * table) and port, and its true length.  The bytes are a view of a buffer
+ * that is reused: valid during the call only.  The proxy copies what it
+ * keeps (the backend writes the payload into its own frame buffer).  The
+ * true length is passed apart because the native transport's slots are
+ * 1536 bytes: a longer datagram is cut to its slot, yet bbal must still see
+ * it as oversize and log how big it was.
+ *
+ * Sending queues: an answer is copied into the send arena at once (so the
+ * caller may reuse its buffer) and the whole arena goes out in one
+ * sendmmsg() on process.nextTick, or at once when the arena fills.  Since
+ * the addon calls JavaScript through napi_make_callback(), the nextTick runs
+ * as soon as the batch callback (or the backend's data callback) returns.
+ * send() returns false only for what can never be sent (closed transport,
+ * port 0 or over 65535, payload over MAX_UDP_PAYLOAD_BYTES); what the kernel
+ * refuses (EAGAIN, ENOBUFS when the send buffer is full) is dropped and
+ * reported through onError with the number dropped, never queued: UDP is
+ * lossy, and a queue here would grow under exactly the load that fills it.
+ *
+ * Neither transport allocates per datagram in JavaScript beyond the Buffer
+ * view itself (dgram also makes its own Buffer and rinfo object).  Errors
+ * after bind go to onError, never thrown.  close() is idempotent and
+ * resolves once the socket is closed; after it no callback is called.
+ */
+
+import dgram from 'node:dgram';
+import { createRequire } from 'node:module';
+import { ipv4ToU32, MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
+
+/* Room for bursts while the event loop is busy elsewhere. */
+const RECV_BUFFER_BYTES = 4 * 1024 * 1024;
+const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
+/* Slots in the direct-mapped cache of destination address texts (dgram). */
+const ADDR_CACHE_MASK = 4095;
+/* The addon's arena geometry; it exports its own and load() compares. */
+const SLOTS = 64;
+const SLOT_BYTES = 1536;
+const META_WORDS = 3;
+/* From dist/src/udp_socket.js (or src/ under a loader) to the package root. */
+const ADDON_PATH = '../../build/Release/udp_batch.node';
+
+export type UdpTransportKind = 'native' | 'dgram';
+
+export interface UdpTransport {
+	readonly kind: UdpTransportKind;
+	/** Bind; rejects with an Error whose .code is the errno name (EADDRINUSE, EACCES, EADDRNOTAVAIL...). */
+	bind(address: string, port: number): Promise<void>;
+	/**
+	 * Called for each datagram; `msg` is only valid during the call (a view
+	 * of a reused buffer).  addr is the IPv4 source as ipv4ToU32 gives it.
+	 * `len` is the datagram's true length, which exceeds msg.length when a
+	 * datagram longer than a receive slot was cut.
+	 */
+	onDatagram: (msg: Buffer, addr: number, port: number, len: number) => void;
+	/** Queue an answer; sent at the latest at the end of the current event-loop callback. */
+	send(payload: Uint8Array, addr: number, port: number): boolean;
+	/** Errors after bind (sendmmsg failures etc.); `dropped` says how many answers were lost. */
+	onError: (err: UdpTransportError) => void;
+	/** The bound port (after bind with port 0); 0 before. */
+	localPort(): number;
+	close(): Promise<void>;
+}
+
+export interface UdpTransportError extends Error {
+	code?: string;
+	/** Answers lost to this error; 1 for any other socket error, as dgram reports one per event. */
+	dropped?: number;
+}
+
+interface Addon {
+	SLOTS: number;
+	SLOT_BYTES: number;
+	META_WORDS: number;
+	open(addr: number, port: number, recvData: ArrayBuffer, recvMeta: ArrayBuffer,
+		sendData: ArrayBuffer, sendMeta: ArrayBuffer, onBatch: (count: number) => void): object;
+	send(handle: object, count: number): number;
+	sendErrno(handle: object): string;
+	errName(code: number): string;
+	localPort(handle: object): number;
+	close(handle: object, onClosed: () => void): boolean;
+}
+
+let addon: Addon | null = null;
+let addonError: Error | null = null;
+let addonLoaded = false;
+
+function load(): Addon | null {
+	if (addonLoaded) {
+		return addon;
+	}
+	addonLoaded = true;
+	if (process.platform !== 'linux') {
+		addonError = new Error(`native UDP batching needs Linux (this is ${process.platform})`);
+		return null;
+	}
+	try {
+		const a = createRequire(import.meta.url)(ADDON_PATH) as Addon;
+		if (a.SLOTS !== SLOTS || a.SLOT_BYTES !== SLOT_BYTES || a.META_WORDS !== META_WORDS) {
+			throw new Error(`udp_batch.node has arenas of ${a.SLOTS} x ${a.SLOT_BYTES}, expected ${SLOTS} x ${SLOT_BYTES}: rebuild it`);
+		}
+		addon = a;
+	} catch (err) {
+		addonError = err as Error;
+	}
+	return addon;
+}
+
+/** Why the native transport is unavailable, or null when it loaded. */
+export function nativeUnavailableReason(): Error | null {
+	load();
+	return addonError;
+}
+
+/** Where the loader looks for the addon, for tests and diagnostics. */
+export function nativeAddonUrl(): URL {
+	return new URL(ADDON_PATH, import.meta.url);
+}
+
+/**
+ * The native transport when the addon loads, else dgram; BBAL_UDP=dgram
+ * forces dgram.  A kind asked for explicitly must be available.
+ */
+export function createUdpTransport(kind?: UdpTransportKind): UdpTransport {
+	if (kind === undefined) {
+		kind = process.env['BBAL_UDP'] !== 'dgram' && load() !== null ? 'native' : 'dgram';
+	}
+	if (kind === 'dgram') {
+		return new DgramTransport();
+	}
+	const a = load();
+	if (a === null) {
+		throw addonError ?? new Error('native UDP transport unavailable');
+	}
+	return new NativeTransport(a);
+}
+
+function ignoreDatagram(): void {}
+function ignoreError(): void {}
+
+function transportError(code: string, message: string, dropped: number): UdpTransportError {
+	const err: UdpTransportError = new Error(message);
+	err.code = code;
+	err.dropped = dropped;
+	return err;
+}
+
+/* What send() accepts, the same for both transports. */
+function sendable(payload: Uint8Array, port: number): boolean {
+	return port > 0 && port <= 65535 && payload.length <= MAX_UDP_PAYLOAD_BYTES;
+}
+
+class NativeTransport implements UdpTransport {
+	readonly kind = 'native';
+	onDatagram: (msg: Buffer, addr: number, port: number, len: number) => void = ignoreDatagram;
+	onError: (err: UdpTransportError) => void = ignoreError;
+	private readonly addon: Addon;
+	private state: 'new' | 'open' | 'closing' | 'closed' = 'new';
+	private handle: object | null = null;
+	private port = 0;
+	private readonly recvData = new ArrayBuffer(SLOTS * SLOT_BYTES);
+	private readonly recvMeta = new ArrayBuffer(SLOTS * META_WORDS * 4);
+	private readonly sendData = new ArrayBuffer(SLOTS * SLOT_BYTES);
+	private readonly sendMeta = new ArrayBuffer(SLOTS * META_WORDS * 4);
+	private readonly recvBuf = Buffer.from(this.recvData);
+	private readonly recvWords = new Uint32Array(this.recvMeta);
+	private readonly sendBuf = new Uint8Array(this.sendData);
+	private readonly sendWords = new Uint32Array(this.sendMeta);
+	/* Answers in the send arena, and whether a flush is on nextTick. */
+	private queued = 0;
+	private flushScheduled = false;
+	private closed: Promise<void> | null = null;
+
+	constructor(a: Addon) {
+		this.addon = a;
+	}
+
+	bind(address: string, port: number): Promise<void> {
+		if (this.state !== 'new') {
+			return Promise.reject(transportError('ERR_SOCKET_ALREADY_BOUND', 'UDP transport already bound', 0));
+		}
+		const addr = ipv4ToU32(address);
+		if (addr < 0) {
+			return Promise.reject(transportError('EINVAL', `"${address}" is not an IPv4 address`, 0));
+		}
+		try {
+			this.handle = this.addon.open(addr, port, this.recvData, this.recvMeta, this.sendData,
+				this.sendMeta, this.addonOnBatch);
+		} catch (err) {
+			this.state = 'closed';
+			return Promise.reject(err as Error);
+		}
+		this.port = this.addon.localPort(this.handle);
+		this.state = 'open';
+		return Promise.resolve();
+	}
+
+	localPort(): number {
+		return this.port;
+	}
+
+	/*
+	 * One call per recvmmsg() batch: count datagrams in slots 0..count-1,
+	 * or a negative libuv error code.  The handler may close the transport
+	 * halfway; the rest of the batch is then dropped.
+	 */
+	private readonly addonOnBatch = (count: number): void => {
+		if (count < 0) {
+			if (this.state === 'open') {
+				const code = this.addon.errName(count);
+				this.onError(transportError(code, `UDP receive failed: ${code}`, 1));
+			}
+			return;
+		}
+		const meta = this.recvWords;
+		for (let i = 0; i < count && this.state === 'open'; i++) {
+			const m = i * META_WORDS;
+			const len = meta[m] as number;
+			const off = i * SLOT_BYTES;
+			this.onDatagram(this.recvBuf.subarray(off, off + (len < SLOT_BYTES ? len : SLOT_BYTES)),
+				meta[m + 1] as number, meta[m + 2] as number, len);
+		}
+	};
+
+	send(payload: Uint8Array, addr: number, port: number): boolean {
+		if (this.state !== 'open' || !sendable(payload, port)) {
+			return false;
+		}
+		const k = this.queued;
+		this.sendBuf.set(payload, k * SLOT_BYTES);
+		const m = k * META_WORDS;
+		this.sendWords[m] = payload.length;
+		this.sendWords[m + 1] = addr;
+		this.sendWords[m + 2] = port;
+		this.queued = k + 1;
+		if (this.queued === SLOTS) {
+			this.flush();
+		} else if (!this.flushScheduled) {
+			this.flushScheduled = true;
+			process.nextTick(this.flushOnTick);
+		}
+		return true;
+	}
+
+	private readonly flushOnTick = (): void => {
+		this.flushScheduled = false;
+		this.flush();
+	};
+
+	private flush(): void {
+		const n = this.queued;
+		this.queued = 0;
+		if (n === 0 || this.state !== 'open') {
+			return;
+		}
+		const sent = this.addon.send(this.handle as object, n);
+		if (sent < n) {
+			const code = this.addon.sendErrno(this.handle as object) || 'EIO';
+			this.onError(transportError(code, `UDP send failed: ${code} (${n - sent} of ${n} answers dropped)`, n - sent));
+		}
+	}
+
+	close(): Promise<void> {
+		if (this.closed !== null) {
+			return this.closed;
+		}
+		if (this.state !== 'open') {
+			this.state = 'closed';
+			this.closed = Promise.resolve();
+			return this.closed;
+		}
+		/* Answers already accepted still leave: send() promised them. */
+		this.flush();
+		this.state = 'closing';
+		this.closed = new Promise((resolve) => {
+			this.addon.close(this.handle as object, () => {
+				this.state = 'closed';
+				this.handle = null;
+				resolve();
+			});
+		});
+		return this.closed;
+	}
+}
+
+/*
+ * dgram resolves every destination with dns.lookup() before sending, which
+ * for an address literal still costs a regex and a deferred callback per
+ * answer.  Every address bbal sends to is a dotted quad it built itself, so
+ * the lookup hands it straight back.
+ */
+function literalLookup(address: string, _family: unknown, callback: (err: Error | null, address: string, family: number) => void): void {
+	callback(null, address, 4);
+}
+
+class DgramTransport implements UdpTransport {
+	readonly kind = 'dgram';
+	onDatagram: (msg: Buffer, addr: number, port: number, len: number) => void = ignoreDatagram;
+	onError: (err: UdpTransportError) => void = ignoreError;
+	private readonly socket: dgram.Socket;
+	private state: 'new' | 'binding' | 'open' | 'closed' = 'new';
+	private port = 0;
+	private closed: Promise<void> | null = null;
+	private bindReject: ((err: Error) => void) | null = null;
+	private readonly addrCacheKey = new Uint32Array(ADDR_CACHE_MASK + 1);
+	private readonly addrCacheText: Array<string | undefined> = new Array<string | undefined>(ADDR_CACHE_MASK + 1);
+
+	constructor() {
+		this.socket = dgram.createSocket({ type: 'udp4', reuseAddr: true, lookup: literalLookup });
+	}
+
+	bind(address: string, port: number): Promise<void> {
+		if (this.state !== 'new') {
+			return Promise.reject(transportError('ERR_SOCKET_ALREADY_BOUND', 'UDP transport already bound', 0));
+		}
+		this.state = 'binding';
+		return new Promise((resolve, reject) => {
+			const onError = (err: Error): void => {
+				if (this.state === 'binding') {
+					this.state = 'closed';
+					this.socket.close();
+				}
+				reject(err);
+			};
+			this.bindReject = reject;
+			this.socket.once('error', onError);
+			this.socket.bind({ address, port, exclusive: true }, () => {
+				this.socket.removeListener('error', onError);
+				this.bindReject = null;
+				if (this.state !== 'binding') {
+					/* close() came first and has closed the socket. */
+					return;
+				}
+				this.socket.on('error', this.socketOnError);
+				this.socket.on('message', this.socketOnMessage);
+				/* Best effort, as the native transport: capped by net.core.[rw]mem_max. */
+				try {
+					this.socket.setRecvBufferSize(RECV_BUFFER_BYTES);
+					this.socket.setSendBufferSize(SEND_BUFFER_BYTES);
+				} catch {
+					/* Keep the defaults. */
+				}
+				this.port = this.socket.address().port;
+				this.state = 'open';
+				resolve();
+			});
+		});
+	}
+
+	localPort(): number {
+		return this.port;
+	}
+
+	private readonly socketOnMessage = (msg: Buffer, rinfo: dgram.RemoteInfo): void => {
+		/* A udp4 socket only reports dotted quads; anything else is dropped. */
+		const addr = ipv4ToU32(rinfo.address);
+		if (addr >= 0) {
+			this.onDatagram(msg, addr, rinfo.port, msg.length);
+		}
+	};
+
+	private readonly socketOnError = (err: Error): void => {
+		const e = err as UdpTransportError;
+		e.dropped = 1;
+		this.onError(e);
+	};
+
+	send(payload: Uint8Array, addr: number, port: number): boolean {
+		if (this.state !== 'open' || !sendable(payload, port)) {
+			return false;
+		}
+		/* dgram wants the address as text: keep the texts of recent ones. */
+		const slot = addr & ADDR_CACHE_MASK;
+		let ip = this.addrCacheText[slot];
+		if (ip === undefined || this.addrCacheKey[slot] !== addr) {
+			ip = u32ToIpv4(addr);
+			this.addrCacheKey[slot] = addr;
+			this.addrCacheText[slot] = ip;
+		}
+		this.socket.send(payload, port, ip);
+		return true;
+	}
+
+	close(): Promise<void> {
+		if (this.closed !== null) {
+			return this.closed;
+		}
+		if (this.state === 'closed') {
+			/* The bind failed and closed the socket. */
+			this.closed = Promise.resolve();
+			return this.closed;
+		}
+		if (this.state === 'binding') {
+			this.bindReject?.(transportError('ERR_SOCKET_DGRAM_NOT_RUNNING', 'UDP transport closed while binding', 0));
+			this.bindReject = null;
+		}
+		this.state = 'closed';
+		this.closed = new Promise((resolve) => this.socket.close(() => resolve()));
+		return this.closed;
+	}
+}

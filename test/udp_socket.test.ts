@@ -1,0 +1,233 @@
+/*
+ * The UDP transports (src/udp_socket.ts) on real loopback sockets, each
+ * kind that is available in this build: the native batching addon and
+ * dgram.  Clients are plain dgram sockets bound to 127.0.9.x, with large
+ * receive buffers: they run in this same process, so a burst of answers
+ * waits in their kernel queue until the test's loop gets to read it.
+ */
+
+import dgram from 'node:dgram';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import t, { type Test } from 'tap';
+import { ipv4ToU32 } from '../src/protocol.js';
+import {
+	createUdpTransport, nativeAddonUrl, nativeUnavailableReason, type UdpTransport, type UdpTransportKind,
+} from '../src/udp_socket.js';
+import { freePort, sleep, waitFor } from './helpers.js';
+
+const CLIENT_BUFFER_BYTES = 4 * 1024 * 1024;
+const src = (n: number): string => `127.0.9.${n}`;
+
+interface Seen {
+	bytes: Buffer;
+	addr: number;
+	port: number;
+	len: number;
+}
+
+interface Client {
+	sock: dgram.Socket;
+	port: number;
+	got: Buffer[];
+}
+
+const kinds: UdpTransportKind[] = nativeUnavailableReason() === null ? ['native', 'dgram'] : ['dgram'];
+
+t.test('on Linux the native transport is built, loads and is the default', async (t) => {
+	if (process.platform !== 'linux') {
+		t.pass(`${process.platform}: dgram only`);
+		return;
+	}
+	const file = fileURLToPath(nativeAddonUrl());
+	t.ok(existsSync(file), `${file} is built (npm install runs node-gyp; bbal would silently fall back to dgram)`);
+	t.equal(nativeUnavailableReason(), null, 'the addon loads');
+	const u = createUdpTransport();
+	t.teardown(() => u.close());
+	t.equal(u.kind, process.env['BBAL_UDP'] === 'dgram' ? 'dgram' : 'native', 'and is the default unless BBAL_UDP=dgram');
+});
+
+/* A transport bound to 127.0.0.1 on a free port, recording what arrives. */
+async function serve(t: Test, kind: UdpTransportKind): Promise<{ u: UdpTransport; port: number; seen: Seen[] }> {
+	const u = createUdpTransport(kind);
+	t.equal(u.kind, kind);
+	const seen: Seen[] = [];
+	u.onDatagram = (msg, addr, port, len) => {
+		seen.push({ bytes: Buffer.from(msg), addr, port, len });
+	};
+	u.onError = (err) => t.fail(`unexpected transport error: ${err.message}`);
+	const port = await freePort();
+	await u.bind('127.0.0.1', port);
+	t.equal(u.localPort(), port, 'bound where asked');
+	t.teardown(() => u.close());
+	return { u, port, seen };
+}
+
+async function client(t: Test, source: string): Promise<Client> {
+	const sock = dgram.createSocket('udp4');
+	const got: Buffer[] = [];
+	sock.on('message', (m) => got.push(m));
+	await new Promise<void>((resolve) => sock.bind(0, source, resolve));
+	sock.setRecvBufferSize(CLIENT_BUFFER_BYTES);
+	t.teardown(() => new Promise<void>((resolve) => sock.close(() => resolve())));
+	return { sock, port: sock.address().port, got };
+}
+
+function numbered(n: number, size = 24): Buffer {
+	const b = Buffer.alloc(size, n & 0xff);
+	b.writeUInt32BE(n, 0);
+	return b;
+}
+
+for (const kind of kinds) {
+	t.test(`${kind}: datagrams arrive with their source address, port and bytes`, async (t) => {
+		const { port, seen } = await serve(t, kind);
+		const clients = await Promise.all([1, 2, 3].map((n) => client(t, src(n))));
+		for (const [i, c] of clients.entries()) {
+			c.sock.send(Buffer.from(`hello from ${i}`), port, '127.0.0.1');
+		}
+		await waitFor(() => seen.length === 3, 2000);
+		for (const [i, c] of clients.entries()) {
+			const d = seen.find((s) => s.port === c.port);
+			t.ok(d, `client ${i} seen`);
+			t.equal(d?.addr, ipv4ToU32(src(i + 1)), `client ${i}: source address as u32`);
+			t.equal(d?.bytes.toString(), `hello from ${i}`, `client ${i}: bytes`);
+			t.equal(d?.len, d?.bytes.length, `client ${i}: true length`);
+		}
+	});
+
+	t.test(`${kind}: a burst arrives complete and in order, batches leave room for nextTick`, async (t) => {
+		const { u, port, seen } = await serve(t, kind);
+		/* Datagrams seen between two nextTick runs: at most one batch. */
+		let sinceTick = 0;
+		let maxBetweenTicks = 0;
+		let tickPending = false;
+		const onTick = (): void => {
+			tickPending = false;
+			maxBetweenTicks = Math.max(maxBetweenTicks, sinceTick);
+			sinceTick = 0;
+		};
+		u.onDatagram = (msg, addr, p, len) => {
+			seen.push({ bytes: Buffer.from(msg), addr, port: p, len });
+			sinceTick++;
+			if (!tickPending) {
+				tickPending = true;
+				process.nextTick(onTick);
+			}
+		};
+		const clients = await Promise.all([4, 5, 6].map((n) => client(t, src(n))));
+		const PER_CLIENT = 150;
+		for (let i = 0; i < PER_CLIENT; i++) {
+			for (const c of clients) {
+				c.sock.send(numbered(i), port, '127.0.0.1');
+			}
+		}
+		await waitFor(() => seen.length === PER_CLIENT * clients.length, 5000);
+		for (const c of clients) {
+			const mine = seen.filter((s) => s.port === c.port).map((s) => s.bytes.readUInt32BE(0));
+			t.same(mine, Array.from({ length: PER_CLIENT }, (_, i) => i), `${c.port}: all ${PER_CLIENT}, in order`);
+		}
+		t.ok(maxBetweenTicks <= 64, `nextTick ran after every batch (at most ${maxBetweenTicks} datagrams between)`);
+	});
+
+	t.test(`${kind}: answers go back to each source, many per callback`, async (t) => {
+		const { u, port } = await serve(t, kind);
+		const ANSWERS = 150;
+		/* Each query is answered ANSWERS times from one callback: the arena fills twice. */
+		let refused = 0;
+		u.onDatagram = (msg, addr, p) => {
+			for (let i = 0; i < ANSWERS; i++) {
+				const out = numbered(i, 40);
+				msg.copy(out, 4, 0, Math.min(msg.length, 36));
+				refused += u.send(out, addr, p) ? 0 : 1;
+			}
+		};
+		const clients = await Promise.all([7, 8].map((n) => client(t, src(n))));
+		for (const c of clients) {
+			c.sock.send(Buffer.from(`q${c.port}`), port, '127.0.0.1');
+		}
+		await waitFor(() => clients.every((c) => c.got.length === ANSWERS), 5000);
+		t.equal(refused, 0, 'every answer queued');
+		for (const c of clients) {
+			t.same(c.got.map((m) => m.readUInt32BE(0)), Array.from({ length: ANSWERS }, (_, i) => i), 'in order');
+			t.ok(c.got.every((m) => m.subarray(4, 4 + `q${c.port}`.length).toString() === `q${c.port}`), 'to the right source');
+		}
+	});
+
+	t.test(`${kind}: send refuses what can never be sent`, async (t) => {
+		const { u } = await serve(t, kind);
+		const lo = ipv4ToU32('127.0.0.1');
+		t.equal(u.send(Buffer.alloc(12), lo, 0), false, 'port 0');
+		t.equal(u.send(Buffer.alloc(12), lo, 65536), false, 'port over 65535');
+		t.equal(u.send(Buffer.alloc(1501), lo, 53), false, 'over 1500 bytes');
+		t.equal(u.send(Buffer.alloc(1500), lo, 9), true, '1500 bytes is fine');
+	});
+
+	t.test(`${kind}: an oversize datagram is reported with its true length`, async (t) => {
+		const { port, seen } = await serve(t, kind);
+		const c = await client(t, src(9));
+		const big = Buffer.alloc(2000);
+		for (let i = 0; i < big.length; i++) {
+			big[i] = i & 0xff;
+		}
+		c.sock.send(big, port, '127.0.0.1');
+		c.sock.send(Buffer.from('after'), port, '127.0.0.1');
+		await waitFor(() => seen.length === 2, 2000);
+		const d = seen[0] as Seen;
+		t.equal(d.len, 2000, 'true length');
+		t.ok(d.bytes.length <= 2000 && d.bytes.length >= 1501, `a view of what fits (${d.bytes.length} bytes)`);
+		t.ok(d.bytes.equals(big.subarray(0, d.bytes.length)), 'the bytes that fit');
+		t.equal(seen[1]?.bytes.toString(), 'after', 'the next datagram is intact');
+		t.equal(seen[1]?.len, 5);
+	});
+
+	t.test(`${kind}: bind errors reject with the errno name`, async (t) => {
+		const taken = dgram.createSocket('udp4');
+		await new Promise<void>((resolve) => taken.bind(0, '127.0.0.1', resolve));
+		t.teardown(() => taken.close());
+		const u = createUdpTransport(kind);
+		await t.rejects(u.bind('127.0.0.1', taken.address().port), { code: 'EADDRINUSE' }, 'port in use');
+		await u.close();
+		const v = createUdpTransport(kind);
+		await t.rejects(v.bind('192.0.2.1', 0), { code: 'EADDRNOTAVAIL' }, 'address not on this host');
+		await v.close();
+	});
+
+	t.test(`${kind}: close() stops delivery and sending, and frees the port`, async (t) => {
+		const { u, port, seen } = await serve(t, kind);
+		const c = await client(t, src(10));
+		c.sock.send(Buffer.from('one'), port, '127.0.0.1');
+		await waitFor(() => seen.length === 1, 2000);
+		/* Queued before close: still sent (send() said yes). */
+		t.equal(u.send(Buffer.from('bye'), ipv4ToU32(src(10)), c.port), true);
+		const closing = u.close();
+		t.equal(u.close(), closing, 'idempotent');
+		t.equal(u.send(Buffer.from('late'), ipv4ToU32(src(10)), c.port), false, 'no sending once closed');
+		await closing;
+		c.sock.send(Buffer.from('two'), port, '127.0.0.1');
+		await sleep(200);
+		t.equal(seen.length, 1, 'nothing delivered after close');
+		t.same(c.got.map((m) => m.toString()), ['bye'], 'the answer queued before close left');
+		const again = createUdpTransport(kind);
+		await again.bind('127.0.0.1', port);
+		t.pass('the port can be bound again at once');
+		await again.close();
+	});
+
+	t.test(`${kind}: closing from inside the datagram callback drops the rest of the batch`, async (t) => {
+		const { u, port, seen } = await serve(t, kind);
+		let closing: Promise<void> | null = null;
+		u.onDatagram = (msg) => {
+			seen.push({ bytes: Buffer.from(msg), addr: 0, port: 0, len: msg.length });
+			closing ??= u.close();
+		};
+		const c = await client(t, src(11));
+		for (let i = 0; i < 20; i++) {
+			c.sock.send(numbered(i), port, '127.0.0.1');
+		}
+		await waitFor(() => closing !== null, 2000);
+		await closing;
+		await sleep(100);
+		t.equal(seen.length, 1, 'one datagram, then silence');
+	});
+}
