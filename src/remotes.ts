@@ -101,7 +101,18 @@ export interface RemoteStats {
 export class Remote {
 	primary: Backend | null = null;
 	backup: Backend | null = null;
-	readonly stats: RemoteStats = { udp: 0, udpDrop: 0, tcp: 0, tcpDrop: 0, udpInvalid: 0, rateLimited: 0 };
+	/*
+	 * The counters (RemoteStats) live in the object itself, not in an
+	 * object of their own: one fewer object per remote, about 40 bytes, or
+	 * 4 MB at the 100,000-remote cap.  `stats` is the same object seen as
+	 * its counters.
+	 */
+	udp = 0;
+	udpDrop = 0;
+	tcp = 0;
+	tcpDrop = 0;
+	udpInvalid = 0;
+	rateLimited = 0;
 	/*
 	 * Times are whole seconds since the table was made: small integers that
 	 * V8 stores in the object itself, where milliseconds since 1970 would
@@ -155,6 +166,10 @@ export class Remote {
 			this.synthCount = 0;
 		}
 		return ++this.synthCount <= limit;
+	}
+
+	get stats(): RemoteStats {
+		return this;
 	}
 
 	get ip(): string {

@@ -108,7 +108,10 @@ function remoteSnapshot(rem: Remote): RemoteSnapshot {
 		ip: rem.ip,
 		backend: rem.primary?.id ?? 0,
 		backup: rem.backup?.id ?? 0,
-		stats: { ...rem.stats },
+		stats: {
+			udp: rem.udp, udpDrop: rem.udpDrop, tcp: rem.tcp, tcpDrop: rem.tcpDrop, udpInvalid: rem.udpInvalid,
+			rateLimited: rem.rateLimited,
+		},
 		firstSeen: new Date(rem.firstSeenMs).toISOString(),
 		lastSeen: new Date(rem.lastSeenMs).toISOString(),
 	};
