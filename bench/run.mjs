@@ -631,14 +631,22 @@ async function startDnsdist(port, backendPort) {
 async function startBbal(name, { port, dir, backends, noProbe = false, profileName, stats = `${dir}.stats.sock` }) {
 	const env = { ...process.env };
 	delete env.LOG_LEVEL;
+	const args = ['-b', '127.0.0.1', '-p', String(port), '-s', dir, '-S', stats, '-l', 'warn'];
+	let p;
 	if (opts.profile && profileName) {
-		/* The launcher execs node itself, so profiling flags travel in NODE_OPTIONS. */
+		/*
+		 * node refuses --cpu-prof in NODE_OPTIONS, so run bin/bbal.js the way
+		 * the launcher does (its V8 flags, read from its exec line), plus the
+		 * profiler's.
+		 */
 		mkdirSync(path.join(BUILD, 'prof'), { recursive: true });
-		env.NODE_OPTIONS = [env.NODE_OPTIONS, '--cpu-prof', `--cpu-prof-dir=${path.join(BUILD, 'prof')}`,
-			`--cpu-prof-name=${profileName}`].filter(Boolean).join(' ');
+		const launcher = readFileSync(BBAL, 'utf8');
+		const v8flags = (/^exec node (.*)$/m.exec(launcher)?.[1] ?? '').split(/\s+/).filter((w) => /^--[a-z0-9-]+(=\S+)?$/.test(w));
+		p = start(name, process.execPath, [...v8flags, '--cpu-prof', `--cpu-prof-dir=${path.join(BUILD, 'prof')}`,
+			`--cpu-prof-name=${profileName}`, `${BBAL}.js`, ...args], { env });
+	} else {
+		p = start(name, BBAL, args, { env });
 	}
-	const p = start(name, BBAL, ['-b', '127.0.0.1', '-p', String(port), '-s', dir,
-		'-S', stats, '-l', 'warn'], { env });
 	p.stats = stats;
 	await waitFor(`${name}: ${backends} backend(s) ok`, async () => {
 		alive(p);
