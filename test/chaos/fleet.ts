@@ -91,6 +91,8 @@ export interface ProcSample {
 	externalKb: number;
 	/** bbal's UDP and TCP totals from its stats snapshot (udp.stuck, tcp.overCap, ...). */
 	counters?: Record<string, number>;
+	/** Taken after a full garbage collection of bbal's V8 heap (through its inspector). */
+	afterGc?: boolean;
 }
 
 /** VmRSS and the number of open descriptors of a live process. */
@@ -99,6 +101,63 @@ export function procSample(pid: number): ProcSample {
 	const field = (k: string): number => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? NaN);
 	return {
 		rssKb: field('VmRSS'), rssAnonKb: field('RssAnon'), rssFileKb: field('RssFile'), fds: readdirSync(`/proc/${pid}/fd`).length, heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN };
+}
+
+/* The parts of a WebSocket this file uses (node 20 has one with --experimental-websocket). */
+interface MinimalWebSocket {
+	onopen: (() => void) | null;
+	onmessage: ((ev: { data: unknown }) => void) | null;
+	onerror: (() => void) | null;
+	send(data: string): void;
+	close(): void;
+}
+
+/*
+ * A full garbage collection of bbal's V8 heap, asked for through its
+ * inspector (bbal runs with --inspect on a loopback port in the chaos fleet).
+ * RSS sampled without one depends on where the old generation is in its
+ * fill-and-collect cycle, which swings by 15% under load; sampled after one,
+ * it is what bbal retains, which is what a leak would grow.  False when the
+ * inspector cannot be reached (no WebSocket in this node, say): the sample
+ * is then taken as it is.
+ */
+export async function collectGarbage(inspectPort: number): Promise<boolean> {
+	const WS = (globalThis as unknown as { WebSocket?: new (url: string) => MinimalWebSocket }).WebSocket;
+	if (WS === undefined) {
+		return false;
+	}
+	try {
+		const targets = await (await fetch(`http://127.0.0.1:${inspectPort}/json/list`,
+			{ signal: AbortSignal.timeout(2000) })).json() as Array<{ webSocketDebuggerUrl?: string }>;
+		const url = targets[0]?.webSocketDebuggerUrl;
+		if (url === undefined) {
+			return false;
+		}
+		return await new Promise<boolean>((resolve) => {
+			const ws = new WS(url);
+			const done = (ok: boolean): void => {
+				clearTimeout(timer);
+				ws.onmessage = null;
+				ws.onerror = null;
+				ws.close();
+				resolve(ok);
+			};
+			const timer = setTimeout(() => done(false), 10_000);
+			/* Twice: buffers freed by the first are returned by their finalizers before the second. */
+			ws.onopen = () => ws.send(JSON.stringify({ id: 1, method: 'HeapProfiler.collectGarbage' }));
+			ws.onmessage = (ev) => {
+				const id = (JSON.parse(String(ev.data)) as { id?: number }).id;
+				if (id === 1) {
+					ws.send(JSON.stringify({ id: 2, method: 'HeapProfiler.collectGarbage' }));
+				} else if (id === 2) {
+					done(true);
+				}
+			};
+			ws.onerror = () => done(false);
+		});
+	} catch {
+		return false;
+	}
 }
 
 /* bbal's V8 heap figures from its Prometheus endpoint. */
@@ -349,6 +408,8 @@ export class ChaosFleet {
 	port = 0;
 	/** The live bbal's Prometheus endpoint (for its heap figures). */
 	metricsUrl: string | null = null;
+	/** The live bbal's inspector port (to ask for a full GC before sampling memory). */
+	inspectPort = 0;
 
 	private constructor(readonly t: Teardowns, readonly dir: string) {}
 
@@ -404,10 +465,11 @@ export class ChaosFleet {
 	/** Start bbal and wait until every backend in the directory is established. */
 	async startBbal(): Promise<Bbal> {
 		const metricsPort = await freePort();
+		this.inspectPort = await freePort();
 		const bbal = await startBbal(this.t as unknown as Test, {
 			/* info, not the helpers' debug: two lines per TCP query would be most of the log. */
 			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info'],
-			env: LAUNCHER_V8_FLAGS.length > 0 ? { NODE_OPTIONS: LAUNCHER_V8_FLAGS.join(' ') } : {},
+			env: { NODE_OPTIONS: [...LAUNCHER_V8_FLAGS, `--inspect=127.0.0.1:${this.inspectPort}`].join(' ') },
 		});
 		this.metricsUrl = `http://127.0.0.1:${metricsPort}/metrics`;
 		this.bbals.push(bbal);
@@ -436,7 +498,13 @@ export class ChaosFleet {
 			}
 			await sleep(100);
 		}
+		const afterGc = await collectGarbage(this.inspectPort);
+		if (afterGc) {
+			/* Let freed pages go back to the kernel before reading RSS. */
+			await sleep(300);
+		}
 		const sample = await procSampleMedian(this.bbalPid, this.metricsUrl, 5, 200);
+		sample.afterGc = afterGc;
 		try {
 			const snap = await this.snapshot();
 			sample.counters = {};

@@ -360,7 +360,8 @@ export function formatScenario(run: ScenarioRun, a: Analysis): string {
 	}
 	rows.push(['bbal', `RSS ${mb(run.procBefore.rssKb)} -> ${mb(run.procAfter.rssKb)} `
 		+ `(${pct(run.procBefore.rssKb, run.procAfter.rssKb)}), open fds ${run.procBefore.fds} -> ${run.procAfter.fds}`
-		+ `${run.bbalReplaced ? ' (a new bbal process after)' : ''}, untold exits ${run.unexpectedExits.length}`]);
+		+ `${run.bbalReplaced ? ' (a new bbal process after)' : ''}, untold exits ${run.unexpectedExits.length}`
+		+ `${run.procBefore.afterGc && run.procAfter.afterGc ? '; memory sampled after a full GC' : '; memory sampled without a GC'}`]);
 	rows.push(['', `RSS anonymous ${mb(run.procBefore.rssAnonKb)} -> ${mb(run.procAfter.rssAnonKb)}, file-backed `
 		+ `${mb(run.procBefore.rssFileKb)} -> ${mb(run.procAfter.rssFileKb)}; V8 heap used `
 		+ `${mb(run.procBefore.heapUsedKb)} -> ${mb(run.procAfter.heapUsedKb)}, `
