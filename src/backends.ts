@@ -46,8 +46,9 @@
  * longer finds the file does the same even while the control session is up,
  * since no new connection (no TCP session) could reach the backend.
  *
- * A socket file that a rescan finds re-created (another inode at the same
- * path: the backend restarted and bound afresh) is a newly found socket: a
+ * A socket file that a rescan finds re-created (another inode or change
+ * time at the same path -- filesystems reuse a freed inode number at once:
+ * the backend restarted and bound afresh) is a newly found socket: a
  * backend waiting out its back-off is tried at once.  Otherwise a backend
  * down for half a minute would wait up to 32 s more after it came back.
  * The registry also watches the directory (fs.watch, inotify or event
@@ -178,8 +179,8 @@ export class Backend implements FrameSink {
 	state: BackendState = 'waiting';
 	heartbeatOutstanding = false;
 	reconnectDelaySecs = 0;
-	/* The socket file's inode when a rescan last saw it; -1 before. */
-	private ino = -1;
+	/* The socket file's identity (inode and change time) when a rescan last saw it; '' before. */
+	private fileId = '';
 	/** Remotes whose primary this is (kept by remotes.ts). */
 	remotes = 0;
 	/** Round trip of the last answered heartbeat, or -1 before the first. */
@@ -354,12 +355,12 @@ export class Backend implements FrameSink {
 
 	/**
 	 * A rescan found this path: a new backend, a removed one returning, or
-	 * (another inode than last time) one that bound its socket afresh.
+	 * (another file identity than last time) one that bound its socket afresh.
 	 */
-	found(ino = -1): void {
-		const renewed = ino >= 0 && this.ino >= 0 && ino !== this.ino;
-		if (ino >= 0) {
-			this.ino = ino;
+	found(fileId = ''): void {
+		const renewed = fileId !== '' && this.fileId !== '' && fileId !== this.fileId;
+		if (fileId !== '') {
+			this.fileId = fileId;
 		}
 		if (this.state === 'removed') {
 			this.log.info('backend socket returned (connecting)');
@@ -642,14 +643,15 @@ export class Backends {
 				return;
 			}
 			const names = entries.filter((de) => de.isSocket()).map((de) => de.name).sort();
-			/* The inodes tell a socket bound afresh from the one bbal knew. */
-			const inodes = await Promise.all(names.map((name) => lstat(this.pathOf(name)).then((st) => st.ino, () => -1)));
+			/* Inode and change time tell a socket bound afresh from the one bbal knew. */
+			const ids = await Promise.all(names.map((name) => lstat(this.pathOf(name))
+				.then((st) => `${st.ino}/${st.ctimeMs}`, () => '')));
 			if (this.closed) {
 				return;
 			}
 			const present = new Set<string>();
 			names.forEach((name, i) => {
-				present.add(this.foundPath(name, inodes[i])?.path ?? '');
+				present.add(this.foundPath(name, ids[i])?.path ?? '');
 			});
 			for (const be of this.list()) {
 				if (!present.has(be.path)) {
@@ -695,8 +697,8 @@ export class Backends {
 		return this.dir === '/' ? `/${name}` : `${this.dir}/${name}`;
 	}
 
-	/** A socket named `name` exists in the directory (with inode `ino`, when known). */
-	foundPath(name: string, ino = -1): Backend | null {
+	/** A socket named `name` exists in the directory (with identity `fileId`, when known). */
+	foundPath(name: string, fileId = ''): Backend | null {
 		const path = this.pathOf(name);
 		if (Buffer.byteLength(path) > MAX_SOCKET_PATH_BYTES) {
 			if (!this.reportedPaths.has(path)) {
@@ -713,7 +715,7 @@ export class Backends {
 			this.byPath.insert(path, be);
 			be.log.info('new backend');
 		}
-		be.found(ino);
+		be.found(fileId);
 		return be;
 	}
 

@@ -190,7 +190,7 @@ t.test('ENOENT marks the backend removed; it returns when a rescan sees the sock
 t.test('a socket bound afresh at the same path (a restarted backend) is tried at once, not after its back-off',
 	async (t) => {
 		const env = setup();
-		const be = env.reg.foundPath('5301', 100) as Backend;
+		const be = env.reg.foundPath('5301', '100/1000') as Backend;
 		const refused = (): void => {
 			env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
 		};
@@ -202,10 +202,10 @@ t.test('a socket bound afresh at the same path (a restarted backend) is tried at
 		t.equal(be.state, 'waiting');
 		t.ok(be.reconnectDelaySecs >= 9, `the back-off has grown (${be.reconnectDelaySecs} s)`);
 		const n = env.sockets.length;
-		env.reg.foundPath('5301', 100);
+		env.reg.foundPath('5301', '100/1000');
 		t.equal(env.sockets.length, n, 'the same socket file: the back-off is honoured');
-		env.reg.foundPath('5301', 101);
-		t.equal(env.sockets.length, n + 1, 'a new inode at the path: connected at once');
+		env.reg.foundPath('5301', '100/2000');
+		t.equal(env.sockets.length, n + 1, 'the same inode number but created anew (a later change time): connected at once');
 		t.equal(be.state, 'connecting');
 		env.last().emit('connect');
 		env.last().emit('data', SERVER_HELLO_FRAME);

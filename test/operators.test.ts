@@ -366,6 +366,24 @@ t.test('a backend socket that appears in the directory is connected within a sec
 		+ `${rescanAt - Date.now()} ms before the periodic rescan was due`);
 });
 
+t.test('a backend restarted after a long outage is connected at once, not at the end of its back-off', async (t) => {
+	const { bbal, backends } = await startFleet(t, ['5301', '5302']);
+	const be = backends[0];
+	t.ok(be, 'backend 5301');
+	await be?.kill('SIGKILL');
+	/* Two refused reconnects (1 s and 4 s after the fault): the next is 5 s away. */
+	await waitFor(() => bbal.logs.filter((r) => r.be_id === 5301 && r.msg === 'backend connect failed').length >= 2,
+		8000, 50, 'two failed reconnects');
+	const since = bbal.logs.length;
+	const restartedAt = Date.now();
+	await be?.restart();
+	await bbal.waitForLog((r) => r.be_id === 5301 && r.msg === 'backend socket established', 6000, since);
+	const ms = Date.now() - restartedAt;
+	t.ok(ms < 2500, `established ${ms} ms after the restart began (its back-off had 5 s to run)`);
+	t.ok(bbal.logs.slice(since).some((r) => r.be_id === 5301 && r.msg === 'backend socket re-created (connecting now)'),
+		'bbal saw the socket file bound afresh (the inode number may be the same)');
+});
+
 t.test('SIGUSR2 logs the stats snapshot', async (t) => {
 	const { bbal, port } = await startFleet(t, ['5301', '5302']);
 	await udpQuery({ port, source: '127.0.0.240', name: 'u.example' });
