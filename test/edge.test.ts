@@ -24,7 +24,7 @@ import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
 import type { RemoteSnapshot, Snapshot } from '../src/stats.js';
 import {
-	backendOf, childEnv, freePort, makeSocketDir, projectRoot, runBbal, sleep, startBackend, startBbal,
+	backendOf, childEnv, framed, freePort, makeSocketDir, projectRoot, runBbal, sleep, startBackend, startBbal,
 	startFleet, statsSocketFor, waitFor,
 } from './helpers.js';
 
@@ -103,12 +103,6 @@ async function ask(t: Test, port: number, source: string, name = 'ok.example', i
 	const c = await UdpClient.open(t, port, source);
 	await c.send(query(name, id));
 	return dnsPacket.decode((await c.reply(id)).bytes);
-}
-
-function framed(msg: Buffer): Buffer {
-	const len = Buffer.alloc(2);
-	len.writeUInt16BE(msg.length);
-	return Buffer.concat([len, msg]);
 }
 
 /* A DNS-over-TCP client from `source`: received bytes split into messages. */

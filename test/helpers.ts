@@ -514,6 +514,13 @@ export function encodeQuery(name: string, type: dnsPacket.RecordType,
 	});
 }
 
+/** A DNS message as it goes over TCP: a 2-byte length, then the message. */
+export function framed(msg: Buffer): Buffer {
+	const len = Buffer.alloc(2);
+	len.writeUInt16BE(msg.length);
+	return Buffer.concat([len, msg]);
+}
+
 function bindClient(source: string): Promise<dgram.Socket> {
 	return new Promise((resolve, reject) => {
 		const sock = dgram.createSocket('udp4');

@@ -8,7 +8,9 @@ import { existsSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import t from 'tap';
-import { encodeQuery, freePort, makeSocketDir, runBbal, startBackend, startBbal, udpQuery, udpSendRaw, waitFor } from './helpers.js';
+import {
+	encodeQuery, framed, freePort, makeSocketDir, runBbal, startBackend, startBbal, udpQuery, udpSendRaw, waitFor,
+} from './helpers.js';
 
 interface Sample {
 	name: string;
@@ -60,10 +62,8 @@ function value(samples: Sample[], name: string, labels: Record<string, string> =
 
 function tcpQuery(port: number, localAddress: string): Promise<void> {
 	return new Promise((resolve, reject) => {
-		const q = encodeQuery('tcp.example', 'TXT', 7);
-		const len = Buffer.alloc(2);
-		len.writeUInt16BE(q.length);
-		const s = net.connect({ host: '127.0.0.1', port, localAddress }, () => s.end(Buffer.concat([len, q])));
+		const s = net.connect({ host: '127.0.0.1', port, localAddress },
+			() => s.end(framed(encodeQuery('tcp.example', 'TXT', 7))));
 		s.on('data', () => {});
 		s.on('error', reject);
 		s.on('close', () => resolve());

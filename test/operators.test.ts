@@ -17,8 +17,8 @@ import t, { type Test } from 'tap';
 import { readSnapshot } from '../src/balstat.js';
 import type { Snapshot } from '../src/stats.js';
 import {
-	backendOf, childEnv, encodeQuery, freePort, makeSocketDir, projectRoot, runBbal, startBackend, startBbal,
-	startFleet, statsSocketFor, udpQuery, waitFor,
+	backendOf, childEnv, encodeQuery, framed, freePort, makeSocketDir, projectRoot, runBbal, startBackend,
+	startBbal, startFleet, statsSocketFor, udpQuery, waitFor,
 } from './helpers.js';
 
 const balstatBin = path.join(projectRoot, 'bin', 'balstat.js');
@@ -45,12 +45,6 @@ function exitWithin(proc: ChildProcess, ms: number): Promise<{ code: number | nu
 			resolve({ code, signal });
 		});
 	});
-}
-
-function framed(msg: Buffer): Buffer {
-	const len = Buffer.alloc(2);
-	len.writeUInt16BE(msg.length);
-	return Buffer.concat([len, msg]);
 }
 
 /* A DNS-over-TCP client from `source`; every message received is decoded. */
@@ -324,13 +318,11 @@ t.test('SIGTERM with a TCP client that never closes: exit 0 after the drain limi
 	await waitFor(() => c.closed, 1000, 10, 'client connection closed');
 });
 
-t.test('SIGHUP finds a new backend socket at once, not at the next periodic rescan', async (t) => {
-	/* Without the directory watch, which would find it at once too. */
-	const { dir, bbal, sock } = await startFleet(t, ['5301'], ['--no-watch']);
-	/* The backend starts elsewhere and is renamed in, so its start-up time cannot eat the window. */
-	const side = await makeSocketDir(t);
-	const late = await startBackend(t, side, '5302');
-	/* When is the periodic rescan due?  Go only with >= 2.5 s of it left. */
+/*
+ * Wait until bbal's periodic rescan is at least 2.5 s away, so that what a
+ * test sees next cannot be its doing; returns when the rescan is due.
+ */
+async function rescanPeriodLeft(sock: string): Promise<number> {
 	let rescanAt = 0;
 	await waitFor(async () => {
 		const snap = JSON.parse(await readSnapshot(sock)) as Snapshot;
@@ -338,6 +330,16 @@ t.test('SIGHUP finds a new backend socket at once, not at the next periodic resc
 		rescanAt = Date.now() + (to?.expiresInMs ?? 0);
 		return (to?.expiresInMs ?? 0) >= 2500;
 	}, 7000, 100, 'a rescan period with 2.5 s left');
+	return rescanAt;
+}
+
+t.test('SIGHUP finds a new backend socket at once, not at the next periodic rescan', async (t) => {
+	/* Without the directory watch, which would find it at once too. */
+	const { dir, bbal, sock } = await startFleet(t, ['5301'], ['--no-watch']);
+	/* The backend starts elsewhere and is renamed in, so its start-up time cannot eat the window. */
+	const side = await makeSocketDir(t);
+	const late = await startBackend(t, side, '5302');
+	const rescanAt = await rescanPeriodLeft(sock);
 	const since = bbal.logs.length;
 	await rename(late.path, path.join(dir, '5302'));
 	bbal.proc.kill('SIGHUP');
@@ -351,13 +353,7 @@ t.test('a backend socket that appears in the directory is connected within a sec
 	const { dir, bbal, sock } = await startFleet(t, ['5301']);
 	const side = await makeSocketDir(t);
 	const late = await startBackend(t, side, '5302');
-	let rescanAt = 0;
-	await waitFor(async () => {
-		const snap = JSON.parse(await readSnapshot(sock)) as Snapshot;
-		const to = snap.timeouts.find((x) => x.name === 'rescan socket directory');
-		rescanAt = Date.now() + (to?.expiresInMs ?? 0);
-		return (to?.expiresInMs ?? 0) >= 2500;
-	}, 7000, 100, 'a rescan period with 2.5 s left');
+	const rescanAt = await rescanPeriodLeft(sock);
 	const since = bbal.logs.length;
 	const movedAt = Date.now();
 	await rename(late.path, path.join(dir, '5302'));

@@ -19,7 +19,7 @@ import {
 	CLIENT_HEARTBEAT_FRAME, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
 } from '../src/protocol.js';
 import {
-	type Backend, type Bbal, backendOf, encodeQuery, freePort, makeSocketDir, startBbal, startFleet,
+	backendOf, encodeQuery, framed, freePort, makeSocketDir, startBbal, startFleet, type Backend, type Bbal,
 	udpQuery, waitFor,
 } from './helpers.js';
 
@@ -113,12 +113,6 @@ class TcpClient {
 	closedByPeer(timeoutMs = 2000): Promise<void> {
 		return this.until(() => this.closed, timeoutMs, 'close');
 	}
-}
-
-function framed(msg: Buffer): Buffer {
-	const len = Buffer.alloc(2);
-	len.writeUInt16BE(msg.length);
-	return Buffer.concat([len, msg]);
 }
 
 /* One query on a fresh connection; the connection is closed afterwards. */

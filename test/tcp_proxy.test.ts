@@ -21,7 +21,7 @@ import {
 import { Remotes } from '../src/remotes.js';
 import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_proxy.js';
 import { TimeoutWheel } from '../src/timeouts.js';
-import { encodeQuery, freePort, makeSocketDir, startBackend, waitFor } from './helpers.js';
+import { encodeQuery, framed, freePort, makeSocketDir, startBackend, waitFor } from './helpers.js';
 
 /* Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`. */
 async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 512) {
@@ -122,14 +122,6 @@ t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faul
 	t.equal(env.tcp.size, 0, 'the proxy is released');
 });
 
-/* A DNS query as it goes over TCP: 2-byte length, then the message. */
-function framedQuery(name: string): Buffer {
-	const q = encodeQuery(name, 'A', 7);
-	const len = Buffer.alloc(2);
-	len.writeUInt16BE(q.length, 0);
-	return Buffer.concat([len, q]);
-}
-
 const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
 
 t.test('a client that hangs up before a whole query is closed at once; the backend is not faulted', async (t) => {
@@ -141,7 +133,7 @@ t.test('a client that hangs up before a whole query is closed at once; the backe
 	const client = await connect(env.port, '127.0.0.153');
 	client.on('error', () => {});
 	await waitFor(() => fake.tcpFrames.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
-	client.end(framedQuery('half.example').subarray(0, 9));
+	client.end(framed(encodeQuery('half.example', 'A', 7)).subarray(0, 9));
 	await waitFor(() => env.tcp.size === 0, 2000, 10, 'the slot is given back without waiting for the deadline');
 	t.equal(env.tcp.stats.abandoned, 1, 'counted as abandoned');
 	env.advance(TCP_OK_DEADLINE_SECS);
@@ -168,7 +160,7 @@ t.test('a query half-closed before INBOUND_TCP_OK reaches the backend when it ac
 	const answer: Buffer[] = [];
 	client.on('data', (d: Buffer) => answer.push(d));
 	const clientEnded = new Promise<void>((resolve) => client.on('end', resolve));
-	const query = framedQuery('early.example');
+	const query = framed(encodeQuery('early.example', 'A', 7));
 	client.end(query);
 	await waitFor(() => session !== null, 2000, 10, 'INBOUND_TCP at the backend');
 	await settle();
@@ -193,8 +185,8 @@ t.test('at the cap, a connection whose client half-closed before the OK makes ro
 	const gone = await connect(env.port, '127.0.0.156');
 	waiting.on('error', () => {});
 	gone.on('error', () => {});
-	waiting.write(framedQuery('waiting.example'));
-	gone.end(framedQuery('gone.example'));
+	waiting.write(framed(encodeQuery('waiting.example', 'A', 7)));
+	gone.end(framed(encodeQuery('gone.example', 'A', 7)));
 	await waitFor(() => env.tcp.size === 2, 2000, 10, 'two connections held');
 	await settle();
 	const fresh = await connect(env.port, '127.0.0.157');
@@ -243,10 +235,8 @@ t.test('the idle deadline closes a silent connection; activity postpones it', as
 /* One TCP query on a fresh connection; resolves with the answer's id. */
 function tcpQuery(port: number, localAddress: string, id: number): Promise<number> {
 	return new Promise((resolve, reject) => {
-		const q = encodeQuery('leak.example', 'A', id);
-		const len = Buffer.alloc(2);
-		len.writeUInt16BE(q.length);
-		const s = net.connect({ host: '127.0.0.1', port, localAddress }, () => s.end(Buffer.concat([len, q])));
+		const s = net.connect({ host: '127.0.0.1', port, localAddress },
+			() => s.end(framed(encodeQuery('leak.example', 'A', id))));
 		const chunks: Buffer[] = [];
 		s.on('data', (d: Buffer) => chunks.push(d));
 		s.on('error', reject);

@@ -53,7 +53,8 @@ import dnsPacket from 'dns-packet';
 import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_UDP, FrameReader, SERVER_HEARTBEAT_FRAME,
 	SERVER_HELLO_FRAME } from '../../src/protocol.js';
 import {
-	backendOf, encodeQuery, freePort, makeSocketDir, sleep, startBackend, startBbal, startFleet, udpQuery, waitFor,
+	backendOf, encodeQuery, framed, freePort, makeSocketDir, sleep, startBackend, startBbal, startFleet, udpQuery,
+	waitFor,
 } from '../helpers.js';
 
 /* One TCP query from `source`; resolves with the answering backend's label, or the error. */
@@ -68,11 +69,7 @@ function tcpQuery(port: number, source: string, name: string, timeoutMs = 2000):
 			resolve(what);
 		};
 		const timer = setTimeout(() => done('timeout'), timeoutMs);
-		sock.on('connect', () => {
-			const len = Buffer.alloc(2);
-			len.writeUInt16BE(q.length, 0);
-			sock.write(Buffer.concat([len, q]));
-		});
+		sock.on('connect', () => sock.write(framed(q)));
 		sock.on('data', (d: Buffer) => {
 			buf = Buffer.concat([buf, d]);
 			if (buf.length >= 2 && buf.length >= 2 + buf.readUInt16BE(0)) {
