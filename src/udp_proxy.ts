@@ -135,11 +135,6 @@ export class UdpProxy {
 		this.transport = createUdpTransport();
 	}
 
-	/** Which transport carries the datagrams: 'native' (batched) or 'dgram'. */
-	get transportKind(): 'native' | 'dgram' {
-		return this.transport.kind;
-	}
-
 	/** Bind; rejects with the socket error (EADDRINUSE, EACCES ...). */
 	async listen(address: string, port: number): Promise<void> {
 		/* Handlers first: no datagram or error may arrive before them. */
