@@ -76,22 +76,22 @@ function parseArgs(argv) {
 		const [flag, inline] = a.includes('=') ? a.split(/=(.*)/s, 2) : [a, undefined];
 		const value = () => inline ?? argv[++i];
 		switch (flag) {
-			case '--quick': o.quick = true; break;
-			case '--only': o.only = value() ?? ''; break;
-			case '--rounds': o.rounds = value(); break;
-			case '--seconds': o.seconds = value(); break;
-			case '--profile': o.profile = true; break;
-			case '--wait-quiet': o.waitQuiet = Number(inline ?? 120); break;
-			case '--no-install': o.install = false; break;
-			case '--no-build': o.build = false; break;
-			case '--list':
-				for (const [k, v] of Object.entries(SCENARIOS)) {
-					console.log(`${k.padEnd(10)} ${v}`);
-				}
-				process.exit(0);
-				break;
-			case '-h': case '--help': console.log(USAGE); process.exit(0); break;
-			default: console.error(`bench: unknown option ${a}\n${USAGE}`); process.exit(2);
+		case '--quick': o.quick = true; break;
+		case '--only': o.only = value() ?? ''; break;
+		case '--rounds': o.rounds = value(); break;
+		case '--seconds': o.seconds = value(); break;
+		case '--profile': o.profile = true; break;
+		case '--wait-quiet': o.waitQuiet = Number(inline ?? 120); break;
+		case '--no-install': o.install = false; break;
+		case '--no-build': o.build = false; break;
+		case '--list':
+			for (const [k, v] of Object.entries(SCENARIOS)) {
+				console.log(`${k.padEnd(10)} ${v}`);
+			}
+			process.exit(0);
+			break;
+		case '-h': case '--help': console.log(USAGE); process.exit(0); break;
+		default: console.error(`bench: unknown option ${a}\n${USAGE}`); process.exit(2);
 		}
 	}
 	const picked = new Set();
@@ -440,7 +440,8 @@ function mergeDnsperf(rs) {
 		lost: rs.reduce((a, r) => a + r.lost, 0),
 		runtime: Math.max(...rs.map((r) => r.runtime)),
 		qps: rs.reduce((a, r) => a + r.qps, 0),
-		avgLatencyMs: rs.reduce((a, r) => a + r.avgLatencyMs * r.completed, 0) / Math.max(1, rs.reduce((a, r) => a + r.completed, 0)),
+		avgLatencyMs: rs.reduce((a, r) => a + r.avgLatencyMs * r.completed, 0)
+			/ Math.max(1, rs.reduce((a, r) => a + r.completed, 0)),
 		latencies: lat,
 		perProcess: rs.map((r) => ({ qps: r.qps, completed: r.completed, lost: r.lost })),
 	};

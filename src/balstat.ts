@@ -24,7 +24,7 @@ export function table(header: string[], rows: Array<Array<string | number>>): st
 	const widths = header.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
 	const numeric = header.map((_, i) => rows.length > 0 && rows.every((r) => typeof r[i] === 'number'));
 	return cells.map((r) => r.map((c, i) => {
-		const w = widths[i] as number;
+		const w = widths[i];
 		if (i === r.length - 1) {
 			return c;
 		}

@@ -67,7 +67,7 @@ export function checkQueryHeader(msg: Uint8Array, off = 0, len = msg.length - of
 	if (len < DNS_HEADER_BYTES) {
 		return HEADER_SHORT;
 	}
-	const flags = msg[off + 2] as number;
+	const flags = msg[off + 2];
 	if ((flags & 0x80) !== 0) {
 		return HEADER_RESPONSE;
 	}
@@ -93,7 +93,7 @@ export function questionEnd(msg: Uint8Array): number {
 		if (off >= msg.length) {
 			return -1;
 		}
-		const n = msg[off] as number;
+		const n = msg[off];
 		if (n === 0) {
 			off += 1;
 			break;
@@ -123,8 +123,8 @@ export function buildErrorAnswer(query: Uint8Array, rcode: number): Buffer | nul
 	const out = Buffer.allocUnsafe(end);
 	out.set(query.subarray(0, end));
 	/* QR=1, opcode and RD kept, AA=0, TC=0; RA=0, Z=0, AD=0, CD kept. */
-	out[2] = 0x80 | ((query[2] as number) & 0x79);
-	out[3] = ((query[3] as number) & 0x10) | (rcode & 0x0f);
+	out[2] = 0x80 | ((query[2]) & 0x79);
+	out[3] = ((query[3]) & 0x10) | (rcode & 0x0f);
 	out.writeUInt16BE(1, 4);
 	out.writeUInt32BE(0, 6);
 	out.writeUInt16BE(0, 10);
@@ -152,7 +152,7 @@ export interface Cidr {
 /** "10.0.0.0/8" (or a bare address, /32); throws a one-line Error. */
 export function parseCidr(text: string): Cidr {
 	const m = /^([0-9.]+)(?:\/(\d{1,2}))?$/.exec(text.trim());
-	const addr = m === null ? -1 : ipv4ToU32(m[1] as string);
+	const addr = m === null ? -1 : ipv4ToU32(m[1]);
 	const bits = m?.[2] === undefined ? 32 : Number(m[2]);
 	if (addr < 0 || bits > 32) {
 		throw new Error(`"${text}" is not an IPv4 address or CIDR prefix (like 10.0.0.0/8)`);
@@ -182,7 +182,7 @@ export class Acl {
 			return true;
 		}
 		for (let i = 0; i < list.length; i++) {
-			const c = list[i] as Cidr;
+			const c = list[i];
 			if (((addr & c.mask) >>> 0) === c.net) {
 				return true;
 			}

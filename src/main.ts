@@ -197,7 +197,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		throw new UsageError(`stats socket ${statsSocket} is inside the backend socket directory ${sockets}: `
 			+ 'bbal would take it for a backend');
 	}
-	const metrics = args.metrics === undefined ? null : parseHostPort(lastOf(args.metrics as string | string[]));
+	const metrics = args.metrics === undefined ? null : parseHostPort(lastOf(args.metrics));
 	const noBackend = oneOf(lastOf(args['no-backend']), ['servfail', 'drop'] as const, '--no-backend');
 	const rateLimitAction = oneOf(lastOf(args['rate-limit-action']), ['refuse', 'drop'] as const, '--rate-limit-action');
 	const maxRemotes = positiveInt(lastOf(args['max-remotes']), '--max-remotes');
@@ -230,10 +230,10 @@ function oneOf<T extends string>(text: string, choices: readonly T[], flag: stri
 function parseHostPort(text: string): { host: string; port: number } {
 	const m = /^(.+):(\d{1,5})$/.exec(text);
 	const port = m === null ? NaN : Number(m[2]);
-	if (m === null || !(port >= 1 && port <= 65535) || !(net.isIPv4(m[1] as string) || m[1] === 'localhost')) {
+	if (m === null || !(port >= 1 && port <= 65535) || !(net.isIPv4(m[1]) || m[1] === 'localhost')) {
 		throw new UsageError(`--metrics "${text}" is not HOST:PORT with an IPv4 HOST (e.g. 127.0.0.1:9153)`);
 	}
-	return { host: m[1] as string, port };
+	return { host: m[1], port };
 }
 
 function positiveInt(text: string, flag: string): number {

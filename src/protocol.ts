@@ -214,7 +214,7 @@ export class FrameReader {
 			if (off < 0) {
 				return this.failed ? 0 : chunk.length;
 			}
-			const frame = this.held as Buffer;
+			const frame = this.held;
 			this.held = null;
 			this.heldBytes = 0;
 			if (!this.emit(frame, 0)) {

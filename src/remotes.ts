@@ -96,8 +96,6 @@ export interface RemoteStats {
 	rateLimited: number;
 }
 
-
-
 export class Remote {
 	primary: Backend | null = null;
 	backup: Backend | null = null;

@@ -320,14 +320,14 @@ export class TcpProxy {
 			if (this.msgRemaining === 0) {
 				let len: number;
 				if (this.prefixHi >= 0) {
-					len = (this.prefixHi << 8) | (chunk[off] as number);
+					len = (this.prefixHi << 8) | (chunk[off]);
 					this.prefixHi = -1;
 					off += 1;
 				} else if (n - off >= 2) {
 					len = chunk.readUInt16BE(off);
 					off += 2;
 				} else {
-					this.prefixHi = chunk[off] as number;
+					this.prefixHi = chunk[off];
 					return null;
 				}
 				if (len < DNS_HEADER_BYTES) {

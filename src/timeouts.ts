@@ -135,14 +135,14 @@ export class TimeoutWheel {
 				 * next tick, so step past those; anything else due now fires.
 				 */
 				let node = this.tree.minNode();
-				while (node !== null && (node.key as Timeout).armedInRun === this.runGeneration &&
-					((node.key as Timeout).expiresAt as number) <= now) {
+				while (node !== null && (node.key).armedInRun === this.runGeneration &&
+					((node.key).expiresAt as number) <= now) {
 					node = this.tree.next(node);
 				}
-				if (node === null || ((node.key as Timeout).expiresAt as number) > now) {
+				if (node === null || ((node.key).expiresAt as number) > now) {
 					break;
 				}
-				const to = node.key as Timeout;
+				const to = node.key;
 				this.tree.remove(to);
 				to.expiresAt = null;
 				to.fn();
@@ -160,7 +160,7 @@ export class TimeoutWheel {
 	list(now: number = this.clock()): TimeoutInfo[] {
 		const out: TimeoutInfo[] = [];
 		this.tree.forEach((node) => {
-			const to = node.key as Timeout;
+			const to = node.key;
 			out.push({ id: to.id, name: to.name, expiresInMs: Math.max(0, Math.round((to.expiresAt as number) - now)) });
 		});
 		return out;

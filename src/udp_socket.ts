@@ -204,7 +204,7 @@ class NativeTransport implements UdpTransport {
 				this.sendMeta, this.addonOnBatch);
 		} catch (err) {
 			this.state = 'closed';
-			return Promise.reject(err as Error);
+			return Promise.reject(err);
 		}
 		this.port = this.addon.localPort(this.handle);
 		this.state = 'open';
@@ -231,10 +231,10 @@ class NativeTransport implements UdpTransport {
 		const meta = this.recvWords;
 		for (let i = 0; i < count && this.state === 'open'; i++) {
 			const m = i * META_WORDS;
-			const len = meta[m] as number;
+			const len = meta[m];
 			const off = i * SLOT_BYTES;
 			this.onDatagram(this.recvBuf.subarray(off, off + (len < SLOT_BYTES ? len : SLOT_BYTES)),
-				meta[m + 1] as number, meta[m + 2] as number, len);
+				meta[m + 1], meta[m + 2], len);
 		}
 	};
 
@@ -305,7 +305,9 @@ class NativeTransport implements UdpTransport {
  * answer.  Every address bbal sends to is a dotted quad it built itself, so
  * the lookup hands it straight back.
  */
-function literalLookup(address: string, _family: unknown, callback: (err: Error | null, address: string, family: number) => void): void {
+function literalLookup(
+	address: string, _family: unknown, callback: (err: Error | null, address: string, family: number) => void,
+): void {
 	callback(null, address, 4);
 }
 

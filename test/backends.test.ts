@@ -72,7 +72,7 @@ function setup(dir = '/var/run/binder/sockets') {
 			wheel.run(now);
 		},
 		last(): FakeSocket {
-			return sockets[sockets.length - 1] as FakeSocket;
+			return sockets[sockets.length - 1];
 		},
 	};
 }
@@ -277,7 +277,7 @@ t.test('writes queued in one turn leave in one write; a stuck session drops and 
 	t.equal(sock.writes.length, 1, 'nothing written before the turn ends');
 	await turn();
 	t.equal(sock.writes.length, 2, 'one write for fifty frames');
-	const out = sock.writes[1] as Buffer;
+	const out = sock.writes[1];
 	t.equal(out.length, 50 * (16 + q.length));
 	t.same(out.subarray(0, 21), encodeUdpFrame(FRAME_INBOUND_UDP, 0x7f000001, 1000, q));
 	t.equal(be.stats.udp, 50);

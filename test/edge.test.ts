@@ -52,9 +52,9 @@ function query(name: string, id: number, o: { type?: dnsPacket.RecordType; rd?: 
 			extendedRcode: 0, ednsVersion: 0, flags: 0, flag_do: false, options: [] }],
 	});
 }
-const withOpcode = (b: Buffer, op: number): Buffer => { b[2] = ((b[2] as number) & 0x87) | (op << 3); return b; };
-const asResponse = (b: Buffer): Buffer => { b[2] = (b[2] as number) | 0x80; return b; };
-const rcodeOf = (b: Buffer): number => (b[3] as number) & 0x0f;
+const withOpcode = (b: Buffer, op: number): Buffer => { b[2] = ((b[2]) & 0x87) | (op << 3); return b; };
+const asResponse = (b: Buffer): Buffer => { b[2] = (b[2]) | 0x80; return b; };
+const rcodeOf = (b: Buffer): number => (b[3]) & 0x0f;
 const idOf = (b: Buffer): number => b.readUInt16BE(0);
 
 /* A UDP client on its own source address; keeps every datagram it gets. */
@@ -182,7 +182,7 @@ t.test('what is not a DNS query is dropped and counted per remote; NOTIFY passes
 	t.equal(n?.stats.udpInvalid, 0, 'NOTIFY is not invalid');
 	t.equal(n?.stats.udp, 1, 'NOTIFY was forwarded to the backend');
 	t.equal(snap.udp.forwarded, 2, 'forwarded: the NOTIFY and the normal query');
-	t.comment(`mname's reply to the NOTIFY: ${notify.got.length ? `rcode ${rcodeOf(notify.got[0]!.bytes)}` : 'none'}`);
+	t.comment(`mname's reply to the NOTIFY: ${notify.got.length ? `rcode ${rcodeOf(notify.got[0].bytes)}` : 'none'}`);
 });
 
 t.test('with no backend a query gets a minimal SERVFAIL at once; --no-backend drop stays silent', async (t) => {

@@ -37,7 +37,7 @@ function ipv4ToU32(addr: string): number {
 
 function inboundUdp(srcAddr: string, srcPort: number, dns: Buffer): Buffer {
 	return Buffer.concat([
-	    u32(INBOUND_UDP, ipv4ToU32(srcAddr), srcPort, dns.length), dns]);
+		u32(INBOUND_UDP, ipv4ToU32(srcAddr), srcPort, dns.length), dns]);
 }
 
 /*
@@ -72,7 +72,7 @@ class FrameStream {
 		while (this.#buf.length < n) {
 			if (this.#ended) {
 				throw new Error(`stream closed with ${this.#buf.length} of ` +
-				    `${n} bytes`);
+					`${n} bytes`);
 			}
 			const left = deadline - Date.now();
 			if (left <= 0) {
@@ -98,7 +98,7 @@ class FrameStream {
 
 	/* The rest of an OUTBOUND_UDP frame, after its type. */
 	async readUdpBody(timeoutMs = 2000):
-	    Promise<{ addr: number; port: number; payload: Buffer }> {
+	Promise<{ addr: number; port: number; payload: Buffer }> {
 		await this.#need(12, timeoutMs);
 		const addr = this.#buf.readUInt32LE(0);
 		const port = this.#buf.readUInt32LE(4);
@@ -114,7 +114,7 @@ class FrameStream {
 }
 
 async function connect(t: Test,
-    socketPath: string): Promise<{ sock: net.Socket; frames: FrameStream }> {
+	socketPath: string): Promise<{ sock: net.Socket; frames: FrameStream }> {
 	const sock = net.createConnection({ path: socketPath });
 	const frames = new FrameStream(sock);
 	t.teardown(() => { sock.destroy(); });
@@ -140,7 +140,7 @@ t.test('fixture backend speaks the balancer protocol', async (t) => {
 
 	sock.write(u32(CLIENT_HEARTBEAT));
 	t.equal(await frames.readType(), SERVER_HEARTBEAT,
-	    'CLIENT_HEARTBEAT → SERVER_HEARTBEAT');
+		'CLIENT_HEARTBEAT → SERVER_HEARTBEAT');
 
 	const query = encodeQuery('www.example.com', 'A', 0x4242);
 	/* Dribble the frame in three pieces to exercise mname's reassembly too. */
@@ -158,11 +158,11 @@ t.test('fixture backend speaks the balancer protocol', async (t) => {
 	t.equal(reply.type, 'response', 'it is a response');
 	t.equal(backendOf(reply), 'alpha', 'TXT be=<label> names the backend');
 	const a = reply.answers?.find((r): r is dnsPacket.StringAnswer =>
-	    r.type === 'A');
+		r.type === 'A');
 	t.equal(a?.data, '192.0.2.1', 'type A also gets 192.0.2.1');
 	t.equal(reply.answers?.length, 2, 'TXT and A, nothing else');
 	t.ok(reply.answers?.every((r) => r.type !== 'OPT' && r.ttl === 0),
-	    'every answer has TTL 0');
+		'every answer has TTL 0');
 	t.equal(frames.buffered, 0, 'nothing left over after the reply');
 });
 
@@ -175,9 +175,9 @@ t.test('fixture backend: big. answers, truncation and EDNS', async (t) => {
 
 	/* Two frames in one write: both must be answered, in order. */
 	sock.write(Buffer.concat([
-	    inboundUdp('127.0.0.6', 1000, encodeQuery('big.example.com', 'A', 1)),
-	    inboundUdp('127.0.0.7', 2000,
-	        encodeQuery('big.example.com', 'A', 2, 4096)),
+		inboundUdp('127.0.0.6', 1000, encodeQuery('big.example.com', 'A', 1)),
+		inboundUdp('127.0.0.7', 2000,
+			encodeQuery('big.example.com', 'A', 2, 4096)),
 	]));
 
 	t.equal(await frames.readType(), OUTBOUND_UDP, 'first reply');
@@ -194,9 +194,9 @@ t.test('fixture backend: big. answers, truncation and EDNS', async (t) => {
 	const full = dnsPacket.decode(edns.payload);
 	t.equal(full.id, 2, 'second reply answers the second query');
 	t.ok(edns.payload.length > 512 && edns.payload.length <= 1500,
-	    `EDNS answer is past 512 bytes and within 1500 (${edns.payload.length})`);
+		`EDNS answer is past 512 bytes and within 1500 (${edns.payload.length})`);
 	t.equal(full.answers?.filter((r) => r.type === 'A').length, 60,
-	    'sixty A records');
+		'sixty A records');
 	t.equal(backendOf(full), 'big', 'label defaults to the socket name');
 });
 
@@ -209,7 +209,7 @@ t.test('backend kill and restart', async (t) => {
 	t.not(be.proc.exitCode, null, 'SIGTERM: process has exited');
 	t.equal(be.proc.exitCode, 0, 'SIGTERM: exit code 0');
 	await t.rejects(fs.stat(be.path), { code: 'ENOENT' },
-	    'SIGTERM removes the socket file');
+		'SIGTERM removes the socket file');
 
 	await be.restart();
 	t.not(be.proc.pid, first, 'restart starts a new process');
@@ -218,19 +218,19 @@ t.test('backend kill and restart', async (t) => {
 	t.ok((await fs.stat(be.path)).isSocket(), 'SIGKILL leaves the socket file');
 	const refused = net.createConnection({ path: be.path });
 	const err = await new Promise<NodeJS.ErrnoException>((resolve) =>
-	    refused.once('error', resolve));
+		refused.once('error', resolve));
 	t.equal(err.code, 'ECONNREFUSED', 'a stale socket file refuses connects');
 
 	await be.restart();
 	const { sock, frames } = await connect(t, be.path);
 	sock.write(u32(CLIENT_HELLO));
 	t.equal(await frames.readType(), SERVER_HELLO,
-	    'restarted backend takes over the stale socket path');
+		'restarted backend takes over the stale socket path');
 });
 
 t.test('startBackend rejects when the fixture cannot listen', async (t) => {
 	await t.rejects(startBackend(t, '/nonexistent-bbal-dir', 'x'),
-	    /exited before ready/, 'reports the early exit');
+		/exited before ready/, 'reports the early exit');
 });
 
 t.test('makeSocketDir and freePort', async (t) => {
@@ -242,7 +242,7 @@ t.test('makeSocketDir and freePort', async (t) => {
 		await fs.writeFile(`${dir}/junk`, 'x');
 	});
 	await t.rejects(fs.stat(dir), { code: 'ENOENT' },
-	    'removed, contents and all, on teardown');
+		'removed, contents and all, on teardown');
 
 	const port = await freePort();
 	t.ok(port > 0 && port < 65536, `port ${port} in range`);
@@ -266,6 +266,6 @@ t.test('waitFor polls and then times out with a message', async (t) => {
 	await waitFor(() => ++n >= 3, 1000, 10);
 	t.equal(n, 3, 'polled until true');
 	await t.rejects(waitFor(() => false, 100, 10, 'the moon is blue'),
-	    /the moon is blue not true within 100 ms/,
-	    'times out naming the condition');
+		/the moon is blue not true within 100 ms/,
+		'times out naming the condition');
 });

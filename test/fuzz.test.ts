@@ -52,7 +52,7 @@ function check(t: Test, name: string, run: () => void): void {
 		t.pass(name);
 	} catch (err) {
 		const cause = (err as Error).cause;
-		t.fail(`${name}\n${(err as Error).message}${cause !== undefined ? `\ncause: ${String(cause)}` : ''}`);
+		t.fail(`${name}\n${(err as Error).message}${cause !== undefined ? `\ncause: ${JSON.stringify(cause)}` : ''}`);
 	}
 }
 
@@ -361,10 +361,10 @@ function referenceHeaderCheck(msg: Uint8Array, off: number, len: number): number
 	if (len < 12) {
 		return HEADER_SHORT;
 	}
-	const bits = [...Array(8)].map((_, i) => ((msg[off + 2] as number) >> (7 - i)) & 1);
+	const bits = Array.from({ length: 8 }, (_, i) => ((msg[off + 2]) >> (7 - i)) & 1);
 	const qr = bits[0];
-	const opcode = (bits[1] as number) * 8 + (bits[2] as number) * 4 + (bits[3] as number) * 2 + (bits[4] as number);
-	const qdcount = (msg[off + 4] as number) * 256 + (msg[off + 5] as number);
+	const opcode = (bits[1]) * 8 + (bits[2]) * 4 + (bits[3]) * 2 + (bits[4]);
+	const qdcount = (msg[off + 4]) * 256 + (msg[off + 5]);
 	if (qr === 1) {
 		return HEADER_RESPONSE;
 	}
@@ -428,7 +428,7 @@ function referenceQuestionEnd(msg: Uint8Array): number {
 		if (off >= msg.length) {
 			return -1;
 		}
-		const n = msg[off] as number;
+		const n = msg[off];
 		if (n === 0) {
 			break;
 		}
@@ -450,8 +450,8 @@ function referenceQuestionEnd(msg: Uint8Array): number {
 const queryish: fc.Arbitrary<Uint8Array> = fc.tuple(
 	headerish.map((h) => h.subarray(0, Math.min(h.length, 12))),
 	fc.array(fc.oneof(
-		fc.integer({ min: 1, max: 63 }).map((n) => [n, ...Array(n).fill(0x61)]),
-		fc.constantFrom([0xc0, 0x0c], [64], [0x80, 1], [63, ...Array(63).fill(0x62)]),
+		fc.integer({ min: 1, max: 63 }).map((n) => [n, ...Array<number>(n).fill(0x61)]),
+		fc.constantFrom([0xc0, 0x0c], [64], [0x80, 1], [63, ...Array<number>(63).fill(0x62)]),
 	), { maxLength: 6 }),
 	fc.boolean(),
 	fc.uint8Array({ maxLength: 8 }),
@@ -473,10 +473,10 @@ const nearLimit: fc.Arbitrary<Uint8Array> = fc.tuple(headerish, fc.integer({ min
 			if (n < 1) {
 				break;
 			}
-			name.push(n, ...Array(n).fill(0x63));
+			name.push(n, ...Array<number>(n).fill(0x63));
 			left -= n + 1;
 		}
-		return Uint8Array.from([...head, ...name, 0, ...Array(tail).fill(1)]);
+		return Uint8Array.from([...head, ...name, 0, ...Array<number>(tail).fill(1)]);
 	});
 
 t.test('questionEnd and buildErrorAnswer on any bytes: never throw, never amplify', (t) => {
@@ -503,12 +503,12 @@ t.test('questionEnd and buildErrorAnswer on any bytes: never throw, never amplif
 				const q = Buffer.from(bytes);
 				const problems = [
 					ans.readUInt16BE(0) !== q.readUInt16BE(0) && 'id',
-					((ans[2] as number) & 0x80) === 0 && 'QR',
-					((ans[2] as number) & 0x78) !== ((q[2] as number) & 0x78) && 'opcode',
-					((ans[2] as number) & 0x01) !== ((q[2] as number) & 0x01) && 'RD',
-					((ans[2] as number) & 0x06) !== 0 && 'AA/TC',
-					((ans[3] as number) & 0x0f) !== rcode && 'rcode',
-					((ans[3] as number) & 0x80) !== 0 && 'RA',
+					((ans[2]) & 0x80) === 0 && 'QR',
+					((ans[2]) & 0x78) !== ((q[2]) & 0x78) && 'opcode',
+					((ans[2]) & 0x01) !== ((q[2]) & 0x01) && 'RD',
+					((ans[2]) & 0x06) !== 0 && 'AA/TC',
+					((ans[3]) & 0x0f) !== rcode && 'rcode',
+					((ans[3]) & 0x80) !== 0 && 'RA',
 					ans.readUInt16BE(4) !== 1 && 'QDCOUNT',
 					(ans.readUInt16BE(6) | ans.readUInt16BE(8) | ans.readUInt16BE(10)) !== 0 && 'AN/NS/ARCOUNT',
 					!ans.subarray(12).equals(q.subarray(12, end)) && 'question',

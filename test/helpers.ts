@@ -37,7 +37,7 @@ export const projectRoot = path.resolve(
 	path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const bbalBin = path.join(projectRoot, 'bin', 'bbal.js');
 export const backendFixture = path.join(projectRoot, 'test', 'fixtures',
-    'mname_backend.cjs');
+	'mname_backend.cjs');
 
 const START_TIMEOUT_MS = 10_000;
 const STOP_GRACE_MS = 3_000;
@@ -52,7 +52,7 @@ export function childEnv(extra?: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
 		env[k] = v;
 	}
 	const opts = (env['NODE_OPTIONS'] ?? '').split(/\s+/)
-	    .filter((o) => o !== '' && !o.includes('@tapjs'));
+		.filter((o) => o !== '' && !o.includes('@tapjs'));
 	if (opts.length > 0) {
 		env['NODE_OPTIONS'] = opts.join(' ');
 	} else {
@@ -86,7 +86,7 @@ function exited(proc: ChildProcess): Promise<ExitStatus> {
  * caller sees signal 'SIGKILL' in the result and can fail on it.
  */
 async function terminate(proc: ChildProcess, signal: NodeJS.Signals,
-    graceMs: number): Promise<ExitStatus> {
+	graceMs: number): Promise<ExitStatus> {
 	if (!isRunning(proc)) {
 		return exited(proc);
 	}
@@ -153,11 +153,11 @@ function spawnBackend(socketPath: string, label: string): Promise<ChildProcess> 
 			settle();
 			proc.kill('SIGKILL');
 			reject(new Error(`backend ${label} at ${socketPath}: ${why}\n` +
-			    `stderr: ${stderr}`));
+				`stderr: ${stderr}`));
 		};
 		const onError = (err: Error): void => fail(`spawn failed: ${err.message}`);
 		const onExit = (code: number | null, signal: string | null): void =>
-		    fail(`exited before ready (code ${code}, signal ${signal})`);
+			fail(`exited before ready (code ${code}, signal ${signal})`);
 		const onData = (s: string): void => {
 			stdout += s;
 			if (stdout.includes('ready\n')) {
@@ -175,7 +175,7 @@ function spawnBackend(socketPath: string, label: string): Promise<ChildProcess> 
 			proc.on('error', () => {});
 		};
 		const timer = setTimeout(() => fail(
-		    `not ready after ${START_TIMEOUT_MS} ms`), START_TIMEOUT_MS);
+			`not ready after ${START_TIMEOUT_MS} ms`), START_TIMEOUT_MS);
 		proc.on('error', onError);
 		proc.on('exit', onExit);
 		proc.stdout.on('data', onData);
@@ -183,7 +183,7 @@ function spawnBackend(socketPath: string, label: string): Promise<ChildProcess> 
 }
 
 export async function startBackend(t: Test, dir: string, name: string,
-    label: string = name): Promise<Backend> {
+	label: string = name): Promise<Backend> {
 	const socketPath = path.join(dir, name);
 	let proc = await spawnBackend(socketPath, label);
 
@@ -277,7 +277,7 @@ export interface Bbal {
 	 * action caused.  Rejects on timeout or if bbal exits first.
 	 */
 	waitForLog(pred: (rec: LogRecord) => boolean, timeoutMs?: number,
-	    since?: number): Promise<LogRecord>;
+		since?: number): Promise<LogRecord>;
 	/* Signal bbal, SIGKILL it after 3 s, resolve with how it exited. */
 	stop(signal?: NodeJS.Signals): Promise<ExitStatus>;
 }
@@ -295,8 +295,8 @@ export async function startBbal(t: Test, opts: BbalOptions): Promise<Bbal> {
 	const extra = opts.args ?? [];
 	const hasStats = extra.some((a) => a === '-S' || a.startsWith('--stats-socket'));
 	const argv = [bbalBin, '-b', '127.0.0.1', '-p', String(opts.port),
-	    '-s', opts.dir, '-l', 'debug',
-	    ...(hasStats ? [] : ['-S', statsSocketFor(opts.dir)]), ...extra];
+		'-s', opts.dir, '-l', 'debug',
+		...(hasStats ? [] : ['-S', statsSocketFor(opts.dir)]), ...extra];
 	const proc = spawn(process.execPath, argv, {
 		cwd: projectRoot,
 		env: childEnv(opts.env),
@@ -345,10 +345,10 @@ export async function startBbal(t: Test, opts: BbalOptions): Promise<Bbal> {
 	});
 
 	const describe = (): string =>
-	    `bbal ${argv.slice(1).join(' ')}\nstderr: ${stderr}\nstdout: ${stdout}`;
+		`bbal ${argv.slice(1).join(' ')}\nstderr: ${stderr}\nstdout: ${stdout}`;
 
 	const waitForLog = (pred: (rec: LogRecord) => boolean,
-	    timeoutMs = 5000, since = 0): Promise<LogRecord> => {
+		timeoutMs = 5000, since = 0): Promise<LogRecord> => {
 		return new Promise((resolve, reject) => {
 			let next = since;
 			const finish = (err: Error | null, rec?: LogRecord): void => {
@@ -363,7 +363,7 @@ export async function startBbal(t: Test, opts: BbalOptions): Promise<Bbal> {
 			};
 			const check = (): void => {
 				for (; next < logs.length; next++) {
-					const rec = logs[next] as LogRecord;
+					const rec = logs[next];
 					if (pred(rec)) {
 						finish(null, rec);
 						return;
@@ -373,11 +373,11 @@ export async function startBbal(t: Test, opts: BbalOptions): Promise<Bbal> {
 			const onClose = (): void => {
 				check();
 				finish(new Error(`bbal exited (${JSON.stringify(status)}) ` +
-				    `before the awaited log line\n${describe()}`));
+					`before the awaited log line\n${describe()}`));
 			};
 			const timer = setTimeout(() => finish(new Error(
-			    `no matching log line within ${timeoutMs} ms\n${describe()}`)),
-			    timeoutMs);
+				`no matching log line within ${timeoutMs} ms\n${describe()}`)),
+			timeoutMs);
 			events.on('log', check);
 			events.on('close', onClose);
 			check();
@@ -396,7 +396,7 @@ export async function startBbal(t: Test, opts: BbalOptions): Promise<Bbal> {
 		async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<ExitStatus> {
 			if (status === null) {
 				const timer = setTimeout(() => proc.kill('SIGKILL'),
-				    STOP_GRACE_MS);
+					STOP_GRACE_MS);
 				proc.kill(signal);
 				try {
 					return await closed;
@@ -410,10 +410,10 @@ export async function startBbal(t: Test, opts: BbalOptions): Promise<Bbal> {
 	t.teardown(async () => { await bbal.stop('SIGTERM'); });
 
 	await waitForLog((rec) => rec.msg === 'listening', START_TIMEOUT_MS)
-	    .catch((err: Error) => {
-		    proc.kill('SIGKILL');
-		    throw new Error(`bbal did not start: ${err.message}`);
-	    });
+		.catch((err: Error) => {
+			proc.kill('SIGKILL');
+			throw new Error(`bbal did not start: ${err.message}`);
+		});
 	return bbal;
 }
 
@@ -430,7 +430,7 @@ export interface RunResult {
  * commands tested this way are all expected to exit by themselves.
  */
 export function runBbal(args: string[], env?: NodeJS.ProcessEnv):
-    Promise<RunResult> {
+Promise<RunResult> {
 	const proc = spawn(process.execPath, [bbalBin, ...args], {
 		cwd: projectRoot,
 		env: childEnv(env),
@@ -446,7 +446,7 @@ export function runBbal(args: string[], env?: NodeJS.ProcessEnv):
 		const timer = setTimeout(() => {
 			proc.kill('SIGKILL');
 			reject(new Error(`bbal ${args.join(' ')} still running after ` +
-			    `${START_TIMEOUT_MS} ms\nstderr: ${stderr}\nstdout: ${stdout}`));
+				`${START_TIMEOUT_MS} ms\nstderr: ${stderr}\nstdout: ${stdout}`));
 		}, START_TIMEOUT_MS);
 		proc.once('error', (err) => {
 			clearTimeout(timer);
@@ -502,15 +502,15 @@ export function backendOf(packet: dnsPacket.Packet): string | null {
 }
 
 export function encodeQuery(name: string, type: dnsPacket.RecordType,
-    id: number, edns?: number): Buffer {
+	id: number, edns?: number): Buffer {
 	return dnsPacket.encode({
 		type: 'query',
 		id,
 		flags: dnsPacket.RECURSION_DESIRED,
 		questions: [{ type, name, class: 'IN' }],
 		additionals: edns === undefined ? [] :
-		    [{ type: 'OPT', name: '.', udpPayloadSize: edns, extendedRcode: 0,
-		    ednsVersion: 0, flags: 0, flag_do: false, options: [] }],
+			[{ type: 'OPT', name: '.', udpPayloadSize: edns, extendedRcode: 0,
+			ednsVersion: 0, flags: 0, flag_do: false, options: [] }],
 	});
 }
 
@@ -545,8 +545,8 @@ export async function udpQuery(opts: UdpQueryOptions): Promise<UdpQueryResult> {
 	try {
 		return await new Promise<UdpQueryResult>((resolve, reject) => {
 			const timer = setTimeout(() => reject(new Error(
-			    `udpQuery ${opts.name} from ${opts.source} to port ` +
-			    `${opts.port}: no answer within ${timeoutMs} ms`)), timeoutMs);
+				`udpQuery ${opts.name} from ${opts.source} to port ` +
+				`${opts.port}: no answer within ${timeoutMs} ms`)), timeoutMs);
 			sock.on('error', (err) => {
 				clearTimeout(timer);
 				reject(err);
@@ -557,7 +557,7 @@ export async function udpQuery(opts: UdpQueryOptions): Promise<UdpQueryResult> {
 					packet = dnsPacket.decode(bytes);
 				} catch (err) {
 					clearTimeout(timer);
-					reject(new Error(`udpQuery: undecodable reply: ${err}`));
+					reject(new Error(`udpQuery: undecodable reply: ${String(err)}`));
 					return;
 				}
 				if (packet.id !== id) {
@@ -580,13 +580,13 @@ export async function udpQuery(opts: UdpQueryOptions): Promise<UdpQueryResult> {
 
 /* Send arbitrary bytes as one datagram from `source`; expect nothing back. */
 export async function udpSendRaw(opts: { port: number; source: string;
-    bytes: Uint8Array }): Promise<void> {
+	bytes: Uint8Array }): Promise<void> {
 	const sock = await bindClient(opts.source);
 	try {
 		await new Promise<void>((resolve, reject) => {
 			sock.on('error', reject);
 			sock.send(opts.bytes, opts.port, '127.0.0.1',
-			    (err) => err ? reject(err) : resolve());
+				(err) => err ? reject(err) : resolve());
 		});
 	} finally {
 		sock.close();
@@ -607,9 +607,9 @@ export function sleep(ms: number): Promise<void> {
  * timeout message.
  */
 export async function waitFor(fn: () => boolean | Promise<boolean>,
-    timeoutMs: number, intervalMs = 50, what?: string): Promise<void> {
+	timeoutMs: number, intervalMs = 50, what?: string): Promise<void> {
 	const deadline = Date.now() + timeoutMs;
-	let lastErr: unknown = null;
+	let lastErr: string | null = null;
 	for (;;) {
 		try {
 			if (await fn()) {
@@ -617,7 +617,7 @@ export async function waitFor(fn: () => boolean | Promise<boolean>,
 			}
 			lastErr = null;
 		} catch (err) {
-			lastErr = err;
+			lastErr = err instanceof Error ? err.message : JSON.stringify(err);
 		}
 		if (Date.now() >= deadline) {
 			break;
@@ -625,7 +625,7 @@ export async function waitFor(fn: () => boolean | Promise<boolean>,
 		await sleep(intervalMs);
 	}
 	throw new Error(`waitFor: ${what ?? fn.toString()} not true within ` +
-	    `${timeoutMs} ms` + (lastErr !== null ? ` (last error: ${lastErr})` : ''));
+		`${timeoutMs} ms` + (lastErr !== null ? ` (last error: ${lastErr})` : ''));
 }
 
 export interface QueryUntilOptions extends Omit<UdpQueryOptions, 'timeoutMs'> {
@@ -644,7 +644,7 @@ export interface QueryUntilOptions extends Omit<UdpQueryOptions, 'timeoutMs'> {
  * read when it fails.
  */
 export async function queryUntil(opts: QueryUntilOptions):
-    Promise<UdpQueryResult | null> {
+Promise<UdpQueryResult | null> {
 	const { until, timeoutMs = 5000, intervalMs = 100, ...query } = opts;
 	const deadline = Date.now() + timeoutMs;
 	const seen: Array<string | null> = [];
@@ -653,7 +653,7 @@ export async function queryUntil(opts: QueryUntilOptions):
 		let res: UdpQueryResult | null = null;
 		try {
 			res = await udpQuery({ ...query,
-			    timeoutMs: Math.max(50, Math.min(1000, remaining)) });
+				timeoutMs: Math.max(50, Math.min(1000, remaining)) });
 		} catch {
 			res = null;
 		}
@@ -668,7 +668,7 @@ export async function queryUntil(opts: QueryUntilOptions):
 		await sleep(intervalMs);
 	}
 	throw new Error(`queryUntil ${opts.name} from ${opts.source}: condition ` +
-	    `not met within ${timeoutMs} ms; backends seen: ${JSON.stringify(seen)}`);
+		`not met within ${timeoutMs} ms; backends seen: ${JSON.stringify(seen)}`);
 }
 
 /* ------------------------------------------------------------------ */
@@ -697,6 +697,6 @@ export async function startFleet(t: Test, labels: string[], args: string[] = [])
 	const port = await freePort();
 	const bbal = await startBbal(t, { dir, port, args });
 	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= labels.length,
-	    5000, 20, `${labels.length} backends established`);
+		5000, 20, `${labels.length} backends established`);
 	return { dir, port, bbal, backends, sock: statsSocketFor(dir) };
 }

@@ -32,9 +32,9 @@ function parseMetrics(text: string): Sample[] {
 		}
 		const labels: Record<string, string> = {};
 		for (const l of (m[3] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) {
-			labels[l[1] as string] = l[2] as string;
+			labels[l[1]] = l[2];
 		}
-		samples.push({ name: m[1] as string, labels, value: Number(m[4]) });
+		samples.push({ name: m[1], labels, value: Number(m[4]) });
 	}
 	return samples;
 }

@@ -108,7 +108,7 @@ t.test('the JSON snapshot agrees with the traffic that was sent', async (t) => {
 			served.set(s, res.backend);
 		}
 	}
-	const tcpSource = sources[2] as string;
+	const tcpSource = sources[2];
 	for (const id of [7001, 7002]) {
 		const ans = await tcpQuery(t, port, tcpSource, id);
 		t.equal(ans.id, id, 'TCP answer id');
@@ -231,7 +231,7 @@ t.test('a starting bbal opens its DNS port only once its backends are up: no SER
 	const client = dgram.createSocket('udp4');
 	await new Promise<void>((resolve) => client.bind(0, '127.0.0.40', resolve));
 	const rcodes: number[] = [];
-	client.on('message', (m: Buffer) => rcodes.push((m[3] as number) & 0x0f));
+	client.on('message', (m: Buffer) => rcodes.push((m[3]) & 0x0f));
 	client.on('error', () => {});
 	let id = 1;
 	const sender = setInterval(() => client.send(encodeQuery('start.example', 'A', id++ & 0xffff), port, '127.0.0.1'), 2);

@@ -68,8 +68,8 @@ function check(chunks: Buffer[], expected: Expected[], max?: number): string | n
 		return `errors ${JSON.stringify(errors)}, partial ${reader.partial}, ${frames.length} frames`;
 	}
 	for (let i = 0; i < frames.length; i++) {
-		const f = frames[i]!;
-		const [type, addr, port, payload] = expected[i]!;
+		const f = frames[i];
+		const [type, addr, port, payload] = expected[i];
 		const want = payload === null ? null : payload.toString('hex');
 		if (f.type !== type || f.addr !== addr || f.port !== port) {
 			return `frame ${i}: got ${f.type}/${f.addr}/${f.port}, expected ${type}/${addr}/${port}`;

@@ -119,7 +119,7 @@ function parseXml(src: string): { root: XmlElement; doctype: string | null } {
 		if (m === null) {
 			throw new Error(`unparseable XML at: ${JSON.stringify(rest.slice(at, at + 40))}`);
 		}
-		const cur = stack[stack.length - 1] as XmlElement;
+		const cur = stack[stack.length - 1];
 		if (m[1] !== undefined) {
 			if (m[1].includes('--')) {
 				throw new Error('"--" inside a comment');
@@ -149,7 +149,7 @@ function parseXml(src: string): { root: XmlElement; doctype: string | null } {
 			if (/&(?!(amp|lt|gt|quot|apos|#\d+|#x[0-9a-fA-F]+);)/.test(raw)) {
 				throw new Error(`bare "&" in attribute ${a[1]} of <${name}>`);
 			}
-			const key = a[1] as string;
+			const key = a[1];
 			if (key in el.attrs) {
 				throw new Error(`attribute ${key} twice on <${name}>`);
 			}
@@ -161,13 +161,13 @@ function parseXml(src: string): { root: XmlElement; doctype: string | null } {
 		}
 	}
 	if (stack.length !== 1) {
-		throw new Error(`<${(stack[stack.length - 1] as XmlElement).name}> is never closed`);
+		throw new Error(`<${(stack[stack.length - 1]).name}> is never closed`);
 	}
 	const elements = top.children;
 	if (elements.length !== 1 || top.text.trim() !== '') {
 		throw new Error('a document needs exactly one root element');
 	}
-	return { root: elements[0] as XmlElement, doctype };
+	return { root: elements[0], doctype };
 }
 
 const kids = (el: XmlElement, name: string): XmlElement[] => el.children.filter((c) => c.name === name);
@@ -188,7 +188,7 @@ function parseUnit(src: string): Unit {
 		}
 		const head = /^\[([^\]]+)\]$/.exec(line);
 		if (head !== null) {
-			const name = head[1] as string;
+			const name = head[1];
 			if (unit.has(name)) {
 				throw new Error(`section [${name}] twice`);
 			}
@@ -200,8 +200,8 @@ function parseUnit(src: string): Unit {
 		if (kv === null || section === null) {
 			throw new Error(`line ${i + 1} is neither a section nor Key=Value: ${line}`);
 		}
-		const key = kv[1] as string;
-		section.set(key, [...(section.get(key) ?? []), kv[2] as string]);
+		const key = kv[1];
+		section.set(key, [...(section.get(key) ?? []), kv[2]]);
 	}
 	return unit;
 }

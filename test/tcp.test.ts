@@ -226,7 +226,7 @@ t.test('dig +tcp reaches the source\'s UDP backend', {
 	const udp = await udpQuery({ port, source: src(135), name: 'u.example' });
 	const out = await new Promise<string>((resolve, reject) => {
 		execFile('dig', ['+tcp', '@127.0.0.1', '-p', String(port), '-b', src(135), 'd.example', 'TXT',
-			'+short', '+tries=1', '+time=2'], (err, stdout) => (err ? reject(err) : resolve(stdout.trim())));
+			'+short', '+tries=1', '+time=2'], (err, stdout) => (err !== null ? reject(err) : resolve(stdout.trim())));
 	});
 	t.equal(out, `"be=${udp.backend}"`, 'dig +tcp shows the same backend as UDP');
 });

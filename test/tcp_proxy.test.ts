@@ -109,7 +109,7 @@ t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faul
 	const client = await connect(env.port, '127.0.0.150');
 	client.on('error', () => {});
 	await waitFor(() => fake.tcpFrames.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
-	const frame = fake.tcpFrames[0] as Buffer;
+	const frame = fake.tcpFrames[0];
 	t.equal(frame.readUInt32LE(4), 0x7f000096, 'INBOUND_TCP carries the client address');
 	t.equal(frame.readUInt32LE(8), client.localPort, 'and its port');
 	env.advance(TCP_OK_DEADLINE_SECS - 1);

@@ -253,10 +253,10 @@ t.test('matches a plain model over random set/clear/run sequences', async (t) =>
 			const i = Math.floor(rand() * handles.length);
 			if (r < 0.5) {
 				const delay = Math.floor(rand() * 6);
-				handles[i]!.set(delay);
+				handles[i].set(delay);
 				model.set(i, clock.now + delay * 1000);
 			} else if (r < 0.7) {
-				handles[i]!.clear();
+				handles[i].clear();
 				model.delete(i);
 			} else {
 				clock.now += Math.floor(rand() * 3) * 1000;

@@ -7,7 +7,7 @@
 import { execFile } from 'node:child_process';
 import t from 'tap';
 import {
-	type Backend, queryUntil, startBackend, startFleet, udpQuery, udpSendRaw,
+	queryUntil, startBackend, startFleet, udpQuery, udpSendRaw,
 } from './helpers.js';
 
 const src = (n: number): string => `127.0.0.${n}`;
@@ -44,7 +44,7 @@ t.test('a killed backend\'s sources move within two seconds and come back when i
 	for (const s of sources) {
 		home.set(s, (await udpQuery({ port, source: s, name: 'a.example' })).backend);
 	}
-	const victim = backends[0] as Backend;
+	const victim = backends[0];
 	const moved = sources.filter((s) => home.get(s) === victim.label);
 	t.equal(moved.length, 2, 'two sources on the victim');
 	await victim.kill('SIGKILL');
@@ -106,7 +106,7 @@ t.test('dig from 127.0.0.7 is answered by the same backend every time', {
 	for (let i = 0; i < 4; i++) {
 		const out = await new Promise<string>((resolve, reject) => {
 			execFile('dig', ['@127.0.0.1', '-p', String(port), '-b', '127.0.0.7', '+short', '+tries=1', '+time=2',
-				`q${i}.example`, 'TXT'], (err, stdout) => (err ? reject(err) : resolve(stdout.trim())));
+				`q${i}.example`, 'TXT'], (err, stdout) => (err !== null ? reject(err) : resolve(stdout.trim())));
 		});
 		answers.push(out);
 	}

@@ -173,7 +173,7 @@ for (const kind of kinds) {
 		c.sock.send(big, port, '127.0.0.1');
 		c.sock.send(Buffer.from('after'), port, '127.0.0.1');
 		await waitFor(() => seen.length === 2, 2000);
-		const d = seen[0] as Seen;
+		const d = seen[0];
 		t.equal(d.len, 2000, 'true length');
 		t.ok(d.bytes.length <= 2000 && d.bytes.length >= 1501, `a view of what fits (${d.bytes.length} bytes)`);
 		t.ok(d.bytes.equals(big.subarray(0, d.bytes.length)), 'the bytes that fit');
@@ -226,7 +226,7 @@ for (const kind of kinds) {
 			c.sock.send(numbered(i), port, '127.0.0.1');
 		}
 		await waitFor(() => closing !== null, 2000);
-		await closing;
+		await (closing as Promise<void> | null);
 		await sleep(100);
 		t.equal(seen.length, 1, 'one datagram, then silence');
 	});

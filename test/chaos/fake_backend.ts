@@ -77,7 +77,6 @@ interface Conn {
 	tcpBuf: Buffer;
 }
 
-
 const conns = new Set<Conn>();
 let stuck = false;
 

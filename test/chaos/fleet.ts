@@ -161,7 +161,9 @@ export async function collectGarbage(inspectPort: number): Promise<boolean> {
 }
 
 /* bbal's V8 heap figures from its Prometheus endpoint. */
-export async function heapSample(metricsUrl: string): Promise<{ used: number; total: number; newSpace: number; external: number }> {
+export async function heapSample(
+	metricsUrl: string,
+): Promise<{ used: number; total: number; newSpace: number; external: number }> {
 	try {
 		const text = await (await fetch(metricsUrl, { signal: AbortSignal.timeout(2000) })).text();
 		const get = (k: string): number => Number(new RegExp(`^${k} (\\S+)`, 'm').exec(text)?.[1] ?? NaN) / 1024;
@@ -177,7 +179,7 @@ export async function heapSample(metricsUrl: string): Promise<{ used: number; to
 
 function median(xs: number[]): number {
 	const s = [...xs].sort((a, b) => a - b);
-	return s[Math.floor(s.length / 2)] as number;
+	return s[Math.floor(s.length / 2)];
 }
 
 /*
@@ -187,7 +189,7 @@ function median(xs: number[]): number {
  * queries; a leaked descriptor is there in every sample.
  */
 export async function procSampleMedian(pid: number, metricsUrl: string | null, n = 3, gapMs = 100):
-	Promise<ProcSample> {
+Promise<ProcSample> {
 	const rss: number[] = [];
 	const anon: number[] = [];
 	const file: number[] = [];
@@ -355,7 +357,7 @@ class FakeBackend implements ChaosBackend {
 		for (;;) {
 			const i = this.lines.findIndex(pred);
 			if (i >= 0) {
-				return this.lines.splice(i, 1)[0] as string;
+				return this.lines.splice(i, 1)[0];
 			}
 			if (Date.now() > deadline || this.proc.exitCode !== null) {
 				throw new Error(`fake backend ${this.name}: no matching line (stderr: ${this.stderr})`);
@@ -421,7 +423,7 @@ export class ChaosFleet {
 	}
 
 	get bbal(): Bbal {
-		return this.bbals[this.bbals.length - 1] as Bbal;
+		return this.bbals[this.bbals.length - 1];
 	}
 
 	get bbalPid(): number {
@@ -535,7 +537,7 @@ export class ChaosFleet {
 	 */
 	*logs(): Generator<LogRecord & { t: number; instance: number }> {
 		for (let i = 0; i < this.bbals.length; i++) {
-			for (const rec of (this.bbals[i] as Bbal).logs) {
+			for (const rec of (this.bbals[i]).logs) {
 				const r = rec as LogRecord & { t: number; instance: number };
 				if (r.t === undefined) {
 					r.t = Date.parse(String(rec.time));

@@ -147,7 +147,7 @@ export class LoadDriver {
 
 	async start(): Promise<void> {
 		for (let i = 0; i < this.sources.length; i++) {
-			const sock = await bindUdp(this.sources[i] as string);
+			const sock = await bindUdp(this.sources[i]);
 			sock.on('message', (msg) => this.udpOnMessage(i, msg));
 			sock.on('error', () => {});
 			this.udp.push(sock);
@@ -261,7 +261,7 @@ export class LoadDriver {
 		/* Every source in turn, every tcpEvery-th round offset by the source: TCP comes from all of them. */
 		const round = Math.floor(seq / this.sources.length);
 		const tcp = this.opts.tcpEvery > 0 && (round + src) % this.opts.tcpEvery === 0;
-		const id = this.nextId[src] as number;
+		const id = this.nextId[src];
 		this.nextId[src] = id >= 0xffff ? 1 : id + 1;
 		const name = `q${seq}-${src}.chaos.example`;
 		const rec: QueryRecord = {
@@ -273,13 +273,13 @@ export class LoadDriver {
 		if (tcp) {
 			this.sendTcp(p, query);
 		} else {
-			const map = this.byId[src] as Map<number, Pending>;
+			const map = this.byId[src];
 			const old = map.get(id);
 			if (old !== undefined) {
 				this.finish(old, 'lost', null, 'id reused while in flight');
 			}
 			map.set(id, p);
-			(this.udp[src] as dgram.Socket).send(query, this.opts.port, this.opts.host, (err) => {
+			(this.udp[src]).send(query, this.opts.port, this.opts.host, (err) => {
 				if (err) {
 					this.finish(p, 'lost', null, `send: ${err.message}`);
 				}
@@ -317,7 +317,7 @@ export class LoadDriver {
 			this.strayAnswers++;
 			return;
 		}
-		const p = (this.byId[src] as Map<number, Pending>).get(msg.readUInt16BE(0));
+		const p = (this.byId[src]).get(msg.readUInt16BE(0));
 		if (p === undefined || p.done) {
 			this.strayAnswers++;
 			return;
@@ -362,7 +362,7 @@ export class LoadDriver {
 			rec.latencyMs = performance.now() - p.startedAt;
 		}
 		if (!rec.tcp) {
-			const map = this.byId[rec.src] as Map<number, Pending>;
+			const map = this.byId[rec.src];
 			if (map.get(p.id) === p) {
 				map.delete(p.id);
 			}
@@ -395,7 +395,7 @@ export class LoadDriver {
 		const q = this.inflight;
 		let h = this.inflightHead;
 		while (h < q.length) {
-			const p = q[h] as Pending;
+			const p = q[h];
 			if (!p.done) {
 				if (now - p.startedAt < limit) {
 					break;

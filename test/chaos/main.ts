@@ -30,7 +30,7 @@ function parse(argv: string[]): { mode: string; flags: Map<string, string> } {
 	const [mode = 'chaos', ...rest] = argv;
 	const flags = new Map<string, string>();
 	for (let i = 0; i < rest.length; i++) {
-		const a = rest[i] as string;
+		const a = rest[i];
 		if (!a.startsWith('--')) {
 			throw new Error(`unexpected argument ${a}`);
 		}

@@ -98,7 +98,7 @@ t.test('a backend whose socket file is removed while its session is up is marked
 		t.equal(await tcpQuery(port, source, 'before.example'), '5302', 'TCP from it reaches 5302 before');
 
 		const since = bbal.logs.length;
-		await unlink(gone?.path as string);
+		await unlink(gone?.path);
 		/* The directory is watched, and read every 5 s in any case; the wheel may fire a tick late. */
 		const removed = await bbal.waitForLog((r) => r.be_id === 5302 && r.msg === 'backend socket removed', 7000, since)
 			.then(() => true, () => false);

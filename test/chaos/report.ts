@@ -123,7 +123,7 @@ function percentile(sorted: number[], p: number): number {
 	if (sorted.length === 0) {
 		return NaN;
 	}
-	return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))] as number;
+	return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))];
 }
 
 function phaseLatency(recs: QueryRecord[], from: number, to: number): PhaseLatency {
@@ -152,7 +152,7 @@ export function primaries(recs: QueryRecord[], from: number, to: number, nSource
 	const labels: string[][] = Array.from({ length: nSources }, () => []);
 	for (const r of recs) {
 		if (r.fate === 'ok' && r.sentAt >= from && r.sentAt < to) {
-			(labels[r.src] as string[]).push(r.backend as string);
+			(labels[r.src]).push(r.backend as string);
 		}
 	}
 	return labels.map(majority);
@@ -198,7 +198,7 @@ export function analyze(run: ScenarioRun, all: QueryRecord[]): Analysis {
 	let reassigned = 0;
 	for (let src = 0; src < n; src++) {
 		const p = primary[src];
-		const ip = run.sources[src] as string;
+		const ip = run.sources[src];
 		if (p === null || p === undefined) {
 			continue;
 		}
@@ -326,7 +326,7 @@ export function formatScenario(run: ScenarioRun, a: Analysis): string {
 	for (const w of run.windows) {
 		const noticed = w.noticedAt === null ? 'bbal never logged it'
 			: `bbal noticed after ${secs(w.noticedAt - w.faultAt)} (${w.noticedBy})`;
-		rows.push([`window`, `${w.label} at ${hms(w.faultAt)}: ${noticed}; window ${secs(w.end - w.faultAt)}, `
+		rows.push(['window', `${w.label} at ${hms(w.faultAt)}: ${noticed}; window ${secs(w.end - w.faultAt)}, `
 			+ `ends ${w.endBy}`]);
 		rows.push(['', `  = ${w.definition}`]);
 	}
@@ -399,12 +399,12 @@ export function formatSummary(results: Array<{ run: ScenarioRun; a: Analysis }>)
 		String(a.outside),
 		[a.latency.before, a.latency.during, a.latency.after].map((p) => (p.n === 0 ? '-' : p.p99.toFixed(1))).join('/'),
 		run.rehome ? `${a.moved.length}/reassigned ${a.reassigned}`
-			: `${a.moved.length}/${a.returned}${a.maxReturnMs === null ? '' : ` (${(a.maxReturnMs / 1000).toFixed(1)} s)`}`,
+		: `${a.moved.length}/${a.returned}${a.maxReturnMs === null ? '' : ` (${(a.maxReturnMs / 1000).toFixed(1)} s)`}`,
 		pct(run.procBefore.rssKb, run.procAfter.rssKb),
 		`${run.procBefore.fds}->${run.procAfter.fds}`,
 		a.pass ? 'PASS' : 'FAIL',
 	]);
-	const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] as string).length)));
-	const line = (cells: string[]): string => cells.map((c, i) => c.padEnd(widths[i] as number)).join('  ');
+	const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i]).length)));
+	const line = (cells: string[]): string => cells.map((c, i) => c.padEnd(widths[i])).join('  ');
 	return [line(head), line(widths.map((w) => '-'.repeat(w))), ...rows.map(line)].join('\n');
 }

@@ -134,7 +134,7 @@ function faultOf(path: string): LogPred {
 }
 
 function describeLog(r: { msg?: string; reason?: unknown }): string {
-	return r.reason !== undefined ? `${r.msg}: ${String(r.reason)}` : String(r.msg);
+	return r.reason !== undefined ? `${r.msg}: ${JSON.stringify(r.reason)}` : String(r.msg);
 }
 
 function backend(ctx: Ctx, name: string): ChaosBackend {
@@ -424,8 +424,8 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 			noticedAt: noticed?.t ?? null,
 			noticedBy: noticed === null ? null : describeLog(noticed),
 			end: byLog ? (closing as { t: number }).t : bound,
-			endBy: byLog ? `when bbal logged "${describeLog(closing as { msg?: string })}"`
-				: `at the bound (${w.boundMs / 1000} s): bbal logged ${closing === null ? 'nothing' : 'later'}`,
+			endBy: byLog ? `when bbal logged "${describeLog(closing)}"`
+			: `at the bound (${w.boundMs / 1000} s): bbal logged ${closing === null ? 'nothing' : 'later'}`,
 			definition: w.definition,
 		};
 	});
@@ -480,5 +480,5 @@ export function targetFor(ctx: Ctx, sc: Scenario, pick = 0): string {
 	if (names.length === 0) {
 		throw new Error(`no ${sc.needs} backend for ${sc.name}`);
 	}
-	return names[pick % names.length] as string;
+	return names[pick % names.length];
 }

@@ -84,7 +84,7 @@ async function warmUp(fleet: ChaosFleet, driver: LoadDriver, opts: SuiteOptions)
 		const rss = procSample(fleet.bbalPid).rssKb;
 		if (rss <= prev * 1.01 || Date.now() - t0 > opts.warmupMs) {
 			opts.log(`chaos: warmed up in ${((Date.now() - started) / 1000).toFixed(0)} s (${burstSecs.toFixed(1)} s at `
-				+ `twice the rate with every 4th query over TCP, then the steady load); V8 young generation `
+				+ 'twice the rate with every 4th query over TCP, then the steady load); V8 young generation '
 				+ `${(young / 1024).toFixed(0)} MiB`
 				+ `${!(young >= YOUNG_GENERATION_MAX_KB) ? ' (NOT at its maximum: the first scenario may be charged its growth)' : ''}`
 				+ `, bbal RSS ${(rss / 1024).toFixed(1)} MB`);
@@ -139,7 +139,7 @@ export async function runSuite(t: Teardowns, opts: SuiteOptions): Promise<SuiteR
 		const names = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart'];
 		const until = Date.now() + (opts.soakMs ?? 60_000);
 		while (Date.now() < until) {
-			const sc = scenario(names[Math.floor(rand() * names.length)] as string);
+			const sc = scenario(names[Math.floor(rand() * names.length)]);
 			results.push(await runScenario(ctx, sc, targetFor(ctx, sc, Math.floor(rand() * 1000))));
 		}
 	}
