@@ -102,7 +102,8 @@ import {
 	FRAME_NAMES, FRAME_OUTBOUND_UDP, FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, FrameReader,
 	type FrameSink, UDP_FRAME_HEADER_BYTES, writeUdpFrame,
 } from './protocol.js';
-import { LogGate, type Timeout, type TimeoutWheel } from './timeouts.js';
+import { ignoreError, LogGate } from './log.js';
+import type { Timeout, TimeoutWheel } from './timeouts.js';
 
 export const HEARTBEAT_INTERVAL_SECS = 5;
 export const HEARTBEAT_DEADLINE_SECS = 15;
@@ -172,8 +173,6 @@ export type Connector = (path: string, writableHighWaterMark?: number) => net.So
 export const connectUnix: Connector = (path, writableHighWaterMark) =>
 	/* net.Socket passes stream options through; @types/node omits them here. */
 	net.createConnection({ path, allowHalfOpen: true, writableHighWaterMark } as net.NetConnectOpts);
-
-function ignoreError(): void {}
 
 export class Backend implements FrameSink {
 	state: BackendState = 'waiting';

@@ -30,14 +30,14 @@
  */
 
 import { statSync } from 'node:fs';
-import { hostname } from 'node:os';
 import net from 'node:net';
-import pino, { type Logger } from 'pino';
+import type { Logger } from 'pino';
 import yargs from 'yargs';
 import {
 	Backends, REBALANCE_INTERVAL_SECS, RESCAN_INTERVAL_SECS,
 } from './backends.js';
 import { Acl } from './dns.js';
+import { LOG_LEVELS, type LogLevel, makeLogger } from './log.js';
 import { DEFAULT_MAX_REMOTES, Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { type Clock, monotonicClock, TimeoutWheel } from './timeouts.js';
 import type { Metrics } from './metrics.js';
@@ -50,8 +50,6 @@ import { type NoBackendAction, type RateLimitAction, UdpProxy } from './udp_prox
 export const TICK_MS = 1000;
 /* How long start() waits for the backends it finds to connect before it opens the DNS ports. */
 export const STARTUP_BACKEND_WAIT_MS = 1000;
-export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
-export type LogLevel = typeof LOG_LEVELS[number];
 
 export interface Options {
 	bind: string;
@@ -246,17 +244,6 @@ function positiveInt(text: string, flag: string): number {
 /* A flag given twice arrives as an array: the last one wins. */
 function lastOf(v: string | string[]): string {
 	return Array.isArray(v) ? String(v[v.length - 1]) : String(v);
-}
-
-/** The root logger: bunyan's record shape, pino's speed. */
-export function makeLogger(level: LogLevel, dest?: pino.DestinationStream): Logger {
-	const opts: pino.LoggerOptions = {
-		level,
-		base: { name: 'bbal', hostname: hostname(), pid: process.pid, v: 0 },
-		timestamp: () => `,"time":"${new Date().toISOString()}"`,
-		messageKey: 'msg',
-	};
-	return dest === undefined ? pino(opts) : pino(opts, dest);
 }
 
 /**

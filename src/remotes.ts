@@ -77,7 +77,8 @@ import type { Logger } from 'pino';
 import { AVLTree } from 'avl';
 import type { Backend, Backends } from './backends.js';
 import { u32ToIpv4 } from './protocol.js';
-import { LogGate, type TimeoutWheel } from './timeouts.js';
+import { LogGate } from './log.js';
+import type { TimeoutWheel } from './timeouts.js';
 
 export const REMOTE_IDLE_EXPIRY_SECS = 300;
 export const REMOTE_EXPIRY_CHECK_SECS = 30;

@@ -73,7 +73,8 @@ import type { Backend, Backends } from './backends.js';
 import { type Acl, checkQueryHeader, DNS_HEADER_BYTES, HEADER_OK, HEADER_PROBLEMS } from './dns.js';
 import { encodeInboundTcp, FRAME_INBOUND_TCP_OK, FRAME_NAMES, ipv4ToU32 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
-import { LogGate, type Timeout, type TimeoutWheel } from './timeouts.js';
+import { ignoreError, LogGate } from './log.js';
+import type { Timeout, TimeoutWheel } from './timeouts.js';
 
 export const TCP_BACKLOG = 1000;
 export const TCP_OK_DEADLINE_SECS = 10;
@@ -118,8 +119,6 @@ export interface TcpOptions {
 	maxMessageBytes?: number;
 	acl?: Acl;
 }
-
-function ignoreError(): void {}
 
 export class TcpProxy {
 	state: TcpProxyState = 'connecting';

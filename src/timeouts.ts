@@ -29,10 +29,9 @@
  * unit tests pass a variable they step forward, then call run(now), so no
  * test ever sleeps to watch a 15-second heartbeat deadline pass.
  *
- * This file also holds LogGate, the per-kind "at most once every N seconds"
- * switch used for conditions that repeat per packet (no backend, oversized
- * datagram, stuck session).  It reads the wheel's cached tick time, so the
- * hot path never reads a clock to decide whether to log.
+ * The wheel's cached tick time (nowMs) is also the coarse "now" that the
+ * hot path reads: remotes' last-seen seconds and the log gates (log.ts)
+ * never read a clock per packet.
  */
 
 import assert from 'node:assert/strict';
@@ -164,40 +163,5 @@ export class TimeoutWheel {
 			out.push({ id: to.id, name: to.name, expiresInMs: Math.max(0, Math.round((to.expiresAt as number) - now)) });
 		});
 		return out;
-	}
-}
-
-/**
- * Lets a condition through at most `burst` times per intervalSecs (once, by
- * default), reading the wheel's tick time.  open() answers whether to log
- * now; how many times the condition was suppressed since the last log is
- * handed back so the next log line can say so.
- */
-export class LogGate {
-	private windowStartMs = -Infinity;
-	private passed = 0;
-	private suppressed = 0;
-
-	constructor(
-		private readonly wheel: TimeoutWheel,
-		private readonly intervalSecs = 5,
-		private readonly burst = 1,
-	) {}
-
-	/** -1 when the log must be skipped, else how many were skipped before it. */
-	open(): number {
-		const now = this.wheel.nowMs;
-		if (now - this.windowStartMs >= this.intervalSecs * 1000) {
-			this.windowStartMs = now;
-			this.passed = 0;
-		}
-		if (this.passed >= this.burst) {
-			this.suppressed++;
-			return -1;
-		}
-		this.passed++;
-		const n = this.suppressed;
-		this.suppressed = 0;
-		return n;
 	}
 }

@@ -49,7 +49,8 @@ import {
 } from './dns.js';
 import { MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
-import { LogGate, type TimeoutWheel } from './timeouts.js';
+import { LogGate } from './log.js';
+import type { TimeoutWheel } from './timeouts.js';
 import { createUdpTransport, type UdpTransport, type UdpTransportError } from './udp_socket.js';
 
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */

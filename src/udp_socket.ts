@@ -42,6 +42,7 @@
 
 import dgram from 'node:dgram';
 import { createRequire } from 'node:module';
+import { ignoreError } from './log.js';
 import { ipv4ToU32, MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
 
 /* Room for bursts while the event loop is busy elsewhere. */
@@ -152,8 +153,6 @@ export function createUdpTransport(kind?: UdpTransportKind): UdpTransport {
 }
 
 function ignoreDatagram(): void {}
-function ignoreError(): void {}
-
 function transportError(code: string, message: string, dropped: number): UdpTransportError {
 	const err: UdpTransportError = new Error(message);
 	err.code = code;

@@ -9,7 +9,7 @@
  */
 
 import t from 'tap';
-import { LogGate, TimeoutWheel } from '../src/timeouts.js';
+import { TimeoutWheel } from '../src/timeouts.js';
 
 /* A wheel on a fake clock, plus a log of which callbacks ran. */
 function fakeWheel(startMs = 1_000_000) {
@@ -276,36 +276,4 @@ t.test('matches a plain model over random set/clear/run sequences', async (t) =>
 		}
 	}
 	t.same(mismatches, []);
-});
-
-t.test('LogGate opens once per interval and reports what it held back', async (t) => {
-	const { wheel, tickAt } = fakeWheel();
-	const gate = new LogGate(wheel);
-	tickAt(0);
-	t.equal(gate.open(), 0, 'the first one logs, nothing suppressed');
-	t.equal(gate.open(), -1, 'at once again: suppressed');
-	tickAt(1000);
-	t.equal(gate.open(), -1);
-	tickAt(4999);
-	t.equal(gate.open(), -1, 'still within 5 s');
-	tickAt(5000);
-	t.equal(gate.open(), 3, '5 s later it logs and counts the three held back');
-	t.equal(gate.open(), -1, 'and the interval starts again from there');
-	tickAt(60000);
-	t.equal(gate.open(), 1, 'only the one since the last log');
-	tickAt(120000);
-	t.equal(gate.open(), 0, 'nothing suppressed since then');
-});
-
-t.test('LogGate reads the tick time, not the clock, and honours its interval', async (t) => {
-	const { wheel, clock, tickAt } = fakeWheel();
-	const gate = new LogGate(wheel, 30);
-	tickAt(0);
-	t.equal(gate.open(), 0);
-	clock.now += 3_600_000;
-	t.equal(gate.open(), -1, 'a clock that moved without a tick changes nothing');
-	tickAt(29999);
-	t.equal(gate.open(), -1);
-	tickAt(30000);
-	t.equal(gate.open(), 2, 'a 30 s gate opens after 30 s');
 });
