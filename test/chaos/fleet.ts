@@ -18,8 +18,6 @@
  * status and the tail of its stderr, and every report fails on it.
  */
 
-import { type ChildProcess, spawn } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -28,55 +26,17 @@ import {
 	type Backend, type Bbal, childEnv, freePort, type LogRecord, makeSocketDir, projectRoot, sleep, startBackend,
 	startBbal, statsSocketFor, waitFor,
 } from '../helpers.js';
+import { counters, LAUNCHER_V8_FLAGS, type Snapshot, statsSnapshot } from '../support/bbal.js';
+import { type Child, startChild, type Teardowns } from '../support/process.js';
+import { openFds, statusKb } from '../support/procfs.js';
+import { median } from '../support/quantiles.js';
 
 const FAKE_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fake_backend.js');
-
-/*
- * The V8 flags the production launcher (bin/bbal, a shell script) runs
- * bin/bbal.js with, read from its `exec node ...` line.  The helpers start
- * bin/bbal.js directly, so the chaos fleet hands these to bbal through
- * NODE_OPTIONS: memory is measured as it would be in production.
- */
-export const LAUNCHER_V8_FLAGS: string[] = (() => {
-	try {
-		const text = readFileSync(path.join(projectRoot, 'bin', 'bbal'), 'utf8');
-		const line = /^exec node (.*)$/m.exec(text)?.[1] ?? '';
-		return line.split(/\s+/).filter((w) => /^--[a-z0-9-]+(=\S+)?$/.test(w));
-	} catch {
-		return [];
-	}
-})();
 
 /* The young generation's ceiling: two semi-spaces of --max-semi-space-size MiB (V8's default 16 on 64-bit). */
 export const YOUNG_GENERATION_MAX_KB = 2 * 1024 * Number(
 	/^--max-semi-space-size=(\d+)$/.exec(LAUNCHER_V8_FLAGS.find((f) => f.startsWith('--max-semi-space-size=')) ?? '')?.[1]
 	?? 16);
-
-/** The part of tap's Test the helpers use; our own when not under tap. */
-export interface Teardowns {
-	teardown(fn: () => unknown): void;
-}
-
-export class Cleanup implements Teardowns {
-	private fns: Array<() => unknown> = [];
-
-	teardown(fn: () => unknown): void {
-		this.fns.push(fn);
-	}
-
-	/** Run every teardown, newest first; errors are reported, not thrown. */
-	async run(): Promise<void> {
-		const fns = this.fns.reverse();
-		this.fns = [];
-		for (const fn of fns) {
-			try {
-				await fn();
-			} catch (err) {
-				process.stderr.write(`chaos cleanup: ${String(err)}\n`);
-			}
-		}
-	}
-}
 
 export interface ProcSample {
 	rssKb: number;
@@ -97,10 +57,10 @@ export interface ProcSample {
 
 /** VmRSS and the number of open descriptors of a live process. */
 export function procSample(pid: number): ProcSample {
-	const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-	const field = (k: string): number => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? NaN);
+	const status = statusKb(pid);
 	return {
-		rssKb: field('VmRSS'), rssAnonKb: field('RssAnon'), rssFileKb: field('RssFile'), fds: readdirSync(`/proc/${pid}/fd`).length, heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN };
+		rssKb: status['VmRSS'] ?? NaN, rssAnonKb: status['RssAnon'] ?? NaN, rssFileKb: status['RssFile'] ?? NaN,
+		fds: openFds(pid), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN };
 }
 
 /* The parts of a WebSocket this file uses (node 20 has one with --experimental-websocket). */
@@ -177,11 +137,6 @@ export async function heapSample(
 	}
 }
 
-function median(xs: number[]): number {
-	const s = [...xs].sort((a, b) => a - b);
-	return s[Math.floor(s.length / 2)];
-}
-
 /*
  * Several samples a little apart: the median for memory, the least for
  * descriptors.  The caller samples at a quiet moment (nothing in flight),
@@ -214,63 +169,9 @@ Promise<ProcSample> {
 		}
 	}
 	return {
-		rssKb: median(rss), rssAnonKb: median(anon), rssFileKb: median(file), fds: Math.min(...fds),
-		heapUsedKb: used.length > 0 ? median(used) : NaN, heapTotalKb: total.length > 0 ? median(total) : NaN,
-		externalKb: ext.length > 0 ? median(ext) : NaN,
+		rssKb: median(rss) ?? NaN, rssAnonKb: median(anon) ?? NaN, rssFileKb: median(file) ?? NaN, fds: Math.min(...fds),
+		heapUsedKb: median(used) ?? NaN, heapTotalKb: median(total) ?? NaN, externalKb: median(ext) ?? NaN,
 	};
-}
-
-/*
- * How busy the machine was, and how much of that was not the chaos fleet:
- * /proc/stat's busy time, less the CPU time of this process (the load
- * driver) and its children (bbal, the backends).  Processes that exit in
- * between take their share with them, so "foreign" is an upper bound, close
- * enough to tell a quiet machine from one another workload saturates.
- */
-export interface CpuSample {
-	totalTicks: number;
-	busyTicks: number;
-	/* CPU ticks used so far by each process of the fleet (and the driver). */
-	fleetTicks: Map<number, number>;
-}
-
-function procTicks(pid: number): number | undefined {
-	try {
-		const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-		const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-		return Number(fields[11]) + Number(fields[12]);
-	} catch {
-		return undefined;
-	}
-}
-
-export function cpuSample(pids: number[]): CpuSample {
-	const cpu = (readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? '').trim().split(/\s+/).slice(1).map(Number);
-	const total = cpu.reduce((a, b) => a + b, 0);
-	const idle = (cpu[3] ?? 0) + (cpu[4] ?? 0);
-	const fleetTicks = new Map<number, number>();
-	for (const pid of pids) {
-		const t = procTicks(pid);
-		if (t !== undefined) {
-			fleetTicks.set(pid, t);
-		}
-	}
-	return { totalTicks: total, busyTicks: total - idle, fleetTicks };
-}
-
-/*
- * Percent of all cores busy, and busy with something other than the fleet,
- * between two samples.  A process started in between counts from zero; one
- * that exited in between counts nothing (so "foreign" errs high).
- */
-export function cpuShare(a: CpuSample, b: CpuSample): { busy: number; foreign: number } {
-	const total = Math.max(1, b.totalTicks - a.totalTicks);
-	const busy = b.busyTicks - a.busyTicks;
-	let fleet = 0;
-	for (const [pid, t] of b.fleetTicks) {
-		fleet += Math.max(0, t - (a.fleetTicks.get(pid) ?? 0));
-	}
-	return { busy: busy / total * 100, foreign: Math.max(0, busy - fleet) / total * 100 };
 }
 
 export type BackendKind = 'mname' | 'fake';
@@ -315,32 +216,25 @@ class MnameBackend implements ChaosBackend {
 
 class FakeBackend implements ChaosBackend {
 	readonly kind = 'fake';
-	private proc!: ChildProcess;
+	private child!: Child;
 	private lines: string[] = [];
 	private waiters: Array<() => void> = [];
-	private stderr = '';
 
 	constructor(readonly name: string, readonly path: string) {}
 
 	get pid(): number {
-		return this.proc.pid as number;
+		return this.child.pid;
 	}
 
 	async start(): Promise<number> {
-		const proc = spawn(process.execPath, [FAKE_SCRIPT, this.path, this.name], {
-			cwd: projectRoot, env: childEnv(), stdio: ['pipe', 'pipe', 'pipe'],
+		/* Its exits are the scenarios' doing (kill, restart): expected, never "died". */
+		const child = startChild(`fake backend ${this.name}`, process.execPath, [FAKE_SCRIPT, this.path, this.name], {
+			cwd: projectRoot, env: childEnv(), stdin: 'pipe', expectExit: true,
 		});
-		this.proc = proc;
+		this.child = child;
 		this.lines = [];
-		proc.on('error', () => {});
-		proc.stdin?.on('error', () => {});
-		proc.stdout?.setEncoding('utf8');
-		proc.stderr?.setEncoding('utf8');
-		proc.stderr?.on('data', (s: string) => {
-			this.stderr += s;
-		});
 		let partial = '';
-		proc.stdout?.on('data', (s: string) => {
+		child.proc.stdout?.on('data', (s: string) => {
 			const parts = (partial + s).split('\n');
 			partial = parts.pop() ?? '';
 			this.lines.push(...parts);
@@ -359,8 +253,8 @@ class FakeBackend implements ChaosBackend {
 			if (i >= 0) {
 				return this.lines.splice(i, 1)[0];
 			}
-			if (Date.now() > deadline || this.proc.exitCode !== null) {
-				throw new Error(`fake backend ${this.name}: no matching line (stderr: ${this.stderr})`);
+			if (Date.now() > deadline || this.child.exited) {
+				throw new Error(`fake backend ${this.name}: no matching line (stderr: ${this.child.stderr})`);
 			}
 			await new Promise<void>((resolve) => {
 				this.waiters.push(resolve);
@@ -370,16 +264,11 @@ class FakeBackend implements ChaosBackend {
 	}
 
 	signal(sig: NodeJS.Signals): void {
-		this.proc.kill(sig);
+		this.child.proc.kill(sig);
 	}
 
 	async kill(): Promise<void> {
-		if (this.proc.exitCode !== null || this.proc.signalCode !== null) {
-			return;
-		}
-		const done = new Promise((r) => this.proc.once('exit', r));
-		this.proc.kill('SIGKILL');
-		await done;
+		await this.child.stop('SIGKILL');
 	}
 
 	async restart(): Promise<number> {
@@ -388,7 +277,7 @@ class FakeBackend implements ChaosBackend {
 	}
 
 	async command(cmd: string): Promise<number> {
-		this.proc.stdin?.write(`${cmd}\n`);
+		this.child.proc.stdin?.write(`${cmd}\n`);
 		const line = await this.waitLine((l) => l.startsWith(`done ${cmd} `), 5000);
 		return Number(line.split(' ')[2]);
 	}
@@ -468,6 +357,11 @@ export class ChaosFleet {
 	async startBbal(): Promise<Bbal> {
 		const metricsPort = await freePort();
 		this.inspectPort = await freePort();
+		/*
+		 * The helpers start bin/bbal.js directly, so it gets the production
+		 * launcher's V8 flags through NODE_OPTIONS: memory is measured as it
+		 * would be in production.
+		 */
 		const bbal = await startBbal(this.t as unknown as Test, {
 			/* info, not the helpers' debug: two lines per TCP query would be most of the log. */
 			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info'],
@@ -510,10 +404,10 @@ export class ChaosFleet {
 		try {
 			const snap = await this.snapshot();
 			sample.counters = {};
-			for (const [k, v] of Object.entries(snap.udp)) {
+			for (const [k, v] of Object.entries(counters(snap.udp))) {
 				sample.counters[`udp.${k}`] = v;
 			}
-			for (const [k, v] of Object.entries(snap.tcp)) {
+			for (const [k, v] of Object.entries(counters(snap.tcp))) {
 				sample.counters[`tcp.${k}`] = v;
 			}
 		} catch {
@@ -560,7 +454,11 @@ export class ChaosFleet {
 		return best;
 	}
 
-	/** This process and every process of the fleet now. */
+	/*
+	 * This process and every process of the fleet now: what cpuShare()
+	 * (test/support/procfs.ts) takes away from the machine's busy time to
+	 * tell a quiet machine from one that another workload saturates.
+	 */
 	get pids(): number[] {
 		return [process.pid, this.bbalPid, ...[...this.backends.values()].map((b) => b.pid)];
 	}
@@ -570,31 +468,7 @@ export class ChaosFleet {
 	}
 
 	/** The live bbal's stats snapshot, read from its stats socket. */
-	async snapshot(): Promise<Snapshot> {
-		const net = await import('node:net');
-		return new Promise((resolve, reject) => {
-			const sock = net.connect(this.statsSocket);
-			let buf = '';
-			sock.setEncoding('utf8');
-			sock.on('data', (s: string) => {
-				buf += s;
-			});
-			sock.on('error', reject);
-			sock.on('end', () => {
-				try {
-					resolve(JSON.parse(buf) as Snapshot);
-				} catch (err) {
-					reject(err);
-				}
-			});
-		});
+	snapshot(): Promise<Snapshot> {
+		return statsSnapshot(this.statsSocket);
 	}
-}
-
-/* The few snapshot fields the chaos suite reads (README: fields are never renamed). */
-export interface Snapshot {
-	backends: Array<{ id: number; path: string; ok: boolean; removed: boolean; remotes: number; stuck?: boolean }>;
-	remotes: Array<{ ip: string; backend: number; backup: number }>;
-	udp: Record<string, number>;
-	tcp: Record<string, number> & { open: number };
 }

@@ -20,7 +20,7 @@ import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { childEnv } from '../helpers.js';
-import { Cleanup } from './fleet.js';
+import { Cleanup } from '../support/process.js';
 import { FULL_TIMING } from './scenarios.js';
 import { runSuite } from './suite.js';
 
@@ -73,7 +73,7 @@ async function main(): Promise<number> {
 		throw new Error(`mode must be chaos or soak, not ${mode}`);
 	}
 	const timing = { ...FULL_TIMING, stopMs: num(flags, 'stop-secs', FULL_TIMING.stopMs / 1000) * 1000 };
-	const cleanup = new Cleanup();
+	const cleanup = new Cleanup('chaos');
 	let stopping = false;
 	const onSignal = (): void => {
 		if (!stopping) {

@@ -37,6 +37,7 @@
  * assignment), moves are reassignments and are only counted.
  */
 
+import { percentile } from '../support/quantiles.js';
 import type { ProcSample, UnexpectedExit } from './fleet.js';
 import type { QueryRecord } from './load.js';
 
@@ -119,17 +120,10 @@ export interface Analysis {
 	failures: string[];
 }
 
-function percentile(sorted: number[], p: number): number {
-	if (sorted.length === 0) {
-		return NaN;
-	}
-	return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))];
-}
-
 function phaseLatency(recs: QueryRecord[], from: number, to: number): PhaseLatency {
 	const lat = recs.filter((r) => r.fate === 'ok' && r.sentAt >= from && r.sentAt < to)
 		.map((r) => r.latencyMs).sort((a, b) => a - b);
-	return { n: lat.length, p50: percentile(lat, 0.5), p99: percentile(lat, 0.99) };
+	return { n: lat.length, p50: percentile(lat, 0.5) ?? NaN, p99: percentile(lat, 0.99) ?? NaN };
 }
 
 function majority(labels: string[]): string | null {

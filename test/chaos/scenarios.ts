@@ -58,7 +58,8 @@
 
 import { readFileSync } from 'node:fs';
 import { sleep } from '../helpers.js';
-import { type ChaosBackend, type ChaosFleet, cpuSample, cpuShare } from './fleet.js';
+import { cpuSample, cpuShare } from '../support/procfs.js';
+import type { ChaosBackend, ChaosFleet } from './fleet.js';
 import type { LoadDriver } from './load.js';
 import {
 	type Analysis, analyze, type FaultWindow, formatScenario, primaries, type ScenarioRun,

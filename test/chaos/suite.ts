@@ -27,7 +27,9 @@
  */
 
 import { sleep } from '../helpers.js';
-import { ChaosFleet, heapSample, LAUNCHER_V8_FLAGS, procSample, type Teardowns, YOUNG_GENERATION_MAX_KB } from './fleet.js';
+import { LAUNCHER_V8_FLAGS } from '../support/bbal.js';
+import type { Teardowns } from '../support/process.js';
+import { ChaosFleet, heapSample, procSample, YOUNG_GENERATION_MAX_KB } from './fleet.js';
 import { chaosSources, LoadDriver } from './load.js';
 import { formatSummary } from './report.js';
 import { type Ctx, runScenario, scenario, type ScenarioResult, type Timing, targetFor } from './scenarios.js';
