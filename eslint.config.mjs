@@ -1,4 +1,5 @@
-// npm run lint: typescript-eslint with type information over src/ and test/,
+// npm run lint: typescript-eslint with type information over the TypeScript
+// (src/, test/, bench/),
 // the core rules over the plain JavaScript (bin/, demo/, bench/), and one
 // layout for every file through ESLint Stylistic (npm run format fixes it).
 import js from '@eslint/js';
