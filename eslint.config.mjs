@@ -1,7 +1,7 @@
 // npm run lint: typescript-eslint with type information over the TypeScript
-// (src/, test/, bench/),
-// the core rules over the plain JavaScript (bin/, demo/, bench/), and one
-// layout for every file through ESLint Stylistic (npm run format fixes it).
+// (src/, test/, bench/), the core rules over the plain JavaScript (bin/,
+// demo/, the .cjs fixtures), and one layout for every file through ESLint
+// Stylistic (npm run format fixes it).
 import js from '@eslint/js';
 import stylistic from '@stylistic/eslint-plugin';
 import globals from 'globals';
