@@ -9,9 +9,9 @@ import type net from 'node:net';
 import t from 'tap';
 import pino from 'pino';
 import {
-	Backend, Backends, CONNECT_DEADLINE_SECS, HEARTBEAT_DEADLINE_SECS, HEARTBEAT_INTERVAL_SECS,
-	MAX_RECONNECT_DELAY_SECS,
-} from '../src/backends.js';
+	CONNECT_DEADLINE_SECS, HEARTBEAT_DEADLINE_SECS, HEARTBEAT_INTERVAL_SECS, MAX_RECONNECT_DELAY_SECS,
+} from '../src/backend.js';
+import { type Backend, Backends } from '../src/backends.js';
 import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, encodeUdpFrame, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
 	INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
@@ -54,7 +54,7 @@ function setup(dir = '/var/run/binder/sockets') {
 	const sockets: FakeSocket[] = [];
 	const sent: Sent[] = [];
 	const reg = new Backends({
-		dir,
+		socketDir: dir,
 		log: pino({ level: 'silent' }),
 		wheel,
 		onOutboundUdp: (addr, port, payload, from) => sent.push({ addr, port, payload, from }),
@@ -82,7 +82,7 @@ const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve)
 
 /* A backend brought to `ok` through connect and hello. */
 function okBackend(env: ReturnType<typeof setup>, name: string): { be: Backend; sock: FakeSocket } {
-	const be = env.reg.foundPath(name) as Backend;
+	const be = env.reg.trackAndConnect(name) as Backend;
 	const sock = env.last();
 	sock.emit('connect');
 	sock.emit('data', SERVER_HELLO_FRAME);
@@ -91,7 +91,7 @@ function okBackend(env: ReturnType<typeof setup>, name: string): { be: Backend; 
 
 t.test('a new socket is connected at once and becomes ok on SERVER_HELLO', async (t) => {
 	const env = setup();
-	const be = env.reg.foundPath('5301') as Backend;
+	const be = env.reg.trackAndConnect('5301') as Backend;
 	t.equal(be.id, 5301, 'id from the socket name');
 	t.equal(be.state, 'connecting');
 	t.equal(be.stats.connStart, 1);
@@ -134,7 +134,7 @@ t.test('heartbeats: sent 5 s after hello, answered, sent again; a missing reply 
 
 t.test('no hello within 30 s faults the connect attempt', async (t) => {
 	const env = setup();
-	const be = env.reg.foundPath('5301') as Backend;
+	const be = env.reg.trackAndConnect('5301') as Backend;
 	env.last().emit('connect');
 	env.advance(CONNECT_DEADLINE_SECS - 1);
 	t.equal(be.state, 'connecting');
@@ -145,7 +145,7 @@ t.test('no hello within 30 s faults the connect attempt', async (t) => {
 
 t.test('reconnect back-off: 0, then 1, growing by 2, capped at 32, back to 1 after a hello', async (t) => {
 	const env = setup();
-	const be = env.reg.foundPath('5301') as Backend;
+	const be = env.reg.trackAndConnect('5301') as Backend;
 	const refused = Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' });
 	const delays: number[] = [];
 	for (let i = 0; i < 20; i++) {
@@ -182,7 +182,7 @@ t.test('ENOENT marks the backend removed; it returns when a rescan sees the sock
 	const n = env.sockets.length;
 	env.advance(120);
 	t.equal(env.sockets.length, n, 'no reconnect attempts while removed');
-	t.equal(env.reg.foundPath('5301'), be, 'same backend object for the same path');
+	t.equal(env.reg.trackAndConnect('5301'), be, 'same backend object for the same path');
 	t.equal(be.state, 'connecting', 'connects at once when the socket returns');
 	t.equal(env.sockets.length, n + 1);
 });
@@ -190,7 +190,7 @@ t.test('ENOENT marks the backend removed; it returns when a rescan sees the sock
 t.test('a socket bound afresh at the same path (a restarted backend) is tried at once, not after its back-off',
 	async (t) => {
 		const env = setup();
-		const be = env.reg.foundPath('5301', '100/1000') as Backend;
+		const be = env.reg.trackAndConnect('5301', '100/1000') as Backend;
 		const refused = (): void => {
 			env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
 		};
@@ -202,9 +202,9 @@ t.test('a socket bound afresh at the same path (a restarted backend) is tried at
 		t.equal(be.state, 'waiting');
 		t.ok(be.reconnectDelaySecs >= 9, `the back-off has grown (${be.reconnectDelaySecs} s)`);
 		const n = env.sockets.length;
-		env.reg.foundPath('5301', '100/1000');
+		env.reg.trackAndConnect('5301', '100/1000');
 		t.equal(env.sockets.length, n, 'the same socket file: the back-off is honoured');
-		env.reg.foundPath('5301', '100/2000');
+		env.reg.trackAndConnect('5301', '100/2000');
 		t.equal(env.sockets.length, n + 1, 'the same inode number but created anew (a later change time): connected at once');
 		t.equal(be.state, 'connecting');
 		env.last().emit('connect');
@@ -224,7 +224,7 @@ t.test('protocol violations on the control session fault the backend', async (t)
 	];
 	for (const [what, frames] of cases) {
 		const env = setup();
-		const be = env.reg.foundPath('5301') as Backend;
+		const be = env.reg.trackAndConnect('5301') as Backend;
 		const sock = env.last();
 		sock.emit('connect');
 		for (const f of frames) {
@@ -285,7 +285,7 @@ t.test('writes queued in one turn leave in one write; a stuck session drops and 
 	sock.accept = false;
 	be.sendUdp(1, 1, q);
 	await turn();
-	t.ok(be.isStuck, 'write() returned false: stuck');
+	t.ok(be.stuck, 'write() returned false: stuck');
 	t.notOk(be.sendUdp(1, 1, q), 'dropped while stuck');
 	t.notOk(be.sendUdp(1, 1, q));
 	t.equal(be.stats.stuck, 2);
@@ -293,7 +293,7 @@ t.test('writes queued in one turn leave in one write; a stuck session drops and 
 	t.equal(sock.writes.length, 3, 'nothing queued while stuck');
 	sock.accept = true;
 	sock.emit('drain');
-	t.notOk(be.isStuck);
+	t.notOk(be.stuck);
 	t.ok(be.sendUdp(1, 1, q), 'accepted again after drain');
 	t.ok(be.ok, 'a stuck session is not a fault by itself');
 });
@@ -304,40 +304,40 @@ t.test('a session stuck for 2 s is faulted; one that drains in time is not', asy
 	sock.accept = false;
 	be.sendUdp(1, 1, Buffer.from('q'));
 	await turn();
-	t.ok(be.isStuck);
+	t.ok(be.stuck);
 	env.advance(1);
 	sock.emit('drain');
 	env.advance(2);
 	t.ok(be.ok, 'drained within the deadline: still ok');
 	be.sendUdp(1, 1, Buffer.from('q'));
 	await turn();
-	t.ok(be.isStuck, 'stuck again');
+	t.ok(be.stuck, 'stuck again');
 	env.advance(1);
 	t.ok(be.ok, 'still ok after 1 s');
 	env.advance(1);
 	t.equal(be.state, 'waiting', 'faulted after 2 s stuck');
 	t.ok(sock.destroyed, 'its queue is thrown away with the session');
-	t.notOk(be.isStuck);
+	t.notOk(be.stuck);
 });
 
 t.test('ids: 5300-5399 names when free, otherwise one more than the highest', async (t) => {
 	const env = setup('/s');
-	t.equal(env.reg.foundPath('5310')?.id, 5310);
-	t.equal(env.reg.foundPath('alpha')?.id, 5311);
-	t.equal(env.reg.foundPath('5400')?.id, 5312);
-	t.equal(env.reg.foundPath('05301')?.id, 5313);
-	t.equal(env.reg.foundPath('5300')?.id, 5300);
+	t.equal(env.reg.trackAndConnect('5310')?.id, 5310);
+	t.equal(env.reg.trackAndConnect('alpha')?.id, 5311);
+	t.equal(env.reg.trackAndConnect('5400')?.id, 5312);
+	t.equal(env.reg.trackAndConnect('05301')?.id, 5313);
+	t.equal(env.reg.trackAndConnect('5300')?.id, 5300);
 	t.same(env.reg.list().map((b) => b.id), [5300, 5310, 5311, 5312, 5313], 'listed in id order');
 	const env2 = setup('/s');
-	t.equal(env2.reg.foundPath('x')?.id, 1, 'the first non-numeric name is id 1');
-	t.equal(env2.reg.foundPath('5301')?.id, 5301);
+	t.equal(env2.reg.trackAndConnect('x')?.id, 1, 'the first non-numeric name is id 1');
+	t.equal(env2.reg.trackAndConnect('5301')?.id, 5301);
 });
 
 t.test('a socket path longer than sun_path is skipped, not truncated', async (t) => {
 	const env = setup('/s');
-	t.equal(env.reg.foundPath('x'.repeat(105)), null, '108 bytes: skipped');
+	t.equal(env.reg.trackAndConnect('x'.repeat(105)), null, '108 bytes: skipped');
 	t.equal(env.reg.size, 0);
-	t.equal(env.reg.foundPath('y'.repeat(104))?.path.length, 107, '107 bytes: used');
+	t.equal(env.reg.trackAndConnect('y'.repeat(104))?.path.length, 107, '107 bytes: used');
 });
 
 t.test('round-robin selection skips backends that are not ok, in id order', async (t) => {
@@ -353,18 +353,26 @@ t.test('round-robin selection skips backends that are not ok, in id order', asyn
 	t.equal(env.reg.select(), null, 'none ok: none selected');
 });
 
+/* n more remotes on `be`, as remotes.ts counts them. */
+function load(be: Backend, n: number): void {
+	for (let i = 0; i < n; i++) {
+		be.addRemote();
+	}
+}
+
 t.test('rebalance plan: move (spread - ok backends) from the fullest', async (t) => {
 	const env = setup();
 	const a = okBackend(env, '5301').be;
 	const b = okBackend(env, '5302').be;
 	const c = okBackend(env, '5303').be;
-	a.remotes = 10;
-	b.remotes = 7;
-	c.remotes = 5;
+	load(a, 10);
+	load(b, 7);
+	load(c, 5);
 	const plan = env.reg.rebalancePlan();
 	t.equal(plan?.backend, a);
 	t.equal(plan?.count, 2, 'spread 5 - 3 backends');
-	a.remotes = 8;
+	a.removeRemote();
+	a.removeRemote();
 	t.equal(env.reg.rebalancePlan(), null, 'spread 3 is within 3 backends');
 	c.fault('test');
 	t.equal(env.reg.rebalancePlan(), null, 'spread over ok backends only: 8 - 7');
