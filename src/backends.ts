@@ -37,6 +37,10 @@
  * flushes for all its backends and one setImmediate for the lot, so a turn
  * that forwards queries to five backends costs one scheduled callback and
  * five writes, however many queries it carried.
+ *
+ * LOGS.  Two conditions can repeat on every rescan or every packet: the
+ * socket directory cannot be read, and no backend is ok to take a new
+ * remote.  Each has its own GatedLog, so neither silences the other.
  */
 
 import { type FSWatcher, watch } from 'node:fs';
@@ -46,7 +50,7 @@ import { AVLTree } from 'avl';
 import {
 	Backend, type BackendContext, type Connector, connectUnix, type HeartbeatRttHandler, type OutboundUdpHandler,
 } from './backend.js';
-import { LogGate } from './log.js';
+import { GatedLog } from './log.js';
 import type { TimeoutWheel } from './timeouts.js';
 
 /*
@@ -92,7 +96,8 @@ export class Backends {
 	private readonly byId = new AVLTree<number, Backend>((a, b) => a - b, true);
 	private readonly byPath = new AVLTree<string, Backend>((a, b) => (a < b ? -1 : a > b ? 1 : 0), true);
 	private lastAssignedId = 0;
-	private readonly noBackendGate: LogGate;
+	private readonly dirReadError: GatedLog;
+	private readonly noBackend: GatedLog;
 	/* Paths already reported as unusable, so each is logged once. */
 	private readonly reportedPaths = new Set<string>();
 	private pendingFlushes: Array<() => void> = [];
@@ -114,7 +119,8 @@ export class Backends {
 			flushSoon: this.flushSoon,
 			log: opts.log,
 		};
-		this.noBackendGate = new LogGate(opts.wheel);
+		this.dirReadError = new GatedLog(opts.wheel, 'error', 'error reading socket directory');
+		this.noBackend = new GatedLog(opts.wheel, 'error', 'no backends available');
 	}
 
 	get size(): number {
@@ -151,9 +157,7 @@ export class Backends {
 			try {
 				entries = await readdir(this.socketDir, { withFileTypes: true });
 			} catch (err) {
-				if (this.noBackendGate.open() >= 0) {
-					this.log.error({ err, socket_dir: this.socketDir }, 'error reading socket directory');
-				}
+				this.dirReadError.report(this.log, { err, socket_dir: this.socketDir });
 				return;
 			}
 			if (this.closed) {
@@ -282,9 +286,7 @@ export class Backends {
 				return be;
 			}
 		}
-		if (this.noBackendGate.open() >= 0) {
-			this.log.error({ backends: n }, 'no backends available');
-		}
+		this.noBackend.report(this.log, { backends: n });
 		return null;
 	}
 

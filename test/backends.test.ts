@@ -6,8 +6,9 @@
 
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
+import { Writable } from 'node:stream';
 import t from 'tap';
-import pino from 'pino';
+import pino, { type Logger } from 'pino';
 import {
 	CONNECT_DEADLINE_SECS, HEARTBEAT_DEADLINE_SECS, HEARTBEAT_INTERVAL_SECS, MAX_RECONNECT_DELAY_SECS,
 } from '../src/backend.js';
@@ -16,21 +17,33 @@ import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, encodeUdpFrame, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
 	INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
 } from '../src/protocol.js';
+import { makeLogger } from '../src/log.js';
 import { TimeoutWheel } from '../src/timeouts.js';
 
 class FakeSocket extends EventEmitter {
 	writes: Buffer[] = [];
+	/* How many writes each cork()..uncork() held. */
+	corkedWrites: number[] = [];
+	private corked = -1;
 	destroyed = false;
 	accept = true;
-	constructor(readonly path: string) {
+	constructor(readonly path: string, readonly highWaterMark?: number) {
 		super();
 	}
 	write(b: Uint8Array): boolean {
 		this.writes.push(Buffer.from(b));
+		if (this.corked >= 0) {
+			this.corked++;
+		}
 		return this.accept;
 	}
-	cork(): void {}
-	uncork(): void {}
+	cork(): void {
+		this.corked = 0;
+	}
+	uncork(): void {
+		this.corkedWrites.push(this.corked);
+		this.corked = -1;
+	}
 	destroy(): this {
 		this.destroyed = true;
 		return this;
@@ -48,18 +61,18 @@ interface Sent {
 	from: Backend;
 }
 
-function setup(dir = '/var/run/binder/sockets') {
+function setup(dir = '/var/run/binder/sockets', log: Logger = pino({ level: 'silent' })) {
 	let now = 1_000_000;
 	const wheel = new TimeoutWheel(() => now);
 	const sockets: FakeSocket[] = [];
 	const sent: Sent[] = [];
 	const reg = new Backends({
 		socketDir: dir,
-		log: pino({ level: 'silent' }),
+		log,
 		wheel,
 		onOutboundUdp: (addr, port, payload, from) => sent.push({ addr, port, payload, from }),
-		connector: (path) => {
-			const s = new FakeSocket(path);
+		connector: (path, highWaterMark) => {
+			const s = new FakeSocket(path, highWaterMark);
 			sockets.push(s);
 			return s as unknown as net.Socket;
 		},
@@ -379,4 +392,33 @@ t.test('rebalance plan: move (spread - ok backends) from the fullest', async (t)
 	a.fault('test');
 	b.fault('test');
 	t.equal(env.reg.rebalancePlan(), null, 'no ok backend: no plan');
+});
+
+/* A logger at `level` whose records land in an array. */
+function memoryLog(level: 'trace' | 'info' = 'info') {
+	const records: Array<Record<string, unknown>> = [];
+	const dest = new Writable({
+		write(chunk: Buffer, _enc, cb) {
+			records.push(JSON.parse(chunk.toString()) as Record<string, unknown>);
+			cb();
+		},
+	});
+	return { log: makeLogger(level, dest), records };
+}
+
+t.test('the directory read error and "no backends available" each have their own gate', async (t) => {
+	const { log, records } = memoryLog();
+	const env = setup('/nonexistent/bbal-sockets', log);
+	await env.reg.rescan();
+	t.equal(env.reg.select(), null);
+	t.match(records.map((r) => r.msg), ['error reading socket directory', 'no backends available'],
+		'the one does not silence the other');
+	await env.reg.rescan();
+	t.equal(env.reg.select(), null);
+	t.equal(records.length, 2, 'each is held back within its interval');
+	env.advance(5);
+	await env.reg.rescan();
+	t.match(records[2], { msg: 'error reading socket directory', socket_dir: '/nonexistent/bbal-sockets', not_logged: 1 });
+	t.equal(env.reg.select(), null);
+	t.match(records[3], { msg: 'no backends available', backends: 0, not_logged: 1 });
 });
