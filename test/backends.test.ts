@@ -5,9 +5,11 @@
  */
 
 import { EventEmitter } from 'node:events';
-import type net from 'node:net';
+import { rename } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
 import { Writable } from 'node:stream';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import pino, { type Logger } from 'pino';
 import {
 	CONNECT_DEADLINE_SECS, HEARTBEAT_DEADLINE_SECS, HEARTBEAT_INTERVAL_SECS, MAX_RECONNECT_DELAY_SECS,
@@ -19,6 +21,7 @@ import {
 } from '../src/protocol.js';
 import { makeLogger } from '../src/log.js';
 import { TimeoutWheel } from '../src/timeouts.js';
+import { makeSocketDir, waitFor } from './helpers.js';
 
 class FakeSocket extends EventEmitter {
 	writes: Buffer[] = [];
@@ -406,6 +409,134 @@ function memoryLog(level: 'trace' | 'info' = 'info') {
 	return { log: makeLogger(level, dest), records };
 }
 
+t.test('the control session asks for the larger write high-water mark', async (t) => {
+	const env = setup();
+	env.reg.trackAndConnect('5301');
+	t.equal(env.last().highWaterMark, 256 * 1024);
+});
+
+t.test('every change of state is traced, sub-states of ok included', async (t) => {
+	const { log, records } = memoryLog('trace');
+	const env = setup('/s', log);
+	const { sock } = okBackend(env, '5301');
+	env.advance(HEARTBEAT_INTERVAL_SECS);
+	sock.emit('data', SERVER_HEARTBEAT_FRAME);
+	sock.accept = false;
+	env.reg.lookup(5301)?.sendUdp(1, 1, Buffer.from('q'));
+	await turn();
+	sock.emit('drain');
+	sock.emit('end');
+	env.reg.close();
+	const changes = records.filter((r) => r.msg === 'backend state').map((r) => `${String(r.from)} -> ${String(r.to)}`);
+	t.same(changes, [
+		'new -> connecting',
+		'connecting -> ok',
+		'ok -> ok, heartbeat outstanding',
+		'ok, heartbeat outstanding -> ok',
+		'ok -> ok, stuck',
+		'ok, stuck -> ok',
+		'ok -> waiting 1 s',
+		'waiting 1 s -> closed',
+	]);
+});
+
+t.test('a backend waiting to reconnect carries its delay; the view shows the next one', async (t) => {
+	const env = setup();
+	const be = env.reg.trackAndConnect('5301') as Backend;
+	t.equal(be.reconnectDelaySecs, 1, 'a first failure will wait 1 s');
+	env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+	t.equal(be.state, 'waiting');
+	t.equal(be.reconnectDelaySecs, 3, 'waiting 1 s now, 3 s after the next failure');
+	t.notOk(be.heartbeatOutstanding);
+	t.notOk(be.stuck);
+	env.advance(1);
+	t.equal(be.state, 'connecting', 'reconnected after its 1 s');
+});
+
+t.test('the socket file gone: an ok backend is removed (a fault), a waiting one just removed', async (t) => {
+	const env = setup();
+	const { be, sock } = okBackend(env, '5301');
+	be.socketGone();
+	t.equal(be.state, 'removed');
+	t.equal(be.stats.faults, 1, 'losing an ok backend counts as a fault');
+	t.ok(sock.destroyed, 'its session is closed');
+	be.socketGone();
+	t.equal(be.stats.faults, 1, 'once');
+	const n = env.sockets.length;
+	env.advance(60);
+	t.equal(env.sockets.length, n, 'no reconnects while removed');
+
+	const other = env.reg.trackAndConnect('5302') as Backend;
+	env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+	t.equal(other.state, 'waiting');
+	other.socketGone();
+	t.equal(other.state, 'removed');
+	t.equal(other.stats.faults, 1, 'only the failed connect counted');
+	env.advance(60);
+	t.equal(env.sockets.length, n + 1, 'its reconnect was called off');
+	env.reg.trackAndConnect('5302');
+	t.equal(other.state, 'connecting', 'back when the socket is');
+});
+
+t.test('close(): every backend closed, nothing reconnects, late events change nothing', async (t) => {
+	const env = setup();
+	const a = okBackend(env, '5301');
+	const b = env.reg.trackAndConnect('5302') as Backend;
+	env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+	a.be.sendUdp(1, 1, Buffer.from('q'));
+	env.reg.close();
+	env.reg.close();
+	t.same([a.be.state, b.state], ['closed', 'closed']);
+	t.ok(a.sock.destroyed);
+	await turn();
+	t.equal(a.sock.writes.length, 1, 'what was queued is thrown away, not written');
+	const n = env.sockets.length;
+	env.advance(120);
+	t.equal(env.sockets.length, n, 'no reconnect after close');
+	a.sock.emit('data', SERVER_HELLO_FRAME);
+	a.be.fault('late');
+	a.be.socketGone();
+	env.reg.trackAndConnect('5302', 'x/1');
+	t.same([a.be.state, b.state], ['closed', 'closed'], 'and stay closed');
+	t.equal(env.sockets.length, n);
+	t.throws(() => a.be.sendUdp(1, 1, Buffer.from('q')), 'traffic for a closed backend is a bug');
+});
+
+t.test('the remote count never goes negative', async (t) => {
+	const env = setup();
+	const be = env.reg.trackAndConnect('5301') as Backend;
+	be.addRemote();
+	be.removeRemote();
+	t.equal(be.remoteCount, 0);
+	t.throws(() => be.removeRemote(), /backend 5301 remote count would go negative/);
+	t.equal(be.remoteCount, 0);
+});
+
+t.test('one turn, several backends: one write each, a burst over a chunk leaves corked and whole', async (t) => {
+	const env = setup();
+	const a = okBackend(env, '5301');
+	const b = okBackend(env, '5302');
+	const q = Buffer.alloc(100, 7);
+	const expected: Buffer[] = [];
+	for (let i = 0; i < 400; i++) {
+		a.be.sendUdp(0x0a000000 + i, 2000 + i, q);
+		expected.push(encodeUdpFrame(FRAME_INBOUND_UDP, 0x0a000000 + i, 2000 + i, q));
+	}
+	b.be.sendUdp(1, 2, q);
+	await turn();
+	t.equal(b.sock.writes.length, 2, 'hello, then one write for the turn');
+	t.same(b.sock.writes[1], encodeUdpFrame(FRAME_INBOUND_UDP, 1, 2, q));
+	const out = Buffer.concat(a.sock.writes.slice(1));
+	t.same(out, Buffer.concat(expected), '46,400 bytes, exactly the frames in order');
+	t.equal(a.sock.corkedWrites.length, 1, 'written under one cork');
+	t.equal(a.sock.corkedWrites[0], a.sock.writes.length - 1, 'every piece of the turn inside it');
+	t.ok(a.sock.corkedWrites[0] > 1, 'in more than one piece');
+	a.be.sendUdp(3, 4, q);
+	await turn();
+	t.equal(a.sock.writes.length, 2 + a.sock.corkedWrites[0], 'the next turn: one more write, no cork');
+	t.equal(a.sock.corkedWrites.length, 1);
+});
+
 t.test('the directory read error and "no backends available" each have their own gate', async (t) => {
 	const { log, records } = memoryLog();
 	const env = setup('/nonexistent/bbal-sockets', log);
@@ -421,4 +552,71 @@ t.test('the directory read error and "no backends available" each have their own
 	t.match(records[2], { msg: 'error reading socket directory', socket_dir: '/nonexistent/bbal-sockets', not_logged: 1 });
 	t.equal(env.reg.select(), null);
 	t.match(records[3], { msg: 'no backends available', backends: 0, not_logged: 1 });
+});
+
+/* A listening AF_UNIX socket at dir/name, closed (and so unlinked) on teardown or by the returned function. */
+async function socketFile(t: Test, dir: string, name: string): Promise<() => Promise<void>> {
+	const srv = net.createServer();
+	await new Promise<void>((resolve) => srv.listen(path.join(dir, name), resolve));
+	const close = (): Promise<void> => new Promise((resolve) => {
+		srv.close(() => resolve());
+	});
+	t.teardown(() => {
+		srv.close();
+	});
+	return close;
+}
+
+t.test('rescan: new sockets connect, vanished ones are removed, returning and re-created ones connect at once',
+	async (t) => {
+		const dir = await makeSocketDir(t);
+		const env = setup(dir);
+		await socketFile(t, dir, '5301');
+		const close5302 = await socketFile(t, dir, '5302');
+		await socketFile(t, dir, 'other');
+		await env.reg.rescan();
+		t.same(env.reg.list().map((b) => [b.id, b.state]), [[5301, 'connecting'], [5302, 'connecting'], [5303, 'connecting']],
+			'each socket found, named ids first come first served, connected at once');
+		t.same(env.sockets.map((s) => path.basename(s.path)), ['5301', '5302', 'other']);
+		for (const s of env.sockets) {
+			s.emit('connect');
+			s.emit('data', SERVER_HELLO_FRAME);
+		}
+		await env.reg.rescan();
+		t.equal(env.sockets.length, 3, 'a rescan leaves connected backends alone');
+
+		await close5302();
+		await env.reg.rescan();
+		const be = env.reg.lookup(5302) as Backend;
+		t.equal(be.state, 'removed', 'its socket file is gone: removed although its session was up');
+		t.ok(env.sockets[1].destroyed);
+
+		await socketFile(t, dir, '5302');
+		await env.reg.rescan();
+		t.equal(be.state, 'connecting', 'the socket is back: connected at once');
+		t.equal(env.reg.lookupPath(path.join(dir, '5302')), be, 'the same Backend for the same path');
+
+		/* A backend that fails twice waits 3 s; its socket bound afresh cuts that short. */
+		env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+		env.advance(1);
+		env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+		t.equal(be.state, 'waiting');
+		const n = env.sockets.length;
+		await env.reg.rescan();
+		t.equal(env.sockets.length, n, 'the same socket file: the back-off is honoured');
+		await rename(path.join(dir, '5302'), path.join(dir, 'tmp'));
+		await rename(path.join(dir, 'tmp'), path.join(dir, '5302'));
+		await env.reg.rescan();
+		t.equal(env.sockets.length, n + 1, 'the file changed (a new change time): connected at once');
+		t.equal(be.state, 'connecting');
+	});
+
+t.test('watch(): a change in the directory brings a rescan within moments', async (t) => {
+	const dir = await makeSocketDir(t);
+	const env = setup(dir);
+	env.reg.watch();
+	t.teardown(() => env.reg.close());
+	await socketFile(t, dir, '5301');
+	await waitFor(() => env.sockets.length === 1, 2000, 10, 'the new socket connected without a periodic rescan');
+	t.equal(env.reg.lookup(5301)?.state, 'connecting');
 });
