@@ -96,12 +96,12 @@
  *
  * Who calls it: the registry (socketSeen, socketGone, close), remotes.ts
  * (ok, removed, the remote count), the UDP proxy (sendUdp), the TCP proxy
- * (fault, socketGone, and the connector to open its own sessions), and
- * stats.ts and metrics.ts, which read it through BackendView only.
+ * (fault, socketGone), and stats.ts and metrics.ts, which read it
+ * through the registry's BackendView only.
  */
 
 import assert from 'node:assert/strict';
-import net from 'node:net';
+import type net from 'node:net';
 import type { Logger } from 'pino';
 import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_INBOUND_UDP, FRAME_INBOUND_TCP_OK,
@@ -171,50 +171,17 @@ export interface BackendStats {
 	faults: number;
 }
 
-/** What operators' views (stats.ts, metrics.ts) may read of a backend. */
-export interface BackendView {
-	readonly id: number;
-	readonly path: string;
-	/** The lifecycle state's name. */
-	readonly state: BackendState;
-	readonly ok: boolean;
-	readonly removed: boolean;
-	/** Ok, but the session refuses writes and UDP for it is dropped. */
-	readonly stuck: boolean;
-	readonly heartbeatOutstanding: boolean;
-	/** Remotes whose primary this is. */
-	readonly remoteCount: number;
-	/** The back-off's next delay: what the next reconnect will wait (0 before the first connect). */
-	readonly reconnectDelaySecs: number;
-	/** Round trip of the last answered heartbeat, or -1 before the first. */
-	readonly lastHeartbeatRttMs: number;
-	readonly stats: Readonly<BackendStats>;
-}
-
 /** Where OUTBOUND_UDP datagrams go; main wires it to the UDP proxy. */
 export type OutboundUdpHandler = (addr: number, port: number, payload: Buffer, from: Backend) => void;
 
 /** Each answered heartbeat's round trip (for the metrics histogram). */
-export type HeartbeatRttHandler = (be: BackendView, ms: number) => void;
-
-/**
- * How a connection to a backend is opened (control sessions and TCP
- * sessions alike).  This is the one seam for tests: they pass a connector
- * that returns a fake socket and drive it by emitting its events.
- * Half-open is allowed so a TCP session can pass a FIN through in each
- * direction on its own.  A control session passes a larger write
- * high-water mark (see STUCK).
- */
-export type Connector = (path: string, writableHighWaterMark?: number) => net.Socket;
-
-export const connectUnix: Connector = (path, writableHighWaterMark) =>
-	/* net.Socket passes stream options through; @types/node omits them here. */
-	net.createConnection({ path, allowHalfOpen: true, writableHighWaterMark } as net.NetConnectOpts);
+export type HeartbeatRttHandler = (be: Backend, ms: number) => void;
 
 /** What the registry gives each of its backends. */
 export interface BackendContext {
 	readonly wheel: TimeoutWheel;
-	readonly connector: Connector;
+	/* The registry's connector (see Connector there); a control session asks for a larger high-water mark. */
+	readonly connector: (path: string, writableHighWaterMark: number) => net.Socket;
 	readonly onOutboundUdp: OutboundUdpHandler;
 	readonly onHeartbeatRtt?: HeartbeatRttHandler;
 	/** Call `flush` once, at the end of this event-loop turn. */
@@ -222,7 +189,7 @@ export interface BackendContext {
 	readonly log: Logger;
 }
 
-export class Backend implements BackendView {
+export class Backend {
 	readonly stats: BackendStats = { connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0 };
 	readonly log: Logger;
 
@@ -253,17 +220,14 @@ export class Backend implements BackendView {
 	) {
 		this.log = ctx.log.child({ be_id: id, be_path: path });
 		const wheel = ctx.wheel;
-		this.connectTimeout = wheel.create(`backend ${id} connect deadline`, () => {
-			this.fault('timed out connecting to backend');
-		});
+		this.connectTimeout = wheel.create(`backend ${id} connect deadline`, () => this.fault('timed out connecting to backend'));
 		this.reconnectTimeout = wheel.create(`backend ${id} reconnect`, () => this.connect());
 		this.heartbeatTimeout = wheel.create(`backend ${id} heartbeat`, () => this.heartbeatDue());
-		this.stuckTimeout = wheel.create(`backend ${id} stuck deadline`, () => {
-			this.fault('session stuck: the backend stopped reading', { stuck_secs: STUCK_FAULT_SECS });
-		});
+		this.stuckTimeout = wheel.create(`backend ${id} stuck deadline`,
+			() => this.fault('session stuck: the backend stopped reading', { stuck_secs: STUCK_FAULT_SECS }));
 	}
 
-	/* ---- the view ---- */
+	/* ---- what operators read (BackendView in backends.ts) ---- */
 
 	get state(): BackendState {
 		return this.lifecycle.name;
@@ -297,9 +261,7 @@ export class Backend implements BackendView {
 		return this.heartbeatRttMs;
 	}
 
-	/* ---- remotes (kept by remotes.ts) ---- */
-
-	/** One more remote has this backend as its primary. */
+	/** One more remote has this backend as its primary (remotes.ts keeps the count). */
 	addRemote(): void {
 		this.remotes++;
 	}
@@ -311,8 +273,6 @@ export class Backend implements BackendView {
 		}
 		this.remotes--;
 	}
-
-	/* ---- UDP ---- */
 
 	/**
 	 * Forward one UDP query.  False means it was dropped (the session is
@@ -338,11 +298,6 @@ export class Backend implements BackendView {
 		return false;
 	}
 
-	private queueFrame(frame: Buffer): void {
-		this.queue.append(frame);
-		this.flushThisTurn();
-	}
-
 	private flushThisTurn(): void {
 		if (!this.flushPending) {
 			this.flushPending = true;
@@ -354,11 +309,8 @@ export class Backend implements BackendView {
 	private readonly flush = (): void => {
 		this.flushPending = false;
 		const sock = this.socket;
-		if (sock === null) {
+		if (sock === null || this.queue.byteLength === 0) {
 			this.queue.discard();
-			return;
-		}
-		if (this.queue.byteLength === 0) {
 			return;
 		}
 		/* The copies now belong to the socket; the queue keeps its staging buffer. */
@@ -543,16 +495,10 @@ export class Backend implements BackendView {
 			this.fault('no heartbeat from backend', { deadline_secs: HEARTBEAT_DEADLINE_SECS });
 			return;
 		}
-		this.queueFrame(CLIENT_HEARTBEAT_FRAME);
+		this.queue.append(CLIENT_HEARTBEAT_FRAME);
+		this.flushThisTurn();
 		this.enter({ ...s, heartbeat: { name: 'outstanding', sentAtMs: performance.now() } });
 		this.heartbeatTimeout.set(HEARTBEAT_DEADLINE_SECS);
-	}
-
-	private heartbeatAnswered(s: BackendLifecycle & { name: 'ok' }, sentAtMs: number): void {
-		this.heartbeatRttMs = performance.now() - sentAtMs;
-		this.enter({ ...s, heartbeat: HEARTBEAT_SCHEDULED });
-		this.ctx.onHeartbeatRtt?.(this, this.heartbeatRttMs);
-		this.heartbeatTimeout.set(HEARTBEAT_INTERVAL_SECS);
 	}
 
 	private becomeStuck(): void {
@@ -626,7 +572,10 @@ export class Backend implements BackendView {
 				this.fault('unexpected heartbeat reply from backend');
 				return false;
 			}
-			this.heartbeatAnswered(s, s.heartbeat.sentAtMs);
+			this.heartbeatRttMs = performance.now() - s.heartbeat.sentAtMs;
+			this.enter({ ...s, heartbeat: HEARTBEAT_SCHEDULED });
+			this.ctx.onHeartbeatRtt?.(this, this.heartbeatRttMs);
+			this.heartbeatTimeout.set(HEARTBEAT_INTERVAL_SECS);
 			return true;
 		case FRAME_SERVER_HELLO:
 			this.fault('duplicate hello from backend');

@@ -38,6 +38,13 @@
  * that forwards queries to five backends costs one scheduled callback and
  * five writes, however many queries it carried.
  *
+ * READERS AND THE SEAM.  Operators' views (stats.ts, metrics.ts) read the
+ * backends through views(), as BackendView: what a backend is and how it
+ * is doing, and nothing that would change it.  How a session to a backend
+ * is opened is an option (Connector, connectUnix by default), which the
+ * TCP proxy uses for its own sessions too; it is the one seam where tests
+ * put fake sockets in place of AF_UNIX connections.
+ *
  * LOGS.  Two conditions can repeat on every rescan or every packet: the
  * socket directory cannot be read, and no backend is ok to take a new
  * remote.  Each has its own GatedLog, so neither silences the other.
@@ -45,10 +52,12 @@
 
 import { type FSWatcher, watch } from 'node:fs';
 import { lstat, readdir } from 'node:fs/promises';
+import net from 'node:net';
 import type { Logger } from 'pino';
 import { AVLTree } from 'avl';
 import {
-	Backend, type BackendContext, type Connector, connectUnix, type HeartbeatRttHandler, type OutboundUdpHandler,
+	Backend, type BackendContext, type BackendState, type BackendStats, type HeartbeatRttHandler,
+	type OutboundUdpHandler,
 } from './backend.js';
 import { GatedLog } from './log.js';
 import type { TimeoutWheel } from './timeouts.js';
@@ -57,9 +66,7 @@ import type { TimeoutWheel } from './timeouts.js';
  * The registry is the way into the backends subsystem: the types of
  * backend.ts that users of the registry handle are exported here too.
  */
-export type {
-	Backend, BackendState, BackendStats, BackendView, Connector, HeartbeatRttHandler, OutboundUdpHandler,
-} from './backend.js';
+export type { Backend, BackendState, BackendStats, HeartbeatRttHandler, OutboundUdpHandler } from './backend.js';
 
 export const RESCAN_INTERVAL_SECS = 5;
 /* After a change in the watched directory, rescan this much later: one rescan for a burst of changes
@@ -70,6 +77,45 @@ export const REBALANCE_INTERVAL_SECS = 15;
 export const MAX_SOCKET_PATH_BYTES = 107;
 export const NAMED_ID_MIN = 5300;
 export const NAMED_ID_MAX = 5399;
+
+/**
+ * What operators' views (stats.ts, metrics.ts) may read of a backend:
+ * nothing they could change, nothing that opens or closes a session.
+ * Every Backend is one.
+ */
+export interface BackendView {
+	readonly id: number;
+	readonly path: string;
+	/** The lifecycle state's name (the diagram in backend.ts). */
+	readonly state: BackendState;
+	readonly ok: boolean;
+	readonly removed: boolean;
+	/** Ok, but the session refuses writes and UDP for it is dropped. */
+	readonly stuck: boolean;
+	readonly heartbeatOutstanding: boolean;
+	/** Remotes whose primary this is. */
+	readonly remoteCount: number;
+	/** The back-off's next delay: what the next reconnect will wait (0 before the first connect). */
+	readonly reconnectDelaySecs: number;
+	/** Round trip of the last answered heartbeat, or -1 before the first. */
+	readonly lastHeartbeatRttMs: number;
+	readonly stats: Readonly<BackendStats>;
+}
+
+/**
+ * How a connection to a backend is opened: control sessions and TCP
+ * sessions alike, so the TCP proxy opens its sessions with the registry's.
+ * This is the one seam for tests: they pass a connector that returns a
+ * fake socket and drive it by emitting its events.  Half-open is allowed
+ * so a TCP session can pass a FIN through in each direction on its own.
+ * A control session passes a larger write high-water mark (STUCK in
+ * backend.ts).
+ */
+export type Connector = (path: string, writableHighWaterMark?: number) => net.Socket;
+
+export const connectUnix: Connector = (path, writableHighWaterMark) =>
+	/* net.Socket passes stream options through; @types/node omits them here. */
+	net.createConnection({ path, allowHalfOpen: true, writableHighWaterMark } as net.NetConnectOpts);
 
 export interface BackendsOptions {
 	/** The directory of backend sockets. */
@@ -130,6 +176,11 @@ export class Backends {
 	/** Every backend in id order. */
 	list(): Backend[] {
 		return this.byId.values();
+	}
+
+	/** Every backend in id order, as operators' views read them. */
+	views(): BackendView[] {
+		return this.list();
 	}
 
 	lookup(id: number): Backend | undefined {

@@ -34,7 +34,7 @@ export class Metrics {
 
 	constructor(src: StatsSources, private readonly log: Logger) {
 		const registers = [this.registry];
-		const backends = (): BackendView[] => src.backends.list();
+		const backends = (): BackendView[] => src.backends.views();
 		collectDefaultMetrics({ register: this.registry, prefix: 'bbal_' });
 
 		new Gauge({

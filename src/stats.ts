@@ -125,7 +125,7 @@ export function takeSnapshot(src: StatsSources): Snapshot {
 		startedAt: src.startedAt.toISOString(),
 		listen: src.listen,
 		socketDir: src.socketDir,
-		backends: src.backends.list().map(backendSnapshot),
+		backends: src.backends.views().map(backendSnapshot),
 		remotes: src.remotes.list().map(remoteSnapshot),
 		remotesExpired: src.remotes.expired,
 		remotesEvicted: src.remotes.evicted,
