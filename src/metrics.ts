@@ -10,7 +10,7 @@
  * TcpListener.stats); the metrics are computed from those fields when
  * Prometheus scrapes, through prom-client's collect() hooks.  The one
  * exception is the heartbeat round-trip histogram, which must see each
- * sample: backends.ts reports every answered heartbeat (one per backend
+ * sample: backend.ts reports every answered heartbeat (one per backend
  * every five seconds) through a callback that main wires here.
  *
  * Names follow Prometheus conventions: a `bbal_` prefix, `_total` on
