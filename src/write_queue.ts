@@ -32,6 +32,19 @@
  * takes the new end.  append() does the same for a frame that already
  * exists as a buffer (a heartbeat).
  *
+ * The staging buffer comes from allocUnsafeSlow, never from Node's shared
+ * pool: it lives as long as its backend, and must not keep alive a pool
+ * slab that short-lived buffers share.  A frame bigger than a chunk is
+ * rare (an INBOUND_UDP frame is at most 1516 bytes), but the queue does
+ * not assume it never happens.
+ *
+ * WHAT IT DOES NOT DO.  It does not bound itself: it holds what one turn
+ * queued and no more, because every turn ends with a take() or a discard().
+ * The bound on what waits for a backend is the socket's (the control
+ * session's high-water mark), and the backend stops appending queries when
+ * the socket says it is full (STUCK in backend.ts).  Nor does it decide
+ * when to flush: a pure object is one that a test can drive byte by byte.
+ *
  * GUARANTEES.  The bytes that take() hands out, concatenated, are exactly
  * the bytes appended since the last take() or discard(), in order, however
  * the frames fall across the chunk boundary.  No piece handed out shares
