@@ -284,7 +284,7 @@ export class Balancer {
 		this.log = opts.log;
 		this.wheel = new TimeoutWheel(opts.clock ?? monotonicClock);
 		this.backends = new Backends({
-			dir: opts.sockets,
+			socketDir: opts.sockets,
 			log: this.log,
 			wheel: this.wheel,
 			onOutboundUdp: (addr, port, payload, be) => this.udp.sendOutbound(addr, port, payload, be),

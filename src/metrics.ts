@@ -10,7 +10,7 @@
  * TcpListener.stats); the metrics are computed from those fields when
  * Prometheus scrapes, through prom-client's collect() hooks.  The one
  * exception is the heartbeat round-trip histogram, which must see each
- * sample: backends.ts reports every answered heartbeat (one per backend
+ * sample: backend.ts reports every answered heartbeat (one per backend
  * every five seconds) through a callback that main wires here.
  *
  * Names follow Prometheus conventions: a `bbal_` prefix, `_total` on
@@ -22,7 +22,7 @@
 import http from 'node:http';
 import type { Logger } from 'pino';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
-import type { Backend } from './backends.js';
+import type { BackendView } from './backends.js';
 import type { StatsSources } from './stats.js';
 
 type BackendCounter = 'connStart' | 'connError' | 'udp' | 'tcp' | 'stuck' | 'faults';
@@ -34,7 +34,7 @@ export class Metrics {
 
 	constructor(src: StatsSources, private readonly log: Logger) {
 		const registers = [this.registry];
-		const backends = (): Backend[] => src.backends.list();
+		const backends = (): BackendView[] => src.backends.views();
 		collectDefaultMetrics({ register: this.registry, prefix: 'bbal_' });
 
 		new Gauge({
@@ -53,7 +53,7 @@ export class Metrics {
 			collect() {
 				this.reset();
 				for (const be of backends()) {
-					this.set({ backend: be.id }, be.remotes);
+					this.set({ backend: be.id }, be.remoteCount);
 				}
 			},
 		});
@@ -137,7 +137,7 @@ export class Metrics {
 		total('bbal_remotes_evicted_total', 'Remote peers evicted at the --max-remotes cap.', () => src.remotes.evicted);
 	}
 
-	observeHeartbeatRtt(be: Backend, ms: number): void {
+	observeHeartbeatRtt(be: BackendView, ms: number): void {
 		this.heartbeatRtt.observe({ backend: be.id }, ms / 1000);
 	}
 

@@ -16,7 +16,7 @@
  * traffic returns home.  If the backup fails in turn, another is chosen.  A
  * primary whose socket was removed from the directory is not waited for: the
  * remote forgets it and chooses a new primary.  Only the primary counts
- * towards a backend's load (Backend.remotes), because a backup is a
+ * towards a backend's load (Backend.remoteCount), because a backup is a
  * temporary arrangement that ends by itself.
  *
  *      backend()  ->  primary ok?          yes: primary (drop any backup)
@@ -229,15 +229,14 @@ export class Remote {
 	private setPrimary(be: Backend): void {
 		assert(this.primary === null, 'primary already set');
 		this.primary = be;
-		be.remotes++;
+		be.addRemote();
 	}
 
 	/** Forget the primary (and so the backup); the next query chooses afresh. */
 	clearPrimary(): void {
 		const p = this.primary;
 		if (p !== null) {
-			assert(p.remotes > 0, `backend ${p.id} remote count would go negative`);
-			p.remotes--;
+			p.removeRemote();
 			this.primary = null;
 		}
 		this.backup = null;

@@ -27,7 +27,7 @@ import { lstat, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import type { Backend, Backends } from './backends.js';
+import type { Backends, BackendView } from './backends.js';
 import type { Remote, Remotes } from './remotes.js';
 import type { TcpListener, TcpListenerStats } from './tcp_proxy.js';
 import type { TimeoutInfo, TimeoutWheel } from './timeouts.js';
@@ -87,17 +87,17 @@ export interface StatsSources {
 	startedAt: Date;
 }
 
-function backendSnapshot(be: Backend): BackendSnapshot {
+function backendSnapshot(be: BackendView): BackendSnapshot {
 	return {
 		id: be.id,
 		path: be.path,
 		ok: be.ok,
 		removed: be.removed,
 		state: be.state,
-		remotes: be.remotes,
+		remotes: be.remoteCount,
 		heartbeatOutstanding: be.heartbeatOutstanding,
 		reconnectDelay: be.reconnectDelaySecs,
-		stuck: be.isStuck,
+		stuck: be.stuck,
 		lastHeartbeatRttMs: be.lastHeartbeatRttMs < 0 ? null : Math.round(be.lastHeartbeatRttMs * 1000) / 1000,
 		stats: { ...be.stats },
 	};
@@ -125,7 +125,7 @@ export function takeSnapshot(src: StatsSources): Snapshot {
 		startedAt: src.startedAt.toISOString(),
 		listen: src.listen,
 		socketDir: src.socketDir,
-		backends: src.backends.list().map(backendSnapshot),
+		backends: src.backends.views().map(backendSnapshot),
 		remotes: src.remotes.list().map(remoteSnapshot),
 		remotesExpired: src.remotes.expired,
 		remotesEvicted: src.remotes.evicted,

@@ -32,7 +32,7 @@ function setup(names: string[], maxRemotes?: number) {
 	const log = pino({ level: 'silent' });
 	let sock = new FakeSocket();
 	const backends = new Backends({
-		dir: '/s',
+		socketDir: '/s',
 		log,
 		wheel,
 		onOutboundUdp: () => {},
@@ -43,12 +43,14 @@ function setup(names: string[], maxRemotes?: number) {
 	});
 	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
 	const bes = new Map<string, Backend>();
-	/* Bring a backend (back) to ok: found, or reconnected, then hello. */
+	/*
+	 * Bring a backend (back) to ok: its socket found, or found bound afresh
+	 * (a restart, so a backend waiting out its back-off connects at once),
+	 * then hello.
+	 */
+	let generation = 0;
 	const up = (name: string): Backend => {
-		const be = backends.foundPath(name) as Backend;
-		if (be.state === 'waiting') {
-			be.connect();
-		}
+		const be = backends.trackAndConnect(name, `1/${++generation}`) as Backend;
 		sock.emit('connect');
 		sock.emit('data', SERVER_HELLO_FRAME);
 		t.ok(be.ok, `${name} is ok`);
@@ -79,7 +81,7 @@ t.test('new remotes are spread round-robin and stay with their primary', async (
 	const env = setup(['5301', '5302', '5303']);
 	t.same([1, 2, 3, 4, 5].map((n) => env.serve(ip(n))), [5301, 5302, 5303, 5301, 5302]);
 	t.same([1, 2, 3, 4, 5].map((n) => env.serve(ip(n))), [5301, 5302, 5303, 5301, 5302], 'sticky');
-	t.same([5301, 5302, 5303].map((id) => env.backends.lookup(id)?.remotes), [2, 2, 1], 'counts');
+	t.same([5301, 5302, 5303].map((id) => env.backends.lookup(id)?.remoteCount), [2, 2, 1], 'counts');
 	t.equal(env.remotes.size, 5);
 });
 
@@ -95,7 +97,7 @@ t.test('a faulted primary lends its remotes a backup; they return when it is ok 
 	t.not(backup, 0);
 	t.equal(rem?.backup?.id, backup);
 	t.equal(rem?.primary?.id, 5301, 'the primary is kept');
-	t.equal(env.be('5301').remotes, 1, 'a backup does not count as load');
+	t.equal(env.be('5301').remoteCount, 1, 'a backup does not count as load');
 	t.equal(env.serve(ip(1)), backup, 'the backup is sticky too');
 	env.be(backup === 5302 ? '5302' : '5303').fault('test');
 	const second = env.serve(ip(1));
@@ -127,7 +129,7 @@ t.test('a removed primary is forgotten: the remote chooses a new primary', async
 	t.ok(old.removed);
 	t.equal(env.serve(ip(1)), 5302);
 	t.equal(env.remotes.peek(ip(1))?.primary?.id, 5302, 'new primary, not a backup');
-	t.equal(old.remotes, 0);
+	t.equal(old.remoteCount, 0);
 	env.up('5301');
 	t.equal(env.serve(ip(1)), 5302, 'does not go back to a backend it left');
 });
@@ -142,8 +144,8 @@ t.test('remotes idle for 300 s are expired; active ones are kept', async (t) => 
 	t.equal(env.remotes.expire(), 1);
 	t.equal(env.remotes.peek(ip(1)), undefined, 'idle remote gone');
 	t.ok(env.remotes.peek(ip(2)), 'active remote kept');
-	t.equal(env.be('5301').remotes, 0, 'its backend count released');
-	t.equal(env.be('5302').remotes, 1);
+	t.equal(env.be('5301').remoteCount, 0, 'its backend count released');
+	t.equal(env.be('5302').remoteCount, 1);
 	t.equal(env.remotes.expired, 1);
 });
 
@@ -152,7 +154,7 @@ t.test('rebalance clears the primary of N remotes of the fullest, in address ord
 	for (let n = 1; n <= 8; n++) {
 		env.serve(ip(n));
 	}
-	t.equal(env.be('5301').remotes, 8);
+	t.equal(env.be('5301').remoteCount, 8);
 	env.up('5302');
 	const plan = env.backends.rebalancePlan();
 	t.equal(plan?.backend.id, 5301);
@@ -163,7 +165,7 @@ t.test('rebalance clears the primary of N remotes of the fullest, in address ord
 	for (let n = 1; n <= 8; n++) {
 		env.serve(ip(n));
 	}
-	t.same([env.be('5301').remotes, env.be('5302').remotes], [5, 3], 'they chose afresh, round-robin');
+	t.same([env.be('5301').remoteCount, env.be('5302').remoteCount], [5, 3], 'they chose afresh, round-robin');
 	t.equal(env.backends.rebalancePlan(), null, 'balanced enough');
 });
 
@@ -187,7 +189,7 @@ t.test('at the cap the idlest remotes are evicted, and the active ones keep thei
 	t.equal(env.remotes.size, 100, 'held at the cap');
 	t.equal(env.remotes.evicted, created - 100, 'every one beyond the cap was evicted');
 	t.equal(env.remotes.peek(legit)?.primary?.id, home, 'the active remote is still there, on its primary');
-	t.equal(env.be('5301').remotes + env.be('5302').remotes, env.remotes.list().filter((r) => r.primary !== null).length,
+	t.equal(env.be('5301').remoteCount + env.be('5302').remoteCount, env.remotes.list().filter((r) => r.primary !== null).length,
 		'backend counts follow evictions');
 });
 

@@ -28,7 +28,7 @@ async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 
 	const clock = { now: 10_000_000 };
 	const wheel = new TimeoutWheel(() => clock.now);
 	const log = pino({ level: 'silent' });
-	const backends = new Backends({ dir, log, wheel, onOutboundUdp: () => {} });
+	const backends = new Backends({ socketDir: dir, log, wheel, onOutboundUdp: () => {} });
 	const remotes = new Remotes({ log, backends, wheel });
 	const tcp = new TcpListener({ remotes, backends, wheel, log, idleTimeoutSecs, maxConnections });
 	const port = await freePort();
@@ -104,7 +104,7 @@ t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faul
 	const dir = await makeSocketDir(t);
 	const fake = await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
 	const env = await rig(t, dir);
-	const be = env.backends.foundPath('5301') as Backend;
+	const be = env.backends.trackAndConnect('5301') as Backend;
 	await waitFor(() => be.ok, 2000, 10, 'backend ok');
 	const client = await connect(env.port, '127.0.0.150');
 	client.on('error', () => {});
@@ -128,7 +128,7 @@ t.test('a client that hangs up before a whole query is closed at once; the backe
 	const dir = await makeSocketDir(t);
 	const fake = await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
 	const env = await rig(t, dir);
-	const be = env.backends.foundPath('5301') as Backend;
+	const be = env.backends.trackAndConnect('5301') as Backend;
 	await waitFor(() => be.ok, 2000, 10, 'backend ok');
 	const client = await connect(env.port, '127.0.0.153');
 	client.on('error', () => {});
@@ -154,7 +154,7 @@ t.test('a query half-closed before INBOUND_TCP_OK reaches the backend when it ac
 		});
 	});
 	const env = await rig(t, dir);
-	const be = env.backends.foundPath('5301') as Backend;
+	const be = env.backends.trackAndConnect('5301') as Backend;
 	await waitFor(() => be.ok, 2000, 10, 'backend ok');
 	const client = await connect(env.port, '127.0.0.154');
 	const answer: Buffer[] = [];
@@ -179,7 +179,7 @@ t.test('at the cap, a connection whose client half-closed before the OK makes ro
 	const dir = await makeSocketDir(t);
 	await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
 	const env = await rig(t, dir, 10, 2);
-	const be = env.backends.foundPath('5301') as Backend;
+	const be = env.backends.trackAndConnect('5301') as Backend;
 	await waitFor(() => be.ok, 2000, 10, 'backend ok');
 	const waiting = await connect(env.port, '127.0.0.155');
 	const gone = await connect(env.port, '127.0.0.156');
@@ -206,7 +206,7 @@ t.test('the idle deadline closes a silent connection; activity postpones it', as
 	const dir = await makeSocketDir(t);
 	await fakeBackend(t, path.join(dir, '5301'), (sock) => sock.write(INBOUND_TCP_OK_FRAME));
 	const env = await rig(t, dir, 10);
-	const be = env.backends.foundPath('5301') as Backend;
+	const be = env.backends.trackAndConnect('5301') as Backend;
 	await waitFor(() => be.ok, 2000, 10, 'backend ok');
 	const quiet = await connect(env.port, '127.0.0.151');
 	const chatty = await connect(env.port, '127.0.0.152');
@@ -259,7 +259,7 @@ t.test('sequential TCP queries leave no proxy, timeout, handle or heap growth be
 	const dir = await makeSocketDir(t);
 	await startBackend(t, dir, '5301');
 	const env = await rig(t, dir);
-	const be = env.backends.foundPath('5301') as Backend;
+	const be = env.backends.trackAndConnect('5301') as Backend;
 	await waitFor(() => be.ok, 3000, 10, 'backend ok');
 	const run = async (count: number, base: number): Promise<void> => {
 		for (let i = 0; i < count; i++) {
