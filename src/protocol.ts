@@ -193,11 +193,6 @@ export class FrameReader {
 		private readonly maxPayloadBytes: number = MAX_UDP_PAYLOAD_BYTES,
 	) {}
 
-	/** True while part of a frame is waiting for more bytes. */
-	get partial(): boolean {
-		return this.held !== null;
-	}
-
 	/**
 	 * Consume a chunk.  Returns chunk.length when every byte was consumed,
 	 * or the offset of the first byte not consumed when the sink asked to

@@ -182,6 +182,8 @@ function cut(stream: Buffer, cuts: number[]): Buffer[] {
 	return chunks;
 }
 
+const PROBE = Buffer.from([0xec, 0x03, 0x00, 0x00]); /* SERVER_HEARTBEAT */
+
 interface Fed {
 	events: Event[];
 	/* Payloads as handed over, compared again at the end: nothing may overwrite them. */
@@ -197,13 +199,18 @@ interface Fed {
 function feedAll(chunks: Buffer[], max: number, stopEvery = 0): Fed {
 	const events: Event[] = [];
 	const payloads: Array<[Buffer, string]> = [];
-	const totalBytes = chunks.reduce((n, c) => n + c.length, 0);
+	const totalBytes = chunks.reduce((n, c) => n + c.length, 0) + PROBE.length;
 	let frames = 0;
 	let errored = false;
+	/* The sink said stop: nothing more until the next feed(). */
+	let stopped = false;
 	const reader = new FrameReader({
 		onFrame(type, addr, port, payload) {
 			if (errored) {
 				throw new Error('a frame after an error');
+			}
+			if (stopped) {
+				throw new Error('a frame after the sink asked to stop, in the same feed()');
 			}
 			if (++frames > totalBytes / 4) {
 				throw new Error(`more frames (${frames}) than ${totalBytes} bytes could hold: the reader loops`);
@@ -213,11 +220,15 @@ function feedAll(chunks: Buffer[], max: number, stopEvery = 0): Fed {
 				payloads.push([payload, hex as string]);
 			}
 			events.push(['frame', type, addr, port, hex]);
-			return stopEvery === 0 || frames % stopEvery !== 0;
+			stopped = stopEvery !== 0 && frames % stopEvery === 0;
+			return !stopped;
 		},
 		onFrameError(code, type, length) {
 			if (errored) {
 				throw new Error('a second error');
+			}
+			if (stopped) {
+				throw new Error('an error after the sink asked to stop, in the same feed()');
 			}
 			errored = true;
 			events.push(['error', code, type, length]);
@@ -229,6 +240,7 @@ function feedAll(chunks: Buffer[], max: number, stopEvery = 0): Fed {
 			if (guard > chunk.length) {
 				throw new Error('feed() makes no progress on a stopped sink');
 			}
+			stopped = false;
 			const used = reader.feed(rest);
 			if (!Number.isInteger(used) || used < 0 || used > rest.length) {
 				throw new Error(`feed() returned ${used} for a chunk of ${rest.length}`);
@@ -252,7 +264,21 @@ function feedAll(chunks: Buffer[], max: number, stopEvery = 0): Fed {
 			break;
 		}
 	}
-	return { events, payloads, partial: reader.partial };
+	if (errored) {
+		return { events, payloads, partial: false };
+	}
+	/*
+	 * Does the reader hold part of a frame?  Asked through feed(): a
+	 * SERVER_HEARTBEAT fed now comes back as exactly that one frame only when
+	 * nothing was held (held bytes would make it part of another frame).
+	 */
+	const before = events.length;
+	stopped = false;
+	const used = reader.feed(PROBE);
+	const partial = used !== 4 || events.length !== before + 1
+		|| events[before][0] !== 'frame' || events[before][1] !== FRAME_SERVER_HEARTBEAT;
+	events.length = before;
+	return { events, payloads, partial };
 }
 
 function sameEvents(got: Event[], want: Event[]): string | null {
