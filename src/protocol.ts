@@ -182,6 +182,41 @@ export interface FrameSink {
 	onFrameError(code: 'unknown_type' | 'oversize', type: number, length: number): void;
 }
 
+/**
+ * A sink for a stream whose first frame is its only one: a TCP session
+ * carries INBOUND_TCP_OK and then the client's DNS stream, which is not
+ * frames.  It takes one frame and stops the reader there, so feed() returns
+ * where the other stream begins; `verdict` says whether that frame was the
+ * `expected` type.  Another type first, a reader error, or anything at all
+ * reported after the stop makes it 'bad', for good.
+ */
+export class FirstFrameSink implements FrameSink {
+	verdict: 'waiting' | 'ok' | 'bad' = 'waiting';
+	/** The first frame's type, or the refused one's; -1 while waiting. */
+	type = -1;
+	error: 'unknown_type' | 'oversize' | undefined;
+
+	constructor(readonly expected: number) {}
+
+	onFrame(type: number): boolean {
+		if (this.verdict === 'waiting') {
+			this.type = type;
+			this.verdict = type === this.expected ? 'ok' : 'bad';
+		} else {
+			this.verdict = 'bad';
+		}
+		return false;
+	}
+
+	onFrameError(code: 'unknown_type' | 'oversize', type: number): void {
+		if (this.verdict === 'waiting') {
+			this.type = type;
+			this.error = code;
+		}
+		this.verdict = 'bad';
+	}
+}
+
 export class FrameReader {
 	/* A frame straddling chunks: its bytes so far (header, then whole frame). */
 	private held: Buffer | null = null;

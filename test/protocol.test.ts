@@ -13,7 +13,7 @@ import t from 'tap';
 import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO,
 	FRAME_INBOUND_TCP, FRAME_INBOUND_TCP_OK, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
-	FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, INBOUND_TCP_OK_FRAME, FrameReader,
+	FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, INBOUND_TCP_OK_FRAME, FirstFrameSink, FrameReader,
 	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME, encodeInboundTcp, encodeUdpFrame,
 	ipv4ToU32, u32ToIpv4, writeUdpFrame,
 } from '../src/protocol.js';
@@ -358,5 +358,44 @@ t.test('reader: a sink returning false leaves the rest to the caller', async (t)
 		const mixed = Buffer.concat([u32(1001), u32(1002, 1, 2, 1), ONE, u32(1004)]);
 		t.equal(new FrameReader(sink).feed(mixed), 4 + 17);
 		t.same(frames.map((f) => f.type), [1001, 1002]);
+	}
+});
+
+t.test('FirstFrameSink: one frame, then the reader stops; anything else is a bad start', async (t) => {
+	const clientBytes = Buffer.from('001d' + 'ab'.repeat(29), 'hex');
+	{
+		const sink = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+		const wire = Buffer.concat([u32(1003), clientBytes]);
+		t.equal(new FrameReader(sink, 0).feed(wire), 4, 'the OK, and the offset where the client\'s stream begins');
+		t.equal(sink.verdict, 'ok');
+		t.equal(sink.type, FRAME_INBOUND_TCP_OK);
+	}
+	{
+		const sink = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+		const reader = new FrameReader(sink, 0);
+		t.equal(reader.feed(u32(1003).subarray(0, 2)), 2);
+		t.equal(sink.verdict, 'waiting', 'half an OK: waiting');
+		t.equal(reader.feed(Buffer.concat([u32(1003).subarray(2), clientBytes])), 2, 'the OK completed from held bytes');
+		t.equal(sink.verdict, 'ok');
+	}
+	const bad: Array<[string, Buffer, number, string | undefined]> = [
+		['another known frame', u32(1001), FRAME_SERVER_HELLO, undefined],
+		['an unknown type', u32(999), 999, 'unknown_type'],
+		['a UDP frame, refused on its header with a limit of 0', u32(1002, 1, 2, 5), FRAME_OUTBOUND_UDP, 'oversize'],
+	];
+	for (const [what, wire, type, error] of bad) {
+		const sink = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+		new FrameReader(sink, 0).feed(Buffer.concat([wire, clientBytes]));
+		t.equal(sink.verdict, 'bad', what);
+		t.equal(sink.type, type, `${what}: its type`);
+		t.equal(sink.error, error, `${what}: the reader's error`);
+	}
+	{
+		/* A reader that went on past the stop would report again: that is a bad start too. */
+		const sink = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+		t.equal(sink.onFrame(FRAME_INBOUND_TCP_OK), false, 'the sink always stops the reader');
+		sink.onFrameError('unknown_type', 999);
+		t.equal(sink.verdict, 'bad');
+		t.equal(sink.type, FRAME_INBOUND_TCP_OK, 'the first frame is what the log names');
 	}
 });
