@@ -70,9 +70,11 @@
  * and counted.  Every condition stays local to its connection: UDP and the
  * other TCP clients never notice.
  *
- * LOGS.  Conditions that can repeat per connection (over the cap, outside
- * --allow, no backend, not DNS, no OK in time) each have a GatedLog of their
- * own on the listener.
+ * LOGS.  A proxy logs through a child of its backend's logger, so every line
+ * carries be_id and be_path as the backend's own lines do, plus conn_id,
+ * remote_ip and remote_port.  Conditions that can repeat per connection
+ * (over the cap, outside --allow, no backend, not DNS, no OK in time) each
+ * have a GatedLog of their own on the listener.
  */
 
 import type net from 'node:net';
@@ -153,9 +155,7 @@ export class TcpProxy {
 		readonly backend: Backend,
 		private readonly remotePort: number,
 	) {
-		this.log = listener.log.child({
-			conn_id: id, remote_ip: remote.ip, remote_port: remotePort, backend: backend.id,
-		});
+		this.log = backend.log.child({ conn_id: id, remote_ip: remote.ip, remote_port: remotePort });
 		this.follower = new MessageFollower(listener.maxMessageBytes);
 		const wheel = listener.wheel;
 		this.lastActivityMs = wheel.nowMs;
