@@ -39,6 +39,11 @@
  * straddles chunks, into a fresh buffer of exactly its size.  A payload
  * handed to the sink is therefore never overwritten later and may be passed
  * to dgram send() as it is.
+ *
+ * A sink may stop the reader after any frame; feed() then says where it
+ * stopped.  A TCP session needs exactly that: INBOUND_TCP_OK is its only
+ * frame, and what follows is the client's DNS stream.  FirstFrameSink is
+ * that sink, so tcp_proxy.ts reads the OK with this reader, not by hand.
  */
 
 export const FRAME_CLIENT_HELLO = 1;

@@ -14,10 +14,11 @@
  *              back connected       INBOUND_TCP_OK       a socket closed
  *   connecting -------------> awaiting OK ----------> flowing ------------> closing
  *    {client}                  {client}              {front, back}          {open}
- *       |                         |                       |                    |
+ *       |                         |                       |                    | the other
+ *       |                         |                       |                    | closes too
  *       +-------------------------+-----------------------+--------------------+--> closed
- *         teardown(): error, deadline, wrong first frame, not DNS,       or the other
- *         client gone, evicted, shutdown; from any state, only once      closes too
+ *         teardown(), from any state, once: error, a deadline, a wrong first
+ *         frame, not DNS, the client gone, evicted, shutdown
  *
  *   client       reading --a maximal message held---> paused
  *   (before OK)  reading --FIN after a whole query--> ended (kept, but evictable)
