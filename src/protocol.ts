@@ -39,6 +39,11 @@
  * straddles chunks, into a fresh buffer of exactly its size.  A payload
  * handed to the sink is therefore never overwritten later and may be passed
  * to dgram send() as it is.
+ *
+ * A sink may stop the reader after any frame; feed() then says where it
+ * stopped.  A TCP session needs exactly that: INBOUND_TCP_OK is its only
+ * frame, and what follows is the client's DNS stream.  FirstFrameSink is
+ * that sink, so tcp_proxy.ts reads the OK with this reader, not by hand.
  */
 
 export const FRAME_CLIENT_HELLO = 1;
@@ -182,6 +187,41 @@ export interface FrameSink {
 	onFrameError(code: 'unknown_type' | 'oversize', type: number, length: number): void;
 }
 
+/**
+ * A sink for a stream whose first frame is its only one: a TCP session
+ * carries INBOUND_TCP_OK and then the client's DNS stream, which is not
+ * frames.  It takes one frame and stops the reader there, so feed() returns
+ * where the other stream begins; `verdict` says whether that frame was the
+ * `expected` type.  Another type first, a reader error, or anything at all
+ * reported after the stop makes it 'bad', for good.
+ */
+export class FirstFrameSink implements FrameSink {
+	verdict: 'waiting' | 'ok' | 'bad' = 'waiting';
+	/** The first frame's type, or the refused one's; -1 while waiting. */
+	type = -1;
+	error: 'unknown_type' | 'oversize' | undefined;
+
+	constructor(readonly expected: number) {}
+
+	onFrame(type: number): boolean {
+		if (this.verdict === 'waiting') {
+			this.type = type;
+			this.verdict = type === this.expected ? 'ok' : 'bad';
+		} else {
+			this.verdict = 'bad';
+		}
+		return false;
+	}
+
+	onFrameError(code: 'unknown_type' | 'oversize', type: number): void {
+		if (this.verdict === 'waiting') {
+			this.type = type;
+			this.error = code;
+		}
+		this.verdict = 'bad';
+	}
+}
+
 export class FrameReader {
 	/* A frame straddling chunks: its bytes so far (header, then whole frame). */
 	private held: Buffer | null = null;
@@ -192,11 +232,6 @@ export class FrameReader {
 		private readonly sink: FrameSink,
 		private readonly maxPayloadBytes: number = MAX_UDP_PAYLOAD_BYTES,
 	) {}
-
-	/** True while part of a frame is waiting for more bytes. */
-	get partial(): boolean {
-		return this.held !== null;
-	}
 
 	/**
 	 * Consume a chunk.  Returns chunk.length when every byte was consumed,

@@ -8,32 +8,40 @@
  * as UDP, so `dig +tcp` from a host lands where the host's UDP does.
  *
  * A TcpProxy object owns one client connection (the front) and its backend
- * session (the back) and walks them through four states:
+ * session (the back).  Its lifecycle is one explicit state, changed only by
+ * advance(), which logs each step at trace:
  *
- *   connecting ---> awaiting OK ---> flowing ---> closed
- *       |                |              |
- *       +----------------+--------------+--> closed  (error, deadline, bad frame)
+ *              back connected       INBOUND_TCP_OK       a socket closed
+ *   connecting -------------> awaiting OK ----------> flowing ------------> closing
+ *    {client}                  {client}              {front, back}          {open}
+ *       |                         |                       |                    | the other
+ *       |                         |                       |                    | closes too
+ *       +-------------------------+-----------------------+--------------------+--> closed
+ *         teardown(), from any state, once: error, a deadline, a wrong first
+ *         frame, not DNS, the client gone, evicted, shutdown
  *
- *   connecting   the back is being connected; INBOUND_TCP (client address
- *                and port) goes out as soon as it is.
- *   awaiting OK  the backend must answer INBOUND_TCP_OK within 10 seconds.
- *                Missing that faults the backend: a backend that cannot take
- *                a TCP session in ten seconds is not healthy.  Any other first
- *                frame tears this proxy down but does not fault the backend,
- *                whose control session may be perfectly fine.
- *   flowing      bytes pass both ways verbatim, with backpressure (pipe): a
- *                slow reader on either side pauses the other, so bbal never
- *                buffers an unbounded answer.  A FIN from one side is passed
- *                to the other once its bytes have gone; the proxy is done
- *                when both sockets have closed.
- *   closed       both sockets destroyed, the timeout cleared, the object
- *                forgotten by the listener.
+ *   client       reading --a maximal message held---> paused
+ *   (before OK)  reading --FIN after a whole query--> ended (kept, but evictable)
+ *                reading --FIN before one-----------> closed (abandoned)
+ *   front, back  open --FIN seen and passed on--> ended
+ *   open         the side still open once the other has closed
  *
- * Until the OK arrives the client is read into a small buffer, at most one
- * maximal message (beyond that it is paused and the rest waits in the
- * kernel); the buffer goes to the backend, in order, the moment the session
- * flows.  Bytes that follow the OK in the same read from the backend are the
- * start of the answer and go to the client before anything else.
+ * Connecting: INBOUND_TCP (client address and port) goes out as soon as the
+ * back is connected.  Awaiting OK: the backend must answer INBOUND_TCP_OK
+ * within 10 seconds; missing that faults the backend, for one that cannot
+ * take a TCP session in ten seconds is not healthy.  Any other first frame
+ * (protocol.ts's FrameReader, stopped by a FirstFrameSink after one frame)
+ * tears this proxy down but does not fault the backend, whose control
+ * session may be perfectly fine.  Meanwhile the client is read into a small
+ * buffer, at most one maximal message (beyond that it is paused and the rest
+ * waits in the kernel), which goes to the backend, in order, the moment the
+ * session flows; bytes that follow the OK in the same read are the start of
+ * the answer and reach the client before anything else.  Flowing: bytes pass
+ * both ways verbatim with backpressure (pipe), so a slow reader on either
+ * side pauses the other and bbal never buffers an unbounded answer; a FIN is
+ * passed on once the bytes before it have gone.  Closing: nothing more can
+ * reach the closed side, so the other is ended gently, and the idle deadline
+ * cuts it if its peer never closes.
  *
  * A CLIENT THAT HANGS UP FIRST.  Reading early is what lets bbal see a client
  * leave while its backend is slow to accept: resolvers give up on a TCP
@@ -48,14 +56,12 @@
  * closed to make room rather than refusing the newcomer.  Both count as
  * `abandoned`; neither faults the backend (the deadline still does).
  *
- * WATCHING THE CLIENT.  The client's bytes pass through unchanged, but bbal
- * follows its message boundaries as they go (each DNS message over TCP is a
- * 2-byte length and that many bytes), which costs a few comparisons per
- * chunk.  The first message must pass the same header check as a datagram
- * (dns.ts), and no message may be shorter than a DNS header or longer than
- * --max-tcp-message (16 KiB by default; real queries, even UPDATEs, are far
- * smaller).  A violator's connection is closed and counted.  Connections
- * from outside --allow are closed at accept.
+ * WATCHING THE CLIENT.  The client's bytes pass through unchanged, but a
+ * MessageFollower (tcp_messages.ts) follows its message boundaries as they
+ * go, which costs a few comparisons per chunk: the first message must pass
+ * the same header check as a datagram, and no message may be shorter than a
+ * DNS header or longer than --max-tcp-message.  A violator's connection is
+ * closed and counted.  Connections from outside --allow are closed at accept.
  *
  * BOUNDS.  A connection with no bytes in either direction for the idle
  * deadline (10 s by default, `--tcp-idle-timeout`; RFC 7766 6.2.3 asks for
@@ -64,49 +70,57 @@
  * default) are open at once; over the cap a new connection is closed at once
  * and counted.  Every condition stays local to its connection: UDP and the
  * other TCP clients never notice.
+ *
+ * LOGS.  A proxy logs through a child of its backend's logger, so every line
+ * carries be_id and be_path as the backend's own lines do, plus conn_id,
+ * remote_ip and remote_port.  Conditions that can repeat per connection
+ * (over the cap, outside --allow, no backend, not DNS, no OK in time) each
+ * have a GatedLog of their own on the listener.
  */
 
 import type net from 'node:net';
 import { createServer } from 'node:net';
 import type { Logger } from 'pino';
 import type { Backend, Backends } from './backends.js';
-import { type Acl, checkQueryHeader, DNS_HEADER_BYTES, HEADER_OK, HEADER_PROBLEMS } from './dns.js';
-import { encodeInboundTcp, FRAME_INBOUND_TCP_OK, FRAME_NAMES, ipv4ToU32 } from './protocol.js';
+import type { Acl } from './dns.js';
+import { encodeInboundTcp, FirstFrameSink, FRAME_INBOUND_TCP_OK, FRAME_NAMES, FrameReader, ipv4ToU32 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
-import { ignoreError, LogGate } from './log.js';
+import { GatedLog, ignoreError } from './log.js';
+import { DEFAULT_MAX_TCP_MESSAGE_BYTES, describeProblem, MessageFollower, TCP_LENGTH_PREFIX_BYTES } from './tcp_messages.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
 
+export { DEFAULT_MAX_TCP_MESSAGE_BYTES } from './tcp_messages.js';
 export const TCP_BACKLOG = 1000;
 export const TCP_OK_DEADLINE_SECS = 10;
 export const DEFAULT_TCP_IDLE_TIMEOUT_SECS = 10;
 export const DEFAULT_MAX_TCP_CONNECTIONS = 512;
-export const DEFAULT_MAX_TCP_MESSAGE_BYTES = 16 * 1024;
 /* How long close() lets flowing sessions finish before cutting them. */
 export const TCP_DRAIN_MS = 3000;
 
-export type TcpProxyState = 'connecting' | 'awaiting OK' | 'flowing' | 'closed';
+/** The client's side before the session flows; see the file comment. */
+export type EarlyClient = 'reading' | 'paused' | 'ended';
+/** One socket's side while flowing: open, or its FIN seen and passed on. */
+export type FlowSide = 'open' | 'ended';
+type Side = 'front' | 'back';
+
+export type TcpProxyState =
+	| { readonly name: 'connecting'; readonly client: EarlyClient }
+	| { readonly name: 'awaiting OK'; readonly client: EarlyClient }
+	| { readonly name: 'flowing'; readonly front: FlowSide; readonly back: FlowSide }
+	| { readonly name: 'closing'; readonly open: Side }
+	| { readonly name: 'closed' };
 
 export interface TcpListenerStats {
-	/** Connections accepted. */
-	accepted: number;
-	/** Closed at once: over --max-tcp-connections. */
-	overCap: number;
-	/** Closed at once: no backend ok. */
-	noBackend: number;
-	/** Sessions that reached the flowing state. */
-	established: number;
-	/** Closed by the idle deadline. */
-	idleClosed: number;
-	/** Torn down because the backend's first frame was not INBOUND_TCP_OK. */
-	badFirstFrame: number;
-	/** The backend missed the INBOUND_TCP_OK deadline. */
-	okTimeouts: number;
-	/** Closed because the client hung up before the backend's INBOUND_TCP_OK. */
-	abandoned: number;
-	/** Closed at accept: source outside --allow. */
-	aclDropped: number;
-	/** Closed: not a DNS query first, or a message too short or too long. */
-	invalid: number;
+	accepted: number; /* connections accepted */
+	overCap: number; /* closed at once: over --max-tcp-connections */
+	noBackend: number; /* closed at once: no backend ok */
+	established: number; /* sessions that reached the flowing state */
+	idleClosed: number; /* closed by the idle deadline */
+	badFirstFrame: number; /* the backend's first frame was not INBOUND_TCP_OK */
+	okTimeouts: number; /* the backend missed the INBOUND_TCP_OK deadline */
+	abandoned: number; /* the client hung up before the backend's INBOUND_TCP_OK */
+	aclDropped: number; /* closed at accept: source outside --allow */
+	invalid: number; /* not a DNS query first, or a message too short or too long */
 }
 
 export interface TcpOptions {
@@ -121,28 +135,18 @@ export interface TcpOptions {
 }
 
 export class TcpProxy {
-	state: TcpProxyState = 'connecting';
 	readonly log: Logger;
+	private current: TcpProxyState = { name: 'connecting', client: 'reading' };
 	private readonly back: net.Socket;
 	private readonly deadline: Timeout;
-	/* Bytes of the OK frame read so far (it may arrive split). */
-	private okBytes = Buffer.alloc(4);
-	private okLen = 0;
+	private readonly firstFrame = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+	/* No frame on a TCP session has a payload: a UDP frame is refused on its header. */
+	private readonly okReader = new FrameReader(this.firstFrame, 0);
+	private readonly follower: MessageFollower;
 	private lastActivityMs: number;
-	private frontClosed = false;
-	private backClosed = false;
-	/* Following the client's messages: bytes left of the current one, a
-	 * length prefix split across chunks, the first message's header. */
-	private msgRemaining = 0;
-	private prefixHi = -1;
-	private header: Buffer | null = Buffer.alloc(DNS_HEADER_BYTES);
-	private headerLen = 0;
-	/* Whole messages seen from the client so far. */
-	private messagesIn = 0;
-	/* What the client sent before the session flowed, and whether it ended. */
+	/* What the client sent before the session flowed. */
 	private early: Buffer[] = [];
 	private earlyBytes = 0;
-	private frontEnded = false;
 
 	constructor(
 		private readonly listener: TcpListener,
@@ -152,9 +156,8 @@ export class TcpProxy {
 		readonly backend: Backend,
 		private readonly remotePort: number,
 	) {
-		this.log = listener.log.child({
-			conn_id: id, remote_ip: remote.ip, remote_port: remotePort, backend: backend.id,
-		});
+		this.log = backend.log.child({ conn_id: id, remote_ip: remote.ip, remote_port: remotePort });
+		this.follower = new MessageFollower(listener.maxMessageBytes);
 		const wheel = listener.wheel;
 		this.lastActivityMs = wheel.nowMs;
 		this.deadline = wheel.create(`tcp ${id} deadline`, () => this.deadlineDue());
@@ -176,36 +179,79 @@ export class TcpProxy {
 		this.log.debug('tcp connection accepted');
 	}
 
-	private setState(next: TcpProxyState): void {
+	get state(): TcpProxyState {
+		return this.current;
+	}
+
+	/* ---- transitions ---- */
+
+	private advance(next: TcpProxyState): void {
 		if (this.log.isLevelEnabled('trace')) {
-			this.log.trace({ from: this.state, to: next }, 'tcp proxy state');
+			this.log.trace({ from: this.current, to: next }, 'tcp proxy state');
 		}
-		this.state = next;
+		this.current = next;
+	}
+
+	/* Before the session flows: what the client's side is doing. */
+	private clientNow(client: EarlyClient): void {
+		const s = this.current;
+		if (s.name === 'connecting' || s.name === 'awaiting OK') {
+			this.advance({ name: s.name, client });
+		}
+	}
+
+	/* While flowing: one side's FIN has been seen (and is passed on). */
+	private sideEnded(side: Side): void {
+		const s = this.current;
+		if (s.name === 'flowing') {
+			this.advance(side === 'front' ? { ...s, front: 'ended' } : { ...s, back: 'ended' });
+		}
+	}
+
+	/* One socket has closed for good. */
+	private socketClosed(side: Side): void {
+		const name = this.current.name;
+		if (name === 'flowing') {
+			/* Nothing more can reach the closed side: end the other gently. */
+			const open = side === 'front' ? 'back' : 'front';
+			this.advance({ name: 'closing', open });
+			const other = open === 'front' ? this.front : this.back;
+			/* Already ended or closing: end() again would only build an error. */
+			if (!other.writableEnded && !other.destroyed) {
+				other.end();
+			}
+		} else if (name === 'closing') {
+			this.release();
+		} else {
+			/* Before the session flows one socket is no use without the other (and closed stays closed). */
+			this.teardown();
+		}
 	}
 
 	/* ---- connecting, awaiting OK ---- */
 
 	private readonly backOnConnect = (): void => {
-		this.back.write(encodeInboundTcp(this.remote.addr, this.remotePort));
-		this.setState('awaiting OK');
+		const s = this.current;
+		if (s.name === 'connecting') {
+			this.back.write(encodeInboundTcp(this.remote.addr, this.remotePort));
+			this.advance({ name: 'awaiting OK', client: s.client });
+		}
 	};
 
 	private readonly backOnFirstData = (chunk: Buffer): void => {
-		const take = Math.min(4 - this.okLen, chunk.length);
-		chunk.copy(this.okBytes, this.okLen, 0, take);
-		this.okLen += take;
-		if (this.okLen < 4) {
+		const used = this.okReader.feed(chunk);
+		const first = this.firstFrame;
+		if (first.verdict === 'waiting') {
 			return;
 		}
-		const type = this.okBytes.readUInt32LE(0);
-		if (type !== FRAME_INBOUND_TCP_OK) {
+		if (first.verdict === 'bad') {
 			this.listener.stats.badFirstFrame++;
-			this.log.warn({ frame_type: type, frame_name: FRAME_NAMES[type] },
+			this.log.warn({ frame_type: first.type, frame_name: FRAME_NAMES[first.type], frame_error: first.error },
 				'backend answered INBOUND_TCP with the wrong frame (closing connection)');
 			this.teardown();
 			return;
 		}
-		this.flow(chunk.subarray(take));
+		this.flow(chunk.subarray(used));
 	};
 
 	private readonly backOnEarlyEnd = (): void => {
@@ -214,25 +260,26 @@ export class TcpProxy {
 	};
 
 	private readonly frontOnEarlyData = (chunk: Buffer): void => {
-		if (!this.acceptFromClient(chunk)) {
+		if (!this.followClient(chunk)) {
 			return;
 		}
 		this.early.push(chunk);
 		this.earlyBytes += chunk.length;
-		if (this.earlyBytes >= this.listener.maxMessageBytes + 2) {
+		if (this.earlyBytes >= this.listener.maxMessageBytes + TCP_LENGTH_PREFIX_BYTES) {
 			this.front.pause();
+			this.clientNow('paused');
 		}
 	};
 
 	private readonly frontOnEarlyEnd = (): void => {
-		this.frontEnded = true;
-		if (this.messagesIn === 0) {
+		if (this.follower.messages === 0) {
 			this.log.debug('client hung up before sending a whole query');
 			this.listener.stats.abandoned++;
 			this.teardown();
 			return;
 		}
-		this.listener.hungUp(this);
+		this.clientNow('ended');
+		this.listener.evictable.add(this);
 	};
 
 	/** Closed to make room: the client half-closed before the session flowed. */
@@ -242,15 +289,16 @@ export class TcpProxy {
 		this.teardown();
 	}
 
-	/* The OK is in: join the two sockets. */
+	/* The OK is in: join the two sockets; `rest` is the start of the answer. */
 	private flow(rest: Buffer): void {
 		const { front, back } = this;
+		const clientEnded = this.current.name === 'awaiting OK' && this.current.client === 'ended';
 		back.removeListener('data', this.backOnFirstData);
 		back.removeListener('end', this.backOnEarlyEnd);
 		front.removeListener('data', this.frontOnEarlyData);
 		front.removeListener('end', this.frontOnEarlyEnd);
-		this.listener.notHungUp(this);
-		this.setState('flowing');
+		this.listener.evictable.delete(this);
+		this.advance({ name: 'flowing', front: clientEnded ? 'ended' : 'open', back: 'open' });
 		this.backend.stats.tcp++;
 		this.listener.stats.established++;
 		this.touch();
@@ -260,14 +308,15 @@ export class TcpProxy {
 		}
 		/* Backend to client: pipe() carries backpressure and the FIN. */
 		back.on('data', this.touch);
+		back.on('end', this.backOnEnd);
 		back.pipe(front);
-		/* Client to backend: by hand, the same way, watching messages. */
+		/* Client to backend: by hand, the same way, following messages. */
 		let more = true;
 		for (const chunk of this.early) {
 			more = back.write(chunk);
 		}
 		this.early = [];
-		if (this.frontEnded) {
+		if (clientEnded) {
 			back.end();
 			return;
 		}
@@ -281,21 +330,23 @@ export class TcpProxy {
 		}
 	}
 
-	/* Check a chunk from the client; false when the connection was closed for it. */
-	private acceptFromClient(chunk: Buffer): boolean {
+	/* ---- flowing ---- */
+
+	/* Follow a chunk from the client; false when the connection was closed for it. */
+	private followClient(chunk: Buffer): boolean {
 		this.touch();
-		const problem = this.followMessages(chunk);
+		const problem = this.follower.feed(chunk);
 		if (problem === null) {
 			return true;
 		}
 		this.listener.stats.invalid++;
-		this.listener.logInvalid(this, problem);
+		this.listener.invalidLog.report(this.log, () => ({ problem: describeProblem(problem) }));
 		this.teardown();
 		return false;
 	}
 
 	private readonly frontOnData = (chunk: Buffer): void => {
-		if (this.acceptFromClient(chunk) && !this.back.write(chunk)) {
+		if (this.followClient(chunk) && !this.back.write(chunk)) {
 			this.front.pause();
 		}
 	};
@@ -305,61 +356,14 @@ export class TcpProxy {
 	};
 
 	private readonly frontOnEnd = (): void => {
+		this.sideEnded('front');
 		this.back.end();
 	};
 
-	/*
-	 * Walk the message boundaries in this chunk of the client's stream.
-	 * Returns what is wrong, or null when all is well so far.
-	 */
-	private followMessages(chunk: Buffer): string | null {
-		const n = chunk.length;
-		let off = 0;
-		while (off < n) {
-			if (this.msgRemaining === 0) {
-				let len: number;
-				if (this.prefixHi >= 0) {
-					len = (this.prefixHi << 8) | (chunk[off]);
-					this.prefixHi = -1;
-					off += 1;
-				} else if (n - off >= 2) {
-					len = chunk.readUInt16BE(off);
-					off += 2;
-				} else {
-					this.prefixHi = chunk[off];
-					return null;
-				}
-				if (len < DNS_HEADER_BYTES) {
-					return `message of ${len} bytes is shorter than a DNS header`;
-				}
-				if (len > this.listener.maxMessageBytes) {
-					return `message of ${len} bytes is over the ${this.listener.maxMessageBytes}-byte limit`;
-				}
-				this.msgRemaining = len;
-				continue;
-			}
-			const take = Math.min(this.msgRemaining, n - off);
-			const header = this.header;
-			if (header !== null) {
-				const h = Math.min(DNS_HEADER_BYTES - this.headerLen, take);
-				chunk.copy(header, this.headerLen, off, off + h);
-				this.headerLen += h;
-				if (this.headerLen === DNS_HEADER_BYTES) {
-					this.header = null;
-					const problem = checkQueryHeader(header);
-					if (problem !== HEADER_OK) {
-						return `first message is ${HEADER_PROBLEMS[problem]}`;
-					}
-				}
-			}
-			this.msgRemaining -= take;
-			off += take;
-			if (this.msgRemaining === 0) {
-				this.messagesIn++;
-			}
-		}
-		return null;
-	}
+	/* pipe() passes the backend's FIN to the client; this only notes it. */
+	private readonly backOnEnd = (): void => {
+		this.sideEnded('back');
+	};
 
 	/* ---- deadlines ---- */
 
@@ -368,17 +372,15 @@ export class TcpProxy {
 	};
 
 	private deadlineDue(): void {
-		if (this.state === 'connecting' || this.state === 'awaiting OK') {
+		const name = this.current.name;
+		if (name === 'connecting' || name === 'awaiting OK') {
 			this.listener.stats.okTimeouts++;
-			const skipped = this.listener.okTimeoutGate.open();
-			if (skipped >= 0) {
-				this.log.error({ deadline_secs: TCP_OK_DEADLINE_SECS, not_logged: skipped }, 'no INBOUND_TCP_OK from backend');
-			}
+			this.listener.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS });
 			this.backend.fault('TCP session: no INBOUND_TCP_OK in time', { conn_id: this.id });
 			this.teardown();
 			return;
 		}
-		if (this.state !== 'flowing') {
+		if (name === 'closed') {
 			return;
 		}
 		const idleSecs = (this.listener.wheel.nowMs - this.lastActivityMs) / 1000;
@@ -402,7 +404,7 @@ export class TcpProxy {
 
 	private readonly backOnError = (err: NodeJS.ErrnoException): void => {
 		this.log.warn({ err }, 'backend tcp session error');
-		if (err.code === 'ENOENT' && this.state === 'connecting') {
+		if (err.code === 'ENOENT' && this.current.name === 'connecting') {
 			/* The socket file is gone: the next connection should go elsewhere. */
 			this.backend.socketGone();
 		}
@@ -410,42 +412,16 @@ export class TcpProxy {
 	};
 
 	private readonly frontOnClose = (): void => {
-		this.frontClosed = true;
-		if (!this.backClosed && this.state !== 'flowing') {
-			/* The client gave up before the session flowed. */
-			this.back.destroy();
-		}
-		this.closedOne();
+		this.socketClosed('front');
 	};
 
 	private readonly backOnClose = (): void => {
-		this.backClosed = true;
-		if (!this.frontClosed && this.state !== 'flowing') {
-			this.front.destroy();
-		}
-		this.closedOne();
+		this.socketClosed('back');
 	};
 
-	private closedOne(): void {
-		if (this.frontClosed && this.backClosed) {
-			this.release();
-		} else if (this.state === 'flowing' && (this.frontClosed || this.backClosed)) {
-			/*
-			 * One side is fully closed (not merely half-closed): nothing more
-			 * can be delivered to it, so finish the other side gently; the
-			 * idle deadline cuts it if the peer never closes.
-			 */
-			const other = this.frontClosed ? this.back : this.front;
-			/* Already ended or closing: end() again would only build an error. */
-			if (!other.writableEnded && !other.destroyed) {
-				other.end();
-			}
-		}
-	}
-
-	/** Destroy both sockets at once (errors, deadlines, shutdown). */
+	/** Destroy both sockets at once (errors, deadlines, shutdown); idempotent. */
 	teardown(): void {
-		if (this.state === 'closed') {
+		if (this.current.name === 'closed') {
 			return;
 		}
 		this.front.destroy();
@@ -454,10 +430,10 @@ export class TcpProxy {
 	}
 
 	private release(): void {
-		if (this.state === 'closed') {
+		if (this.current.name === 'closed') {
 			return;
 		}
-		this.setState('closed');
+		this.advance({ name: 'closed' });
 		this.deadline.clear();
 		this.front.on('error', ignoreError);
 		this.back.on('error', ignoreError);
@@ -477,17 +453,18 @@ export class TcpListener {
 	readonly idleTimeoutSecs: number;
 	readonly maxConnections: number;
 	readonly maxMessageBytes: number;
+	/* One gate per condition, so that a frequent one cannot silence another. */
+	readonly okTimeoutLog: GatedLog;
+	readonly invalidLog: GatedLog;
+	private readonly overCapLog: GatedLog;
+	private readonly noBackendLog: GatedLog;
+	private readonly aclLog: GatedLog;
 	private readonly acl: Acl | null;
 	private readonly remotes: Remotes;
 	private readonly server: net.Server;
 	private readonly proxies = new Set<TcpProxy>();
-	/* Proxies whose client half-closed before the OK, oldest first. */
-	private readonly hungUpProxies = new Set<TcpProxy>();
-	readonly okTimeoutGate: LogGate;
-	private readonly overCapGate: LogGate;
-	private readonly noBackendGate: LogGate;
-	private readonly aclGate: LogGate;
-	private readonly invalidGate: LogGate;
+	/* Proxies whose client half-closed after a whole query, before the OK; oldest first. */
+	readonly evictable = new Set<TcpProxy>();
 	private nextConnId = 1;
 	private state: 'new' | 'listening' | 'closing' | 'closed' = 'new';
 	private whenEmpty: (() => void) | null = null;
@@ -501,11 +478,12 @@ export class TcpListener {
 		this.maxConnections = opts.maxConnections ?? DEFAULT_MAX_TCP_CONNECTIONS;
 		this.maxMessageBytes = opts.maxMessageBytes ?? DEFAULT_MAX_TCP_MESSAGE_BYTES;
 		this.acl = opts.acl === undefined || opts.acl.open ? null : opts.acl;
-		this.aclGate = new LogGate(opts.wheel);
-		this.invalidGate = new LogGate(opts.wheel);
-		this.overCapGate = new LogGate(opts.wheel);
-		this.noBackendGate = new LogGate(opts.wheel);
-		this.okTimeoutGate = new LogGate(opts.wheel);
+		const wheel = opts.wheel;
+		this.okTimeoutLog = new GatedLog(wheel, 'error', 'no INBOUND_TCP_OK from backend');
+		this.invalidLog = new GatedLog(wheel, 'warn', 'closing tcp connection that is not DNS');
+		this.overCapLog = new GatedLog(wheel, 'warn', 'too many tcp connections (closing new connection)');
+		this.noBackendLog = new GatedLog(wheel, 'warn', 'no backend for remote (closing tcp connection)');
+		this.aclLog = new GatedLog(wheel, 'warn', 'tcp connection from outside --allow (closed)');
 		this.server = createServer({ allowHalfOpen: true, pauseOnConnect: true });
 		this.server.on('connection', this.serverOnConnection);
 	}
@@ -536,18 +514,14 @@ export class TcpListener {
 		this.stats.accepted++;
 		if (this.proxies.size >= this.maxConnections) {
 			/* Room taken by a client that has already gone is given back first. */
-			const oldest = this.hungUpProxies.values().next();
+			const oldest = this.evictable.values().next();
 			if (!oldest.done) {
 				oldest.value.evict();
 			}
 		}
 		if (this.state !== 'listening' || this.proxies.size >= this.maxConnections) {
 			this.stats.overCap++;
-			const skipped = this.overCapGate.open();
-			if (skipped >= 0) {
-				this.log.warn({ max: this.maxConnections, not_logged: skipped },
-					'too many tcp connections (closing new connection)');
-			}
+			this.overCapLog.report(this.log, { max: this.maxConnections });
 			front.destroy();
 			return;
 		}
@@ -558,11 +532,7 @@ export class TcpListener {
 		}
 		if (this.acl !== null && !this.acl.allows(addr)) {
 			this.stats.aclDropped++;
-			const skipped = this.aclGate.open();
-			if (skipped >= 0) {
-				this.log.warn({ remote_ip: front.remoteAddress, not_logged: skipped },
-					'tcp connection from outside --allow (closed)');
-			}
+			this.aclLog.report(this.log, () => ({ remote_ip: front.remoteAddress }));
 			front.destroy();
 			return;
 		}
@@ -571,10 +541,7 @@ export class TcpListener {
 		if (be === null) {
 			rem.stats.tcpDrop++;
 			this.stats.noBackend++;
-			const skipped = this.noBackendGate.open();
-			if (skipped >= 0) {
-				rem.log.warn({ not_logged: skipped }, 'no backend for remote (closing tcp connection)');
-			}
+			this.noBackendLog.report(rem.log);
 			front.destroy();
 			return;
 		}
@@ -588,26 +555,10 @@ export class TcpListener {
 		this.log.error({ err }, 'tcp listener error');
 	};
 
-	logInvalid(proxy: TcpProxy, problem: string): void {
-		const skipped = this.invalidGate.open();
-		if (skipped >= 0) {
-			proxy.log.warn({ problem, not_logged: skipped }, 'closing tcp connection that is not DNS');
-		}
-	}
-
-	/** A proxy's client half-closed before the session flowed. */
-	hungUp(proxy: TcpProxy): void {
-		this.hungUpProxies.add(proxy);
-	}
-
-	notHungUp(proxy: TcpProxy): void {
-		this.hungUpProxies.delete(proxy);
-	}
-
 	/** A proxy has closed both sockets. */
 	released(proxy: TcpProxy): void {
 		this.proxies.delete(proxy);
-		this.hungUpProxies.delete(proxy);
+		this.evictable.delete(proxy);
 		if (this.proxies.size === 0 && this.whenEmpty !== null) {
 			this.whenEmpty();
 		}

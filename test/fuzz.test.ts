@@ -2,7 +2,8 @@
  * Property-based fuzzing of everything in bbal that parses bytes it does not
  * trust: the frame reader (a backend's stream), the DNS header check and the
  * question walk behind the synthesized answers (any host's datagram), the
- * trace-level query description, and the address parser.
+ * trace-level query description, the address parser, and the follower of a
+ * TCP client's DNS messages (any host's stream).
  *
  * Each property is checked against a straightforward reference written here
  * (whole-buffer, no cleverness), on inputs built to reach the interesting
@@ -33,6 +34,7 @@ import {
 	FRAME_OUTBOUND_UDP, FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, FrameReader, ipv4ToU32, MAX_UDP_PAYLOAD_BYTES,
 	u32ToIpv4,
 } from '../src/protocol.js';
+import { DEFAULT_MAX_TCP_MESSAGE_BYTES, MessageFollower, type StreamProblem } from '../src/tcp_messages.js';
 
 const LONG_RUNS = Number(process.env['BBAL_FUZZ_RUNS'] ?? 0);
 const SEED = process.env['BBAL_FUZZ_SEED'] !== undefined ? Number(process.env['BBAL_FUZZ_SEED'])
@@ -182,6 +184,8 @@ function cut(stream: Buffer, cuts: number[]): Buffer[] {
 	return chunks;
 }
 
+const PROBE = Buffer.from([0xec, 0x03, 0x00, 0x00]); /* SERVER_HEARTBEAT */
+
 interface Fed {
 	events: Event[];
 	/* Payloads as handed over, compared again at the end: nothing may overwrite them. */
@@ -197,13 +201,18 @@ interface Fed {
 function feedAll(chunks: Buffer[], max: number, stopEvery = 0): Fed {
 	const events: Event[] = [];
 	const payloads: Array<[Buffer, string]> = [];
-	const totalBytes = chunks.reduce((n, c) => n + c.length, 0);
+	const totalBytes = chunks.reduce((n, c) => n + c.length, 0) + PROBE.length;
 	let frames = 0;
 	let errored = false;
+	/* The sink said stop: nothing more until the next feed(). */
+	let stopped = false;
 	const reader = new FrameReader({
 		onFrame(type, addr, port, payload) {
 			if (errored) {
 				throw new Error('a frame after an error');
+			}
+			if (stopped) {
+				throw new Error('a frame after the sink asked to stop, in the same feed()');
 			}
 			if (++frames > totalBytes / 4) {
 				throw new Error(`more frames (${frames}) than ${totalBytes} bytes could hold: the reader loops`);
@@ -213,11 +222,15 @@ function feedAll(chunks: Buffer[], max: number, stopEvery = 0): Fed {
 				payloads.push([payload, hex as string]);
 			}
 			events.push(['frame', type, addr, port, hex]);
-			return stopEvery === 0 || frames % stopEvery !== 0;
+			stopped = stopEvery !== 0 && frames % stopEvery === 0;
+			return !stopped;
 		},
 		onFrameError(code, type, length) {
 			if (errored) {
 				throw new Error('a second error');
+			}
+			if (stopped) {
+				throw new Error('an error after the sink asked to stop, in the same feed()');
 			}
 			errored = true;
 			events.push(['error', code, type, length]);
@@ -229,6 +242,7 @@ function feedAll(chunks: Buffer[], max: number, stopEvery = 0): Fed {
 			if (guard > chunk.length) {
 				throw new Error('feed() makes no progress on a stopped sink');
 			}
+			stopped = false;
 			const used = reader.feed(rest);
 			if (!Number.isInteger(used) || used < 0 || used > rest.length) {
 				throw new Error(`feed() returned ${used} for a chunk of ${rest.length}`);
@@ -252,7 +266,21 @@ function feedAll(chunks: Buffer[], max: number, stopEvery = 0): Fed {
 			break;
 		}
 	}
-	return { events, payloads, partial: reader.partial };
+	if (errored) {
+		return { events, payloads, partial: false };
+	}
+	/*
+	 * Does the reader hold part of a frame?  Asked through feed(): a
+	 * SERVER_HEARTBEAT fed now comes back as exactly that one frame only when
+	 * nothing was held (held bytes would make it part of another frame).
+	 */
+	const before = events.length;
+	stopped = false;
+	const used = reader.feed(PROBE);
+	const partial = used !== 4 || events.length !== before + 1
+		|| events[before][0] !== 'frame' || events[before][1] !== FRAME_SERVER_HEARTBEAT;
+	events.length = before;
+	return { events, payloads, partial };
 }
 
 function sameEvents(got: Event[], want: Event[]): string | null {
@@ -555,5 +583,148 @@ t.test('ipv4ToU32: every u32 round-trips, any string gives -1 or a canonical add
 				throw new Error(`ipv4ToU32(${JSON.stringify(s)}) = ${v}, not ${s}`);
 			}
 		}), params(5000)));
+	t.end();
+});
+
+/* ------------------------------------------------------------------ */
+/* The DNS-over-TCP message follower                                   */
+/* ------------------------------------------------------------------ */
+
+type Followed = { messages: number; problem: StreamProblem | null };
+
+/*
+ * The reference: walk the whole stream at once.  A length is judged as
+ * soon as its two bytes are there, the first message's header as soon as
+ * its twelve bytes are, whether or not the message is whole yet.
+ */
+function referenceFollow(stream: Buffer, max: number): Followed {
+	let off = 0;
+	let messages = 0;
+	while (stream.length - off >= 2) {
+		const len = stream.readUInt16BE(off);
+		if (len < 12) {
+			return { messages, problem: { code: 'short', length: len } };
+		}
+		if (len > max) {
+			return { messages, problem: { code: 'long', length: len, max } };
+		}
+		const body = stream.subarray(off + 2, off + 2 + len);
+		if (messages === 0 && body.length >= 12) {
+			const header = referenceHeaderCheck(body, 0, 12);
+			if (header !== HEADER_OK) {
+				return { messages, problem: { code: 'not_query', header } };
+			}
+		}
+		if (body.length < len) {
+			break;
+		}
+		messages++;
+		off += 2 + len;
+	}
+	return { messages, problem: null };
+}
+
+function framedMessage(msg: Uint8Array): Buffer {
+	const b = Buffer.alloc(2 + msg.length);
+	b.writeUInt16BE(msg.length, 0);
+	b.set(msg, 2);
+	return b;
+}
+
+/* A first message that passes the header check: QR 0, QUERY/NOTIFY/UPDATE, one question. */
+const goodFirst: fc.Arbitrary<Buffer> = fc.tuple(
+	fc.uint8Array({ minLength: 2, maxLength: 2 }),
+	fc.constantFrom(0, 4, 5),
+	fc.nat({ max: 7 }),
+	fc.nat({ max: 255 }),
+	fc.uint8Array({ minLength: 6, maxLength: 200 }),
+).map(([id, opcode, low, flags2, rest]) => framedMessage(Buffer.concat([
+	id, Buffer.from([(opcode << 3) | low, flags2, 0, 1]), rest,
+])));
+
+/* Any later message: its bytes are not looked at, only its length. */
+const laterMessage: fc.Arbitrary<Buffer> = fc.uint8Array({ minLength: 12, maxLength: 300 }).map(framedMessage);
+
+/* Pieces that may break a stream: any header first, a short or long length, a torn prefix, noise. */
+const streamJunk: fc.Arbitrary<Buffer> = fc.oneof(
+	headerish.map((h) => framedMessage(h.length >= 12 ? h : Buffer.concat([h, Buffer.alloc(12 - h.length)]))),
+	fc.nat({ max: 11 }).map((len) => framedMessage(Buffer.alloc(len, 0x5a))),
+	fc.nat({ max: 0xffff }).map((len) => Buffer.from([len >> 8, len & 255])),
+	fc.uint8Array({ minLength: 1, maxLength: 30 }).map((u) => Buffer.from(u)),
+);
+
+/* Feed the chunks to a fresh follower; after each, it must agree with the reference on the prefix. */
+function followAll(chunks: Buffer[], max: number): Followed {
+	const f = new MessageFollower(max);
+	let problem: StreamProblem | null = null;
+	let fed = 0;
+	const whole = Buffer.concat(chunks);
+	for (const chunk of chunks) {
+		const before = Buffer.from(chunk);
+		problem = f.feed(chunk);
+		fed += chunk.length;
+		if (!chunk.equals(before)) {
+			throw new Error('feed() changed the chunk');
+		}
+		const got = JSON.stringify({ messages: f.messages, problem });
+		const want = JSON.stringify(referenceFollow(whole.subarray(0, fed), max));
+		if (got !== want) {
+			throw new Error(`after ${fed} of ${whole.length} bytes: follower ${got}, reference ${want}`);
+		}
+	}
+	return { messages: f.messages, problem };
+}
+
+t.test('MessageFollower: valid streams, any split, the same count and verdict as whole', (t) => {
+	check(t, 'every message counted, no problem, wherever the stream is cut', () => fc.assert(fc.property(
+		goodFirst,
+		fc.array(laterMessage, { maxLength: 6 }),
+		fc.array(fc.double({ min: 0, max: 1, noNaN: true }), { maxLength: 20 }),
+		(first, later, cuts) => {
+			const stream = Buffer.concat([first, ...later]);
+			const whole = followAll([stream], DEFAULT_MAX_TCP_MESSAGE_BYTES);
+			const split = followAll(cut(stream, cuts), DEFAULT_MAX_TCP_MESSAGE_BYTES);
+			if (whole.problem !== null || whole.messages !== 1 + later.length) {
+				throw new Error(`whole: ${JSON.stringify(whole)} for ${1 + later.length} messages`);
+			}
+			if (JSON.stringify(split) !== JSON.stringify(whole)) {
+				throw new Error(`split ${JSON.stringify(split)}, whole ${JSON.stringify(whole)}`);
+			}
+		}), params(2000, 0.3)));
+	t.end();
+});
+
+t.test('MessageFollower: one byte at a time', (t) => {
+	check(t, 'byte-by-byte agrees with the reference after every byte', () => fc.assert(fc.property(
+		fc.oneof(goodFirst, streamJunk),
+		fc.array(fc.oneof(laterMessage, streamJunk), { maxLength: 3 }),
+		fc.integer({ min: 12, max: 400 }),
+		(first, later, max) => {
+			const stream = Buffer.concat([first, ...later]);
+			followAll([...stream].map((b) => Buffer.from([b])), max);
+		}), params(300, 0.02)));
+	t.end();
+});
+
+t.test('MessageFollower: garbage mixed in, any limit, never throws, agrees with the reference', (t) => {
+	check(t, 'same count and same first problem as the reference, chunk by chunk', () => fc.assert(fc.property(
+		fc.oneof({ arbitrary: goodFirst, weight: 3 }, { arbitrary: streamJunk, weight: 1 }),
+		fc.array(fc.oneof({ arbitrary: laterMessage, weight: 3 }, { arbitrary: streamJunk, weight: 1 }), { maxLength: 8 }),
+		fc.array(fc.double({ min: 0, max: 1, noNaN: true }), { maxLength: 12 }),
+		fc.oneof(fc.constant(DEFAULT_MAX_TCP_MESSAGE_BYTES), fc.integer({ min: 12, max: 400 })),
+		(first, later, cuts, max) => {
+			followAll(cut(Buffer.concat([first, ...later]), cuts), max);
+		}), params(3000, 0.5)));
+	t.end();
+});
+
+t.test('MessageFollower: uniform random bytes never throw', (t) => {
+	check(t, 'random bytes, random splits, any limit', () => fc.assert(fc.property(
+		fc.uint8Array({ maxLength: 200 }),
+		fc.array(fc.double({ min: 0, max: 1, noNaN: true }), { maxLength: 10 }),
+		fc.oneof(fc.constant(DEFAULT_MAX_TCP_MESSAGE_BYTES), fc.nat({ max: 0xffff })),
+		(bytes, cuts, max) => {
+			followAll(cut(Buffer.from(bytes), cuts), max);
+		}), params(3000)));
 	t.end();
 });

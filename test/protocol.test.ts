@@ -13,7 +13,7 @@ import t from 'tap';
 import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO,
 	FRAME_INBOUND_TCP, FRAME_INBOUND_TCP_OK, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
-	FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, INBOUND_TCP_OK_FRAME, FrameReader,
+	FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, INBOUND_TCP_OK_FRAME, FirstFrameSink, FrameReader,
 	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME, encodeInboundTcp, encodeUdpFrame,
 	ipv4ToU32, u32ToIpv4, writeUdpFrame,
 } from '../src/protocol.js';
@@ -51,6 +51,19 @@ function recorder(stopAt?: number) {
 type Expected = [type: number, addr: number, port: number, payload: Buffer | null];
 
 /*
+ * Whether the reader holds part of a frame, asked through what it does: a
+ * SERVER_HEARTBEAT fed now must be taken whole and handed over as exactly
+ * one frame.  Held bytes would join it into some other frame (no prefix of
+ * a frame plus these four bytes spells a lone heartbeat), or swallow it.
+ * The probe frame, when delivered, stays in `frames`.
+ */
+function holdsNothing(reader: FrameReader, frames: Seen[]): boolean {
+	const before = frames.length;
+	const used = reader.feed(u32(FRAME_SERVER_HEARTBEAT));
+	return used === 4 && frames.length === before + 1 && frames[before]?.type === FRAME_SERVER_HEARTBEAT;
+}
+
+/*
  * Feed `chunks` (copied, so nothing shares memory with the source buffer)
  * to a fresh reader; describe the first way the result differs from
  * `expected`, or return null.
@@ -64,9 +77,13 @@ function check(chunks: Buffer[], expected: Expected[], max?: number): string | n
 			return `feed consumed ${n} of ${c.length}`;
 		}
 	}
-	if (errors.length > 0 || reader.partial || frames.length !== expected.length) {
-		return `errors ${JSON.stringify(errors)}, partial ${reader.partial}, ${frames.length} frames`;
+	if (errors.length > 0 || frames.length !== expected.length) {
+		return `errors ${JSON.stringify(errors)}, ${frames.length} frames`;
 	}
+	if (!holdsNothing(reader, frames)) {
+		return 'part of a frame is still held after the whole stream';
+	}
+	frames.pop();
 	for (let i = 0; i < frames.length; i++) {
 		const f = frames[i];
 		const [type, addr, port, payload] = expected[i];
@@ -258,7 +275,7 @@ t.test('reader: an unknown type split across chunks', async (t) => {
 		const { sink, frames, errors } = recorder();
 		const reader = new FrameReader(sink);
 		t.equal(reader.feed(bad.subarray(0, cutAt)), cutAt, `cut at ${cutAt}: first part taken`);
-		t.equal(reader.partial, true);
+		t.same(errors, [], 'the bad type is not known yet: its bytes are held');
 		t.equal(reader.feed(bad.subarray(cutAt)), 0, 'nothing of the rest consumed');
 		t.same(errors, [['unknown_type', 999, 0]]);
 		t.same(frames.map((f) => f.type), [1001]);
@@ -319,10 +336,66 @@ t.test('reader: a sink returning false leaves the rest to the caller', async (t)
 		t.equal(frames.length, 1);
 	}
 	{
+		/*
+		 * The OK split 2+2, the client's bytes after it in the second read:
+		 * the OK is completed from held bytes, and the reader must stop
+		 * there too, not go on to read the client's stream as frames.
+		 */
+		const { sink, frames, errors } = recorder(FRAME_INBOUND_TCP_OK);
+		const reader = new FrameReader(sink);
+		t.equal(reader.feed(wire.subarray(0, 2)), 2, 'half the OK taken and held');
+		t.same(frames, [], 'nothing handed over yet');
+		const rest = wire.subarray(2);
+		const n = reader.feed(rest);
+		t.equal(n, 2, 'offset just past the held-over OK');
+		t.same(rest.subarray(n), clientBytes, 'the rest is the client\'s, untouched');
+		t.same(frames.map((f) => f.type), [FRAME_INBOUND_TCP_OK], 'one frame, the OK');
+		t.same(errors, [], 'the client\'s bytes were never read as frames');
+	}
+	{
 		/* Stopping mid-stream: frames after the stop are not delivered. */
 		const { sink, frames } = recorder(FRAME_OUTBOUND_UDP);
 		const mixed = Buffer.concat([u32(1001), u32(1002, 1, 2, 1), ONE, u32(1004)]);
 		t.equal(new FrameReader(sink).feed(mixed), 4 + 17);
 		t.same(frames.map((f) => f.type), [1001, 1002]);
+	}
+});
+
+t.test('FirstFrameSink: one frame, then the reader stops; anything else is a bad start', async (t) => {
+	const clientBytes = Buffer.from('001d' + 'ab'.repeat(29), 'hex');
+	{
+		const sink = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+		const wire = Buffer.concat([u32(1003), clientBytes]);
+		t.equal(new FrameReader(sink, 0).feed(wire), 4, 'the OK, and the offset where the client\'s stream begins');
+		t.equal(sink.verdict, 'ok');
+		t.equal(sink.type, FRAME_INBOUND_TCP_OK);
+	}
+	{
+		const sink = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+		const reader = new FrameReader(sink, 0);
+		t.equal(reader.feed(u32(1003).subarray(0, 2)), 2);
+		t.equal(sink.verdict, 'waiting', 'half an OK: waiting');
+		t.equal(reader.feed(Buffer.concat([u32(1003).subarray(2), clientBytes])), 2, 'the OK completed from held bytes');
+		t.equal(sink.verdict, 'ok');
+	}
+	const bad: Array<[string, Buffer, number, string | undefined]> = [
+		['another known frame', u32(1001), FRAME_SERVER_HELLO, undefined],
+		['an unknown type', u32(999), 999, 'unknown_type'],
+		['a UDP frame, refused on its header with a limit of 0', u32(1002, 1, 2, 5), FRAME_OUTBOUND_UDP, 'oversize'],
+	];
+	for (const [what, wire, type, error] of bad) {
+		const sink = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+		new FrameReader(sink, 0).feed(Buffer.concat([wire, clientBytes]));
+		t.equal(sink.verdict, 'bad', what);
+		t.equal(sink.type, type, `${what}: its type`);
+		t.equal(sink.error, error, `${what}: the reader's error`);
+	}
+	{
+		/* A reader that went on past the stop would report again: that is a bad start too. */
+		const sink = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
+		t.equal(sink.onFrame(FRAME_INBOUND_TCP_OK), false, 'the sink always stops the reader');
+		sink.onFrameError('unknown_type', 999);
+		t.equal(sink.verdict, 'bad');
+		t.equal(sink.type, FRAME_INBOUND_TCP_OK, 'the first frame is what the log names');
 	}
 });

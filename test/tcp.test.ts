@@ -280,6 +280,8 @@ t.test('a client that stalls inside a length prefix is closed by the idle deadli
 	const rec = await bbal.waitForLog((r) => r.msg === 'closing idle tcp connection', 1000, since);
 	t.equal(rec.remote_ip, src(150), 'the log names the stalled client');
 	t.equal(rec.remote_port, stalled.localPort, 'and its port');
+	t.ok(rec.be_id === 5301 || rec.be_id === 5302, `and its backend, as be_id (${String(rec.be_id)})`);
+	t.match(rec.be_path, /\/530[12]$/, 'and be_path');
 });
 
 t.test('garbage, instant closes and 200 rapid connections leave bbal serving', async (t) => {

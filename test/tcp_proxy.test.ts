@@ -11,23 +11,24 @@ import path from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import t, { type Test } from 'tap';
-import pino from 'pino';
+import pino, { type Logger } from 'pino';
 import dnsPacket from 'dns-packet';
 import { type Backend, Backends } from '../src/backends.js';
 import {
-	FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, INBOUND_TCP_OK_FRAME,
+	FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FRAME_OUTBOUND_UDP, INBOUND_TCP_OK_FRAME,
 	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
 } from '../src/protocol.js';
+import { makeLogger } from '../src/log.js';
 import { Remotes } from '../src/remotes.js';
 import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_proxy.js';
 import { TimeoutWheel } from '../src/timeouts.js';
 import { encodeQuery, framed, freePort, makeSocketDir, startBackend, waitFor } from './helpers.js';
 
 /* Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`. */
-async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 512) {
+async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 512,
+	log: Logger = pino({ level: 'silent' })) {
 	const clock = { now: 10_000_000 };
 	const wheel = new TimeoutWheel(() => clock.now);
-	const log = pino({ level: 'silent' });
 	const backends = new Backends({ socketDir: dir, log, wheel, onOutboundUdp: () => {} });
 	const remotes = new Remotes({ log, backends, wheel });
 	const tcp = new TcpListener({ remotes, backends, wheel, log, idleTimeoutSecs, maxConnections });
@@ -230,6 +231,108 @@ t.test('the idle deadline closes a silent connection; activity postpones it', as
 	t.equal(env.tcp.stats.idleClosed, 2, 'closed 10 s after its last byte');
 	t.ok(be.ok, 'idle clients never fault the backend');
 	t.equal(env.tcp.size, 0);
+});
+
+/* An answer as a backend would send it over TCP: length prefix, then the message. */
+function framedAnswer(id: number, data: string): Buffer {
+	return framed(dnsPacket.encode({
+		type: 'response', id, flags: dnsPacket.AUTHORITATIVE_ANSWER,
+		questions: [{ type: 'TXT', name: 'split.example', class: 'IN' }],
+		answers: [{ type: 'TXT', name: 'split.example', ttl: 0, data }],
+	}));
+}
+
+t.test('an INBOUND_TCP_OK split 2+2, answer bytes after it: the client gets exactly the answer', async (t) => {
+	const dir = await makeSocketDir(t);
+	const answer = framedAnswer(4242, 'be=split');
+	await fakeBackend(t, path.join(dir, '5301'), (sock) => {
+		sock.write(INBOUND_TCP_OK_FRAME.subarray(0, 2));
+		/* Later, so that the two halves reach bbal in separate reads. */
+		setTimeout(() => sock.write(Buffer.concat([INBOUND_TCP_OK_FRAME.subarray(2), answer])), 50);
+	});
+	const env = await rig(t, dir);
+	const be = env.backends.trackAndConnect('5301') as Backend;
+	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const client = await connect(env.port, '127.0.0.159');
+	client.on('error', () => {});
+	const got: Buffer[] = [];
+	client.on('data', (d: Buffer) => got.push(d));
+	client.write(framed(encodeQuery('split.example', 'TXT', 4242)));
+	await waitFor(() => Buffer.concat(got).length >= answer.length || client.destroyed, 2000, 10, 'the answer');
+	await settle();
+	t.same(Buffer.concat(got), answer, 'the answer, byte for byte: nothing of the OK, nothing lost');
+	t.equal(env.tcp.stats.established, 1, 'the session flowed');
+	t.equal(env.tcp.stats.badFirstFrame, 0, 'the reader stopped at the OK: nothing after it was read as a frame');
+	client.destroy();
+});
+
+t.test('a wrong first frame closes the client without faulting the backend, as soon as its header is in', async (t) => {
+	const wrong: Array<[string, Buffer]> = [
+		['another known frame', SERVER_HEARTBEAT_FRAME],
+		['an unknown type', Buffer.from([0xe7, 0x03, 0x00, 0x00])],
+		/* A UDP frame's header announcing a payload: refused without waiting for the payload. */
+		['an OUTBOUND_UDP header', Buffer.from([FRAME_OUTBOUND_UDP & 255, FRAME_OUTBOUND_UDP >> 8, 0, 0,
+			1, 0, 0, 127, 53, 0, 0, 0, 5, 0, 0, 0])],
+	];
+	const dir = await makeSocketDir(t);
+	let reply = wrong[0][1];
+	await fakeBackend(t, path.join(dir, '5301'), (sock) => sock.write(reply));
+	const env = await rig(t, dir);
+	const be = env.backends.trackAndConnect('5301') as Backend;
+	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	for (const [i, [what, frame]] of wrong.entries()) {
+		reply = frame;
+		const client = await connect(env.port, `127.0.0.${170 + i}`);
+		client.on('error', () => {});
+		client.write(framed(encodeQuery('wrong.example', 'A', 7)));
+		await closed(client);
+		t.equal(env.tcp.stats.badFirstFrame, i + 1, `${what}: counted`);
+	}
+	t.ok(be.ok, 'the backend is never faulted for it');
+	t.equal(env.tcp.stats.okTimeouts, 0);
+	await waitFor(() => env.tcp.size === 0, 2000, 10, 'every proxy released');
+});
+
+t.test('TCP log lines name the backend by be_id and be_path; trace shows the lifecycle', async (t) => {
+	const records: Array<Record<string, unknown>> = [];
+	const log = makeLogger('trace', { write: (line: string) => { records.push(JSON.parse(line) as Record<string, unknown>); } });
+	const dir = await makeSocketDir(t);
+	const sockPath = path.join(dir, '5301');
+	const answer = framedAnswer(99, 'be=logged');
+	await fakeBackend(t, sockPath, (sock) => {
+		sock.write(INBOUND_TCP_OK_FRAME);
+		sock.on('end', () => sock.end(answer));
+	});
+	const env = await rig(t, dir, 10, 512, log);
+	const be = env.backends.trackAndConnect('5301') as Backend;
+	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const client = await connect(env.port, '127.0.0.160');
+	const localPort = client.localPort;
+	client.on('error', () => {});
+	client.resume();
+	await waitFor(() => env.tcp.stats.established === 1, 2000, 10, 'the session flows');
+	client.end(framed(encodeQuery('logged.example', 'TXT', 99)));
+	await closed(client);
+	await waitFor(() => env.tcp.size === 0, 2000, 10, 'the proxy released');
+
+	const tcpLines = records.filter((r) => r.conn_id !== undefined);
+	const accepted = tcpLines.find((r) => r.msg === 'tcp connection accepted');
+	t.equal(accepted?.be_id, 5301, 'a TCP line carries be_id, so bunyan -c \'this.be_id === 5301\' finds it');
+	t.equal(accepted?.be_path, sockPath, 'and be_path');
+	t.equal(accepted?.remote_ip, '127.0.0.160', 'and the client\'s address');
+	t.equal(accepted?.remote_port, localPort, 'and port');
+	t.ok(tcpLines.length >= 3, `${tcpLines.length} TCP lines`);
+	t.same(tcpLines.filter((r) => r.be_id !== 5301 || r.be_path !== sockPath || 'backend' in r), [],
+		'every one of them names the backend the same way, and none under the old `backend` key');
+
+	type State = { name: string; client?: string; front?: string; back?: string; open?: string };
+	const steps = tcpLines.filter((r) => r.msg === 'tcp proxy state').map((r) => r.to as State);
+	t.same(tcpLines.find((r) => r.msg === 'tcp proxy state')?.from,
+		{ name: 'connecting', client: 'reading' }, 'born connecting, reading the client');
+	const names = steps.map((s) => s.name).filter((n, i, all) => i === 0 || all[i - 1] !== n);
+	t.same(names, ['awaiting OK', 'flowing', 'closing', 'closed'], 'then each state in turn');
+	t.same(steps.filter((s) => s.name === 'flowing').at(-1), { name: 'flowing', front: 'ended', back: 'ended' },
+		'both FINs passed on before a socket closed');
 });
 
 /* One TCP query on a fresh connection; resolves with the answer's id. */
