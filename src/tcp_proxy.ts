@@ -567,9 +567,9 @@ export class TcpListener {
 			return;
 		}
 		const rem = this.remotes.lookup(addr);
-		const be = rem.backend();
+		const be = rem.chooseBackend();
 		if (be === null) {
-			rem.stats.tcpDrop++;
+			rem.tcpDrop++;
 			this.stats.noBackend++;
 			const skipped = this.noBackendGate.open();
 			if (skipped >= 0) {
@@ -579,7 +579,7 @@ export class TcpListener {
 			return;
 		}
 		front.removeListener('error', ignoreError);
-		rem.stats.tcp++;
+		rem.tcp++;
 		const proxy = new TcpProxy(this, this.nextConnId++, front, rem, be, front.remotePort ?? 0);
 		this.proxies.add(proxy);
 	};

@@ -12,7 +12,7 @@ import t from 'tap';
 import pino from 'pino';
 import { type Backend, Backends } from '../src/backends.js';
 import { SERVER_HELLO_FRAME } from '../src/protocol.js';
-import { REMOTE_IDLE_EXPIRY_SECS, Remotes } from '../src/remotes.js';
+import { type Remote, REMOTE_IDLE_EXPIRY_SECS, Remotes } from '../src/remotes.js';
 import { TimeoutWheel } from '../src/timeouts.js';
 
 class FakeSocket extends EventEmitter {
@@ -68,7 +68,11 @@ function setup(names: string[], maxRemotes?: number) {
 		},
 		/* The backend a remote would use now, by id (0 for none). */
 		serve(addr: number): number {
-			return remotes.lookup(addr).backend()?.id ?? 0;
+			return remotes.lookup(addr).chooseBackend()?.id ?? 0;
+		},
+		/* The remote held for addr, without touching it: through list(), as the stats snapshot reads. */
+		held(addr: number): Remote | undefined {
+			return remotes.list().find((r) => r.addr === addr);
 		},
 	};
 }
@@ -87,7 +91,7 @@ t.test('a faulted primary lends its remotes a backup; they return when it is ok 
 	const env = setup(['5301', '5302', '5303']);
 	env.serve(ip(1));
 	env.serve(ip(2));
-	const rem = env.remotes.peek(ip(1));
+	const rem = env.held(ip(1));
 	t.equal(rem?.primary?.id, 5301);
 	env.be('5301').fault('test');
 	const backup = env.serve(ip(1));
@@ -110,7 +114,7 @@ t.test('no backend ok: no answer, and nothing is assigned', async (t) => {
 	const env = setup(['5301']);
 	env.be('5301').fault('test');
 	t.equal(env.serve(ip(9)), 0);
-	t.equal(env.remotes.peek(ip(9))?.primary, null);
+	t.equal(env.held(ip(9))?.primary, null);
 	env.up('5301');
 	t.equal(env.serve(ip(9)), 5301, 'assigned once a backend is ok');
 });
@@ -126,7 +130,7 @@ t.test('a removed primary is forgotten: the remote chooses a new primary', async
 	env.lastSocket().emit('error', Object.assign(new Error('connect ENOENT'), { code: 'ENOENT' }));
 	t.ok(old.removed);
 	t.equal(env.serve(ip(1)), 5302);
-	t.equal(env.remotes.peek(ip(1))?.primary?.id, 5302, 'new primary, not a backup');
+	t.equal(env.held(ip(1))?.primary?.id, 5302, 'new primary, not a backup');
 	t.equal(old.remotes, 0);
 	env.up('5301');
 	t.equal(env.serve(ip(1)), 5302, 'does not go back to a backend it left');
@@ -140,8 +144,8 @@ t.test('remotes idle for 300 s are expired; active ones are kept', async (t) => 
 	env.serve(ip(2));
 	env.advance(11);
 	t.equal(env.remotes.expire(), 1);
-	t.equal(env.remotes.peek(ip(1)), undefined, 'idle remote gone');
-	t.ok(env.remotes.peek(ip(2)), 'active remote kept');
+	t.equal(env.held(ip(1)), undefined, 'idle remote gone');
+	t.ok(env.held(ip(2)), 'active remote kept');
 	t.equal(env.be('5301').remotes, 0, 'its backend count released');
 	t.equal(env.be('5302').remotes, 1);
 	t.equal(env.remotes.expired, 1);
@@ -181,12 +185,12 @@ t.test('at the cap the idlest remotes are evicted, and the active ones keep thei
 			 * that it keeps its place and its primary.) */
 			env.advance(1);
 			env.serve(legit);
-			t.equal(env.remotes.peek(legit)?.primary?.id, home, `the legit remote is held after ${n + 1} strangers`);
+			t.equal(env.held(legit)?.primary?.id, home, `the legit remote is held after ${n + 1} strangers`);
 		}
 	}
 	t.equal(env.remotes.size, 100, 'held at the cap');
 	t.equal(env.remotes.evicted, created - 100, 'every one beyond the cap was evicted');
-	t.equal(env.remotes.peek(legit)?.primary?.id, home, 'the active remote is still there, on its primary');
+	t.equal(env.held(legit)?.primary?.id, home, 'the active remote is still there, on its primary');
 	t.equal(env.be('5301').remotes + env.be('5302').remotes, env.remotes.list().filter((r) => r.primary !== null).length,
 		'backend counts follow evictions');
 });
@@ -214,16 +218,16 @@ t.test('a flood of new sources within one second does not evict a host that is t
 	const env = setup(['5301', '5302'], 10);
 	const legit = ip(1);
 	const home = env.serve(legit);
-	const held = env.remotes.peek(legit);
+	const held = env.held(legit);
 	for (let n = 0; n < 200; n++) {
 		env.serve(0x0c000000 + n);
 		if (n % 5 === 4) {
 			env.serve(legit);
 		}
 	}
-	t.equal(env.remotes.peek(legit), held, 'the same remote, never evicted and re-created');
-	t.equal(env.remotes.peek(legit)?.primary?.id, home, 'on its primary');
-	t.equal(env.remotes.peek(legit)?.firstSeenMs, env.remotes.peek(legit)?.lastSeenMs, 'all in one tick');
+	t.equal(env.held(legit), held, 'the same remote, never evicted and re-created');
+	t.equal(env.held(legit)?.primary?.id, home, 'on its primary');
+	t.equal(env.held(legit)?.firstSeenMs, env.held(legit)?.lastSeenMs, 'all in one tick');
 	t.equal(env.remotes.size, 10);
 });
 
