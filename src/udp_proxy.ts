@@ -25,11 +25,14 @@
  * source arrives as a u32 (no address text is parsed or built unless a line
  * is logged), the remote is a hash lookup, the frame is written straight
  * into the backend's outgoing buffer, and a log object is built only when a
- * line will really be written.  The socket itself is udp_socket.ts's: the
- * native transport (recvmmsg/sendmmsg batches) when its addon is built,
- * Node's dgram otherwise.  Either way the datagram handed over is a view of
- * a buffer that is reused, so nothing here keeps it past the call: the
- * backend copies it into its frame, a synthesized answer is a new buffer.
+ * line will really be written.  The socket itself is a UdpTransport
+ * (udp_socket.ts), handed in by whoever builds the proxy: the balancer
+ * passes createUdpTransport()'s (the native recvmmsg/sendmmsg batches when
+ * the addon is built, Node's dgram otherwise), a test may pass a fake that
+ * it feeds datagrams by hand.  From then on the proxy owns it: listen()
+ * binds it, close() closes it.  Either way the datagram handed over is a
+ * view of a buffer that is reused, so nothing here keeps it past the call:
+ * the backend copies it into its frame, a synthesized answer is a new buffer.
  *
  * Conditions that repeat per datagram (outside --allow, oversized, not DNS,
  * over the rate, no backend ok, session stuck, a failed send) are counted
@@ -56,7 +59,7 @@ import { MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
 import { GatedLog } from './log.js';
 import type { TimeoutWheel } from './timeouts.js';
-import { createUdpTransport, type UdpTransport, type UdpTransportError } from './udp_socket.js';
+import type { UdpTransport, UdpTransportError } from './udp_socket.js';
 
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */
 export const SYNTH_ANSWERS_PER_SEC = 10;
@@ -104,6 +107,8 @@ export interface UdpProxyOptions extends UdpEdgeOptions {
 	remotes: Remotes;
 	log: Logger;
 	wheel: TimeoutWheel;
+	/** The socket, not yet bound; the proxy binds it in listen() and closes it in close(). */
+	transport: UdpTransport;
 }
 
 export class UdpProxy {
@@ -147,7 +152,7 @@ export class UdpProxy {
 		this.stuckLog = new GatedLog(w, 'warn', 'stuck backend write queue (dropping UDP packet)');
 		this.outboundErrorLog = new GatedLog(w, 'warn', 'outbound UDP packet error');
 		this.socketErrorLog = new GatedLog(w, 'warn', 'UDP socket error');
-		this.transport = createUdpTransport();
+		this.transport = opts.transport;
 	}
 
 	/** Bind; rejects with the socket error (EADDRINUSE, EACCES ...). */
@@ -277,11 +282,8 @@ export class UdpProxy {
 		this.socketErrorLog.report(this.log, { err });
 	};
 
+	/** Stop: close the transport (bound or not); idempotent, as the transport's own close(). */
 	close(): Promise<void> {
-		if (this.state !== 'listening') {
-			this.state = 'closed';
-			return Promise.resolve();
-		}
 		this.state = 'closed';
 		return this.transport.close();
 	}

@@ -1,0 +1,242 @@
+/*
+ * OPTIONS
+ *
+ * The command line of bbal, and nothing else: the flags (yargs), their help
+ * text, and the checks that turn argv into an Options object every other
+ * module can trust.  Nothing here opens a socket or reads the socket
+ * directory; whether DIR exists is the process's business (main.ts), and
+ * whether a port can be bound is found out by binding it.
+ *
+ * ONE LINE PER MISTAKE.  Every flag arrives as a string and is checked here,
+ * so that a bad value is reported as one sentence naming the flag and what
+ * it accepts ("--max-remotes "0" is not a whole number of at least 1"),
+ * thrown as a UsageError, which main turns into one line on stderr and exit
+ * status 2.  yargs's own complaints (an unknown flag, a missing value) are
+ * rethrown as UsageErrors too.  A flag given twice counts once, the last
+ * one winning, as in most Unix tools.
+ *
+ * --allow.  Each --allow may hold several prefixes separated by commas, and
+ * the flag may be repeated.  Spaces around a prefix and empty pieces (a
+ * trailing comma, a doubled one) are forgiven, because such lists are often
+ * pasted or built by a shell.  An --allow that names no prefix at all
+ * (`--allow ""`, or an empty variable expanded into it) is refused: read as
+ * "no list", it would let everyone query -- the opposite of what whoever
+ * wrote the flag meant.
+ *
+ * Defaults live with the module that owns each limit (DEFAULT_MAX_REMOTES
+ * in remotes.ts, the TCP limits in tcp_proxy.ts ...); this file only
+ * repeats them in the help text.  --help prints and makes parseArgs return
+ * null, so the process exits 0 having started nothing.
+ */
+
+import net from 'node:net';
+import yargs from 'yargs';
+import { Acl } from './dns.js';
+import { LOG_LEVELS, type LogLevel } from './log.js';
+import { DEFAULT_MAX_REMOTES } from './remotes.js';
+import { DEFAULT_STATS_SOCKET, isInside } from './stats.js';
+import { DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_TCP_IDLE_TIMEOUT_SECS } from './tcp_proxy.js';
+import type { NoBackendAction, RateLimitAction } from './udp_proxy.js';
+
+export interface Options {
+	bind: string;
+	port: number;
+	/** -s/--sockets: the directory of backend sockets. */
+	socketDir: string;
+	logLevel: LogLevel;
+	maxTcpConnections: number;
+	tcpIdleTimeoutSecs: number;
+	statsSocket: string;
+	/** -S was given: failing to open it is fatal rather than a warning. */
+	statsSocketExplicit: boolean;
+	/** --metrics HOST:PORT, or null when off. */
+	metrics: { host: string; port: number } | null;
+	noBackend: NoBackendAction;
+	maxRemotes: number;
+	/** 0: no limit. */
+	maxQpsPerRemote: number;
+	rateLimitAction: RateLimitAction;
+	/** The --allow prefixes as given (validated); empty allows everyone. */
+	allow: string[];
+	maxTcpMessageBytes: number;
+	/** Watch the socket directory for changes (off with --no-watch). */
+	watchDir: boolean;
+}
+
+/** A problem with how bbal was invoked: reported in one line, exit 2. */
+export class UsageError extends Error {
+	readonly code = 'EUSAGE';
+}
+
+/**
+ * Parse and check argv (without the node and script words).  Returns null
+ * when --help was printed.  Throws UsageError.
+ */
+export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): Options | null {
+	const parser = yargs(argv)
+		.scriptName('bbal')
+		.usage('$0 -s DIR [-b ADDR] [-p PORT] [-l LEVEL]\n\n'
+			+ 'DNS load balancer for node-mname backends listening on AF_UNIX sockets in DIR.')
+		.option('bind', { alias: 'b', type: 'string', default: '0.0.0.0', describe: 'IPv4 address to listen on (UDP and TCP)' })
+		.option('port', { alias: 'p', type: 'string', default: '53', describe: 'port to listen on' })
+		.option('sockets', { alias: 's', type: 'string', describe: 'directory of backend sockets (required)' })
+		.option('log-level', {
+			alias: 'l', type: 'string', default: 'info',
+			describe: 'trace|debug|info|warn|error|fatal (LOG_LEVEL in the environment overrides)',
+		})
+		.option('stats-socket', {
+			alias: 'S', type: 'string',
+			describe: `AF_UNIX socket serving the stats snapshot for balstat (default ${DEFAULT_STATS_SOCKET})`,
+		})
+		.option('metrics', {
+			type: 'string', describe: 'serve Prometheus metrics at http://HOST:PORT/metrics (off by default)',
+		})
+		.option('no-backend', {
+			type: 'string', default: 'servfail', describe: 'when no backend is ok: servfail (answer at once) or drop',
+		})
+		.option('max-remotes', {
+			type: 'string', default: String(DEFAULT_MAX_REMOTES),
+			describe: 'remote peers held at most; the idlest are evicted beyond',
+		})
+		.option('max-qps-per-remote', {
+			type: 'string', default: '0', describe: 'queries per second per remote address (0: no limit)',
+		})
+		.option('rate-limit-action', {
+			type: 'string', default: 'refuse', describe: 'over --max-qps-per-remote: refuse (answer REFUSED) or drop',
+		})
+		.option('allow', {
+			type: 'string', array: true, default: [],
+			describe: 'CIDR[,CIDR...] allowed to query (repeatable; default: everyone)',
+		})
+		.option('max-tcp-message', {
+			type: 'string', default: String(DEFAULT_MAX_TCP_MESSAGE_BYTES),
+			describe: 'largest DNS message a TCP client may send, in bytes',
+		})
+		.option('max-tcp-connections', {
+			type: 'string', default: String(DEFAULT_MAX_TCP_CONNECTIONS),
+			describe: 'TCP connections open at once; more are closed at accept',
+		})
+		.option('tcp-idle-timeout', {
+			type: 'string', default: String(DEFAULT_TCP_IDLE_TIMEOUT_SECS),
+			describe: 'seconds a TCP connection may pass no bytes before it is closed',
+		})
+		.option('no-watch', {
+			type: 'boolean', default: false,
+			describe: 'do not watch the socket directory; find changes by the 5-s rescan and SIGHUP only',
+		})
+		/* --no-backend is an option of its own, not "backend = false". */
+		.parserConfiguration({ 'boolean-negation': false })
+		.strict()
+		.help()
+		.alias('help', 'h')
+		.version(false)
+		.wrap(null)
+		.exitProcess(false)
+		.fail((msg, err) => {
+			throw new UsageError(msg ?? err?.message ?? 'bad arguments');
+		});
+	const args = parser.parseSync();
+	if (args.help) {
+		return null;
+	}
+	if (args._.length > 0) {
+		throw new UsageError(`unexpected argument: ${String(args._[0])}`);
+	}
+
+	const bind = lastOf(args.bind);
+	if (net.isIPv6(bind)) {
+		throw new UsageError(`listen address ${bind} is IPv6: the backend protocol carries IPv4 addresses only`);
+	}
+	if (!net.isIPv4(bind)) {
+		throw new UsageError(`listen address "${bind}" is not an IPv4 address`);
+	}
+	const portText = lastOf(args.port);
+	const port = /^\d{1,5}$/.test(portText) ? Number(portText) : NaN;
+	if (!(port >= 1 && port <= 65535)) {
+		throw new UsageError(`port "${portText}" is not a number from 1 to 65535`);
+	}
+	const socketDir = args.sockets === undefined ? '' : lastOf(args.sockets);
+	if (socketDir === '') {
+		throw new UsageError('the socket directory is required: -s DIR');
+	}
+	const level = env.LOG_LEVEL !== undefined && env.LOG_LEVEL !== '' ? env.LOG_LEVEL : lastOf(args['log-level']);
+	if (!(LOG_LEVELS as readonly string[]).includes(level)) {
+		throw new UsageError(`unknown log level "${level}"${env.LOG_LEVEL ? ' (from LOG_LEVEL)' : ''}: `
+			+ `use one of ${LOG_LEVELS.join(', ')}`);
+	}
+	const maxTcpConnections = positiveInt(lastOf(args['max-tcp-connections']), '--max-tcp-connections');
+	const tcpIdleTimeoutSecs = positiveInt(lastOf(args['tcp-idle-timeout']), '--tcp-idle-timeout');
+	const statsSocketExplicit = args['stats-socket'] !== undefined;
+	const statsSocket = statsSocketExplicit ? lastOf(args['stats-socket'] as string | string[]) : DEFAULT_STATS_SOCKET;
+	if (statsSocket === '') {
+		throw new UsageError('the stats socket path (-S) is empty');
+	}
+	if (isInside(statsSocket, socketDir)) {
+		throw new UsageError(`stats socket ${statsSocket} is inside the backend socket directory ${socketDir}: `
+			+ 'bbal would take it for a backend');
+	}
+	const metrics = args.metrics === undefined ? null : parseHostPort(lastOf(args.metrics));
+	const noBackend = oneOf(lastOf(args['no-backend']), ['servfail', 'drop'] as const, '--no-backend');
+	const rateLimitAction = oneOf(lastOf(args['rate-limit-action']), ['refuse', 'drop'] as const, '--rate-limit-action');
+	const maxRemotes = positiveInt(lastOf(args['max-remotes']), '--max-remotes');
+	const qpsText = lastOf(args['max-qps-per-remote']);
+	const maxQpsPerRemote = qpsText === '0' ? 0 : positiveInt(qpsText, '--max-qps-per-remote');
+	const maxTcpMessageBytes = positiveInt(lastOf(args['max-tcp-message']), '--max-tcp-message');
+	if (maxTcpMessageBytes < 12 || maxTcpMessageBytes > 65535) {
+		throw new UsageError(`--max-tcp-message ${maxTcpMessageBytes} is outside 12-65535 (a DNS message's size)`);
+	}
+	const allowGiven = argv.some((a) => a === '--allow' || a.startsWith('--allow='));
+	const allow = parseAllow((args.allow as unknown[]).map(String), allowGiven);
+	return {
+		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs,
+		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
+		maxTcpMessageBytes, watchDir: args['no-watch'] !== true,
+	};
+}
+
+/*
+ * Each --allow as given, once every prefix in it is known to parse (see the
+ * header).  `given`: the flag is on the command line, even with no value
+ * after it (yargs then reports no entries at all).
+ */
+function parseAllow(entries: string[], given: boolean): string[] {
+	const empty = entries.find((e) => e.split(',').every((piece) => piece.trim() === ''));
+	if (empty !== undefined || (given && entries.length === 0)) {
+		throw new UsageError(`--allow "${empty ?? ''}" names no prefix: give CIDR[,CIDR...], `
+			+ 'or leave --allow out to allow everyone');
+	}
+	try {
+		new Acl(entries);
+	} catch (err) {
+		throw new UsageError(`--allow: ${(err as Error).message}`);
+	}
+	return entries;
+}
+
+function oneOf<T extends string>(text: string, choices: readonly T[], flag: string): T {
+	if (!(choices as readonly string[]).includes(text)) {
+		throw new UsageError(`${flag} "${text}" is not one of ${choices.join(', ')}`);
+	}
+	return text as T;
+}
+
+function parseHostPort(text: string): { host: string; port: number } {
+	const m = /^(.+):(\d{1,5})$/.exec(text);
+	const port = m === null ? NaN : Number(m[2]);
+	if (m === null || !(port >= 1 && port <= 65535) || !(net.isIPv4(m[1]) || m[1] === 'localhost')) {
+		throw new UsageError(`--metrics "${text}" is not HOST:PORT with an IPv4 HOST (e.g. 127.0.0.1:9153)`);
+	}
+	return { host: m[1], port };
+}
+
+function positiveInt(text: string, flag: string): number {
+	if (!/^\d{1,9}$/.test(text) || Number(text) < 1) {
+		throw new UsageError(`${flag} "${text}" is not a whole number of at least 1`);
+	}
+	return Number(text);
+}
+
+/* A flag given twice arrives as an array: the last one wins. */
+function lastOf(v: string | string[]): string {
+	return Array.isArray(v) ? String(v[v.length - 1]) : String(v);
+}
