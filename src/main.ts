@@ -96,7 +96,7 @@ export async function main(argv: string[]): Promise<void> {
 		die(err instanceof Error ? err.message : String(err), exitStatusFor(err));
 	}
 	if (opts === null) {
-		/* --help, printed. */
+		/* --help or --version, printed. */
 		return;
 	}
 	checkSocketDir(opts.socketDir);

@@ -25,11 +25,14 @@
  *
  * Defaults live with the module that owns each limit (DEFAULT_MAX_REMOTES
  * in remotes.ts, the TCP limits in tcp_proxy.ts ...); this file only
- * repeats them in the help text.  --help prints and makes parseArgs return
- * null, so the process exits 0 having started nothing.
+ * repeats them in the help text.  --help and --version print and make
+ * parseArgs return null, so the process exits 0 having started nothing.
  */
 
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
 import { Acl } from './dns.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
@@ -69,14 +72,40 @@ export class UsageError extends Error {
 }
 
 /**
+ * The version in bbal's package.json, found by walking up from this module:
+ * dist/src/ in a checkout or an installed package, src/ under a TypeScript
+ * loader.  Read when asked, not at import, so nothing pays for it otherwise.
+ */
+export function packageVersion(): string {
+	let dir = path.dirname(fileURLToPath(import.meta.url));
+	for (;;) {
+		try {
+			const pkg = JSON.parse(readFileSync(path.join(dir, 'package.json'), 'utf8')) as { name?: unknown; version?: unknown };
+			if (pkg.name === 'bbal' && typeof pkg.version === 'string') {
+				return pkg.version;
+			}
+		} catch {
+			/* No package.json here (or not a readable one): look further up. */
+		}
+		const up = path.dirname(dir);
+		if (up === dir) {
+			return 'unknown';
+		}
+		dir = up;
+	}
+}
+
+/**
  * Parse and check argv (without the node and script words).  Returns null
- * when --help was printed.  Throws UsageError.
+ * when --help or --version was printed.  Throws UsageError.
  */
 export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): Options | null {
 	const parser = yargs(argv)
 		.scriptName('bbal')
 		.usage('$0 -s DIR [-b ADDR] [-p PORT] [-l LEVEL]\n\n'
 			+ 'DNS load balancer for node-mname backends listening on AF_UNIX sockets in DIR.')
+		/* Ours below, so that it prints the way main wants and is checked like the rest. */
+		.version(false)
 		.option('bind', { alias: 'b', type: 'string', default: '0.0.0.0', describe: 'IPv4 address to listen on (UDP and TCP)' })
 		.option('port', { alias: 'p', type: 'string', default: '53', describe: 'port to listen on' })
 		.option('sockets', { alias: 's', type: 'string', describe: 'directory of backend sockets (required)' })
@@ -124,12 +153,12 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			type: 'boolean', default: false,
 			describe: 'do not watch the socket directory; find changes by the 5-s rescan and SIGHUP only',
 		})
+		.option('version', { type: 'boolean', describe: 'print the version and exit' })
 		/* --no-backend is an option of its own, not "backend = false". */
 		.parserConfiguration({ 'boolean-negation': false })
 		.strict()
 		.help()
 		.alias('help', 'h')
-		.version(false)
 		.wrap(null)
 		.exitProcess(false)
 		.fail((msg, err) => {
@@ -137,6 +166,10 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		});
 	const args = parser.parseSync();
 	if (args.help) {
+		return null;
+	}
+	if (args.version === true) {
+		process.stdout.write(`${packageVersion()}\n`);
 		return null;
 	}
 	if (args._.length > 0) {
