@@ -12,8 +12,11 @@
  * it accepts ("--max-remotes "0" is not a whole number of at least 1"),
  * thrown as a UsageError, which main turns into one line on stderr and exit
  * status 2.  yargs's own complaints (an unknown flag, a missing value) are
- * rethrown as UsageErrors too.  A flag given twice counts once, the last
- * one winning, as in most Unix tools.
+ * rethrown as UsageErrors too, reworded to name the flag as it was typed.
+ * A flag given with no value after it is one of those: it is refused, not
+ * read as its default (`-p $PORT` with PORT unset must not listen on 53).
+ * A flag given twice counts once, the last one winning, as in most Unix
+ * tools.
  *
  * --allow.  Each --allow may hold several prefixes separated by commas, and
  * the flag may be repeated.  Spaces around a prefix and empty pieces (a
@@ -106,47 +109,47 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			+ 'DNS load balancer for node-mname backends listening on AF_UNIX sockets in DIR.')
 		/* Ours below, so that it prints the way main wants and is checked like the rest. */
 		.version(false)
-		.option('bind', { alias: 'b', type: 'string', default: '0.0.0.0', describe: 'IPv4 address to listen on (UDP and TCP)' })
-		.option('port', { alias: 'p', type: 'string', default: '53', describe: 'port to listen on' })
-		.option('sockets', { alias: 's', type: 'string', describe: 'directory of backend sockets (required)' })
+		.option('bind', { alias: 'b', type: 'string', requiresArg: true, default: '0.0.0.0', describe: 'IPv4 address to listen on (UDP and TCP)' })
+		.option('port', { alias: 'p', type: 'string', requiresArg: true, default: '53', describe: 'port to listen on' })
+		.option('sockets', { alias: 's', type: 'string', requiresArg: true, describe: 'directory of backend sockets (required)' })
 		.option('log-level', {
-			alias: 'l', type: 'string', default: 'info',
+			alias: 'l', type: 'string', requiresArg: true, default: 'info',
 			describe: 'trace|debug|info|warn|error|fatal (LOG_LEVEL in the environment overrides)',
 		})
 		.option('stats-socket', {
-			alias: 'S', type: 'string',
+			alias: 'S', type: 'string', requiresArg: true,
 			describe: `AF_UNIX socket serving the stats snapshot for balstat (default ${DEFAULT_STATS_SOCKET})`,
 		})
 		.option('metrics', {
-			type: 'string', describe: 'serve Prometheus metrics at http://HOST:PORT/metrics (off by default)',
+			type: 'string', requiresArg: true, describe: 'serve Prometheus metrics at http://HOST:PORT/metrics (off by default)',
 		})
 		.option('no-backend', {
-			type: 'string', default: 'servfail', describe: 'when no backend is ok: servfail (answer at once) or drop',
+			type: 'string', requiresArg: true, default: 'servfail', describe: 'when no backend is ok: servfail (answer at once) or drop',
 		})
 		.option('max-remotes', {
-			type: 'string', default: String(DEFAULT_MAX_REMOTES),
+			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_REMOTES),
 			describe: 'remote peers held at most; the idlest are evicted beyond',
 		})
 		.option('max-qps-per-remote', {
-			type: 'string', default: '0', describe: 'queries per second per remote address (0: no limit)',
+			type: 'string', requiresArg: true, default: '0', describe: 'queries per second per remote address (0: no limit)',
 		})
 		.option('rate-limit-action', {
-			type: 'string', default: 'refuse', describe: 'over --max-qps-per-remote: refuse (answer REFUSED) or drop',
+			type: 'string', requiresArg: true, default: 'refuse', describe: 'over --max-qps-per-remote: refuse (answer REFUSED) or drop',
 		})
 		.option('allow', {
-			type: 'string', array: true, default: [],
+			type: 'string', requiresArg: true, array: true, default: [],
 			describe: 'CIDR[,CIDR...] allowed to query (repeatable; default: everyone)',
 		})
 		.option('max-tcp-message', {
-			type: 'string', default: String(DEFAULT_MAX_TCP_MESSAGE_BYTES),
+			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_TCP_MESSAGE_BYTES),
 			describe: 'largest DNS message a TCP client may send, in bytes',
 		})
 		.option('max-tcp-connections', {
-			type: 'string', default: String(DEFAULT_MAX_TCP_CONNECTIONS),
+			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_TCP_CONNECTIONS),
 			describe: 'TCP connections open at once; more are closed at accept',
 		})
 		.option('tcp-idle-timeout', {
-			type: 'string', default: String(DEFAULT_TCP_IDLE_TIMEOUT_SECS),
+			type: 'string', requiresArg: true, default: String(DEFAULT_TCP_IDLE_TIMEOUT_SECS),
 			describe: 'seconds a TCP connection may pass no bytes before it is closed',
 		})
 		.option('no-watch', {
@@ -162,7 +165,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		.wrap(null)
 		.exitProcess(false)
 		.fail((msg, err) => {
-			throw new UsageError(msg ?? err?.message ?? 'bad arguments');
+			throw new UsageError(plainYargsMessage(msg ?? err?.message ?? 'bad arguments', argv));
 		});
 	const args = parser.parseSync();
 	if (args.help) {
@@ -218,8 +221,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 	if (maxTcpMessageBytes < 12 || maxTcpMessageBytes > 65535) {
 		throw new UsageError(`--max-tcp-message ${maxTcpMessageBytes} is outside 12-65535 (a DNS message's size)`);
 	}
-	const allowGiven = argv.some((a) => a === '--allow' || a.startsWith('--allow='));
-	const allow = parseAllow((args.allow as unknown[]).map(String), allowGiven);
+	const allow = parseAllow((args.allow as unknown[]).map(String));
 	return {
 		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs,
 		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
@@ -228,14 +230,32 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 }
 
 /*
- * Each --allow as given, once every prefix in it is known to parse (see the
- * header).  `given`: the flag is on the command line, even with no value
- * after it (yargs then reports no entries at all).
+ * yargs says "Not enough arguments following: p" and "Unknown arguments:
+ * no-such-flag, noSuchFlag" (every spelling it tried); an operator wants
+ * the flag as typed.
  */
-function parseAllow(entries: string[], given: boolean): string[] {
+function plainYargsMessage(msg: string, argv: string[]): string {
+	const missing = /^Not enough arguments following: (\S+)$/.exec(msg);
+	if (missing !== null) {
+		return `${missing[1].length === 1 ? '-' : '--'}${missing[1]} needs a value`;
+	}
+	const unknown = /^Unknown arguments?: ([^,]+)/.exec(msg);
+	if (unknown !== null) {
+		const name = unknown[1];
+		const typed = argv.find((a) => a.startsWith('-') && a.replace(/^-+/, '').split('=')[0] === name);
+		return typed === undefined ? `unexpected argument: ${name}` : `unknown flag ${typed.split('=')[0]} (see --help)`;
+	}
+	return msg;
+}
+
+/*
+ * Each --allow as given, once every prefix in it is known to parse (see the
+ * header).  An --allow with nothing after it at all is yargs's to refuse.
+ */
+function parseAllow(entries: string[]): string[] {
 	const empty = entries.find((e) => e.split(',').every((piece) => piece.trim() === ''));
-	if (empty !== undefined || (given && entries.length === 0)) {
-		throw new UsageError(`--allow "${empty ?? ''}" names no prefix: give CIDR[,CIDR...], `
+	if (empty !== undefined) {
+		throw new UsageError(`--allow "${empty}" names no prefix: give CIDR[,CIDR...], `
 			+ 'or leave --allow out to allow everyone');
 	}
 	try {
