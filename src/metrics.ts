@@ -11,7 +11,7 @@
  * Prometheus scrapes, through prom-client's collect() hooks.  The one
  * exception is the heartbeat round-trip histogram, which must see each
  * sample: backends.ts reports every answered heartbeat (one per backend
- * every five seconds) through a callback that main wires here.
+ * every five seconds) through a callback that the balancer wires here.
  *
  * Names follow Prometheus conventions: a `bbal_` prefix, `_total` on
  * counters, seconds for durations, and a `backend` label carrying the

@@ -107,7 +107,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		.scriptName('bbal')
 		.usage('$0 -s DIR [-b ADDR] [-p PORT] [-l LEVEL]\n\n'
 			+ 'DNS load balancer for node-mname backends listening on AF_UNIX sockets in DIR.')
-		/* Ours below, so that it prints the way main wants and is checked like the rest. */
+		/* Ours below (printed by parseArgs, like --help), checked for strays like the rest. */
 		.version(false)
 		.option('bind', { alias: 'b', type: 'string', requiresArg: true, default: '0.0.0.0', describe: 'IPv4 address to listen on (UDP and TCP)' })
 		.option('port', { alias: 'p', type: 'string', requiresArg: true, default: '53', describe: 'port to listen on' })
