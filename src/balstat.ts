@@ -7,6 +7,7 @@
  * --json, the snapshot exactly as bbal sent it, for scripts and jq.
  *
  *   balstat [-S PATH] [--json]
+ *   balstat --version    (bbal's version: the two come from one package)
  *
  * When nothing listens at PATH it says so in one line and exits 1: the
  * usual causes are a bbal that is not running or one started with another
@@ -15,8 +16,9 @@
 
 import net from 'node:net';
 import yargs from 'yargs';
-import { DEFAULT_STATS_SOCKET, type Snapshot } from './stats.js';
+import { packageVersion } from './options.js';
 import { ipv4ToU32 } from './protocol.js';
+import { DEFAULT_STATS_SOCKET, type Snapshot } from './stats.js';
 
 /* A fixed-width text table; numbers right-aligned, text left-aligned. */
 export function table(header: string[], rows: Array<Array<string | number>>): string {
@@ -83,14 +85,16 @@ export async function main(argv: string[]): Promise<void> {
 		args = yargs(argv)
 			.scriptName('balstat')
 			.usage('$0 [-S PATH] [--json]\n\nShow the backends and remote peers of a running bbal.')
+			/* Ours below, printed the way bbal prints it. */
+			.version(false)
 			.option('stats-socket', {
 				alias: 'S', type: 'string', default: DEFAULT_STATS_SOCKET, describe: "bbal's stats socket",
 			})
 			.option('json', { type: 'boolean', default: false, describe: 'print the raw JSON snapshot' })
+			.option('version', { type: 'boolean', describe: 'print the version and exit' })
 			.strict()
 			.help()
 			.alias('help', 'h')
-			.version(false)
 			.exitProcess(false)
 			.fail((msg, err) => {
 				throw new Error(msg ?? err?.message ?? 'bad arguments');
@@ -101,6 +105,10 @@ export async function main(argv: string[]): Promise<void> {
 		process.exit(2);
 	}
 	if (args.help) {
+		return;
+	}
+	if (args.version === true) {
+		process.stdout.write(`${packageVersion()}\n`);
 		return;
 	}
 	const p = String(args['stats-socket']);

@@ -6,17 +6,24 @@
  * host is something an operator should ask for).
  *
  * Nothing here runs per packet.  bbal already counts everything in plain
- * integer fields (Backend.stats, Remote.stats, UdpProxy.stats,
- * TcpListener.stats); the metrics are computed from those fields when
+ * integer fields (Backend.stats, UdpProxy.stats, TcpListener.stats, the
+ * remotes table's totals); the metrics are computed from those fields when
  * Prometheus scrapes, through prom-client's collect() hooks.  The one
  * exception is the heartbeat round-trip histogram, which must see each
  * sample: backend.ts reports every answered heartbeat (one per backend
- * every five seconds) through a callback that main wires here.
+ * every five seconds) through a callback that the balancer wires here.
  *
  * Names follow Prometheus conventions: a `bbal_` prefix, `_total` on
  * counters, seconds for durations, and a `backend` label carrying the
  * backend id that logs and balstat show.  Process metrics (CPU, memory,
- * event-loop lag, handles) come from prom-client's defaults.
+ * event-loop lag, handles) come from prom-client's defaults under their
+ * standard names, without the prefix (`process_cpu_seconds_total`,
+ * `process_resident_memory_bytes`, `nodejs_eventloop_lag_seconds` ...):
+ * those are what stock dashboards and alerts query, and the job and
+ * instance labels Prometheus adds already say which process they describe.
+ *
+ * This module is imported only when --metrics is given (balancer.ts loads
+ * it with import()), because prom-client costs about 10 MB of RSS.
  */
 
 import http from 'node:http';
@@ -35,7 +42,7 @@ export class Metrics {
 	constructor(src: StatsSources, private readonly log: Logger) {
 		const registers = [this.registry];
 		const backends = (): BackendView[] => src.backends.views();
-		collectDefaultMetrics({ register: this.registry, prefix: 'bbal_' });
+		collectDefaultMetrics({ register: this.registry });
 
 		new Gauge({
 			name: 'bbal_backend_up', help: 'Whether the backend is ok (1) or not (0).',

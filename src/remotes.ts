@@ -19,10 +19,10 @@
  * towards a backend's load (Backend.remoteCount), because a backup is a
  * temporary arrangement that ends by itself.
  *
- *      backend()  ->  primary ok?          yes: primary (drop any backup)
- *                     primary removed?     yes: forget it, choose afresh
- *                     backup ok?           yes: backup
- *                     otherwise            choose a new backup (or none)
+ *   chooseBackend() -> primary ok?         yes: primary (drop any backup)
+ *                      primary removed?    yes: forget it, choose afresh
+ *                      backup ok?          yes: backup
+ *                      otherwise           choose a new backup (or none)
  *
  * INDEXING.  Remotes are kept in two structures.  An AVL tree keyed by the
  * address as a u32 gives the address order that rebalancing walks (so the
@@ -56,14 +56,23 @@
  * that turns each eviction into a long scan.)
  *
  * RATE WINDOWS.  A remote can be limited to N queries a second
- * (--max-qps-per-remote), and the SERVFAILs bbal synthesizes for it are
- * limited likewise.  Each limit is a counter per remote over the current
- * second of the coarse clock: no timer, one comparison per datagram.
+ * (--max-qps-per-remote), and the answers bbal synthesizes for it (SERVFAIL,
+ * REFUSED) are limited likewise.  Each limit is a counter per remote over
+ * the current second of the coarse clock: no timer, one comparison per
+ * datagram.  The two counters share one window (the second they count in),
+ * opened by whichever of them is asked first in a new second, so a remote
+ * carries one second field rather than one per limit.
+ *
+ * COUNTERS.  A remote's counters (RemoteStats: udp, udpDrop, tcp ...) are
+ * plain fields of the Remote itself, incremented by the proxies and read by
+ * the stats snapshot, rather than an object of their own: one object fewer
+ * per remote, about 40 bytes, or 4 MB at the 100,000-remote cap.
  *
  * LOGS.  New remotes and their assignments are logged, as the original did,
- * but through a gate that lets a burst through every 5 seconds and counts
- * the rest: under a flood of new sources, or when a backend with thirty
- * thousand remotes faults, the log says how many, not each one.
+ * but each kind of line through a gate of its own (log.ts's GatedLog) that
+ * lets a burst through every 5 seconds and counts the rest: under a flood of
+ * new sources, or when a backend with thirty thousand remotes faults, the
+ * log says how many, not each one.
  *
  * Times are taken from the timeout wheel's tick ("now" to the nearest
  * second), so a datagram costs no clock read.  Each remote's child logger
@@ -77,7 +86,7 @@ import type { Logger } from 'pino';
 import { AVLTree } from 'avl';
 import type { Backend, Backends } from './backends.js';
 import { u32ToIpv4 } from './protocol.js';
-import { LogGate } from './log.js';
+import { GatedLog } from './log.js';
 import type { TimeoutWheel } from './timeouts.js';
 
 export const REMOTE_IDLE_EXPIRY_SECS = 300;
@@ -86,6 +95,7 @@ export const DEFAULT_MAX_REMOTES = 100_000;
 /* Remote log lines let through per gate interval before counting instead. */
 const REMOTE_LOG_BURST = 50;
 
+/** A remote's counters, as the stats snapshot shows them (fields of the Remote itself). */
 export interface RemoteStats {
 	udp: number;
 	udpDrop: number;
@@ -97,15 +107,10 @@ export interface RemoteStats {
 	rateLimited: number;
 }
 
-export class Remote {
+export class Remote implements RemoteStats {
 	primary: Backend | null = null;
 	backup: Backend | null = null;
-	/*
-	 * The counters (RemoteStats) live in the object itself, not in an
-	 * object of their own: one fewer object per remote, about 40 bytes, or
-	 * 4 MB at the 100,000-remote cap.  `stats` is the same object seen as
-	 * its counters.
-	 */
+	/* The counters live here, not in an object of their own (see COUNTERS above). */
 	udp = 0;
 	udpDrop = 0;
 	tcp = 0;
@@ -125,10 +130,10 @@ export class Remote {
 	queuePrev: Remote | null = null;
 	queueNext: Remote | null = null;
 	private logger: Logger | null = null;
-	private qpsSecond = -1;
-	private qpsCount = 0;
-	private synthSecond = -1;
-	private synthCount = 0;
+	/* The rate window: the second it counts in, and what was counted in it. */
+	private windowSec = -1;
+	private windowQueries = 0;
+	private windowSynthesized = 0;
 
 	constructor(
 		private readonly table: Remotes,
@@ -149,26 +154,27 @@ export class Remote {
 
 	/** Count a query against the per-second limit; false when over it. */
 	admitQuery(limit: number): boolean {
-		const sec = this.lastSeenSec;
-		if (sec !== this.qpsSecond) {
-			this.qpsSecond = sec;
-			this.qpsCount = 0;
-		}
-		return ++this.qpsCount <= limit;
+		this.windowAt(this.lastSeenSec);
+		return ++this.windowQueries <= limit;
 	}
 
 	/** May bbal send this remote another synthesized answer this second? */
 	admitSynthesized(limit: number): boolean {
-		const sec = this.lastSeenSec;
-		if (sec !== this.synthSecond) {
-			this.synthSecond = sec;
-			this.synthCount = 0;
-		}
-		return ++this.synthCount <= limit;
+		this.windowAt(this.lastSeenSec);
+		return ++this.windowSynthesized <= limit;
 	}
 
-	get stats(): RemoteStats {
-		return this;
+	/*
+	 * Move the rate window to second `sec`, emptying it when that is a new
+	 * second.  lastSeenSec is the second of the datagram being handled: a
+	 * remote is looked up (and so marked seen) before it is admitted.
+	 */
+	private windowAt(sec: number): void {
+		if (sec !== this.windowSec) {
+			this.windowSec = sec;
+			this.windowQueries = 0;
+			this.windowSynthesized = 0;
+		}
 	}
 
 	get ip(): string {
@@ -183,16 +189,17 @@ export class Remote {
 	}
 
 	/**
-	 * The backend that should serve this remote now, or null when no
-	 * backend is ok.  May assign a primary or a backup on the way.
+	 * Choose the backend that serves this remote now (the diagram above),
+	 * assigning a primary or a backup and logging it when that changes;
+	 * null when no backend is ok.  Called for every query and connection.
 	 */
-	backend(): Backend | null {
+	chooseBackend(): Backend | null {
 		const p = this.primary;
 		if (p !== null) {
 			if (p.ok) {
 				if (this.backup !== null) {
 					this.backup = null;
-					this.table.logAssignment(this, p, 'remote assigned to original primary backend');
+					this.table.logAssignment(this, p, 'returned');
 				}
 				return p;
 			}
@@ -209,7 +216,7 @@ export class Remote {
 			return null;
 		}
 		this.setPrimary(be);
-		this.table.logAssignment(this, be, 'remote assigned to new primary backend');
+		this.table.logAssignment(this, be, 'primary');
 		return be;
 	}
 
@@ -221,7 +228,7 @@ export class Remote {
 		const be = this.table.backends.select();
 		this.backup = be;
 		if (be !== null) {
-			this.table.logAssignment(this, be, 'remote assigned to new backup backend');
+			this.table.logAssignment(this, be, 'backup');
 		}
 		return be;
 	}
@@ -243,6 +250,9 @@ export class Remote {
 	}
 }
 
+/* What a remote was just assigned: each is a log condition of its own. */
+export type Assignment = 'primary' | 'backup' | 'returned';
+
 export class Remotes {
 	readonly log: Logger;
 	readonly backends: Backends;
@@ -258,9 +268,9 @@ export class Remotes {
 	readonly epochMs: number;
 	private queueHead: Remote | null = null;
 	private queueTail: Remote | null = null;
-	private readonly newGate: LogGate;
-	private readonly assignGate: LogGate;
-	private readonly evictGate: LogGate;
+	private readonly newRemoteLog: GatedLog;
+	private readonly assignmentLogs: Record<Assignment, GatedLog>;
+	private readonly evictLog: GatedLog;
 
 	constructor(opts: { log: Logger; backends: Backends; wheel: TimeoutWheel; maxRemotes?: number }) {
 		this.log = opts.log;
@@ -269,16 +279,25 @@ export class Remotes {
 		this.maxRemotes = opts.maxRemotes ?? DEFAULT_MAX_REMOTES;
 		this.epochMs = opts.wheel.nowMs;
 		assert(this.maxRemotes >= 1, 'maxRemotes must be at least 1');
-		this.newGate = new LogGate(opts.wheel, 5, REMOTE_LOG_BURST);
-		this.assignGate = new LogGate(opts.wheel, 5, REMOTE_LOG_BURST);
-		this.evictGate = new LogGate(opts.wheel);
+		const burst = { burst: REMOTE_LOG_BURST };
+		this.newRemoteLog = new GatedLog(opts.wheel, 'info', 'new remote peer', burst);
+		this.assignmentLogs = {
+			primary: new GatedLog(opts.wheel, 'info', 'remote assigned to new primary backend', burst),
+			backup: new GatedLog(opts.wheel, 'info', 'remote assigned to new backup backend', burst),
+			returned: new GatedLog(opts.wheel, 'info', 'remote assigned to original primary backend', burst),
+		};
+		this.evictLog = new GatedLog(opts.wheel, 'warn', 'remotes table full: evicted the idlest remote');
 	}
 
-	logAssignment(rem: Remote, be: Backend, msg: string): void {
-		const skipped = this.assignGate.open();
-		if (skipped >= 0) {
-			rem.log.info({ be_id: be.id, primary_be_id: rem.primary?.id ?? 0, not_logged: skipped }, msg);
-		}
+	/*
+	 * Through the table's logger with remote_ip as a field, not through
+	 * rem.log: that would make a child logger for every remote assigned,
+	 * logged or not.
+	 */
+	logAssignment(rem: Remote, be: Backend, what: Assignment): void {
+		this.assignmentLogs[what].report(this.log, () => ({
+			remote_ip: rem.ip, be_id: be.id, primary_be_id: rem.primary?.id ?? 0,
+		}));
 	}
 
 	get size(): number {
@@ -297,20 +316,12 @@ export class Remotes {
 			this.byAddr.set(addr, rem);
 			this.ordered.insert(addr, rem);
 			this.enqueue(rem);
-			const skipped = this.newGate.open();
-			if (skipped >= 0) {
-				this.log.info({ remote_ip: rem.ip, not_logged: skipped }, 'new remote peer');
-			}
+			this.newRemoteLog.report(this.log, () => ({ remote_ip: u32ToIpv4(addr) }));
 		} else {
 			rem.lastSeenSec = now;
 			rem.referenced = true;
 		}
 		return rem;
-	}
-
-	/** Without creating or touching: for tests and the stats snapshot. */
-	peek(addr: number): Remote | undefined {
-		return this.byAddr.get(addr);
 	}
 
 	/** Every remote in address order. */
@@ -349,11 +360,7 @@ export class Remotes {
 			}
 			this.remove(rem);
 			this.evicted++;
-			const skipped = this.evictGate.open();
-			if (skipped >= 0) {
-				this.log.warn({ max_remotes: this.maxRemotes, remote_ip: rem.ip, not_logged: skipped },
-					'remotes table full: evicted the idlest remote');
-			}
+			this.evictLog.report(this.log, () => ({ max_remotes: this.maxRemotes, remote_ip: rem.ip }));
 			return;
 		}
 	}

@@ -75,7 +75,7 @@ export interface Snapshot {
 	timeouts: TimeoutInfo[];
 }
 
-/** What the snapshot is taken from; main hands over the live objects. */
+/** What the snapshot is taken from: the balancer hands over its live objects (Balancer.statsSources). */
 export interface StatsSources {
 	backends: Backends;
 	remotes: Remotes;

@@ -537,16 +537,16 @@ export class TcpListener {
 			return;
 		}
 		const rem = this.remotes.lookup(addr);
-		const be = rem.backend();
+		const be = rem.chooseBackend();
 		if (be === null) {
-			rem.stats.tcpDrop++;
+			rem.tcpDrop++;
 			this.stats.noBackend++;
 			this.noBackendLog.report(rem.log);
 			front.destroy();
 			return;
 		}
 		front.removeListener('error', ignoreError);
-		rem.stats.tcp++;
+		rem.tcp++;
 		const proxy = new TcpProxy(this, this.nextConnId++, front, rem, be, front.remotePort ?? 0);
 		this.proxies.add(proxy);
 	};

@@ -25,16 +25,24 @@
  * source arrives as a u32 (no address text is parsed or built unless a line
  * is logged), the remote is a hash lookup, the frame is written straight
  * into the backend's outgoing buffer, and a log object is built only when a
- * line will really be written.  The socket itself is udp_socket.ts's: the
- * native transport (recvmmsg/sendmmsg batches) when its addon is built,
- * Node's dgram otherwise.  Either way the datagram handed over is a view of
- * a buffer that is reused, so nothing here keeps it past the call: the
- * backend copies it into its frame, a synthesized answer is a new buffer.
+ * line will really be written.  The socket itself is a UdpTransport
+ * (udp_socket.ts), handed in by whoever builds the proxy: the balancer
+ * passes createUdpTransport()'s (the native recvmmsg/sendmmsg batches when
+ * the addon is built, Node's dgram otherwise), a test may pass a fake that
+ * it feeds datagrams by hand.  From then on the proxy owns it: listen()
+ * binds it, close() closes it.  Either way the datagram handed over is a
+ * view of a buffer that is reused, so nothing here keeps it past the call:
+ * the backend copies it into its frame, a synthesized answer is a new buffer.
  *
- * Conditions that repeat per datagram (oversized, no backend ok, session
- * stuck) are counted every time, on the remote and here, and logged at most
- * once per 5 seconds per kind, with the number of occurrences that were not
- * logged.  A flood of bad datagrams must not turn into a flood of log lines.
+ * Conditions that repeat per datagram (outside --allow, oversized, not DNS,
+ * over the rate, no backend ok, session stuck, a failed send) are counted
+ * every time, on the remote and here, and each is logged through a GatedLog
+ * of its own (log.ts): at most once per 5 seconds per kind, with the number
+ * of occurrences that were not logged.  A flood of bad datagrams must not
+ * turn into a flood of log lines.  Their fields are built by a function
+ * that runs only when a line is written; the remote's address is logged as
+ * a field rather than through the remote's child logger, which would make
+ * a logger for every remote that merely hit a condition.
  *
  * What it does not do: decode DNS (that belongs to the backends), or hold a
  * datagram for a backend that cannot take it (a stuck session drops; see
@@ -49,9 +57,9 @@ import {
 } from './dns.js';
 import { MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
-import { LogGate } from './log.js';
+import { GatedLog } from './log.js';
 import type { TimeoutWheel } from './timeouts.js';
-import { createUdpTransport, type UdpTransport, type UdpTransportError } from './udp_socket.js';
+import type { UdpTransport, UdpTransportError } from './udp_socket.js';
 
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */
 export const SYNTH_ANSWERS_PER_SEC = 10;
@@ -95,6 +103,14 @@ export interface UdpProxyStats {
 	refused: number;
 }
 
+export interface UdpProxyOptions extends UdpEdgeOptions {
+	remotes: Remotes;
+	log: Logger;
+	wheel: TimeoutWheel;
+	/** The socket, not yet bound; the proxy binds it in listen() and closes it in close(). */
+	transport: UdpTransport;
+}
+
 export class UdpProxy {
 	readonly stats: UdpProxyStats = {
 		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, sendErrors: 0,
@@ -103,13 +119,14 @@ export class UdpProxy {
 	private readonly transport: UdpTransport;
 	private readonly remotes: Remotes;
 	private readonly log: Logger;
-	private readonly oversizeGate: LogGate;
-	private readonly noBackendGate: LogGate;
-	private readonly stuckGate: LogGate;
-	private readonly sendErrorGate: LogGate;
-	private readonly invalidGate: LogGate;
-	private readonly aclGate: LogGate;
-	private readonly rateGate: LogGate;
+	private readonly aclLog: GatedLog;
+	private readonly oversizeLog: GatedLog;
+	private readonly invalidLog: GatedLog;
+	private readonly rateLog: GatedLog;
+	private readonly noBackendLog: GatedLog;
+	private readonly stuckLog: GatedLog;
+	private readonly outboundErrorLog: GatedLog;
+	private readonly socketErrorLog: GatedLog;
 	private readonly acl: Acl | null;
 	private readonly servfailOnNoBackend: boolean;
 	private readonly maxQps: number;
@@ -118,7 +135,7 @@ export class UdpProxy {
 	private readonly trace: boolean;
 	private state: 'new' | 'listening' | 'closed' = 'new';
 
-	constructor(opts: { remotes: Remotes; log: Logger; wheel: TimeoutWheel } & UdpEdgeOptions) {
+	constructor(opts: UdpProxyOptions) {
 		this.remotes = opts.remotes;
 		this.log = opts.log;
 		this.acl = opts.acl === undefined || opts.acl.open ? null : opts.acl;
@@ -126,14 +143,16 @@ export class UdpProxy {
 		this.maxQps = opts.maxQpsPerRemote ?? 0;
 		this.refuseOverRate = (opts.rateLimitAction ?? 'refuse') === 'refuse';
 		this.trace = opts.log.isLevelEnabled('trace');
-		this.invalidGate = new LogGate(opts.wheel);
-		this.aclGate = new LogGate(opts.wheel);
-		this.rateGate = new LogGate(opts.wheel);
-		this.oversizeGate = new LogGate(opts.wheel);
-		this.noBackendGate = new LogGate(opts.wheel);
-		this.stuckGate = new LogGate(opts.wheel);
-		this.sendErrorGate = new LogGate(opts.wheel);
-		this.transport = createUdpTransport();
+		const w = opts.wheel;
+		this.aclLog = new GatedLog(w, 'warn', 'query from outside --allow (dropped)');
+		this.oversizeLog = new GatedLog(w, 'warn', 'dropping oversized UDP packet');
+		this.invalidLog = new GatedLog(w, 'warn', 'dropping UDP packet that is not a DNS query');
+		this.rateLog = new GatedLog(w, 'warn', 'remote over its query rate limit');
+		this.noBackendLog = new GatedLog(w, 'warn', 'no backend for remote');
+		this.stuckLog = new GatedLog(w, 'warn', 'stuck backend write queue (dropping UDP packet)');
+		this.outboundErrorLog = new GatedLog(w, 'warn', 'outbound UDP packet error');
+		this.socketErrorLog = new GatedLog(w, 'warn', 'UDP socket error');
+		this.transport = opts.transport;
 	}
 
 	/** Bind; rejects with the socket error (EADDRINUSE, EACCES ...). */
@@ -161,10 +180,9 @@ export class UdpProxy {
 		} else {
 			/* A port of 0 or over 65535, or a payload too big for UDP. */
 			this.stats.sendErrors++;
-			if (this.sendErrorGate.open() >= 0) {
-				const err = new Error(`cannot send ${payload.length} bytes to port ${port}`);
-				from.log.warn({ err, dest_ip: u32ToIpv4(addr), dest_port: port }, 'outbound UDP packet error');
-			}
+			this.outboundErrorLog.report(from.log, () => ({
+				err: new Error(`cannot send ${payload.length} bytes to port ${port}`), dest_ip: u32ToIpv4(addr), dest_port: port,
+			}));
 		}
 	}
 
@@ -177,10 +195,7 @@ export class UdpProxy {
 		this.stats.received++;
 		if (this.acl !== null && !this.acl.allows(addr)) {
 			this.stats.aclDropped++;
-			const skipped = this.aclGate.open();
-			if (skipped >= 0) {
-				this.log.warn({ remote_ip: u32ToIpv4(addr), not_logged: skipped }, 'query from outside --allow (dropped)');
-			}
+			this.aclLog.report(this.log, () => ({ remote_ip: u32ToIpv4(addr) }));
 			return;
 		}
 		const rem = this.remotes.lookup(addr);
@@ -190,63 +205,48 @@ export class UdpProxy {
 			 * only be reassembled fragments or junk, and the protocol cannot
 			 * carry it anyway.
 			 */
-			rem.stats.udpDrop++;
+			rem.udpDrop++;
 			this.stats.oversize++;
-			const skipped = this.oversizeGate.open();
-			if (skipped >= 0) {
-				rem.log.warn({ len, max: MAX_UDP_PAYLOAD_BYTES, not_logged: skipped },
-					'dropping oversized UDP packet');
-			}
+			this.oversizeLog.report(this.log, () => ({ remote_ip: rem.ip, len, max: MAX_UDP_PAYLOAD_BYTES }));
 			return;
 		}
 		const problem = checkQueryHeader(msg);
 		if (problem !== HEADER_OK) {
-			rem.stats.udpInvalid++;
+			rem.udpInvalid++;
 			this.stats.invalid++;
-			const skipped = this.invalidGate.open();
-			if (skipped >= 0) {
-				rem.log.warn({ len: msg.length, problem: HEADER_PROBLEMS[problem], not_logged: skipped },
-					'dropping UDP packet that is not a DNS query');
-			}
+			this.invalidLog.report(this.log, () => ({
+				remote_ip: rem.ip, len: msg.length, problem: HEADER_PROBLEMS[problem],
+			}));
 			return;
 		}
 		if (this.maxQps > 0 && !rem.admitQuery(this.maxQps)) {
-			rem.stats.rateLimited++;
+			rem.rateLimited++;
 			this.stats.rateLimited++;
-			const skipped = this.rateGate.open();
-			if (skipped >= 0) {
-				rem.log.warn({ max_qps: this.maxQps, not_logged: skipped }, 'remote over its query rate limit');
-			}
+			this.rateLog.report(this.log, () => ({ remote_ip: rem.ip, max_qps: this.maxQps }));
 			if (this.refuseOverRate && this.answer(rem, msg, addr, port, RCODE_REFUSED)) {
 				this.stats.refused++;
 			}
 			return;
 		}
-		const be = rem.backend();
+		const be = rem.chooseBackend();
 		if (be === null) {
-			rem.stats.udpDrop++;
+			rem.udpDrop++;
 			this.stats.noBackend++;
-			const skipped = this.noBackendGate.open();
-			if (skipped >= 0) {
-				rem.log.warn({ not_logged: skipped, answer: this.servfailOnNoBackend ? 'SERVFAIL' : 'none' },
-					'no backend for remote');
-			}
+			this.noBackendLog.report(this.log, () => ({
+				remote_ip: rem.ip, answer: this.servfailOnNoBackend ? 'SERVFAIL' : 'none',
+			}));
 			if (this.servfailOnNoBackend && this.answer(rem, msg, addr, port, RCODE_SERVFAIL)) {
 				this.stats.servfail++;
 			}
 			return;
 		}
 		if (!be.sendUdp(addr, port, msg)) {
-			rem.stats.udpDrop++;
+			rem.udpDrop++;
 			this.stats.stuck++;
-			const skipped = this.stuckGate.open();
-			if (skipped >= 0) {
-				be.log.warn({ remote_ip: u32ToIpv4(addr), not_logged: skipped },
-					'stuck backend write queue (dropping UDP packet)');
-			}
+			this.stuckLog.report(be.log, () => ({ remote_ip: u32ToIpv4(addr) }));
 			return;
 		}
-		rem.stats.udp++;
+		rem.udp++;
 		this.stats.forwarded++;
 		if (this.trace) {
 			rem.log.trace({ be_id: be.id, remote_port: port, query: describeQuery(msg) }, 'forwarded UDP query');
@@ -279,16 +279,11 @@ export class UdpProxy {
 	 */
 	private readonly socketOnError = (err: UdpTransportError): void => {
 		this.stats.sendErrors += err.dropped ?? 1;
-		if (this.sendErrorGate.open() >= 0) {
-			this.log.warn({ err }, 'UDP socket error');
-		}
+		this.socketErrorLog.report(this.log, { err });
 	};
 
+	/** Stop: close the transport (bound or not); idempotent, as the transport's own close(). */
 	close(): Promise<void> {
-		if (this.state !== 'listening') {
-			this.state = 'closed';
-			return Promise.resolve();
-		}
 		this.state = 'closed';
 		return this.transport.close();
 	}

@@ -85,8 +85,13 @@ t.test('/metrics parses as Prometheus text and its counters move with traffic', 
 	const before = parseMetrics(first.body);
 	t.equal(value(before, 'bbal_backend_up', { backend: '5301' }), 1, 'backend 5301 up');
 	t.equal(value(before, 'bbal_backend_up', { backend: '5302' }), 1, 'backend 5302 up');
-	t.ok(before.some((s) => s.name === 'bbal_process_cpu_user_seconds_total'), 'process metrics');
-	t.ok(before.some((s) => s.name === 'bbal_nodejs_eventloop_lag_seconds'), 'event-loop metrics');
+	for (const name of ['process_cpu_seconds_total', 'process_resident_memory_bytes', 'nodejs_eventloop_lag_seconds']) {
+		t.ok(before.some((s) => s.name === name), `${name}: prom-client's default under its standard name`);
+	}
+	t.same(before.map((s) => s.name).filter((n) => /^bbal_(process|nodejs)_/.test(n)), [],
+		'no default metric under the bbal_ prefix');
+	t.same([...new Set(before.map((s) => s.name).filter((n) => !/^(bbal|process|nodejs)_/.test(n)))], [],
+		'every metric is bbal_, process_ or nodejs_');
 	const fwd0 = value(before, 'bbal_udp_forwarded_total');
 
 	for (let n = 1; n <= 4; n++) {

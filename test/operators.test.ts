@@ -1,14 +1,14 @@
 /*
  * What an operator sees and does, end to end: the stats socket and balstat
  * (JSON and tables) against real traffic, the startup errors around -S, the
- * stats socket file's life (stale, shared, removed on exit), the signals
+ * stats socket file's life (stale, shared, removed on exit), --version, the signals
  * (SIGTERM/SIGINT with TCP drain, SIGHUP rescan, SIGUSR2 snapshot) and the
  * `npm start` demo fleet.  Clients use 127.0.0.200-254 and 127.0.1.x.
  */
 
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import dgram from 'node:dgram';
-import { existsSync, lstatSync } from 'node:fs';
+import { existsSync, lstatSync, readFileSync } from 'node:fs';
 import { rename, rm } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -173,6 +173,18 @@ t.test('balstat tables list every backend path and every remote, in address orde
 		lines.findIndex((l, i) => i > rIdx && l.split(/\s+/)[0] === a));
 	t.ok(order.every((i) => i > rIdx), `every remote listed: ${order}`);
 	t.same([...order].sort((a, b) => a - b), order, '127.0.1.9 before 127.0.1.10 before 127.0.1.100');
+});
+
+t.test('bbal --version and balstat --version print the package version and exit 0', async (t) => {
+	const pkg = JSON.parse(readFileSync(path.join(projectRoot, 'package.json'), 'utf8')) as { version: string };
+	t.match(pkg.version, /^\d+\.\d+\.\d+/, 'package.json has a version');
+	const bbal = await runBbal(['--version']);
+	t.same({ code: bbal.code, stdout: bbal.stdout, stderr: bbal.stderr }, { code: 0, stdout: `${pkg.version}\n`, stderr: '' },
+		'bbal: the version alone, no -s needed');
+	const stat = await balstat(['--version']);
+	t.same(stat, { code: 0, stdout: `${pkg.version}\n`, stderr: '' }, 'balstat: the same version');
+	const bad = await runBbal(['--version', '--no-such-flag']);
+	t.equal(bad.code, 2, 'an unknown flag beside it is still a usage error');
 });
 
 t.test('a bad stats path is one line on stderr for balstat and for bbal', async (t) => {

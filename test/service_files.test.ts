@@ -26,7 +26,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import t from 'tap';
-import { parseArgs } from '../src/main.js';
+import { parseArgs } from '../src/options.js';
 import { isInside } from '../src/stats.js';
 import { DEFAULT_MAX_TCP_CONNECTIONS, TCP_DRAIN_MS } from '../src/tcp_proxy.js';
 
@@ -303,7 +303,7 @@ t.test('SMF manifest: the bbal service', async (t) => {
 	t.equal(path.basename(cmd.program), 'bbal', `start runs bbal (${cmd.program})`);
 	t.ok(path.isAbsolute(cmd.program), 'by absolute path (SMF\'s PATH is only /usr/sbin:/usr/bin)');
 	const opts = parseArgs(cmd.args, {});
-	t.equal(opts?.sockets, SOCKET_DIR, `start passes -s ${SOCKET_DIR}`);
+	t.equal(opts?.socketDir, SOCKET_DIR, `start passes -s ${SOCKET_DIR}`);
 	t.equal(opts?.port, 53, 'and listens on port 53');
 
 	/*
@@ -367,7 +367,7 @@ t.test('systemd unit', async (t) => {
 	t.equal(path.basename(cmd.program), 'bbal', `ExecStart runs bbal (${cmd.program})`);
 	t.notOk(cmd.background, 'in the foreground');
 	const opts = parseArgs(cmd.args, {});
-	t.equal(opts?.sockets, SOCKET_DIR, `ExecStart passes -s ${SOCKET_DIR}`);
+	t.equal(opts?.socketDir, SOCKET_DIR, `ExecStart passes -s ${SOCKET_DIR}`);
 
 	const user = last(unit, 'Service', 'User');
 	const dynamic = isYes(last(unit, 'Service', 'DynamicUser'));
@@ -434,7 +434,7 @@ t.test('SMF and systemd run the same balancer', async (t) => {
 	t.equal(sd.program, smf.program, `the same installed program (${smf.program})`);
 	const a = parseArgs(smf.args, {});
 	const b = parseArgs(sd.args, {});
-	t.same({ bind: b?.bind, port: b?.port, sockets: b?.sockets, logLevel: b?.logLevel },
-		{ bind: a?.bind, port: a?.port, sockets: a?.sockets, logLevel: a?.logLevel },
+	t.same({ bind: b?.bind, port: b?.port, socketDir: b?.socketDir, logLevel: b?.logLevel },
+		{ bind: a?.bind, port: a?.port, socketDir: a?.socketDir, logLevel: a?.logLevel },
 		'the same address, port, socket directory and log level');
 });

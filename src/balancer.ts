@@ -1,0 +1,327 @@
+/*
+ * BALANCER
+ *
+ * One running bbal, without the process around it: every subsystem built
+ * and wired together, the 1-second tick that drives the timeout wheel, and
+ * the periodic jobs that span modules.  main.ts makes one from the command
+ * line; a test makes one in-process, with its own clock and a UDP transport
+ * it can feed by hand, against real backends in a temporary directory.
+ *
+ * WIRING.  The arrows go one way: the proxies ask remotes for a backend,
+ * and remotes ask the backends registry to select one; backends never call
+ * up.  Where a lower module must hand something upwards (an OUTBOUND_UDP
+ * frame that the UDP socket must send, a heartbeat's round trip for the
+ * metrics) the balancer passes it a callback.  No module keeps state in
+ * globals: everything a subsystem needs is handed to it here.
+ *
+ * PERIODIC JOBS.  Three timeouts on the wheel, re-armed each time they fire:
+ *
+ *   rescan     every RESCAN_INTERVAL_SECS (5)       read the socket directory
+ *   rebalance  every REBALANCE_INTERVAL_SECS (15)   ask the registry for a plan,
+ *                                                   tell remotes to carry it out
+ *   expiry     every REMOTE_EXPIRY_CHECK_SECS (30)  forget idle remotes
+ *
+ * Rebalancing lives here rather than in either module it touches, which
+ * breaks the backends <-> remotes circle of the C original.  The jobs are
+ * armed when the balancer is built, so a test driving the wheel with run()
+ * gets them without start(); close() disarms them.
+ *
+ * LIFECYCLE.
+ *
+ *   new --start()--> starting --(backends settled, ports bound)--> running
+ *    |                  |                                             |
+ *    +------------------+------------- close() ----------------------+
+ *                                        |
+ *                                     closing --(all closed)--> closed
+ *
+ * start() finds the backends and gives them a moment to say hello before it
+ * binds the DNS ports (see start()).  close() may come at any point, even
+ * while start() is waiting; start() then returns without binding.  close()
+ * is idempotent: every call returns the same promise, which resolves once
+ * the listeners have closed (TCP sessions drained for up to 3 s), the
+ * backends' sessions are gone and no timeout is left armed on the wheel.
+ *
+ * STARTUP ERRORS are thrown from start(): a listen error from the UDP or
+ * TCP socket as it is (main describes it), a stats socket that cannot be
+ * opened as a StatsSocketError, a metrics port as a StartupError; each
+ * carries enough for one line on stderr.
+ */
+
+import type { Logger } from 'pino';
+import {
+	Backends, REBALANCE_INTERVAL_SECS, RESCAN_INTERVAL_SECS,
+} from './backends.js';
+import { Acl } from './dns.js';
+import type { Metrics } from './metrics.js';
+import type { Options } from './options.js';
+import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
+import { StatsServer, type StatsSources, takeSnapshot } from './stats.js';
+import { TcpListener } from './tcp_proxy.js';
+import { type Clock, monotonicClock, type Timeout, TimeoutWheel } from './timeouts.js';
+import { UdpProxy } from './udp_proxy.js';
+import { createUdpTransport, type UdpTransport } from './udp_socket.js';
+
+export const TICK_MS = 1000;
+/* How long start() waits for the backends it finds to connect before it opens the DNS ports. */
+export const STARTUP_BACKEND_WAIT_MS = 1000;
+/* How often start() looks whether they have. */
+const STARTUP_POLL_MS = 5;
+
+/** A listener other than DNS could not start: reported in one line, exit 1. */
+export class StartupError extends Error {
+	readonly code = 'ESTARTUP';
+}
+
+/**
+ * What a Balancer is built from: the parsed options (all but the address,
+ * port and socket directory optional, defaulting as on the command line),
+ * a logger, and optionally a clock and a UDP transport.
+ */
+export type BalancerOptions = Pick<Options, 'bind' | 'port' | 'socketDir'>
+	& Partial<Omit<Options, 'bind' | 'port' | 'socketDir' | 'logLevel' | 'statsSocket' | 'statsSocketExplicit'>>
+	& {
+		log: Logger;
+		clock?: Clock;
+		/** The UDP socket, unbound (default: createUdpTransport()); the balancer owns it from now on. */
+		transport?: UdpTransport;
+		/** Serve the stats snapshot here (none when absent). */
+		statsSocket?: string;
+		/** When false, a stats socket that cannot be opened is only a warning. */
+		statsSocketRequired?: boolean;
+	};
+
+export type BalancerState = 'new' | 'starting' | 'running' | 'closing' | 'closed';
+
+export class Balancer {
+	readonly wheel: TimeoutWheel;
+	readonly backends: Backends;
+	readonly remotes: Remotes;
+	readonly udp: UdpProxy;
+	readonly tcp: TcpListener;
+	readonly log: Logger;
+	readonly startedAt = new Date();
+	private lifecycle: BalancerState = 'new';
+	private stats: StatsServer | null = null;
+	private metrics: Metrics | null = null;
+	private tick: NodeJS.Timeout | null = null;
+	private closing: Promise<void> | null = null;
+	private readonly rescanTimeout: Timeout;
+	private readonly rebalanceTimeout: Timeout;
+	private readonly expiryTimeout: Timeout;
+
+	constructor(private readonly opts: BalancerOptions) {
+		this.log = opts.log;
+		this.wheel = new TimeoutWheel(opts.clock ?? monotonicClock);
+		this.backends = new Backends({
+			socketDir: opts.socketDir,
+			log: this.log,
+			wheel: this.wheel,
+			onOutboundUdp: (addr, port, payload, be) => this.udp.sendOutbound(addr, port, payload, be),
+			onHeartbeatRtt: (be, ms) => this.metrics?.observeHeartbeatRtt(be, ms),
+		});
+		this.remotes = new Remotes({
+			log: this.log, backends: this.backends, wheel: this.wheel, maxRemotes: opts.maxRemotes,
+		});
+		/* One ACL for both proxies: the same prefixes, parsed once. */
+		const acl = new Acl(opts.allow ?? []);
+		this.udp = new UdpProxy({
+			remotes: this.remotes,
+			log: this.log,
+			wheel: this.wheel,
+			transport: opts.transport ?? createUdpTransport(),
+			acl,
+			noBackend: opts.noBackend,
+			maxQpsPerRemote: opts.maxQpsPerRemote,
+			rateLimitAction: opts.rateLimitAction,
+		});
+		this.tcp = new TcpListener({
+			remotes: this.remotes,
+			backends: this.backends,
+			wheel: this.wheel,
+			log: this.log,
+			maxConnections: opts.maxTcpConnections,
+			idleTimeoutSecs: opts.tcpIdleTimeoutSecs,
+			maxMessageBytes: opts.maxTcpMessageBytes,
+			acl,
+		});
+
+		this.rescanTimeout = this.wheel.create('rescan socket directory', this.rescanDue);
+		this.rebalanceTimeout = this.wheel.create('rebalance', this.rebalanceDue);
+		this.expiryTimeout = this.wheel.create('expire remotes', this.expiryDue);
+		this.rescanTimeout.set(RESCAN_INTERVAL_SECS);
+		this.rebalanceTimeout.set(REBALANCE_INTERVAL_SECS);
+		this.expiryTimeout.set(REMOTE_EXPIRY_CHECK_SECS);
+	}
+
+	get state(): BalancerState {
+		return this.lifecycle;
+	}
+
+	/* ---- periodic jobs (see the header) ---- */
+
+	private readonly rescanDue = (): void => {
+		this.rescanTimeout.set(RESCAN_INTERVAL_SECS);
+		void this.backends.rescan();
+	};
+
+	private readonly rebalanceDue = (): void => {
+		this.rebalanceTimeout.set(REBALANCE_INTERVAL_SECS);
+		this.rebalance();
+	};
+
+	private readonly expiryDue = (): void => {
+		this.expiryTimeout.set(REMOTE_EXPIRY_CHECK_SECS);
+		this.remotes.expire();
+	};
+
+	/** One rebalance pass: move remotes off the fullest backend when the spread is too wide. */
+	rebalance(): void {
+		const plan = this.backends.rebalancePlan();
+		if (plan !== null) {
+			const moved = this.remotes.rebalance(plan.backend, plan.count);
+			this.log.info({ be_id: plan.backend.id, remotes: moved }, 'rebalanced remotes');
+		}
+	}
+
+	/* ---- start ---- */
+
+	/**
+	 * Find the backends, give them a moment to connect, then bind the DNS
+	 * listeners and start the tick.  Binding first would answer SERVFAIL to
+	 * every query of the few hundred milliseconds the backends take to say
+	 * hello -- on each restart, with healthy backends behind it; a resolver
+	 * retries a query that got no answer, while a SERVFAIL may be cached.
+	 */
+	async start(): Promise<void> {
+		if (this.lifecycle === 'closing' || this.lifecycle === 'closed') {
+			return;
+		}
+		if (this.lifecycle !== 'new') {
+			throw new Error(`Balancer.start() while ${this.lifecycle}`);
+		}
+		this.lifecycle = 'starting';
+		await this.openStatsSocket();
+		if (this.opts.metrics) {
+			await this.openMetrics(this.opts.metrics);
+		}
+		await this.backends.rescan();
+		if (this.opts.watchDir !== false) {
+			this.backends.watch();
+		}
+		await this.backendsSettled(STARTUP_BACKEND_WAIT_MS);
+		if (this.lifecycle !== 'starting') {
+			/* Told to stop while the backends were connecting. */
+			return;
+		}
+		await this.udp.listen(this.opts.bind, this.opts.port);
+		await this.tcp.listen(this.opts.bind, this.opts.port);
+		if (this.lifecycle !== 'starting') {
+			/* close() came while the ports were being bound: let go of what bound after it. */
+			await Promise.all([this.udp.close(), this.tcp.close()]);
+			return;
+		}
+		this.lifecycle = 'running';
+		this.tick = setInterval(this.tickOnInterval, TICK_MS);
+		this.tick.unref();
+		this.log.info({
+			address: this.opts.bind, port: this.opts.port, socket_dir: this.opts.socketDir,
+			allow: this.opts.allow?.length ? this.opts.allow : 'everyone',
+		}, 'listening');
+	}
+
+	/* The one clock read per second: the wheel reads its clock in run(). */
+	private readonly tickOnInterval = (): void => {
+		this.wheel.run();
+	};
+
+	/*
+	 * Until no backend is still connecting (each is ok or has failed), or
+	 * `ms`.  Real time, not the wheel's clock: this waits for sockets, and a
+	 * test's clock may stand still.
+	 */
+	private async backendsSettled(ms: number): Promise<void> {
+		const until = Date.now() + ms;
+		while (Date.now() < until && this.backends.list().some((be) => be.state === 'connecting')) {
+			await new Promise((resolve) => setTimeout(resolve, STARTUP_POLL_MS));
+		}
+	}
+
+	private async openStatsSocket(): Promise<void> {
+		const p = this.opts.statsSocket;
+		if (p === undefined) {
+			return;
+		}
+		const server = new StatsServer(p, this.statsSources, this.log);
+		try {
+			await server.listen();
+			this.stats = server;
+			this.log.info({ stats_socket: p }, 'stats socket listening');
+		} catch (err) {
+			if (this.opts.statsSocketRequired !== false) {
+				throw err;
+			}
+			this.log.warn({ stats_socket: p, reason: (err as Error).message },
+				'no stats socket (balstat will not reach this bbal; use -S PATH)');
+		}
+	}
+
+	private async openMetrics({ host, port }: { host: string; port: number }): Promise<void> {
+		/* Loaded only when asked for: prom-client is ~10 MB of RSS. */
+		const { Metrics } = await import('./metrics.js');
+		const m = new Metrics(this.statsSources, this.log);
+		await m.listen(host, port).catch((err: NodeJS.ErrnoException) => {
+			throw new StartupError(`cannot serve metrics on ${host}:${port}: ${err.code ?? err.message}`);
+		});
+		this.metrics = m;
+		this.log.info({ metrics: `http://${host}:${port}/metrics` }, 'metrics listening');
+	}
+
+	/* ---- operators ---- */
+
+	/** The live objects a stats snapshot reads. */
+	get statsSources(): StatsSources {
+		return {
+			backends: this.backends,
+			remotes: this.remotes,
+			udp: this.udp,
+			tcp: this.tcp,
+			wheel: this.wheel,
+			listen: { address: this.opts.bind, port: this.opts.port },
+			socketDir: this.opts.socketDir,
+			startedAt: this.startedAt,
+		};
+	}
+
+	/** SIGUSR2: the snapshot into the log (remotes listed up to 1,000). */
+	logSnapshot(): void {
+		const snap = takeSnapshot(this.statsSources);
+		const { remotes, ...rest } = snap;
+		this.log.info({
+			snapshot: { ...rest, remoteCount: remotes.length, remotes: remotes.length <= 1000 ? remotes : undefined },
+		}, 'stats snapshot');
+	}
+
+	/* ---- close ---- */
+
+	/** Stop everything (see LIFECYCLE); every call returns the same promise. */
+	close(): Promise<void> {
+		if (this.closing === null) {
+			this.closing = this.closeAll();
+		}
+		return this.closing;
+	}
+
+	private async closeAll(): Promise<void> {
+		this.lifecycle = 'closing';
+		if (this.tick !== null) {
+			clearInterval(this.tick);
+			this.tick = null;
+		}
+		this.rescanTimeout.clear();
+		this.rebalanceTimeout.clear();
+		this.expiryTimeout.clear();
+		await Promise.all([this.udp.close(), this.tcp.close(), this.stats?.close(), this.metrics?.close()]);
+		this.backends.close();
+		this.lifecycle = 'closed';
+	}
+}
