@@ -171,7 +171,7 @@ export interface BackendStats {
 	faults: number;
 }
 
-/** Where OUTBOUND_UDP datagrams go; main wires it to the UDP proxy. */
+/** Where OUTBOUND_UDP datagrams go; the balancer wires it to the UDP proxy. */
 export type OutboundUdpHandler = (addr: number, port: number, payload: Buffer, from: Backend) => void;
 
 /** Each answered heartbeat's round trip (for the metrics histogram). */

@@ -28,9 +28,9 @@
  *
  * SELECTION AND REBALANCING.  The registry picks a backend for a new remote
  * round-robin over the ok ones, and works out the rebalance plan; it never
- * touches remotes itself (main asks for the plan and hands it to
+ * touches remotes itself (the balancer asks for the plan and hands it to
  * remotes.ts), and it never touches the UDP socket: OUTBOUND_UDP frames go
- * to a callback that main provides.
+ * to a callback that the balancer provides.
  *
  * COALESCED WRITES.  A backend that queues a frame asks the registry to
  * flush it at the end of this turn.  The registry keeps one list of pending

@@ -27,7 +27,7 @@
  *
  * This module knows the layouts and nothing else: no sockets, no policy.
  * Whether a frame is allowed at a given moment (a heartbeat reply with none
- * outstanding, a hello twice) is the business of backends.ts.  The reader
+ * outstanding, a hello twice) is the business of backend.ts.  The reader
  * does enforce the one rule that protects memory: a frame whose declared
  * payload exceeds the limit given to it is refused before its payload is
  * waited for, so a backend cannot make bbal buffer four gigabytes.

@@ -8,7 +8,7 @@
  * not pay for a kernel timer per object.  So bbal keeps one coarse timeout
  * wheel: every long-lived object allocates its Timeout handles once, when it
  * is created, and re-arms them as its state changes.  The wheel is driven by
- * one 1-second tick in main.ts, which reads the clock once and calls run().
+ * one 1-second tick in balancer.ts, which reads the clock once and calls run().
  *
  * Armed timeouts live in an AVL tree ordered by expiry time and then by id,
  * so run() pops them in a stable order: two timeouts that expire in the same

@@ -46,7 +46,7 @@
  *
  * What it does not do: decode DNS (that belongs to the backends), or hold a
  * datagram for a backend that cannot take it (a stuck session drops; see
- * backends.ts for why).
+ * backend.ts for why).
  */
 
 import type { Logger } from 'pino';
