@@ -326,3 +326,42 @@ t.test('reader: a sink returning false leaves the rest to the caller', async (t)
 		t.same(frames.map((f) => f.type), [1001, 1002]);
 	}
 });
+
+t.test('reader: a frame completed from held bytes whose sink stops ends the feed there', async (t) => {
+	/*
+	 * The TCP session case again, with the OK cut anywhere inside it: the
+	 * read that completes it carries the client's first bytes, which belong
+	 * to the DNS stream, not to the balancer protocol.  They must be handed
+	 * back, neither parsed as frames nor refused as an unknown type --
+	 * whatever they happen to look like.
+	 */
+	const looksLikeFrames = Buffer.concat([u32(1004), u32(1002, 1, 2, 1), ONE]);
+	const dnsStream = Buffer.from('001d' + 'ab'.repeat(29), 'hex');
+	for (const client of [looksLikeFrames, dnsStream]) {
+		for (let cutAt = 1; cutAt <= 3; cutAt++) {
+			const { sink, frames, errors } = recorder(FRAME_INBOUND_TCP_OK);
+			const reader = new FrameReader(sink);
+			const what = `OK cut ${cutAt}+${4 - cutAt}, client ${client === dnsStream ? 'DNS' : 'frame-like'} bytes`;
+			t.equal(reader.feed(u32(1003).subarray(0, cutAt)), cutAt, `${what}: the start of the OK is taken`);
+			t.same(frames, [], `${what}: nothing delivered yet`);
+			const second = Buffer.concat([u32(1003).subarray(cutAt), client]);
+			const n = reader.feed(second);
+			t.equal(n, 4 - cutAt, `${what}: feed stops just past the OK`);
+			t.same(second.subarray(n), client, `${what}: the client's bytes are left to the caller`);
+			t.same(frames.map((f) => f.type), [FRAME_INBOUND_TCP_OK], `${what}: only the OK reaches the sink`);
+			t.same(errors, [], `${what}: and no error`);
+		}
+	}
+
+	/* The same for a UDP frame completed from held bytes: what follows waits for the next feed. */
+	const { sink, frames, errors } = recorder(FRAME_OUTBOUND_UDP);
+	const reader = new FrameReader(sink);
+	const udp = Buffer.concat([u32(1002, 0x7f000001, 53, 3), Buffer.from('xyz')]);
+	t.equal(reader.feed(udp.subarray(0, 10)), 10);
+	const rest = Buffer.concat([udp.subarray(10), u32(1004)]);
+	t.equal(reader.feed(rest), udp.length - 10, 'stops after the UDP frame');
+	t.same(frames.map((f) => [f.type, f.copy]), [[FRAME_OUTBOUND_UDP, Buffer.from('xyz').toString('hex')]]);
+	t.equal(reader.feed(rest.subarray(udp.length - 10)), 4, 'the caller feeds the rest back');
+	t.same(frames.map((f) => f.type), [FRAME_OUTBOUND_UDP, FRAME_SERVER_HEARTBEAT]);
+	t.same(errors, []);
+});
