@@ -12,7 +12,7 @@
 import t from 'tap';
 import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO,
-	FRAME_INBOUND_TCP, FRAME_INBOUND_TCP_OK, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
+	FRAME_INBOUND_TCP, FRAME_INBOUND_TCP_OK, FRAME_INBOUND_UDP, FRAME_NAMES, FRAME_OUTBOUND_UDP,
 	FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, INBOUND_TCP_OK_FRAME, FrameReader,
 	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME, encodeInboundTcp, encodeUdpFrame,
 	ipv4ToU32, u32ToIpv4, writeUdpFrame,
@@ -122,6 +122,11 @@ t.test('frame constants match PROTOCOL.md', async (t) => {
 	t.equal(SERVER_HELLO_FRAME.toString('hex'), 'e9030000');
 	t.equal(INBOUND_TCP_OK_FRAME.toString('hex'), 'eb030000');
 	t.equal(SERVER_HEARTBEAT_FRAME.toString('hex'), 'ec030000');
+	/* The names a log line gives a frame type (a backend sending the wrong one). */
+	t.same(Object.entries(FRAME_NAMES), [
+		['1', 'CLIENT_HELLO'], ['2', 'INBOUND_UDP'], ['3', 'INBOUND_TCP'], ['4', 'CLIENT_HEARTBEAT'],
+		['1001', 'SERVER_HELLO'], ['1002', 'OUTBOUND_UDP'], ['1003', 'INBOUND_TCP_OK'], ['1004', 'SERVER_HEARTBEAT'],
+	]);
 });
 
 t.test('encoders write the exact bytes', async (t) => {
