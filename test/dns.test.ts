@@ -51,6 +51,7 @@ t.test('header check: what passes and what does not', async (t) => {
 	const framed = Buffer.concat([Buffer.from([0, 0]), query()]);
 	t.equal(checkQueryHeader(framed, 2), HEADER_OK, 'at an offset');
 	t.equal(checkQueryHeader(framed, 2, 11), HEADER_SHORT, 'a length shorter than the buffer');
+	t.equal(checkQueryHeader(framed.subarray(0, 13), 2), HEADER_SHORT, 'at an offset, only what follows it counts');
 	t.equal(checkQueryHeader(Buffer.alloc(12)), HEADER_QDCOUNT, 'twelve zero bytes');
 });
 
@@ -94,6 +95,9 @@ t.test('a question that cannot be walked gets no synthesized answer', async (t) 
 t.test('describeQuery names the query for trace logs, and never throws', async (t) => {
 	t.same(describeQuery(query({ id: 77 })), { qname: 'svc.dc.example.com', qtype: 'AAAA', id: 77 });
 	t.equal(describeQuery(Buffer.from([1, 2, 3])), null);
+	const bare = Buffer.alloc(12);
+	bare.writeUInt16BE(4242, 0);
+	t.same(describeQuery(bare), { qname: '', qtype: '', id: 4242 }, 'no question: still named by its id');
 });
 
 t.test('ACLs: prefixes, bare addresses, lists, and clear errors', async (t) => {
