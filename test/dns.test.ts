@@ -51,6 +51,7 @@ t.test('header check: what passes and what does not', async (t) => {
 	const framed = Buffer.concat([Buffer.from([0, 0]), query()]);
 	t.equal(checkQueryHeader(framed, 2), HEADER_OK, 'at an offset');
 	t.equal(checkQueryHeader(framed, 2, 11), HEADER_SHORT, 'a length shorter than the buffer');
+	t.equal(checkQueryHeader(framed.subarray(0, 13), 2), HEADER_SHORT, 'at an offset, only what follows it counts');
 	t.equal(checkQueryHeader(Buffer.alloc(12)), HEADER_QDCOUNT, 'twelve zero bytes');
 });
 
@@ -94,6 +95,9 @@ t.test('a question that cannot be walked gets no synthesized answer', async (t) 
 t.test('describeQuery names the query for trace logs, and never throws', async (t) => {
 	t.same(describeQuery(query({ id: 77 })), { qname: 'svc.dc.example.com', qtype: 'AAAA', id: 77 });
 	t.equal(describeQuery(Buffer.from([1, 2, 3])), null);
+	const bare = Buffer.alloc(12);
+	bare.writeUInt16BE(4242, 0);
+	t.same(describeQuery(bare), { qname: '', qtype: '', id: 4242 }, 'no question: still named by its id');
 });
 
 t.test('ACLs: prefixes, bare addresses, lists, and clear errors', async (t) => {
@@ -113,4 +117,46 @@ t.test('ACLs: prefixes, bare addresses, lists, and clear errors', async (t) => {
 	t.throws(() => parseCidr('10.0.0.0/33'), /not an IPv4 address or CIDR/);
 	t.throws(() => parseCidr('fe80::/10'), /not an IPv4 address or CIDR/);
 	t.throws(() => parseCidr('example.com'), /not an IPv4 address or CIDR/);
+});
+
+t.test('parseCidr: the whole text is one prefix, /0 to /32, spaces around it allowed', async (t) => {
+	t.same(parseCidr('10.0.0.0/8'), { text: '10.0.0.0/8', net: 0x0a000000, mask: 0xff000000 });
+	t.same(parseCidr(' 192.168.1.0/24\t'), { text: '192.168.1.0/24', net: 0xc0a80100, mask: 0xffffff00 },
+		'spaces around are trimmed, as in --allow "10.0.0.0/8, 192.168.1.0/24"');
+	t.same(parseCidr('172.16.5.5'), { text: '172.16.5.5', net: 0xac100505, mask: 0xffffffff }, 'a bare address is /32');
+	t.same(parseCidr('10.1.2.3/32'), { text: '10.1.2.3/32', net: 0x0a010203, mask: 0xffffffff }, '/32 spelled out');
+	t.same(parseCidr('0.0.0.0/0'), { text: '0.0.0.0/0', net: 0, mask: 0 }, '/0 matches every address');
+	t.same(parseCidr('128.0.0.0/1'), { text: '128.0.0.0/1', net: 0x80000000, mask: 0x80000000 });
+	t.same(parseCidr('255.255.255.254/31'), { text: '255.255.255.254/31', net: 0xfffffffe, mask: 0xfffffffe });
+	t.same(parseCidr('010.000.000.000/08'), { text: '010.000.000.000/08', net: 0x0a000000, mask: 0xff000000 },
+		'leading zeros are decimal, as everywhere bbal reads a dotted quad (never octal)');
+
+	t.throws(() => parseCidr('10.0.0.0/0'), { message: '"10.0.0.0/0" has host bits set: did you mean 0.0.0.0/0?' });
+	t.throws(() => parseCidr('10.1.2.3/31'), { message: '"10.1.2.3/31" has host bits set: did you mean 10.1.2.2/31?' });
+	t.throws(() => parseCidr('192.168.1.77/24'), /did you mean 192\.168\.1\.0\/24\?/);
+
+	for (const bad of [
+		'', ' ', '/8', '10.0.0.0/', '10.0.0.0/33', '10.0.0.0/99', '10.0.0.0/008', '10.0.0.0/-1', '10.0.0.0/8.0',
+		'x10.0.0.0/8', '10.0.0.0/8x', '10.0.0.0/8/8', '10.0.0.0//8', '10.0.0.0 /8', '10.0.0.0/ 8', '10 .0.0.0/8',
+		'1.2.3/24', '1.2.3.4.5', '256.0.0.0/8', '10.0.0.0/8,', 'a10.0.0.0', '10.0.0.0a',
+	]) {
+		t.throws(() => parseCidr(bad), { message: `"${bad}" is not an IPv4 address or CIDR prefix (like 10.0.0.0/8)` },
+			JSON.stringify(bad));
+	}
+});
+
+t.test('Acl: comma-separated entries with spaces, empty pieces skipped', async (t) => {
+	const ip = (s: string): number => s.split('.').reduce((a, o) => a * 256 + Number(o), 0);
+	const acl = new Acl([' 10.0.0.0/8 , ,192.168.1.0/24,', '', ' 172.16.0.1 ']);
+	t.same(acl.cidrs.map((c) => c.text), ['10.0.0.0/8', '192.168.1.0/24', '172.16.0.1']);
+	t.equal(acl.open, false, 'a list with prefixes is not open');
+	t.ok(acl.allows(ip('10.0.0.0')), 'the first address of a prefix');
+	t.ok(acl.allows(ip('10.255.255.255')), 'the last address of a prefix');
+	t.notOk(acl.allows(ip('9.255.255.255')), 'just below');
+	t.notOk(acl.allows(ip('11.0.0.0')), 'just above');
+	t.ok(acl.allows(ip('172.16.0.1')));
+	t.notOk(acl.allows(ip('172.16.0.0')));
+	t.ok(new Acl(['', ' , ']).open, 'only empty pieces: open');
+	t.throws(() => new Acl(['10.0.0.0/8,nonsense']), /"nonsense" is not an IPv4 address/, 'one bad piece fails the list');
+	t.notOk(new Acl(['10.0.0.0/8']).allows(ip('192.168.0.1')), 'a single prefix refuses the rest');
 });

@@ -12,7 +12,7 @@
 import t from 'tap';
 import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO,
-	FRAME_INBOUND_TCP, FRAME_INBOUND_TCP_OK, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
+	FRAME_INBOUND_TCP, FRAME_INBOUND_TCP_OK, FRAME_INBOUND_UDP, FRAME_NAMES, FRAME_OUTBOUND_UDP,
 	FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, INBOUND_TCP_OK_FRAME, FirstFrameSink, FrameReader,
 	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME, encodeInboundTcp, encodeUdpFrame,
 	ipv4ToU32, u32ToIpv4, writeUdpFrame,
@@ -139,6 +139,11 @@ t.test('frame constants match PROTOCOL.md', async (t) => {
 	t.equal(SERVER_HELLO_FRAME.toString('hex'), 'e9030000');
 	t.equal(INBOUND_TCP_OK_FRAME.toString('hex'), 'eb030000');
 	t.equal(SERVER_HEARTBEAT_FRAME.toString('hex'), 'ec030000');
+	/* The names a log line gives a frame type (a backend sending the wrong one). */
+	t.same(Object.entries(FRAME_NAMES), [
+		['1', 'CLIENT_HELLO'], ['2', 'INBOUND_UDP'], ['3', 'INBOUND_TCP'], ['4', 'CLIENT_HEARTBEAT'],
+		['1001', 'SERVER_HELLO'], ['1002', 'OUTBOUND_UDP'], ['1003', 'INBOUND_TCP_OK'], ['1004', 'SERVER_HEARTBEAT'],
+	]);
 });
 
 t.test('encoders write the exact bytes', async (t) => {
@@ -398,4 +403,43 @@ t.test('FirstFrameSink: one frame, then the reader stops; anything else is a bad
 		t.equal(sink.verdict, 'bad');
 		t.equal(sink.type, FRAME_INBOUND_TCP_OK, 'the first frame is what the log names');
 	}
+});
+
+t.test('reader: a frame completed from held bytes whose sink stops ends the feed there', async (t) => {
+	/*
+	 * The TCP session case again, with the OK cut anywhere inside it: the
+	 * read that completes it carries the client's first bytes, which belong
+	 * to the DNS stream, not to the balancer protocol.  They must be handed
+	 * back, neither parsed as frames nor refused as an unknown type --
+	 * whatever they happen to look like.
+	 */
+	const looksLikeFrames = Buffer.concat([u32(1004), u32(1002, 1, 2, 1), ONE]);
+	const dnsStream = Buffer.from('001d' + 'ab'.repeat(29), 'hex');
+	for (const client of [looksLikeFrames, dnsStream]) {
+		for (let cutAt = 1; cutAt <= 3; cutAt++) {
+			const { sink, frames, errors } = recorder(FRAME_INBOUND_TCP_OK);
+			const reader = new FrameReader(sink);
+			const what = `OK cut ${cutAt}+${4 - cutAt}, client ${client === dnsStream ? 'DNS' : 'frame-like'} bytes`;
+			t.equal(reader.feed(u32(1003).subarray(0, cutAt)), cutAt, `${what}: the start of the OK is taken`);
+			t.same(frames, [], `${what}: nothing delivered yet`);
+			const second = Buffer.concat([u32(1003).subarray(cutAt), client]);
+			const n = reader.feed(second);
+			t.equal(n, 4 - cutAt, `${what}: feed stops just past the OK`);
+			t.same(second.subarray(n), client, `${what}: the client's bytes are left to the caller`);
+			t.same(frames.map((f) => f.type), [FRAME_INBOUND_TCP_OK], `${what}: only the OK reaches the sink`);
+			t.same(errors, [], `${what}: and no error`);
+		}
+	}
+
+	/* The same for a UDP frame completed from held bytes: what follows waits for the next feed. */
+	const { sink, frames, errors } = recorder(FRAME_OUTBOUND_UDP);
+	const reader = new FrameReader(sink);
+	const udp = Buffer.concat([u32(1002, 0x7f000001, 53, 3), Buffer.from('xyz')]);
+	t.equal(reader.feed(udp.subarray(0, 10)), 10);
+	const rest = Buffer.concat([udp.subarray(10), u32(1004)]);
+	t.equal(reader.feed(rest), udp.length - 10, 'stops after the UDP frame');
+	t.same(frames.map((f) => [f.type, f.copy]), [[FRAME_OUTBOUND_UDP, Buffer.from('xyz').toString('hex')]]);
+	t.equal(reader.feed(rest.subarray(udp.length - 10)), 4, 'the caller feeds the rest back');
+	t.same(frames.map((f) => f.type), [FRAME_OUTBOUND_UDP, FRAME_SERVER_HEARTBEAT]);
+	t.same(errors, []);
 });

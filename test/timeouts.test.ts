@@ -9,7 +9,7 @@
  */
 
 import t from 'tap';
-import { TimeoutWheel } from '../src/timeouts.js';
+import { monotonicClock, TimeoutWheel } from '../src/timeouts.js';
 
 /* A wheel on a fake clock, plus a log of which callbacks ran. */
 function fakeWheel(startMs = 1_000_000) {
@@ -217,6 +217,42 @@ t.test('a throwing callback does not wedge the wheel', async (t) => {
 	tickAt(1000);
 	t.same(fired, ['bad', 'good'], 'and fires on the next run');
 	t.equal(wheel.size, 0);
+});
+
+t.test('a bad delay is refused and leaves the timeout as it was', async (t) => {
+	/*
+	 * A negative, NaN or infinite delay is a bug in the caller's arithmetic
+	 * (a back-off gone wrong); armed, it would fire at once or never, or
+	 * wedge the tree's ordering.  It must throw where it is made.
+	 */
+	const { wheel, fired, make, tickAt } = fakeWheel();
+	const hb = make('heartbeat');
+	hb.set(5);
+	for (const bad of [-1, -0.001, NaN, Infinity, -Infinity]) {
+		t.throws(() => hb.set(bad), /bad timeout delay/, String(bad));
+	}
+	t.equal(wheel.size, 1, 'still armed once');
+	tickAt(4999);
+	t.same(fired, [], 'not fired early');
+	tickAt(5000);
+	t.same(fired, ['heartbeat'], 'fires at the delay it had before');
+
+	const idle = make('idle');
+	t.throws(() => idle.set(NaN), /bad timeout delay/);
+	t.equal(idle.armed, false, 'a disarmed timeout stays disarmed');
+	t.equal(wheel.size, 0);
+});
+
+t.test('monotonicClock counts milliseconds from the Unix epoch, forward', async (t) => {
+	const start = monotonicClock();
+	t.ok(Math.abs(start - Date.now()) < 60_000, 'close to the wall clock');
+	/* Spin for two milliseconds of its time (a second at most). */
+	const giveUp = Date.now() + 1000;
+	let later = start;
+	while (later - start < 2 && Date.now() < giveUp) {
+		later = monotonicClock();
+	}
+	t.ok(later - start >= 2 && later - start < 1000, `moved forward with time: ${later - start} ms`);
 });
 
 t.test('run() from inside a callback is refused', async (t) => {
