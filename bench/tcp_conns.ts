@@ -28,7 +28,7 @@
  */
 
 import net from 'node:net';
-import { encodeQuery, framed } from '../test/helpers.js';
+import { encodeQuery, framed } from '../test/support/dns_messages.js';
 import { percentile } from '../test/support/quantiles.js';
 
 /** What one run prints, as one JSON line (the field names are read by load_generators.ts). */

@@ -21,7 +21,8 @@ import {
 } from '../src/protocol.js';
 import { makeLogger } from '../src/log.js';
 import { TimeoutWheel } from '../src/timeouts.js';
-import { makeSocketDir, waitFor } from './helpers.js';
+import { makeSocketDir } from './support/fleet.js';
+import { waitFor } from './support/wait.js';
 
 class FakeSocket extends EventEmitter {
 	writes: Buffer[] = [];

@@ -23,7 +23,10 @@ import { REMOTE_IDLE_EXPIRY_SECS } from '../src/remotes.js';
 import { takeSnapshot } from '../src/stats.js';
 import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_socket.js';
 import { SYNTH_ANSWERS_PER_SEC } from '../src/udp_proxy.js';
-import { backendOf, encodeQuery, type LogRecord, makeSocketDir, startBackend, waitFor } from './helpers.js';
+import { type LogRecord } from './support/bbal.js';
+import { backendOf, encodeQuery } from './support/dns_messages.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { waitFor } from './support/wait.js';
 
 const RCODE_SERVFAIL = 2;
 const RCODE_REFUSED = 5;

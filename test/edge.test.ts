@@ -23,10 +23,12 @@ import { performance } from 'node:perf_hooks';
 import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
 import type { RemoteSnapshot, Snapshot } from '../src/stats.js';
-import {
-	backendOf, childEnv, framed, freePort, makeSocketDir, projectRoot, runBbal, sleep, startBackend, startBbal,
-	startFleet, statsSocketFor, waitFor,
-} from './helpers.js';
+import { runBbal, startBbal, statsSocketFor } from './support/bbal.js';
+import { backendOf, framed } from './support/dns_messages.js';
+import { makeSocketDir, startBackend, startFleet } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { childEnv, projectRoot } from './support/process.js';
+import { sleep, waitFor } from './support/wait.js';
 
 const balstatBin = path.join(projectRoot, 'bin', 'balstat.js');
 const QUIET_MS = 300;

@@ -14,9 +14,12 @@ import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, encodeUdpFrame, FRAME_OUTBOUND_UDP, INBOUND_TCP_OK_FRAME,
 	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
 } from '../src/protocol.js';
-import {
-	encodeQuery, freePort, type LogRecord, makeSocketDir, queryUntil, startBackend, startBbal, udpQuery, udpSendRaw, waitFor,
-} from './helpers.js';
+import { type LogRecord, startBbal } from './support/bbal.js';
+import { queryUntil, udpQuery, udpSendRaw } from './support/dns_client.js';
+import { encodeQuery } from './support/dns_messages.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 /* A backend socket whose every connection is handed to `behave`. */
 async function fakeBackend(t: Test, sockPath: string, behave: (sock: net.Socket) => void): Promise<net.Server> {

@@ -14,9 +14,10 @@ import dgram from 'node:dgram';
 import net from 'node:net';
 import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
-import {
-	backendOf, encodeQuery, freePort, makeSocketDir, startBackend, waitFor,
-} from './helpers.js';
+import { backendOf, encodeQuery } from './support/dns_messages.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 const CLIENT_HELLO = 1;
 const INBOUND_UDP = 2;
@@ -177,7 +178,7 @@ t.test('fixture backend: big. answers, truncation and EDNS', async (t) => {
 	sock.write(Buffer.concat([
 		inboundUdp('127.0.0.6', 1000, encodeQuery('big.example.com', 'A', 1)),
 		inboundUdp('127.0.0.7', 2000,
-			encodeQuery('big.example.com', 'A', 2, 4096)),
+			encodeQuery('big.example.com', 'A', 2, { edns: 4096 })),
 	]));
 
 	t.equal(await frames.readType(), OUTBOUND_UDP, 'first reply');

@@ -8,9 +8,12 @@ import { existsSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import t from 'tap';
-import {
-	encodeQuery, framed, freePort, makeSocketDir, runBbal, startBackend, startBbal, udpQuery, udpSendRaw, waitFor,
-} from './helpers.js';
+import { runBbal, startBbal } from './support/bbal.js';
+import { udpQuery, udpSendRaw } from './support/dns_client.js';
+import { encodeQuery, framed } from './support/dns_messages.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 interface Sample {
 	name: string;

@@ -16,10 +16,13 @@ import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
 import { readSnapshot } from '../src/balstat.js';
 import type { Snapshot } from '../src/stats.js';
-import {
-	backendOf, childEnv, encodeQuery, framed, freePort, makeSocketDir, projectRoot, runBbal, startBackend,
-	startBbal, startFleet, statsSocketFor, udpQuery, waitFor,
-} from './helpers.js';
+import { runBbal, startBbal, statsSocketFor } from './support/bbal.js';
+import { udpQuery } from './support/dns_client.js';
+import { backendOf, encodeQuery, framed } from './support/dns_messages.js';
+import { makeSocketDir, startBackend, startFleet } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { childEnv, projectRoot } from './support/process.js';
+import { waitFor } from './support/wait.js';
 
 const balstatBin = path.join(projectRoot, 'bin', 'balstat.js');
 const ids = (snap: { backends: Array<{ id: number }> }): number[] => snap.backends.map((b) => b.id);

@@ -18,10 +18,12 @@ import t, { type Test } from 'tap';
 import {
 	CLIENT_HEARTBEAT_FRAME, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
 } from '../src/protocol.js';
-import {
-	backendOf, encodeQuery, framed, freePort, makeSocketDir, startBbal, startFleet, type Backend, type Bbal,
-	udpQuery, waitFor,
-} from './helpers.js';
+import { type Bbal, startBbal } from './support/bbal.js';
+import { udpQuery } from './support/dns_client.js';
+import { backendOf, encodeQuery, framed } from './support/dns_messages.js';
+import { type Backend, makeSocketDir, startFleet } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 const src = (n: number): string => `127.0.0.${n}`;
 

@@ -22,7 +22,10 @@ import { makeLogger } from '../src/log.js';
 import { Remotes } from '../src/remotes.js';
 import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_proxy.js';
 import { TimeoutWheel } from '../src/timeouts.js';
-import { encodeQuery, framed, freePort, makeSocketDir, startBackend, waitFor } from './helpers.js';
+import { encodeQuery, framed } from './support/dns_messages.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 /* Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`. */
 async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 512,

@@ -6,9 +6,8 @@
 
 import { execFile } from 'node:child_process';
 import t from 'tap';
-import {
-	queryUntil, startBackend, startFleet, udpQuery, udpSendRaw,
-} from './helpers.js';
+import { queryUntil, udpQuery, udpSendRaw } from './support/dns_client.js';
+import { startBackend, startFleet } from './support/fleet.js';
 
 const src = (n: number): string => `127.0.0.${n}`;
 

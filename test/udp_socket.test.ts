@@ -14,7 +14,8 @@ import { ipv4ToU32 } from '../src/protocol.js';
 import {
 	createUdpTransport, nativeAddonUrl, nativeUnavailableReason, type UdpTransport, type UdpTransportKind,
 } from '../src/udp_socket.js';
-import { freePort, sleep, waitFor } from './helpers.js';
+import { freePort } from './support/ports.js';
+import { sleep, waitFor } from './support/wait.js';
 
 const CLIENT_BUFFER_BYTES = 4 * 1024 * 1024;
 const src = (n: number): string => `127.0.9.${n}`;

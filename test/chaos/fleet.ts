@@ -21,15 +21,15 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { Test } from 'tap';
 import {
-	type Backend, type Bbal, childEnv, freePort, type LogRecord, makeSocketDir, projectRoot, sleep, startBackend,
-	startBbal, statsSocketFor, waitFor,
-} from '../helpers.js';
-import { counters, LAUNCHER_V8_FLAGS, type Snapshot, statsSnapshot } from '../support/bbal.js';
-import { type Child, startChild, type Teardowns } from '../support/process.js';
+	type Bbal, counters, LAUNCHER_V8_FLAGS, type LogRecord, type Snapshot, startBbal, statsSnapshot, statsSocketFor,
+} from '../support/bbal.js';
+import { type Backend, makeSocketDir, startBackend } from '../support/fleet.js';
+import { freePort } from '../support/ports.js';
+import { type Child, childEnv, projectRoot, startChild, type Teardowns } from '../support/process.js';
 import { openFds, statusKb } from '../support/procfs.js';
 import { median } from '../support/quantiles.js';
+import { sleep, waitFor } from '../support/wait.js';
 
 const FAKE_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fake_backend.js');
 
@@ -305,7 +305,7 @@ export class ChaosFleet {
 	private constructor(readonly t: Teardowns, readonly dir: string) {}
 
 	static async create(t: Teardowns): Promise<ChaosFleet> {
-		const dir = await makeSocketDir(t as unknown as Test);
+		const dir = await makeSocketDir(t);
 		const fleet = new ChaosFleet(t, dir);
 		fleet.port = await freePort();
 		return fleet;
@@ -324,7 +324,7 @@ export class ChaosFleet {
 	}
 
 	async addMname(name: string): Promise<ChaosBackend> {
-		const be = new MnameBackend(name, await startBackend(this.t as unknown as Test, this.dir, name));
+		const be = new MnameBackend(name, await startBackend(this.t, this.dir, name));
 		this.backends.set(name, be);
 		return be;
 	}
@@ -362,7 +362,7 @@ export class ChaosFleet {
 		 * launcher's V8 flags through NODE_OPTIONS: memory is measured as it
 		 * would be in production.
 		 */
-		const bbal = await startBbal(this.t as unknown as Test, {
+		const bbal = await startBbal(this.t, {
 			/* info, not the helpers' debug: two lines per TCP query would be most of the log. */
 			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info'],
 			env: { NODE_OPTIONS: [...LAUNCHER_V8_FLAGS, `--inspect=127.0.0.1:${this.inspectPort}`].join(' ') },

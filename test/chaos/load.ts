@@ -52,7 +52,7 @@
 import dgram from 'node:dgram';
 import net from 'node:net';
 import dnsPacket from 'dns-packet';
-import { backendOf, encodeQuery } from '../helpers.js';
+import { backendOf, encodeQuery } from '../support/dns_messages.js';
 
 export type Fate = 'ok' | 'servfail' | 'lost';
 

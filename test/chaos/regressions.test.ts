@@ -52,10 +52,12 @@ import t from 'tap';
 import dnsPacket from 'dns-packet';
 import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_UDP, FrameReader, SERVER_HEARTBEAT_FRAME,
 	SERVER_HELLO_FRAME } from '../../src/protocol.js';
-import {
-	backendOf, encodeQuery, framed, freePort, makeSocketDir, sleep, startBackend, startBbal, startFleet, udpQuery,
-	waitFor,
-} from '../helpers.js';
+import { startBbal } from '../support/bbal.js';
+import { udpQuery } from '../support/dns_client.js';
+import { backendOf, encodeQuery, framed } from '../support/dns_messages.js';
+import { makeSocketDir, startBackend, startFleet } from '../support/fleet.js';
+import { freePort } from '../support/ports.js';
+import { sleep, waitFor } from '../support/wait.js';
 
 /* One TCP query from `source`; resolves with the answering backend's label, or the error. */
 function tcpQuery(port: number, source: string, name: string, timeoutMs = 2000): Promise<string> {

@@ -1,0 +1,67 @@
+/*
+ * DNS MESSAGES AS THE TESTS WRITE AND READ THEM
+ *
+ * Queries are built with dns-packet; this file holds the few shapes every
+ * test client agrees on.
+ *
+ * A QUERY (encodeQuery) asks one question with RD set, optionally with an
+ * EDNS OPT record (mname answers past 512 bytes over UDP only then); the
+ * edge tests also clear RD or repeat the question.  Every answer from the
+ * mname fixture carries a TXT `be=<label>` naming the backend that
+ * answered; backendOf() reads that label back.
+ *
+ * OVER TCP a DNS message travels as a 2-byte big-endian length and then
+ * the message (RFC 1035 4.2.2); framed() adds the prefix.
+ */
+
+import dnsPacket from 'dns-packet';
+
+/** Bytes of the length prefix in front of every DNS message over TCP. */
+const PREFIX_BYTES = 2;
+
+export interface QueryOptions {
+	/* Advertise this EDNS UDP payload size. */
+	edns?: number;
+	/* Recursion desired; on unless false. */
+	rd?: boolean;
+	/* How many times the question is asked (an edge case: DNS allows one). */
+	questions?: number;
+}
+
+export function encodeQuery(name: string, type: dnsPacket.RecordType, id: number, o: QueryOptions = {}): Buffer {
+	const q = { type, name, class: 'IN' as const };
+	return dnsPacket.encode({
+		type: 'query',
+		id,
+		flags: o.rd === false ? 0 : dnsPacket.RECURSION_DESIRED,
+		questions: Array.from({ length: o.questions ?? 1 }, () => q),
+		additionals: o.edns === undefined ? [] :
+			[{ type: 'OPT', name: '.', udpPayloadSize: o.edns, extendedRcode: 0,
+				ednsVersion: 0, flags: 0, flag_do: false, options: [] }],
+	});
+}
+
+/* The `be=<label>` TXT answer the fixture backend adds to every reply, or null. */
+export function backendOf(packet: dnsPacket.Packet): string | null {
+	for (const ans of packet.answers ?? []) {
+		if (ans.type !== 'TXT') {
+			continue;
+		}
+		const parts = Array.isArray(ans.data) ? ans.data : [ans.data];
+		for (const part of parts) {
+			const s = part.toString();
+			if (s.startsWith('be=')) {
+				return s.slice(3);
+			}
+		}
+	}
+	return null;
+}
+
+/** A DNS message as it goes over TCP: a 2-byte length, then the message. */
+export function framed(msg: Uint8Array): Buffer {
+	const out = Buffer.allocUnsafe(PREFIX_BYTES + msg.length);
+	out.writeUInt16BE(msg.length, 0);
+	out.set(msg, PREFIX_BYTES);
+	return out;
+}
