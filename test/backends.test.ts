@@ -15,12 +15,12 @@ import {
 	CONNECT_DEADLINE_SECS, HEARTBEAT_DEADLINE_SECS, HEARTBEAT_INTERVAL_SECS, MAX_RECONNECT_DELAY_SECS,
 } from '../src/backend.js';
 import { type Backend, Backends } from '../src/backends.js';
-import {
-	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, encodeUdpFrame, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
-	INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../src/protocol.js';
+import { CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP } from '../src/protocol.js';
 import { makeLogger } from '../src/log.js';
 import { TimeoutWheel } from '../src/timeouts.js';
+import {
+	encodeUdpFrame, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
+} from './support/backend_frames.js';
 import { makeSocketDir } from './support/fleet.js';
 import { waitFor } from './support/wait.js';
 

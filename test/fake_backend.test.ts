@@ -10,10 +10,10 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import t, { type Test } from 'tap';
+import { CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_OUTBOUND_UDP } from '../src/protocol.js';
 import {
-	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, encodeUdpFrame, FRAME_OUTBOUND_UDP, INBOUND_TCP_OK_FRAME,
-	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../src/protocol.js';
+	encodeUdpFrame, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
+} from './support/backend_frames.js';
 import { type LogRecord, startBbal } from './support/bbal.js';
 import { queryUntil, udpQuery, udpSendRaw } from './support/dns_client.js';
 import { encodeQuery } from './support/dns_messages.js';

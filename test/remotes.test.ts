@@ -14,9 +14,9 @@ import { runInNewContext } from 'node:vm';
 import t from 'tap';
 import pino from 'pino';
 import { type Backend, Backends } from '../src/backends.js';
-import { SERVER_HELLO_FRAME } from '../src/protocol.js';
 import { type Remote, REMOTE_IDLE_EXPIRY_SECS, Remotes } from '../src/remotes.js';
 import { TimeoutWheel } from '../src/timeouts.js';
+import { SERVER_HELLO_FRAME } from './support/backend_frames.js';
 
 class FakeSocket extends EventEmitter {
 	write(): boolean {

@@ -15,9 +15,8 @@ import net from 'node:net';
 import path from 'node:path';
 import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
-import {
-	CLIENT_HEARTBEAT_FRAME, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../src/protocol.js';
+import { CLIENT_HEARTBEAT_FRAME } from '../src/protocol.js';
+import { INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME } from './support/backend_frames.js';
 import { type Bbal, startBbal } from './support/bbal.js';
 import { udpQuery } from './support/dns_client.js';
 import { backendOf, encodeQuery, framed } from './support/dns_messages.js';

@@ -14,14 +14,12 @@ import t, { type Test } from 'tap';
 import pino, { type Logger } from 'pino';
 import dnsPacket from 'dns-packet';
 import { type Backend, Backends } from '../src/backends.js';
-import {
-	FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FRAME_OUTBOUND_UDP, INBOUND_TCP_OK_FRAME,
-	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../src/protocol.js';
+import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FRAME_OUTBOUND_UDP } from '../src/protocol.js';
 import { makeLogger } from '../src/log.js';
 import { Remotes } from '../src/remotes.js';
 import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_proxy.js';
 import { TimeoutWheel } from '../src/timeouts.js';
+import { INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME } from './support/backend_frames.js';
 import { encodeQuery, framed } from './support/dns_messages.js';
 import { makeSocketDir, startBackend } from './support/fleet.js';
 import { freePort } from './support/ports.js';

@@ -36,9 +36,11 @@ import net from 'node:net';
 import readline from 'node:readline';
 import dnsPacket from 'dns-packet';
 import {
-	encodeUdpFrame, FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FRAME_INBOUND_UDP,
-	FRAME_OUTBOUND_UDP, FrameReader, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
+	FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP, FrameReader,
 } from '../../src/protocol.js';
+import {
+	encodeUdpFrame, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
+} from '../support/backend_frames.js';
 
 const [socketPath, label] = process.argv.slice(2);
 if (socketPath === undefined || label === undefined) {

@@ -50,8 +50,8 @@ import { unlink } from 'node:fs/promises';
 import path from 'node:path';
 import t from 'tap';
 import dnsPacket from 'dns-packet';
-import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_UDP, FrameReader, SERVER_HEARTBEAT_FRAME,
-	SERVER_HELLO_FRAME } from '../../src/protocol.js';
+import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_UDP, FrameReader } from '../../src/protocol.js';
+import { SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME } from '../support/backend_frames.js';
 import { startBbal } from '../support/bbal.js';
 import { udpQuery } from '../support/dns_client.js';
 import { backendOf, encodeQuery, framed } from '../support/dns_messages.js';
