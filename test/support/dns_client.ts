@@ -1,12 +1,12 @@
 /*
- * DNS CLIENTS OVER UDP, FROM A CHOSEN 127.0.0.x
+ * DNS CLIENTS, OVER UDP AND TCP, FROM A CHOSEN 127.0.0.x
  *
  * bbal keys its remotes on the client's address, so every client here is
  * bound to a source address the caller chooses in 127.0.0.0/8 (Linux
  * routes all of it to loopback): each address is a different host to bbal.
  * Queries go to bbal on 127.0.0.1 (or `host`) at the port given.
  *
- * A UdpDnsClient is one socket that keeps every datagram it receives
+ * UDP.  A UdpDnsClient is one socket that keeps every datagram it receives
  * (bytes, arrival time, sender): send() a query, wait for reply(id), or
  * quiet() until nothing more arrives, for "dropped" in the edge tests.
  * udpQuery() is one query from a fresh socket: a reply whose id is not
@@ -15,16 +15,30 @@
  * 100 ms until the answering backend satisfies a condition ("this remote
  * moves to another backend within a second or two").
  *
+ * TCP.  A TcpDnsClient is one connection: everything it receives is split
+ * into messages by the tests' one LengthPrefixReader (dns_messages.ts) and
+ * kept, as is the count of bytes, and its end and close are noticed.
+ * answer(id) waits for the message with that id and rejects at once if the
+ * connection closes or fails first; until() waits for any condition on it.
+ * It takes the first bytes to write at connect (queries written before the
+ * session is up, garbage, half a length prefix), and an onMessage callback
+ * for a caller that reacts to each message itself (the chaos load driver).
+ * tcpQuery() is one query on a fresh connection, closed afterwards; with
+ * halfClose it sends the query with a FIN and waits for bbal to close, the
+ * whole graceful path.  Its failures carry a code: ETIMEDOUT (no answer in
+ * time), ECLOSED (closed before the answer) or the socket's own.
+ *
  * Every waiting call has a deadline and rejects saying what was seen (with
- * code ETIMEDOUT when the deadline passed).  Clients opened with a
- * Teardowns (tap's Test) are closed on teardown; the one-shot functions
- * close their own.
+ * code ETIMEDOUT when the deadline passed).
+ * Clients opened with a Teardowns (tap's Test) are closed on teardown;
+ * the one-shot functions close their own.
  */
 
 import dgram from 'node:dgram';
+import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import dnsPacket from 'dns-packet';
-import { backendOf, encodeQuery } from './dns_messages.js';
+import { backendOf, encodeQuery, framed, LengthPrefixReader, type QueryOptions } from './dns_messages.js';
 import type { Teardowns } from './process.js';
 import { Changes, sleep } from './wait.js';
 
@@ -37,6 +51,11 @@ const QUIET_MS = 300;
 /* The id of a DNS message, or -1 for one too short to have one. */
 const idOf = (msg: Buffer): number => (msg.length >= 2 ? msg.readUInt16BE(0) : -1);
 const randomId = (): number => Math.floor(Math.random() * 0x10000);
+
+/** An error a client can branch on: ETIMEDOUT, ECLOSED, or the socket's code. */
+function clientError(code: string, message: string): NodeJS.ErrnoException {
+	return Object.assign(new Error(message), { code });
+}
 
 /* ------------------------------------------------------------------ */
 /* UDP                                                                 */
@@ -213,4 +232,164 @@ export async function queryUntil(opts: QueryUntilOptions): Promise<UdpQueryResul
 	}
 	throw new Error(`queryUntil ${opts.name} from ${opts.source}: condition ` +
 		`not met within ${timeoutMs} ms; backends seen: ${JSON.stringify(seen)}`);
+}
+
+/* ------------------------------------------------------------------ */
+/* TCP                                                                 */
+/* ------------------------------------------------------------------ */
+
+export interface TcpDnsOptions {
+	port: number;
+	source: string;
+	host?: string;
+	/* Written as soon as the connection is up. */
+	data?: Uint8Array;
+	/* And then a FIN: the client half-closes. */
+	halfClose?: boolean;
+	/* Each whole message as it arrives (also kept in `messages`). */
+	onMessage?: (msg: Buffer) => void;
+}
+
+export class TcpDnsClient {
+	readonly sock: net.Socket;
+	readonly source: string;
+	/** Every whole message received, in order, as bytes. */
+	readonly messages: Buffer[] = [];
+	/** Bytes received, whole messages or not. */
+	received = 0;
+	connected = false;
+	ended = false;
+	closed = false;
+	error: NodeJS.ErrnoException | null = null;
+	/* Kept at connect: the socket forgets it once closed. */
+	localPort = 0;
+	private readonly chunks: Buffer[] = [];
+	private readonly reader = new LengthPrefixReader();
+	private readonly changes = new Changes();
+
+	/** Start connecting at once; see connect() to wait for it. */
+	constructor(opts: TcpDnsOptions) {
+		this.source = opts.source;
+		const sock = net.connect({ host: opts.host ?? DEFAULT_HOST, port: opts.port, localAddress: opts.source });
+		this.sock = sock;
+		sock.on('connect', () => {
+			this.connected = true;
+			this.localPort = sock.localPort ?? 0;
+			if (opts.halfClose === true) {
+				sock.end(opts.data ?? Buffer.alloc(0));
+			} else if (opts.data !== undefined) {
+				sock.write(opts.data);
+			}
+			this.changes.changed();
+		});
+		sock.on('data', (d: Buffer) => {
+			this.received += d.length;
+			this.chunks.push(d);
+			for (const msg of this.reader.feed(d)) {
+				this.messages.push(msg);
+				opts.onMessage?.(msg);
+			}
+			this.changes.changed();
+		});
+		sock.on('end', () => { this.ended = true; this.changes.changed(); });
+		sock.on('error', (err: NodeJS.ErrnoException) => { this.error = err; this.changes.changed(); });
+		sock.on('close', () => { this.closed = true; this.changes.changed(); });
+	}
+
+	/** A connection from `source`, once it is up (rejects with the socket error if it fails); closed on teardown. */
+	static async connect(t: Teardowns, port: number, source: string, data?: Uint8Array): Promise<TcpDnsClient> {
+		const client = new TcpDnsClient({ port, source, data });
+		t.teardown(() => { client.sock.destroy(); });
+		await client.changes.until(() => {
+			if (client.error !== null) {
+				throw client.error;
+			}
+			return client.connected;
+		}, 10_000, `${source}: connect to port ${port}`);
+		return client;
+	}
+
+	/** Everything received, as one buffer. */
+	bytes(): Buffer {
+		return Buffer.concat(this.chunks);
+	}
+
+	/** Write one query, length-prefixed. */
+	send(name: string, type: dnsPacket.RecordType, id: number, o?: QueryOptions): void {
+		this.sock.write(framed(encodeQuery(name, type, id, o)));
+	}
+
+	/** send() one query and wait for its answer(). */
+	ask(name: string, type: dnsPacket.RecordType, id: number, timeoutMs = ANSWER_TIMEOUT_MS): Promise<dnsPacket.Packet> {
+		this.send(name, type, id);
+		return this.answer(id, timeoutMs);
+	}
+
+	/* Resolve once pred() holds; reject after timeoutMs saying what was seen. */
+	until(pred: () => boolean, timeoutMs: number, what: string): Promise<void> {
+		return this.changes.until(pred, timeoutMs, `${this.source}:${this.localPort}: ${what}`, () => this.describe());
+	}
+
+	/** The answer with this id, decoded; rejects if the connection fails or closes first. */
+	async answer(id: number, timeoutMs = ANSWER_TIMEOUT_MS): Promise<dnsPacket.Packet> {
+		let found: Buffer | undefined;
+		await this.changes.until(() => {
+			found = this.messages.find((m) => idOf(m) === id);
+			if (found === undefined) {
+				if (this.error !== null) {
+					throw this.error;
+				}
+				if (this.closed) {
+					throw clientError('ECLOSED', `${this.source}:${this.localPort}: closed before answer ${id} ` +
+						`(${this.describe()})`);
+				}
+			}
+			return found !== undefined;
+		}, timeoutMs, `${this.source}:${this.localPort}: answer ${id}`, () => this.describe());
+		return dnsPacket.decode(found as unknown as Buffer);
+	}
+
+	closedByPeer(timeoutMs = ANSWER_TIMEOUT_MS): Promise<void> {
+		return this.until(() => this.closed, timeoutMs, 'close');
+	}
+
+	private describe(): string {
+		return `received ${this.received} bytes, ${this.messages.length} messages, ` +
+			`ended ${this.ended}, closed ${this.closed}${this.error === null ? '' : `, ${this.error.code ?? this.error.message}`}`;
+	}
+}
+
+export interface TcpQueryOptions {
+	port: number;
+	source: string;
+	name: string;
+	type?: dnsPacket.RecordType;
+	id?: number;
+	/* From the connect to the answer (and, with halfClose, to bbal's close). */
+	timeoutMs?: number;
+	/* Send the query with a FIN and wait for bbal to close the connection after the answer. */
+	halfClose?: boolean;
+}
+
+export interface TcpQueryResult {
+	packet: dnsPacket.Packet;
+	/* The label from the `be=` TXT answer, or null if there is none. */
+	backend: string | null;
+}
+
+/* One query on a fresh connection from `source`; the connection is closed afterwards. */
+export async function tcpQuery(opts: TcpQueryOptions): Promise<TcpQueryResult> {
+	const id = opts.id ?? randomId();
+	const timeoutMs = opts.timeoutMs ?? ANSWER_TIMEOUT_MS;
+	const c = new TcpDnsClient({ port: opts.port, source: opts.source,
+		data: framed(encodeQuery(opts.name, opts.type ?? 'TXT', id)), halfClose: opts.halfClose });
+	try {
+		if (opts.halfClose === true) {
+			await c.until(() => c.closed, timeoutMs, 'close after the answer');
+		}
+		const packet = await c.answer(id, timeoutMs);
+		return { packet, backend: backendOf(packet) };
+	} finally {
+		c.sock.destroy();
+	}
 }

@@ -11,7 +11,13 @@
  * answered; backendOf() reads that label back.
  *
  * OVER TCP a DNS message travels as a 2-byte big-endian length and then
- * the message (RFC 1035 4.2.2); framed() adds the prefix.
+ * the message (RFC 1035 4.2.2).  framed() adds the prefix; a
+ * LengthPrefixReader takes a byte stream in chunks of any size, split
+ * anywhere, and hands back every message as soon as it is whole.  It is the
+ * one splitter of the tests: every TCP client and the chaos load driver
+ * read through it.  It is pure (no socket) and
+ * does not judge lengths: bbal's own follower (src/tcp_messages.ts) does
+ * that, and never holds a message, which a client must.
  */
 
 import dnsPacket from 'dns-packet';
@@ -64,4 +70,32 @@ export function framed(msg: Uint8Array): Buffer {
 	out.writeUInt16BE(msg.length, 0);
 	out.set(msg, PREFIX_BYTES);
 	return out;
+}
+
+/** Splits a DNS-over-TCP byte stream into its messages, however the chunks fall. */
+export class LengthPrefixReader {
+	/* Bytes of a message (or prefix) not yet whole. */
+	private held: Buffer = Buffer.alloc(0);
+
+	/** Bytes held towards the next message. */
+	get pending(): number {
+		return this.held.length;
+	}
+
+	/** Take one chunk; the messages it completes, in order (views of the stream's bytes). */
+	feed(chunk: Buffer): Buffer[] {
+		const buf = this.held.length === 0 ? chunk : Buffer.concat([this.held, chunk]);
+		const out: Buffer[] = [];
+		let off = 0;
+		while (buf.length - off >= PREFIX_BYTES) {
+			const end = off + PREFIX_BYTES + buf.readUInt16BE(off);
+			if (buf.length < end) {
+				break;
+			}
+			out.push(buf.subarray(off + PREFIX_BYTES, end));
+			off = end;
+		}
+		this.held = buf.subarray(off);
+		return out;
+	}
 }
