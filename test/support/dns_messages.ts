@@ -1,21 +1,22 @@
 /*
  * DNS MESSAGES AS THE TESTS WRITE AND READ THEM
  *
- * Queries are built with dns-packet; this file holds the few shapes every
- * test client agrees on.
+ * Queries and answers are built with dns-packet; this file holds the few
+ * shapes every test client and fake server agrees on.
  *
  * A QUERY (encodeQuery) asks one question with RD set, optionally with an
  * EDNS OPT record (mname answers past 512 bytes over UDP only then); the
- * edge tests also clear RD or repeat the question.  Every answer from the
- * mname fixture carries a TXT `be=<label>` naming the backend that
- * answered; backendOf() reads that label back.
+ * edge tests also clear RD or repeat the question.  AN ANSWER from a fake
+ * server (encodeAnswer) is authoritative and carries the one record every
+ * test reads: a TXT `be=<label>` naming the backend that answered, as the
+ * mname fixture adds to every reply.  backendOf() reads that label back.
  *
  * OVER TCP a DNS message travels as a 2-byte big-endian length and then
  * the message (RFC 1035 4.2.2).  framed() adds the prefix; a
  * LengthPrefixReader takes a byte stream in chunks of any size, split
  * anywhere, and hands back every message as soon as it is whole.  It is the
- * one splitter of the tests: every TCP client and the chaos load driver
- * read through it.  It is pure (no socket) and
+ * one splitter of the tests: every TCP client, the chaos load driver and the
+ * fake backends' TCP sessions read through it.  It is pure (no socket) and
  * does not judge lengths: bbal's own follower (src/tcp_messages.ts) does
  * that, and never holds a message, which a client must.
  */
@@ -44,6 +45,17 @@ export function encodeQuery(name: string, type: dnsPacket.RecordType, id: number
 		additionals: o.edns === undefined ? [] :
 			[{ type: 'OPT', name: '.', udpPayloadSize: o.edns, extendedRcode: 0,
 				ednsVersion: 0, flags: 0, flag_do: false, options: [] }],
+	});
+}
+
+/** A fake server's answer: authoritative, one TXT `be=<label>` for the question, RD copied when asked. */
+export function encodeAnswer(id: number, question: dnsPacket.Question, label: string, rd = false): Buffer {
+	return dnsPacket.encode({
+		type: 'response',
+		id,
+		flags: dnsPacket.AUTHORITATIVE_ANSWER | (rd ? dnsPacket.RECURSION_DESIRED : 0),
+		questions: [question],
+		answers: [{ type: 'TXT', name: question.name, ttl: 0, class: 'IN', data: `be=${label}` }],
 	});
 }
 
