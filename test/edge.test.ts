@@ -19,7 +19,7 @@ import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
 import type { RemoteSnapshot, Snapshot } from '../src/stats.js';
 import { runBalstat, runBbal, startBbal, statsSocketFor } from './support/bbal.js';
-import { TcpDnsClient, UdpDnsClient } from './support/dns_client.js';
+import { TcpDnsClient, UdpDnsClient, udpQuery } from './support/dns_client.js';
 import { backendOf, encodeQuery, framed, type QueryOptions } from './support/dns_messages.js';
 import { makeSocketDir, startBackend, startFleet } from './support/fleet.js';
 import { freePort } from './support/ports.js';
@@ -43,11 +43,8 @@ const rcodeOf = (b: Buffer): number => (b[3]) & 0x0f;
 const idOf = (b: Buffer): number => b.readUInt16BE(0);
 
 /* One query from a fresh source; the decoded answer. */
-async function ask(t: Test, port: number, source: string, name = 'ok.example', id = 4000): Promise<dnsPacket.Packet> {
-	const c = await UdpDnsClient.open(t, port, source);
-	await c.send(query(name, id));
-	return dnsPacket.decode((await c.reply(id)).bytes);
-}
+const ask = async (port: number, source: string, name = 'ok.example', id = 4000): Promise<dnsPacket.Packet> =>
+	(await udpQuery({ port, source, name, id })).packet;
 
 t.test('what is not a DNS query is dropped and counted per remote; NOTIFY passes', async (t) => {
 	const { dir, port } = await startFleet(t, ['5301']);
@@ -70,7 +67,7 @@ t.test('what is not a DNS query is dropped and counted per remote; NOTIFY passes
 	await notify.send(withOpcode(query('zone.example', 109, { type: 'SOA', rd: false }), 4));
 	await Promise.all(clients.map((c) => c.quiet()));
 	clients.forEach((c, i) => t.equal(c.datagrams.length, 0, `${cases[i]?.[1]}: no reply`));
-	t.equal((await ask(t, port, '127.0.3.8')).answers?.length, 1, 'a normal query from another source is answered');
+	t.equal((await ask(port, '127.0.3.8')).answers?.length, 1, 'a normal query from another source is answered');
 
 	const snap = await snapshot(dir);
 	for (const [src, what] of cases) {
@@ -194,7 +191,7 @@ t.test('--max-qps-per-remote: excess gets REFUSED (or nothing with drop); others
 		const snap = await snapshot(dir);
 		t.ok(snap.udp.rateLimited >= k, `${action}: udp.rateLimited ${snap.udp.rateLimited}`);
 		t.equal(snap.udp.refused, action === 'refuse' ? snap.udp.rateLimited : 0, `${action}: udp.refused`);
-		t.equal(backendOf(await ask(t, port, '127.0.3.49')), '5301', `${action}: another source is answered`);
+		t.equal(backendOf(await ask(port, '127.0.3.49')), '5301', `${action}: another source is answered`);
 	}
 });
 
@@ -204,7 +201,7 @@ t.test('--allow: strangers get nothing on UDP or TCP and leave no trace', async 
 	const inside = ['127.0.3.1', '127.0.4.9', '127.0.4.16'];
 	const outside = ['127.0.3.100', '127.0.4.12', '127.0.4.17'];
 	for (const s of inside) {
-		t.equal(backendOf(await ask(t, port, s)), '5301', `${s} (inside) is answered`);
+		t.equal(backendOf(await ask(port, s)), '5301', `${s} (inside) is answered`);
 	}
 	const strangers = await Promise.all(outside.map(async (s) => {
 		const c = await UdpDnsClient.open(t, port, s);
@@ -277,7 +274,7 @@ t.test('--max-remotes: a flood of new sources churns the table, a host that keep
 		if (i % 5 === 0) {
 			seen.push(await askLegit());
 		}
-		t.ok(backendOf(await ask(t, port, `127.0.4.${100 + i}`, 'flood.example', 3000 + i)) !== null,
+		t.ok(backendOf(await ask(port, `127.0.4.${100 + i}`, 'flood.example', 3000 + i)) !== null,
 			`flood source ${i} answered`);
 	}
 	seen.push(await askLegit());

@@ -142,22 +142,31 @@ export class UdpDnsClient {
 	}
 }
 
-export interface UdpQueryOptions {
+/** One query to bbal on 127.0.0.1:port; a random id and type TXT unless given. */
+export interface OneQuery {
 	port: number;
 	/* The client's address, any 127.0.0.x; bbal keys remotes on it. */
 	source: string;
 	name: string;
 	type?: dnsPacket.RecordType;
 	id?: number;
+	/* How long the answer is waited for (2 s unless given). */
 	timeoutMs?: number;
+}
+
+export interface UdpQueryOptions extends OneQuery {
 	/* Advertise this EDNS UDP payload size (mname answers past 512 only then). */
 	edns?: number;
 }
 
-export interface UdpQueryResult {
+/** An answer, decoded, and the backend that gave it. */
+export interface Answer {
 	packet: dnsPacket.Packet;
 	/* The label from the `be=` TXT answer, or null if there is none. */
 	backend: string | null;
+}
+
+export interface UdpQueryResult extends Answer {
 	/* Where the reply came from (bbal's address and DNS port). */
 	from: dgram.RemoteInfo;
 	bytes: Buffer;
@@ -359,26 +368,14 @@ export class TcpDnsClient {
 	}
 }
 
-export interface TcpQueryOptions {
-	port: number;
-	source: string;
-	name: string;
-	type?: dnsPacket.RecordType;
-	id?: number;
-	/* From the connect to the answer (and, with halfClose, to bbal's close). */
-	timeoutMs?: number;
+/* timeoutMs runs from the connect to the answer (and, with halfClose, to bbal's close). */
+export interface TcpQueryOptions extends OneQuery {
 	/* Send the query with a FIN and wait for bbal to close the connection after the answer. */
 	halfClose?: boolean;
 }
 
-export interface TcpQueryResult {
-	packet: dnsPacket.Packet;
-	/* The label from the `be=` TXT answer, or null if there is none. */
-	backend: string | null;
-}
-
 /* One query on a fresh connection from `source`; the connection is closed afterwards. */
-export async function tcpQuery(opts: TcpQueryOptions): Promise<TcpQueryResult> {
+export async function tcpQuery(opts: TcpQueryOptions): Promise<Answer> {
 	const id = opts.id ?? randomId();
 	const timeoutMs = opts.timeoutMs ?? ANSWER_TIMEOUT_MS;
 	const c = new TcpDnsClient({ port: opts.port, source: opts.source,
