@@ -9,13 +9,13 @@
  * INBOUND_TCP_OK.
  */
 
-import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
 import { INBOUND_TCP_OK_FRAME, SERVER_HELLO_FRAME } from './support/backend_frames.js';
 import { type Bbal, startBbal } from './support/bbal.js';
+import { dig, needsDig } from './support/dig.js';
 import { TcpDnsClient, tcpQuery, udpQuery } from './support/dns_client.js';
 import { backendOf, encodeAnswer, encodeQuery, framed } from './support/dns_messages.js';
 import { FakeBackend } from './support/fake_backend.js';
@@ -113,21 +113,13 @@ t.test('a backend killed under an open connection: the client is closed, a new o
 	t.ok(moved, `a new connection from ${s} is served by ${moved} (tries: ${JSON.stringify(tried)})`);
 });
 
-const hasDig = await new Promise<boolean>((resolve) => {
-	execFile('dig', ['-v'], (err) => resolve(err === null));
-});
-
-t.test('dig +tcp reaches the source\'s UDP backend', {
-	skip: hasDig ? false : 'dig is not installed (.ci/run installs bind9-dnsutils)',
-}, async (t) => {
+t.test('dig +tcp reaches the source\'s UDP backend', needsDig, async (t) => {
 	const { port } = await startFleet(t, ['5301', '5302', '5303']);
 	/* 127.0.0.135 lands on the second backend: a TCP path that picked afresh would show. */
 	await udpQuery({ port, source: src(134), name: 'warm.example' });
 	const udp = await udpQuery({ port, source: src(135), name: 'u.example' });
-	const out = await new Promise<string>((resolve, reject) => {
-		execFile('dig', ['+tcp', '@127.0.0.1', '-p', String(port), '-b', src(135), 'd.example', 'TXT',
-			'+short', '+tries=1', '+time=2'], (err, stdout) => (err !== null ? reject(err) : resolve(stdout.trim())));
-	});
+	const out = await dig(['+tcp', '@127.0.0.1', '-p', String(port), '-b', src(135), 'd.example', 'TXT',
+		'+short', '+tries=1', '+time=2']);
 	t.equal(out, `"be=${udp.backend}"`, 'dig +tcp shows the same backend as UDP');
 });
 
