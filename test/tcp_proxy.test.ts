@@ -26,9 +26,19 @@ import { makeSocketDir, startBackend } from './support/fleet.js';
 import { freePort } from './support/ports.js';
 import { waitFor } from './support/wait.js';
 
-/* Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`. */
-async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 512,
-	log: Logger = pino({ level: 'silent' })) {
+interface RigOptions {
+	idleTimeoutSecs?: number;
+	maxConnections?: number;
+	log?: Logger;
+}
+
+/*
+ * Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`, in
+ * front of the backend directory `dir`; backend 5301, listening there, is
+ * connected and ok.
+ */
+async function rig(t: Test, dir: string, o: RigOptions = {}) {
+	const { idleTimeoutSecs = 10, maxConnections = 512, log = pino({ level: 'silent' }) } = o;
 	const clock = { now: 10_000_000 };
 	const wheel = new TimeoutWheel(() => clock.now);
 	const backends = new Backends({ socketDir: dir, log, wheel, onOutboundUdp: () => {} });
@@ -40,8 +50,10 @@ async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 
 		await tcp.close(0);
 		backends.close();
 	});
+	const be = backends.trackAndConnect('5301') as Backend;
+	await waitFor(() => be.ok, 3000, 10, 'backend ok');
 	return {
-		wheel, backends, remotes, tcp, port,
+		wheel, backends, remotes, tcp, port, be,
 		advance(secs: number): void {
 			clock.now += secs * 1000;
 			wheel.run(clock.now);
@@ -50,12 +62,18 @@ async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 
 }
 
 /*
- * A backend that says hello and answers heartbeats on its control session,
- * and treats INBOUND_TCP as `onTcp` says.  Half-open, so a session can
- * answer after the client's FIN.
+ * rig() in front of a fake backend 5301 that says hello and answers
+ * heartbeats on its control session, and treats INBOUND_TCP as `onTcp`
+ * says.  Half-open, so a session can answer after the client's FIN.
  */
-const fakeBackend = (t: Test, sockPath: string, onTcp: (sock: net.Socket) => void): Promise<FakeBackend> =>
-	FakeBackend.listen(t, sockPath, { allowHalfOpen: true, onTcpSession: onTcp });
+async function fakeRig(t: Test, onTcp: (sock: net.Socket) => void, o: RigOptions = {}) {
+	const dir = await makeSocketDir(t);
+	const sockPath = path.join(dir, '5301');
+	const fake = await FakeBackend.listen(t, sockPath, { allowHalfOpen: true, onTcpSession: onTcp });
+	return { ...await rig(t, dir, o), fake, sockPath };
+}
+
+const neverAnswers = (): void => {};
 
 /* A client from `source`, released on teardown. */
 const connect = (t: Test, port: number, source: string): Promise<TcpDnsClient> => TcpDnsClient.connect(t, port, source);
@@ -64,11 +82,8 @@ const connect = (t: Test, port: number, source: string): Promise<TcpDnsClient> =
 const closed = (c: TcpDnsClient): Promise<void> => c.closedByPeer(10_000);
 
 t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faulted', async (t) => {
-	const dir = await makeSocketDir(t);
-	const fake = await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const env = await fakeRig(t, neverAnswers);
+	const { be, fake } = env;
 	const client = await connect(t, env.port, '127.0.0.150');
 	await waitFor(() => fake.inboundTcp.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
 	const inbound = fake.inboundTcp[0];
@@ -87,11 +102,8 @@ t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faul
 const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
 
 t.test('a client that hangs up before a whole query is closed at once; the backend is not faulted', async (t) => {
-	const dir = await makeSocketDir(t);
-	const fake = await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const env = await fakeRig(t, neverAnswers);
+	const { be, fake } = env;
 	const client = await connect(t, env.port, '127.0.0.153');
 	await waitFor(() => fake.inboundTcp.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
 	client.sock.end(framed(encodeQuery('half.example', 'A', 7)).subarray(0, 9));
@@ -103,20 +115,16 @@ t.test('a client that hangs up before a whole query is closed at once; the backe
 });
 
 t.test('a query half-closed before INBOUND_TCP_OK reaches the backend when it accepts, and is answered', async (t) => {
-	const dir = await makeSocketDir(t);
 	let session: net.Socket | null = null;
 	const got: Buffer[] = [];
 	let backEnded = false;
-	await fakeBackend(t, path.join(dir, '5301'), (sock) => {
+	const env = await fakeRig(t, (sock) => {
 		session = sock;
 		sock.on('data', (d: Buffer) => got.push(d));
 		sock.on('end', () => {
 			backEnded = true;
 		});
 	});
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
 	const client = await connect(t, env.port, '127.0.0.154');
 	const query = framed(encodeQuery('early.example', 'A', 7));
 	client.sock.end(query);
@@ -134,11 +142,7 @@ t.test('a query half-closed before INBOUND_TCP_OK reaches the backend when it ac
 });
 
 t.test('at the cap, a connection whose client half-closed before the OK makes room for a new one', async (t) => {
-	const dir = await makeSocketDir(t);
-	await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
-	const env = await rig(t, dir, 10, 2);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const env = await fakeRig(t, neverAnswers, { maxConnections: 2 });
 	const waiting = await connect(t, env.port, '127.0.0.155');
 	const gone = await connect(t, env.port, '127.0.0.156');
 	waiting.sock.write(framed(encodeQuery('waiting.example', 'A', 7)));
@@ -158,11 +162,8 @@ t.test('at the cap, a connection whose client half-closed before the OK makes ro
 });
 
 t.test('the idle deadline closes a silent connection; activity postpones it', async (t) => {
-	const dir = await makeSocketDir(t);
-	await fakeBackend(t, path.join(dir, '5301'), (sock) => sock.write(INBOUND_TCP_OK_FRAME));
-	const env = await rig(t, dir, 10);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const env = await fakeRig(t, (sock) => sock.write(INBOUND_TCP_OK_FRAME));
+	const { be } = env;
 	const quiet = await connect(t, env.port, '127.0.0.151');
 	const chatty = await connect(t, env.port, '127.0.0.152');
 	await waitFor(() => env.tcp.stats.established === 2, 2000, 10, 'both sessions flowing');
@@ -190,16 +191,12 @@ const framedAnswer = (id: number, label: string): Buffer =>
 	framed(encodeAnswer(id, { type: 'TXT', name: 'split.example', class: 'IN' }, label));
 
 t.test('an INBOUND_TCP_OK split 2+2, answer bytes after it: the client gets exactly the answer', async (t) => {
-	const dir = await makeSocketDir(t);
 	const answer = framedAnswer(4242, 'split');
-	await fakeBackend(t, path.join(dir, '5301'), (sock) => {
+	const env = await fakeRig(t, (sock) => {
 		sock.write(INBOUND_TCP_OK_FRAME.subarray(0, 2));
 		/* Later, so that the two halves reach bbal in separate reads. */
 		setTimeout(() => sock.write(Buffer.concat([INBOUND_TCP_OK_FRAME.subarray(2), answer])), 50);
 	});
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
 	const client = await connect(t, env.port, '127.0.0.159');
 	client.send('split.example', 'TXT', 4242);
 	await client.until(() => client.received >= answer.length || client.sock.destroyed, 2000, 'the answer');
@@ -218,12 +215,9 @@ t.test('a wrong first frame closes the client without faulting the backend, as s
 		['an OUTBOUND_UDP header', Buffer.from([FRAME_OUTBOUND_UDP & 255, FRAME_OUTBOUND_UDP >> 8, 0, 0,
 			1, 0, 0, 127, 53, 0, 0, 0, 5, 0, 0, 0])],
 	];
-	const dir = await makeSocketDir(t);
 	let reply = wrong[0][1];
-	await fakeBackend(t, path.join(dir, '5301'), (sock) => sock.write(reply));
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const env = await fakeRig(t, (sock) => sock.write(reply));
+	const { be } = env;
 	for (const [i, [what, frame]] of wrong.entries()) {
 		reply = frame;
 		const client = await connect(t, env.port, `127.0.0.${170 + i}`);
@@ -239,16 +233,12 @@ t.test('a wrong first frame closes the client without faulting the backend, as s
 t.test('TCP log lines name the backend by be_id and be_path; trace shows the lifecycle', async (t) => {
 	const records: Array<Record<string, unknown>> = [];
 	const log = makeLogger('trace', { write: (line: string) => { records.push(JSON.parse(line) as Record<string, unknown>); } });
-	const dir = await makeSocketDir(t);
-	const sockPath = path.join(dir, '5301');
 	const answer = framedAnswer(99, 'logged');
-	await fakeBackend(t, sockPath, (sock) => {
+	const env = await fakeRig(t, (sock) => {
 		sock.write(INBOUND_TCP_OK_FRAME);
 		sock.on('end', () => sock.end(answer));
-	});
-	const env = await rig(t, dir, 10, 512, log);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	}, { log });
+	const { sockPath } = env;
 	const client = await connect(t, env.port, '127.0.0.160');
 	const localPort = client.localPort;
 	await waitFor(() => env.tcp.stats.established === 1, 2000, 10, 'the session flows');
@@ -284,8 +274,7 @@ t.test('sequential TCP queries leave no proxy, timeout, handle or heap growth be
 	const dir = await makeSocketDir(t);
 	await startBackend(t, dir, '5301');
 	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 3000, 10, 'backend ok');
+	const { be } = env;
 	const run = async (count: number, base: number): Promise<void> => {
 		for (let i = 0; i < count; i++) {
 			const id = (base + i) & 0xffff;
