@@ -315,7 +315,7 @@ t.test('close(): idempotent, the transport closed, no timeout left armed on the 
 	await first;
 	t.equal(bal.state, 'closed');
 	t.same(bal.wheel.list(), [], 'nothing armed on the wheel');
-	t.equal(bal.wheel.size, 0);
+	t.equal(bal.wheel.list().length, 0);
 	t.equal(udp.state, 'closed', 'the transport closed');
 	t.ok(bal.backends.list().every((be) => be.state === 'closed'), 'every backend closed');
 	await bal.close();
@@ -324,9 +324,9 @@ t.test('close(): idempotent, the transport closed, no timeout left armed on the 
 	const neverStarted = new Balancer({
 		bind: '127.0.0.1', port: 0, socketDir: dir, log: makeLogger('fatal'), transport: new FakeTransport(), clock: () => START,
 	});
-	t.equal(neverStarted.wheel.size, 3, 'the periodic jobs are armed from construction');
+	t.equal(neverStarted.wheel.list().length, 3, 'the periodic jobs are armed from construction');
 	await neverStarted.close();
-	t.equal(neverStarted.wheel.size, 0, 'and disarmed by close() without start()');
+	t.equal(neverStarted.wheel.list().length, 0, 'and disarmed by close() without start()');
 	await neverStarted.start();
 	t.equal(neverStarted.state, 'closed', 'start() after close() binds nothing');
 });

@@ -292,7 +292,7 @@ t.test('sequential TCP queries leave no proxy, timeout, handle or heap growth be
 	gc();
 	const heapBefore = process.memoryUsage().heapUsed;
 	const handlesBefore = process.getActiveResourcesInfo().length;
-	const timeoutsBefore = env.wheel.size;
+	const timeoutsBefore = env.wheel.list().length;
 	await run(n, 1000);
 	await waitFor(() => env.tcp.size === 0, 2000, 10, 'all proxies released');
 	await new Promise((resolve) => setImmediate(resolve));
@@ -300,7 +300,7 @@ t.test('sequential TCP queries leave no proxy, timeout, handle or heap growth be
 	const grownKb = Math.round((process.memoryUsage().heapUsed - heapBefore) / 1024);
 	t.equal(env.tcp.stats.established, 200 + n, 'every query went through a session');
 	t.equal(be.stats.tcp, 200 + n, 'counted on the backend');
-	t.equal(env.wheel.size, timeoutsBefore, 'no timeout left armed');
+	t.equal(env.wheel.list().length, timeoutsBefore, 'no timeout left armed');
 	t.ok(process.getActiveResourcesInfo().length <= handlesBefore, 'no handle left open');
 	t.ok(grownKb < 2048, `heap grew ${grownKb} kB over ${n} connections`);
 });
