@@ -358,7 +358,7 @@ export class ChaosFleet {
 		const metricsPort = await freePort();
 		this.inspectPort = await freePort();
 		/*
-		 * The helpers start bin/bbal.js directly, so it gets the production
+		 * startBbal starts bin/bbal.js directly, so it gets the production
 		 * launcher's V8 flags through NODE_OPTIONS: memory is measured as it
 		 * would be in production.
 		 */
