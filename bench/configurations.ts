@@ -44,7 +44,7 @@
 
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { sleep } from '../test/helpers.js';
+import { sleep } from '../test/support/wait.js';
 import { counters, statsSnapshot } from '../test/support/bbal.js';
 import { statusKb } from '../test/support/procfs.js';
 import { dnsperf, mergeDnsperf, tcpConns } from './load_generators.js';

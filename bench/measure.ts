@@ -48,7 +48,7 @@
  * how busy the rest of the machine was during the measured runs.
  */
 
-import { sleep } from '../test/helpers.js';
+import { sleep } from '../test/support/wait.js';
 import { counters, statsSnapshot, type Snapshot } from '../test/support/bbal.js';
 import { clockTicksPerSecond, cpuDelta, cpuSample } from '../test/support/procfs.js';
 import { median, percentile } from '../test/support/quantiles.js';

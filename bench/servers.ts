@@ -37,9 +37,10 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { projectRoot, udpQuery, waitFor } from '../test/helpers.js';
 import { LAUNCHER_V8_FLAGS, statsSnapshot } from '../test/support/bbal.js';
-import type { Child } from '../test/support/process.js';
+import { udpQuery } from '../test/support/dns_client.js';
+import { type Child, projectRoot } from '../test/support/process.js';
+import { waitFor } from '../test/support/wait.js';
 import type { BenchSession } from './session.js';
 import { BENCH_DIR, BUILD_DIR, STUB_BIN, which } from './tools.js';
 
@@ -69,10 +70,7 @@ export async function probe(what: string, port: number, source = '127.0.0.1'): P
 
 /* Wait for a server's "ready" line (or its death). */
 async function readyLine(child: Child, what: string): Promise<void> {
-	await waitFor(() => {
-		child.alive();
-		return child.output.includes('ready');
-	}, READY_TIMEOUT_MS, READY_POLL_MS, what);
+	await child.waitOutput((out) => out.includes('ready'), READY_TIMEOUT_MS, what);
 }
 
 /** The stub answering UDP on 127.0.0.1:port (for the direct path and behind dnsdist); probe it yourself. */

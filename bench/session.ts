@@ -44,8 +44,8 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, projectRoot } from '../test/helpers.js';
-import { ChildSet } from '../test/support/process.js';
+import { freePort } from '../test/support/ports.js';
+import { ChildSet, projectRoot } from '../test/support/process.js';
 
 /** A run that is still going after this long is stuck, and is stopped. */
 export const WATCHDOG_MS = 9 * 60 * 1000;

@@ -28,7 +28,7 @@
  */
 
 import net from 'node:net';
-import { encodeQuery, framed } from '../test/helpers.js';
+import { encodeQuery, framed, LengthPrefixReader } from '../test/support/dns_messages.js';
 import { percentile } from '../test/support/quantiles.js';
 
 /** What one run prints, as one JSON line (the field names are read by load_generators.ts). */
@@ -89,7 +89,7 @@ let timeouts = 0;
 function once(): Promise<void> {
 	return new Promise((resolve) => {
 		const t0 = performance.now();
-		let got: Buffer = Buffer.alloc(0);
+		const reader = new LengthPrefixReader();
 		let finished = false;
 		const id = (Math.random() * 65536) | 0;
 		const q = Buffer.from(query);
@@ -116,9 +116,9 @@ function once(): Promise<void> {
 		sock.setNoDelay(true);
 		sock.on('connect', () => sock.write(q));
 		sock.on('data', (d: Buffer) => {
-			got = got.length === 0 ? d : Buffer.concat([got, d]);
-			if (got.length >= 2 && got.length >= 2 + got.readUInt16BE(0)) {
-				const ok = got.length >= 4 && got.readUInt16BE(2) === id && (got[4] & 0x80) !== 0;
+			const [answer] = reader.feed(d);
+			if (answer !== undefined) {
+				const ok = answer.length >= 3 && answer.readUInt16BE(0) === id && (answer[2] & 0x80) !== 0;
 				finish(ok ? 'ok' : 'error');
 			}
 		});

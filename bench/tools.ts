@@ -35,7 +35,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { projectRoot } from '../test/helpers.js';
+import { projectRoot } from '../test/support/process.js';
 import { clockTicksPerSecond } from '../test/support/procfs.js';
 import { log } from './session.js';
 

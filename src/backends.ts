@@ -169,10 +169,6 @@ export class Backends {
 		this.noBackend = new GatedLog(opts.wheel, 'error', 'no backends available');
 	}
 
-	get size(): number {
-		return this.byId.size;
-	}
-
 	/** Every backend in id order. */
 	list(): Backend[] {
 		return this.byId.values();

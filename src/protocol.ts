@@ -102,12 +102,13 @@ function typeOnlyFrame(type: number): Buffer {
 	return b;
 }
 
-/* Fixed frames are shared, never mutated: a socket may hold them queued. */
+/*
+ * Fixed frames are shared, never mutated: a socket may hold them queued.
+ * Only the balancer's: the frames a backend writes are built by whoever
+ * plays one (the tests' fakes, test/support/backend_frames.ts).
+ */
 export const CLIENT_HELLO_FRAME: Buffer = typeOnlyFrame(FRAME_CLIENT_HELLO);
 export const CLIENT_HEARTBEAT_FRAME: Buffer = typeOnlyFrame(FRAME_CLIENT_HEARTBEAT);
-export const SERVER_HELLO_FRAME: Buffer = typeOnlyFrame(FRAME_SERVER_HELLO);
-export const SERVER_HEARTBEAT_FRAME: Buffer = typeOnlyFrame(FRAME_SERVER_HEARTBEAT);
-export const INBOUND_TCP_OK_FRAME: Buffer = typeOnlyFrame(FRAME_INBOUND_TCP_OK);
 
 /** The 12-byte INBOUND_TCP frame that opens a TCP session. */
 export function encodeInboundTcp(addr: number, port: number): Buffer {
@@ -131,12 +132,6 @@ export function writeUdpFrame(dst: Buffer, off: number, type: number, addr: numb
 	dst.writeUInt32LE(payload.length, off + 12);
 	dst.set(payload, off + UDP_FRAME_HEADER_BYTES);
 	return off + UDP_FRAME_HEADER_BYTES + payload.length;
-}
-
-export function encodeUdpFrame(type: number, addr: number, port: number, payload: Uint8Array): Buffer {
-	const b = Buffer.allocUnsafe(UDP_FRAME_HEADER_BYTES + payload.length);
-	writeUdpFrame(b, 0, type, addr, port, payload);
-	return b;
 }
 
 /* Addresses: the u32 form is what travels and what keys the remotes table. */

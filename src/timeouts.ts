@@ -61,10 +61,6 @@ export class Timeout {
 		readonly fn: () => void,
 	) {}
 
-	get armed(): boolean {
-		return this.expiresAt !== null;
-	}
-
 	/** Arm (or re-arm) to fire after delaySecs whole seconds. */
 	set(delaySecs: number): void {
 		this.wheel.arm(this, delaySecs);
@@ -149,10 +145,6 @@ export class TimeoutWheel {
 		} finally {
 			this.running = false;
 		}
-	}
-
-	get size(): number {
-		return this.tree.size;
 	}
 
 	/** Armed timeouts in firing order, for the stats snapshot. */

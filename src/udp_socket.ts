@@ -123,17 +123,6 @@ function load(): Addon | null {
 	return addon;
 }
 
-/** Why the native transport is unavailable, or null when it loaded. */
-export function nativeUnavailableReason(): Error | null {
-	load();
-	return addonError;
-}
-
-/** Where the loader looks for the addon, for tests and diagnostics. */
-export function nativeAddonUrl(): URL {
-	return new URL(ADDON_PATH, import.meta.url);
-}
-
 /**
  * The native transport when the addon loads, else dgram; BBAL_UDP=dgram
  * forces dgram.  A kind asked for explicitly must be available.

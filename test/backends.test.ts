@@ -4,7 +4,6 @@
  * a 15-second heartbeat deadline is one call to wheel.run().
  */
 
-import { EventEmitter } from 'node:events';
 import { rename } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -15,47 +14,15 @@ import {
 	CONNECT_DEADLINE_SECS, HEARTBEAT_DEADLINE_SECS, HEARTBEAT_INTERVAL_SECS, MAX_RECONNECT_DELAY_SECS,
 } from '../src/backend.js';
 import { type Backend, Backends } from '../src/backends.js';
-import {
-	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, encodeUdpFrame, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP,
-	INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../src/protocol.js';
+import { CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP } from '../src/protocol.js';
 import { makeLogger } from '../src/log.js';
 import { TimeoutWheel } from '../src/timeouts.js';
-import { makeSocketDir, waitFor } from './helpers.js';
-
-class FakeSocket extends EventEmitter {
-	writes: Buffer[] = [];
-	/* How many writes each cork()..uncork() held. */
-	corkedWrites: number[] = [];
-	private corked = -1;
-	destroyed = false;
-	accept = true;
-	constructor(readonly path: string, readonly highWaterMark?: number) {
-		super();
-	}
-	write(b: Uint8Array): boolean {
-		this.writes.push(Buffer.from(b));
-		if (this.corked >= 0) {
-			this.corked++;
-		}
-		return this.accept;
-	}
-	cork(): void {
-		this.corked = 0;
-	}
-	uncork(): void {
-		this.corkedWrites.push(this.corked);
-		this.corked = -1;
-	}
-	destroy(): this {
-		this.destroyed = true;
-		return this;
-	}
-	/** Everything written, as one buffer. */
-	all(): Buffer {
-		return Buffer.concat(this.writes);
-	}
-}
+import {
+	encodeUdpFrame, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
+} from './support/backend_frames.js';
+import { FakeConnector, type FakeSocket } from './support/fake_socket.js';
+import { makeSocketDir } from './support/fleet.js';
+import { waitFor } from './support/wait.js';
 
 interface Sent {
 	addr: number;
@@ -67,29 +34,25 @@ interface Sent {
 function setup(dir = '/var/run/binder/sockets', log: Logger = pino({ level: 'silent' })) {
 	let now = 1_000_000;
 	const wheel = new TimeoutWheel(() => now);
-	const sockets: FakeSocket[] = [];
+	const connector = new FakeConnector();
 	const sent: Sent[] = [];
 	const reg = new Backends({
 		socketDir: dir,
 		log,
 		wheel,
 		onOutboundUdp: (addr, port, payload, from) => sent.push({ addr, port, payload, from }),
-		connector: (path, highWaterMark) => {
-			const s = new FakeSocket(path, highWaterMark);
-			sockets.push(s);
-			return s as unknown as net.Socket;
-		},
+		connector: connector.connect,
 	});
 	return {
-		wheel, reg, sockets, sent,
+		wheel, reg, sent,
+		/* Every socket the registry opened, oldest first. */
+		sockets: connector.sockets,
 		/* Step the clock and run the wheel, as the 1 s tick does. */
 		advance(secs: number): void {
 			now += secs * 1000;
 			wheel.run(now);
 		},
-		last(): FakeSocket {
-			return sockets[sockets.length - 1];
-		},
+		last: (): FakeSocket => connector.last(),
 	};
 }
 
@@ -100,8 +63,7 @@ const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve)
 function okBackend(env: ReturnType<typeof setup>, name: string): { be: Backend; sock: FakeSocket } {
 	const be = env.reg.trackAndConnect(name) as Backend;
 	const sock = env.last();
-	sock.emit('connect');
-	sock.emit('data', SERVER_HELLO_FRAME);
+	sock.establish();
 	return { be, sock };
 }
 
@@ -162,10 +124,9 @@ t.test('no hello within 30 s faults the connect attempt', async (t) => {
 t.test('reconnect back-off: 0, then 1, growing by 2, capped at 32, back to 1 after a hello', async (t) => {
 	const env = setup();
 	const be = env.reg.trackAndConnect('5301') as Backend;
-	const refused = Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' });
 	const delays: number[] = [];
 	for (let i = 0; i < 20; i++) {
-		env.last().emit('error', refused);
+		env.last().connectError('ECONNREFUSED');
 		t.equal(be.state, 'waiting');
 		const before = env.sockets.length;
 		let waited = 0;
@@ -178,8 +139,7 @@ t.test('reconnect back-off: 0, then 1, growing by 2, capped at 32, back to 1 aft
 	t.same(delays.slice(0, 17), [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 32]);
 	t.same(delays.slice(17), [32, 32, 32]);
 	t.equal(be.stats.connError, 20);
-	env.last().emit('connect');
-	env.last().emit('data', SERVER_HELLO_FRAME);
+	env.last().establish();
 	t.equal(be.reconnectDelaySecs, 1, 'reset by the hello');
 	env.last().emit('end');
 	env.advance(1);
@@ -192,7 +152,7 @@ t.test('ENOENT marks the backend removed; it returns when a rescan sees the sock
 	sock.emit('end');
 	t.equal(be.state, 'waiting');
 	env.advance(1);
-	env.last().emit('error', Object.assign(new Error('connect ENOENT'), { code: 'ENOENT' }));
+	env.last().connectError('ENOENT');
 	t.equal(be.state, 'removed');
 	t.ok(be.removed);
 	const n = env.sockets.length;
@@ -208,7 +168,7 @@ t.test('a socket bound afresh at the same path (a restarted backend) is tried at
 		const env = setup();
 		const be = env.reg.trackAndConnect('5301', '100/1000') as Backend;
 		const refused = (): void => {
-			env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+			env.last().connectError('ECONNREFUSED');
 		};
 		refused();
 		for (let i = 0; i < 5; i++) {
@@ -223,8 +183,7 @@ t.test('a socket bound afresh at the same path (a restarted backend) is tried at
 		env.reg.trackAndConnect('5301', '100/2000');
 		t.equal(env.sockets.length, n + 1, 'the same inode number but created anew (a later change time): connected at once');
 		t.equal(be.state, 'connecting');
-		env.last().emit('connect');
-		env.last().emit('data', SERVER_HELLO_FRAME);
+		env.last().establish();
 		t.ok(be.ok, 'and ok on its hello');
 	});
 
@@ -352,7 +311,7 @@ t.test('ids: 5300-5399 names when free, otherwise one more than the highest', as
 t.test('a socket path longer than sun_path is skipped, not truncated', async (t) => {
 	const env = setup('/s');
 	t.equal(env.reg.trackAndConnect('x'.repeat(105)), null, '108 bytes: skipped');
-	t.equal(env.reg.size, 0);
+	t.equal(env.reg.list().length, 0);
 	t.equal(env.reg.trackAndConnect('y'.repeat(104))?.path.length, 107, '107 bytes: used');
 });
 
@@ -444,7 +403,7 @@ t.test('a backend waiting to reconnect carries its delay; the view shows the nex
 	const env = setup();
 	const be = env.reg.trackAndConnect('5301') as Backend;
 	t.equal(be.reconnectDelaySecs, 1, 'a first failure will wait 1 s');
-	env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+	env.last().connectError('ECONNREFUSED');
 	t.equal(be.state, 'waiting');
 	t.equal(be.reconnectDelaySecs, 3, 'waiting 1 s now, 3 s after the next failure');
 	t.notOk(be.heartbeatOutstanding);
@@ -467,7 +426,7 @@ t.test('the socket file gone: an ok backend is removed (a fault), a waiting one 
 	t.equal(env.sockets.length, n, 'no reconnects while removed');
 
 	const other = env.reg.trackAndConnect('5302') as Backend;
-	env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+	env.last().connectError('ECONNREFUSED');
 	t.equal(other.state, 'waiting');
 	other.socketGone();
 	t.equal(other.state, 'removed');
@@ -482,7 +441,7 @@ t.test('close(): every backend closed, nothing reconnects, late events change no
 	const env = setup();
 	const a = okBackend(env, '5301');
 	const b = env.reg.trackAndConnect('5302') as Backend;
-	env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+	env.last().connectError('ECONNREFUSED');
 	a.be.sendUdp(1, 1, Buffer.from('q'));
 	env.reg.close();
 	env.reg.close();
@@ -579,8 +538,7 @@ t.test('rescan: new sockets connect, vanished ones are removed, returning and re
 			'each socket found, named ids first come first served, connected at once');
 		t.same(env.sockets.map((s) => path.basename(s.path)), ['5301', '5302', 'other']);
 		for (const s of env.sockets) {
-			s.emit('connect');
-			s.emit('data', SERVER_HELLO_FRAME);
+			s.establish();
 		}
 		await env.reg.rescan();
 		t.equal(env.sockets.length, 3, 'a rescan leaves connected backends alone');
@@ -597,9 +555,9 @@ t.test('rescan: new sockets connect, vanished ones are removed, returning and re
 		t.equal(env.reg.lookupPath(path.join(dir, '5302')), be, 'the same Backend for the same path');
 
 		/* A backend that fails twice waits 3 s; its socket bound afresh cuts that short. */
-		env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+		env.last().connectError('ECONNREFUSED');
 		env.advance(1);
-		env.last().emit('error', Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+		env.last().connectError('ECONNREFUSED');
 		t.equal(be.state, 'waiting');
 		const n = env.sockets.length;
 		await env.reg.rescan();

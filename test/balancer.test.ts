@@ -23,7 +23,10 @@ import { REMOTE_IDLE_EXPIRY_SECS } from '../src/remotes.js';
 import { takeSnapshot } from '../src/stats.js';
 import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_socket.js';
 import { SYNTH_ANSWERS_PER_SEC } from '../src/udp_proxy.js';
-import { backendOf, encodeQuery, type LogRecord, makeSocketDir, startBackend, waitFor } from './helpers.js';
+import { type LogRecord } from './support/bbal.js';
+import { backendOf, encodeQuery } from './support/dns_messages.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { waitFor } from './support/wait.js';
 
 const RCODE_SERVFAIL = 2;
 const RCODE_REFUSED = 5;
@@ -312,7 +315,7 @@ t.test('close(): idempotent, the transport closed, no timeout left armed on the 
 	await first;
 	t.equal(bal.state, 'closed');
 	t.same(bal.wheel.list(), [], 'nothing armed on the wheel');
-	t.equal(bal.wheel.size, 0);
+	t.equal(bal.wheel.list().length, 0);
 	t.equal(udp.state, 'closed', 'the transport closed');
 	t.ok(bal.backends.list().every((be) => be.state === 'closed'), 'every backend closed');
 	await bal.close();
@@ -321,9 +324,9 @@ t.test('close(): idempotent, the transport closed, no timeout left armed on the 
 	const neverStarted = new Balancer({
 		bind: '127.0.0.1', port: 0, socketDir: dir, log: makeLogger('fatal'), transport: new FakeTransport(), clock: () => START,
 	});
-	t.equal(neverStarted.wheel.size, 3, 'the periodic jobs are armed from construction');
+	t.equal(neverStarted.wheel.list().length, 3, 'the periodic jobs are armed from construction');
 	await neverStarted.close();
-	t.equal(neverStarted.wheel.size, 0, 'and disarmed by close() without start()');
+	t.equal(neverStarted.wheel.list().length, 0, 'and disarmed by close() without start()');
 	await neverStarted.start();
 	t.equal(neverStarted.state, 'closed', 'start() after close() binds nothing');
 });

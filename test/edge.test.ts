@@ -15,138 +15,36 @@
  * snapshot to know which case they are in, and assert exactly for one window.
  */
 
-import { execFile } from 'node:child_process';
-import dgram from 'node:dgram';
-import net from 'node:net';
-import path from 'node:path';
-import { performance } from 'node:perf_hooks';
 import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
 import type { RemoteSnapshot, Snapshot } from '../src/stats.js';
-import {
-	backendOf, childEnv, framed, freePort, makeSocketDir, projectRoot, runBbal, sleep, startBackend, startBbal,
-	startFleet, statsSocketFor, waitFor,
-} from './helpers.js';
-
-const balstatBin = path.join(projectRoot, 'bin', 'balstat.js');
-const QUIET_MS = 300;
+import { runBalstat, runBbal, startBbal, statsSocketFor } from './support/bbal.js';
+import { TcpDnsClient, UdpDnsClient, udpQuery } from './support/dns_client.js';
+import { backendOf, encodeQuery, framed, type QueryOptions } from './support/dns_messages.js';
+import { makeSocketDir, startBackend, startFleet } from './support/fleet.js';
+import { freePort } from './support/ports.js';
 
 /* The snapshot as `balstat --json` prints it. */
-function snapshot(dir: string): Promise<Snapshot> {
-	return new Promise((resolve, reject) => {
-		execFile(process.execPath, [balstatBin, '--json', '-S', statsSocketFor(dir)], { env: childEnv(), timeout: 10_000 },
-			(err, stdout, stderr) => (err ? reject(new Error(`balstat: ${err.message} ${stderr}`))
-				: resolve(JSON.parse(stdout) as Snapshot)));
-	});
+async function snapshot(dir: string): Promise<Snapshot> {
+	const out = await runBalstat(['--json', '-S', statsSocketFor(dir)]);
+	if (out.code !== 0) {
+		throw new Error(`balstat: exit ${out.code} ${out.stderr}`);
+	}
+	return JSON.parse(out.stdout) as Snapshot;
 }
 const remoteOf = (snap: Snapshot, ip: string): RemoteSnapshot | undefined => snap.remotes.find((r) => r.ip === ip);
 
 /* A query as bytes; rd defaults to on, `questions` repeats the question. */
-function query(name: string, id: number, o: { type?: dnsPacket.RecordType; rd?: boolean; edns?: number;
-	questions?: number; } = {}): Buffer {
-	const q = { type: o.type ?? 'TXT', name, class: 'IN' as const };
-	return dnsPacket.encode({
-		type: 'query', id, flags: o.rd === false ? 0 : dnsPacket.RECURSION_DESIRED,
-		questions: Array.from({ length: o.questions ?? 1 }, () => q),
-		additionals: o.edns === undefined ? [] : [{ type: 'OPT', name: '.', udpPayloadSize: o.edns,
-			extendedRcode: 0, ednsVersion: 0, flags: 0, flag_do: false, options: [] }],
-	});
-}
+const query = (name: string, id: number, o: QueryOptions & { type?: dnsPacket.RecordType } = {}): Buffer =>
+	encodeQuery(name, o.type ?? 'TXT', id, o);
 const withOpcode = (b: Buffer, op: number): Buffer => { b[2] = ((b[2]) & 0x87) | (op << 3); return b; };
 const asResponse = (b: Buffer): Buffer => { b[2] = (b[2]) | 0x80; return b; };
 const rcodeOf = (b: Buffer): number => (b[3]) & 0x0f;
 const idOf = (b: Buffer): number => b.readUInt16BE(0);
 
-/* A UDP client on its own source address; keeps every datagram it gets. */
-class UdpClient {
-	readonly got: Array<{ bytes: Buffer; at: number }> = [];
-	private constructor(readonly sock: dgram.Socket, readonly source: string, readonly port: number) {
-		sock.on('message', (bytes) => this.got.push({ bytes, at: performance.now() }));
-	}
-
-	static open(t: Test, port: number, source: string): Promise<UdpClient> {
-		return new Promise((resolve, reject) => {
-			const sock = dgram.createSocket('udp4');
-			sock.once('error', reject);
-			sock.bind(0, source, () => {
-				t.teardown(() => new Promise<void>((r) => sock.close(() => r())));
-				resolve(new UdpClient(sock, source, port));
-			});
-		});
-	}
-
-	/* Send one datagram; resolves with the time it went. */
-	send(bytes: Buffer): Promise<number> {
-		return new Promise((resolve, reject) => {
-			const at = performance.now();
-			this.sock.send(bytes, this.port, '127.0.0.1', (err) => (err ? reject(err) : resolve(at)));
-		});
-	}
-
-	async reply(id: number, timeoutMs = 2000): Promise<{ bytes: Buffer; at: number }> {
-		await waitFor(() => this.got.some((g) => idOf(g.bytes) === id), timeoutMs, 5, `${this.source}: reply ${id}`);
-		return this.got.find((g) => idOf(g.bytes) === id) as { bytes: Buffer; at: number };
-	}
-
-	/* Wait until nothing has arrived for `ms`; the datagrams received. */
-	async quiet(ms = QUIET_MS): Promise<Buffer[]> {
-		for (let n = -1; n !== this.got.length;) {
-			n = this.got.length;
-			await sleep(ms);
-		}
-		return this.got.map((g) => g.bytes);
-	}
-}
-
 /* One query from a fresh source; the decoded answer. */
-async function ask(t: Test, port: number, source: string, name = 'ok.example', id = 4000): Promise<dnsPacket.Packet> {
-	const c = await UdpClient.open(t, port, source);
-	await c.send(query(name, id));
-	return dnsPacket.decode((await c.reply(id)).bytes);
-}
-
-/* A DNS-over-TCP client from `source`: received bytes split into messages. */
-class TcpConn {
-	readonly messages: Buffer[] = [];
-	received = 0;
-	closed = false;
-	private buf = Buffer.alloc(0);
-	private constructor(readonly sock: net.Socket) {
-		sock.on('data', (d: Buffer) => {
-			this.received += d.length;
-			this.buf = Buffer.concat([this.buf, d]);
-			while (this.buf.length >= 2 && this.buf.length >= 2 + this.buf.readUInt16BE(0)) {
-				this.messages.push(this.buf.subarray(2, 2 + this.buf.readUInt16BE(0)));
-				this.buf = this.buf.subarray(2 + this.buf.readUInt16BE(0));
-			}
-		});
-		sock.on('close', () => { this.closed = true; });
-		sock.on('error', () => {});
-	}
-
-	static connect(t: Test, port: number, source: string, data?: Buffer): Promise<TcpConn> {
-		return new Promise((resolve, reject) => {
-			const sock = net.connect({ host: '127.0.0.1', port, localAddress: source });
-			t.teardown(() => { sock.destroy(); });
-			sock.once('error', reject);
-			sock.once('connect', () => {
-				if (data !== undefined) {
-					sock.write(data);
-				}
-				resolve(new TcpConn(sock));
-			});
-		});
-	}
-
-	async answer(id: number, timeoutMs = 2000): Promise<dnsPacket.Packet> {
-		await waitFor(() => this.messages.some((m) => idOf(m) === id), timeoutMs, 10, `TCP answer ${id}`);
-		return dnsPacket.decode(this.messages.find((m) => idOf(m) === id) as Buffer);
-	}
-
-	closedByPeer(timeoutMs = 2000): Promise<void> {
-		return waitFor(() => this.closed, timeoutMs, 10, 'connection closed by bbal');
-	}
-}
+const ask = async (port: number, source: string, name = 'ok.example', id = 4000): Promise<dnsPacket.Packet> =>
+	(await udpQuery({ port, source, name, id })).packet;
 
 t.test('what is not a DNS query is dropped and counted per remote; NOTIFY passes', async (t) => {
 	const { dir, port } = await startFleet(t, ['5301']);
@@ -161,15 +59,15 @@ t.test('what is not a DNS query is dropped and counted per remote; NOTIFY passes
 	];
 	t.equal(cases[5]?.[2].readUInt16BE(4), 2, 'the QDCOUNT 2 packet really has two questions');
 	const clients = await Promise.all(cases.map(async ([src, , bytes]) => {
-		const c = await UdpClient.open(t, port, src);
+		const c = await UdpDnsClient.open(t, port, src);
 		await c.send(bytes);
 		return c;
 	}));
-	const notify = await UdpClient.open(t, port, '127.0.3.9');
+	const notify = await UdpDnsClient.open(t, port, '127.0.3.9');
 	await notify.send(withOpcode(query('zone.example', 109, { type: 'SOA', rd: false }), 4));
 	await Promise.all(clients.map((c) => c.quiet()));
-	clients.forEach((c, i) => t.equal(c.got.length, 0, `${cases[i]?.[1]}: no reply`));
-	t.equal((await ask(t, port, '127.0.3.8')).answers?.length, 1, 'a normal query from another source is answered');
+	clients.forEach((c, i) => t.equal(c.datagrams.length, 0, `${cases[i]?.[1]}: no reply`));
+	t.equal((await ask(port, '127.0.3.8')).answers?.length, 1, 'a normal query from another source is answered');
 
 	const snap = await snapshot(dir);
 	for (const [src, what] of cases) {
@@ -182,7 +80,7 @@ t.test('what is not a DNS query is dropped and counted per remote; NOTIFY passes
 	t.equal(n?.stats.udpInvalid, 0, 'NOTIFY is not invalid');
 	t.equal(n?.stats.udp, 1, 'NOTIFY was forwarded to the backend');
 	t.equal(snap.udp.forwarded, 2, 'forwarded: the NOTIFY and the normal query');
-	t.comment(`mname's reply to the NOTIFY: ${notify.got.length ? `rcode ${rcodeOf(notify.got[0].bytes)}` : 'none'}`);
+	t.comment(`mname's reply to the NOTIFY: ${notify.datagrams.length ? `rcode ${rcodeOf(notify.datagrams[0].bytes)}` : 'none'}`);
 });
 
 t.test('with no backend a query gets a minimal SERVFAIL at once; --no-backend drop stays silent', async (t) => {
@@ -195,7 +93,7 @@ t.test('with no backend a query gets a minimal SERVFAIL at once; --no-backend dr
 		{ src: '127.0.3.22', id: 0xbeef, rd: true, edns: 4096 },
 	];
 	for (const k of cases) {
-		const c = await UdpClient.open(t, port, k.src);
+		const c = await UdpDnsClient.open(t, port, k.src);
 		const q = query('fail.example', k.id, { type: 'AAAA', rd: k.rd, edns: k.edns });
 		const sentAt = await c.send(q);
 		const { bytes, at } = await c.reply(k.id, 1000);
@@ -225,7 +123,7 @@ t.test('with no backend a query gets a minimal SERVFAIL at once; --no-backend dr
 	const dropDir = await makeSocketDir(t);
 	const dropPort = await freePort();
 	await startBbal(t, { dir: dropDir, port: dropPort, args: ['--no-backend', 'drop'] });
-	const c = await UdpClient.open(t, dropPort, '127.0.3.23');
+	const c = await UdpDnsClient.open(t, dropPort, '127.0.3.23');
 	await c.send(query('fail.example', 77));
 	t.same(await c.quiet(), [], '--no-backend drop: no reply');
 	snap = await snapshot(dropDir);
@@ -239,7 +137,7 @@ t.test('with no backend a query gets a minimal SERVFAIL at once; --no-backend dr
  * remote's firstSeen equals its lastSeen; the source must be new to bbal).
  */
 async function burst(t: Test, port: number, dir: string, src: string, n: number) {
-	const c = await UdpClient.open(t, port, src);
+	const c = await UdpDnsClient.open(t, port, src);
 	await Promise.all(Array.from({ length: n }, (_, i) => c.send(query(`b${i}.example`, 1000 + i))));
 	const replies = await c.quiet();
 	const rem = remoteOf(await snapshot(dir), src);
@@ -262,7 +160,7 @@ t.test('SERVFAILs are limited per remote per second; other remotes still get the
 		t.ok(replies.length >= 10 && replies.length <= 20, `burst straddled a tick: ${replies.length} SERVFAILs`);
 	}
 	t.equal(rem?.stats.udpDrop, 30, 'all 30 counted as not forwarded');
-	const other = await UdpClient.open(t, port, '127.0.3.31');
+	const other = await UdpDnsClient.open(t, port, '127.0.3.31');
 	await other.send(query('other.example', 31));
 	t.equal(rcodeOf((await other.reply(31)).bytes), 2, 'another source still gets SERVFAIL');
 	t.equal((await snapshot(dir)).udp.servfail, replies.length + 1, 'udp.servfail counts what was sent');
@@ -293,7 +191,7 @@ t.test('--max-qps-per-remote: excess gets REFUSED (or nothing with drop); others
 		const snap = await snapshot(dir);
 		t.ok(snap.udp.rateLimited >= k, `${action}: udp.rateLimited ${snap.udp.rateLimited}`);
 		t.equal(snap.udp.refused, action === 'refuse' ? snap.udp.rateLimited : 0, `${action}: udp.refused`);
-		t.equal(backendOf(await ask(t, port, '127.0.3.49')), '5301', `${action}: another source is answered`);
+		t.equal(backendOf(await ask(port, '127.0.3.49')), '5301', `${action}: another source is answered`);
 	}
 });
 
@@ -303,20 +201,20 @@ t.test('--allow: strangers get nothing on UDP or TCP and leave no trace', async 
 	const inside = ['127.0.3.1', '127.0.4.9', '127.0.4.16'];
 	const outside = ['127.0.3.100', '127.0.4.12', '127.0.4.17'];
 	for (const s of inside) {
-		t.equal(backendOf(await ask(t, port, s)), '5301', `${s} (inside) is answered`);
+		t.equal(backendOf(await ask(port, s)), '5301', `${s} (inside) is answered`);
 	}
 	const strangers = await Promise.all(outside.map(async (s) => {
-		const c = await UdpClient.open(t, port, s);
+		const c = await UdpDnsClient.open(t, port, s);
 		await c.send(query('no.example', 55));
 		return c;
 	}));
 	for (const c of strangers) {
 		t.same(await c.quiet(), [], `${c.source} (outside): no UDP reply`);
 	}
-	const tcpOut = await TcpConn.connect(t, port, '127.0.3.100', framed(query('no.example', 56)));
+	const tcpOut = await TcpDnsClient.connect(t, port, '127.0.3.100', framed(query('no.example', 56)));
 	await tcpOut.closedByPeer();
 	t.equal(tcpOut.received, 0, '127.0.3.100: TCP closed with no data');
-	const tcpIn = await TcpConn.connect(t, port, '127.0.3.2', framed(query('in.example', 57)));
+	const tcpIn = await TcpDnsClient.connect(t, port, '127.0.3.2', framed(query('in.example', 57)));
 	t.equal(backendOf(await tcpIn.answer(57)), '5301', '127.0.3.2 (inside) is answered over TCP');
 
 	const snap = await snapshot(dir);
@@ -338,31 +236,31 @@ t.test('TCP: a bad first message, a bad length or an oversized message closes th
 		['127.0.4.22', 'a length of 5', Buffer.concat([Buffer.from([0, 5]), Buffer.alloc(5)])],
 	];
 	for (const [src, what, bytes] of closedCases) {
-		const c = await TcpConn.connect(t, port, src, bytes);
+		const c = await TcpDnsClient.connect(t, port, src, bytes);
 		await c.closedByPeer();
 		t.equal(c.received, 0, `${what}: closed with no data`);
 	}
-	const later = await TcpConn.connect(t, port, '127.0.4.23',
+	const later = await TcpDnsClient.connect(t, port, '127.0.4.23',
 		Buffer.concat([framed(query('first.example', 23)), framed(asResponse(query('second.example', 24)))]));
 	t.equal(backendOf(await later.answer(23)), '5301', 'only the first message is header-checked: it is answered');
-	const normal = await TcpConn.connect(t, port, '127.0.4.24', framed(query('n.example', 25)));
+	const normal = await TcpDnsClient.connect(t, port, '127.0.4.24', framed(query('n.example', 25)));
 	t.equal(backendOf(await normal.answer(25)), '5301', 'a normal TCP query is answered');
 	t.equal((await snapshot(dir)).tcp.invalid, closedCases.length, 'tcp.invalid counts the closed ones');
 
 	const small = await startFleet(t, ['5301'], ['--max-tcp-message', '100']);
 	const long = query(`${'a'.repeat(60)}.${'b'.repeat(60)}.${'c'.repeat(60)}.example`, 26);
 	t.ok(long.length >= 200, `padded query is ${long.length} bytes`);
-	const big = await TcpConn.connect(t, small.port, '127.0.4.25', framed(long));
+	const big = await TcpDnsClient.connect(t, small.port, '127.0.4.25', framed(long));
 	await big.closedByPeer();
 	t.equal(big.received, 0, '--max-tcp-message 100: a 200-byte query is closed with no data');
-	const ok = await TcpConn.connect(t, small.port, '127.0.4.26', framed(query('n.example', 27)));
+	const ok = await TcpDnsClient.connect(t, small.port, '127.0.4.26', framed(query('n.example', 27)));
 	t.equal(backendOf(await ok.answer(27)), '5301', 'while a normal-size query is answered');
 	t.equal((await snapshot(small.dir)).tcp.invalid, 1, 'tcp.invalid');
 });
 
 t.test('--max-remotes: a flood of new sources churns the table, a host that keeps talking keeps its place', async (t) => {
 	const { dir, port } = await startFleet(t, ['5301', '5302'], ['--max-remotes', '10']);
-	const legit = await UdpClient.open(t, port, '127.0.4.1');
+	const legit = await UdpDnsClient.open(t, port, '127.0.4.1');
 	let legitQueries = 0;
 	const askLegit = async (): Promise<string | null> => {
 		const id = 2000 + legitQueries++;
@@ -376,7 +274,7 @@ t.test('--max-remotes: a flood of new sources churns the table, a host that keep
 		if (i % 5 === 0) {
 			seen.push(await askLegit());
 		}
-		t.ok(backendOf(await ask(t, port, `127.0.4.${100 + i}`, 'flood.example', 3000 + i)) !== null,
+		t.ok(backendOf(await ask(port, `127.0.4.${100 + i}`, 'flood.example', 3000 + i)) !== null,
 			`flood source ${i} answered`);
 	}
 	seen.push(await askLegit());
@@ -396,7 +294,7 @@ t.test('-l trace logs each forwarded query and each answer bbal makes itself', a
 	const dir = await makeSocketDir(t);
 	const port = await freePort();
 	const bbal = await startBbal(t, { dir, port, args: ['-l', 'trace'] });
-	const c = await UdpClient.open(t, port, '127.0.4.50');
+	const c = await UdpDnsClient.open(t, port, '127.0.4.50');
 	let since = bbal.logs.length;
 	await c.send(query('nobody.example', 501, { type: 'MX' }));
 	t.equal(rcodeOf((await c.reply(501)).bytes), 2, 'SERVFAIL with no backend');

@@ -1,6 +1,6 @@
 /*
- * What a real mname never does, played by a hand-written backend (a plain
- * net.Server on a socket in the backend directory) next to a real mname:
+ * What a real mname never does, played by the tests' fake backend
+ * (test/support/fake_backend.ts) next to a real mname:
  * protocol violations must fault the fake exactly as PROTOCOL.md says, a
  * backend that stops reading must make bbal drop (not queue), and through
  * all of it the real backend keeps every source served.
@@ -9,46 +9,31 @@
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import t, { type Test } from 'tap';
+import t from 'tap';
+import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_OUTBOUND_UDP } from '../src/protocol.js';
 import {
-	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, encodeUdpFrame, FRAME_OUTBOUND_UDP, INBOUND_TCP_OK_FRAME,
-	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../src/protocol.js';
-import {
-	encodeQuery, freePort, type LogRecord, makeSocketDir, queryUntil, startBackend, startBbal, udpQuery, udpSendRaw, waitFor,
-} from './helpers.js';
+	encodeUdpFrame, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
+} from './support/backend_frames.js';
+import { type LogRecord, startBbal } from './support/bbal.js';
+import { queryUntil, udpQuery, udpSendRaw } from './support/dns_client.js';
+import { encodeQuery } from './support/dns_messages.js';
+import { answerControl, FakeBackend, type FakeBackendOptions } from './support/fake_backend.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
-/* A backend socket whose every connection is handed to `behave`. */
-async function fakeBackend(t: Test, sockPath: string, behave: (sock: net.Socket) => void): Promise<net.Server> {
-	const conns = new Set<net.Socket>();
-	const srv = net.createServer((sock) => {
-		conns.add(sock);
-		sock.on('error', () => {});
-		sock.on('close', () => conns.delete(sock));
-		behave(sock);
-	});
-	await new Promise<void>((resolve) => srv.listen(sockPath, resolve));
-	t.teardown(() => {
-		for (const c of conns) {
-			c.destroy();
-		}
-		srv.close();
-	});
-	return srv;
-}
-
-/* Call fn once the connection has sent CLIENT_HELLO. */
-function afterHello(fn: (sock: net.Socket) => void) {
-	return (sock: net.Socket): void => {
-		sock.once('data', (d: Buffer) => {
-			if (d.subarray(0, 4).equals(CLIENT_HELLO_FRAME)) {
+/* A fake backend that calls fn once a control session has sent CLIENT_HELLO, and answers nothing itself. */
+function afterHello(fn: (sock: net.Socket) => void): FakeBackendOptions {
+	return {
+		onControlFrame: (sock, frame) => {
+			if (frame.type === FRAME_CLIENT_HELLO) {
 				fn(sock);
 			}
-		});
+		},
 	};
 }
 
-const violations: Array<[string, string, (sock: net.Socket) => void]> = [
+const violations: Array<[string, string, FakeBackendOptions]> = [
 	['frames before the hello', 'errant frame before hello', afterHello((s) => s.write(SERVER_HEARTBEAT_FRAME))],
 	['a duplicate hello', 'duplicate hello from backend',
 		afterHello((s) => s.write(Buffer.concat([SERVER_HELLO_FRAME, SERVER_HELLO_FRAME])))],
@@ -68,7 +53,7 @@ for (const [what, reason, behave] of violations) {
 		const dir = await makeSocketDir(t);
 		await startBackend(t, dir, '5301');
 		const fakePath = path.join(dir, '5302');
-		await fakeBackend(t, fakePath, behave);
+		await FakeBackend.listen(t, fakePath, behave);
 		const port = await freePort();
 		const bbal = await startBbal(t, { dir, port });
 		const rec = await bbal.waitForLog((r: LogRecord) => r.be_path === fakePath && r.reason === reason);
@@ -86,7 +71,7 @@ t.test('a backend that stops reading: UDP for it is dropped and counted, memory 
 	const dir = await makeSocketDir(t);
 	const fakePath = path.join(dir, '5301');
 	/* Says hello, answers nothing, and never reads again. */
-	await fakeBackend(t, fakePath, afterHello((s) => {
+	await FakeBackend.listen(t, fakePath, afterHello((s) => {
 		s.write(SERVER_HELLO_FRAME);
 		s.pause();
 	}));
@@ -127,17 +112,14 @@ t.test('a backend that stops reading: UDP for it is dropped and counted, memory 
 t.test('heartbeats reach a fake backend and its replies keep it ok', async (t) => {
 	const dir = await makeSocketDir(t);
 	let beats = 0;
-	await fakeBackend(t, path.join(dir, '5301'), afterHello((s) => {
-		s.write(SERVER_HELLO_FRAME);
-		s.on('data', (d: Buffer) => {
-			for (let off = 0; off + 4 <= d.length; off += 4) {
-				if (d.subarray(off, off + 4).equals(CLIENT_HEARTBEAT_FRAME)) {
-					beats++;
-					s.write(SERVER_HEARTBEAT_FRAME);
-				}
+	await FakeBackend.listen(t, path.join(dir, '5301'), {
+		onControlFrame: (s, frame) => {
+			if (frame.type === FRAME_CLIENT_HEARTBEAT) {
+				beats++;
 			}
-		});
-	}));
+			answerControl(s, frame);
+		},
+	});
 	const port = await freePort();
 	const bbal = await startBbal(t, { dir, port });
 	await bbal.waitForLog((r) => r.msg === 'backend socket established');

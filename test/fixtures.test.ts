@@ -2,21 +2,25 @@
  * The test fixtures, tested without bbal.
  *
  * Every integration test leans on test/fixtures/mname_backend.cjs and the
- * helpers, so this file proves them against the real thing first: it speaks
- * the balancer protocol to an unmodified mname by hand, with a frame builder
- * of its own (deliberately not src/protocol.ts, so a bug there cannot hide
- * behind a matching bug here).  If this file fails, bbal's integration
- * failures mean nothing until it is fixed.
+ * test support (test/support/), so this file proves them against the real
+ * thing first: it speaks the balancer protocol to an unmodified mname by
+ * hand, with a frame builder of its own (deliberately not src/protocol.ts,
+ * so a bug there cannot hide behind a matching bug here), and it cuts DNS
+ * over TCP streams at every point for the support's one length-prefix
+ * splitter.  If this file fails, bbal's integration failures mean nothing
+ * until it is fixed.
  */
 
 import fs from 'node:fs/promises';
 import dgram from 'node:dgram';
 import net from 'node:net';
 import dnsPacket from 'dns-packet';
+import fc from 'fast-check';
 import t, { type Test } from 'tap';
-import {
-	backendOf, encodeQuery, freePort, makeSocketDir, startBackend, waitFor,
-} from './helpers.js';
+import { backendOf, encodeQuery, framed, LengthPrefixReader } from './support/dns_messages.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 const CLIENT_HELLO = 1;
 const INBOUND_UDP = 2;
@@ -177,7 +181,7 @@ t.test('fixture backend: big. answers, truncation and EDNS', async (t) => {
 	sock.write(Buffer.concat([
 		inboundUdp('127.0.0.6', 1000, encodeQuery('big.example.com', 'A', 1)),
 		inboundUdp('127.0.0.7', 2000,
-			encodeQuery('big.example.com', 'A', 2, 4096)),
+			encodeQuery('big.example.com', 'A', 2, { edns: 4096 })),
 	]));
 
 	t.equal(await frames.readType(), OUTBOUND_UDP, 'first reply');
@@ -268,4 +272,26 @@ t.test('waitFor polls and then times out with a message', async (t) => {
 	await t.rejects(waitFor(() => false, 100, 10, 'the moon is blue'),
 		/the moon is blue not true within 100 ms/,
 		'times out naming the condition');
+});
+
+t.test('LengthPrefixReader: every message, whole and in order, however the stream is cut', async (t) => {
+	fc.assert(fc.property(
+		fc.array(fc.uint8Array({ maxLength: 300 }), { maxLength: 8 }),
+		fc.array(fc.nat(), { maxLength: 10 }),
+		(msgs, cutAt) => {
+			const stream = Buffer.concat(msgs.map((m) => framed(m)));
+			const cuts = [...new Set(cutAt.map((c) => c % (stream.length + 1)))].sort((a, b) => a - b);
+			const reader = new LengthPrefixReader();
+			const got: Buffer[] = [];
+			let from = 0;
+			for (const to of [...cuts, stream.length]) {
+				got.push(...reader.feed(stream.subarray(from, to)));
+				from = to;
+			}
+			return got.length === msgs.length && got.every((m, i) => m.equals(msgs[i])) && reader.pending === 0;
+		}), { numRuns: 500, seed: 1 });
+	t.pass('any split gives back exactly the messages framed');
+	const reader = new LengthPrefixReader();
+	t.same(reader.feed(Buffer.from([0x00])), [], 'half a length prefix: no message yet');
+	t.equal(reader.pending, 1, 'and the byte is held');
 });

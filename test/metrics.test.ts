@@ -8,9 +8,11 @@ import { existsSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import t from 'tap';
-import {
-	encodeQuery, framed, freePort, makeSocketDir, runBbal, startBackend, startBbal, udpQuery, udpSendRaw, waitFor,
-} from './helpers.js';
+import { runBbal, startBbal } from './support/bbal.js';
+import { tcpQuery, udpQuery, udpSendRaw } from './support/dns_client.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 interface Sample {
 	name: string;
@@ -60,16 +62,6 @@ function value(samples: Sample[], name: string, labels: Record<string, string> =
 	return s.value;
 }
 
-function tcpQuery(port: number, localAddress: string): Promise<void> {
-	return new Promise((resolve, reject) => {
-		const s = net.connect({ host: '127.0.0.1', port, localAddress },
-			() => s.end(framed(encodeQuery('tcp.example', 'TXT', 7))));
-		s.on('data', () => {});
-		s.on('error', reject);
-		s.on('close', () => resolve());
-	});
-}
-
 t.test('/metrics parses as Prometheus text and its counters move with traffic', async (t) => {
 	const dir = await makeSocketDir(t);
 	await startBackend(t, dir, '5301');
@@ -98,7 +90,7 @@ t.test('/metrics parses as Prometheus text and its counters move with traffic', 
 		await udpQuery({ port, source: `127.0.2.${n}`, name: `m${n}.example` });
 	}
 	await udpSendRaw({ port, source: '127.0.2.9', bytes: Buffer.alloc(1600) });
-	await tcpQuery(port, '127.0.2.1');
+	await tcpQuery({ port, source: '127.0.2.1', name: 'tcp.example', id: 7, halfClose: true });
 	await waitFor(async () => value(parseMetrics((await get(metricsPort, '/metrics')).body), 'bbal_tcp_established_total') === 1, 2000);
 
 	const after = parseMetrics((await get(metricsPort, '/metrics')).body);

@@ -14,7 +14,7 @@ import { exitStatusFor } from '../src/main.js';
 import { type Options, parseArgs, UsageError } from '../src/options.js';
 import { ipv4ToU32 } from '../src/protocol.js';
 import { DEFAULT_STATS_SOCKET } from '../src/stats.js';
-import { runBbal } from './helpers.js';
+import { runBbal } from './support/bbal.js';
 
 const DIR = '/var/run/binder/sockets';
 

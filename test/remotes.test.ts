@@ -7,42 +7,26 @@
  * stats snapshot reads them.
  */
 
-import { EventEmitter } from 'node:events';
-import type net from 'node:net';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import t from 'tap';
 import pino from 'pino';
 import { type Backend, Backends } from '../src/backends.js';
-import { SERVER_HELLO_FRAME } from '../src/protocol.js';
 import { type Remote, REMOTE_IDLE_EXPIRY_SECS, Remotes } from '../src/remotes.js';
 import { TimeoutWheel } from '../src/timeouts.js';
-
-class FakeSocket extends EventEmitter {
-	write(): boolean {
-		return true;
-	}
-	cork(): void {}
-	uncork(): void {}
-	destroy(): this {
-		return this;
-	}
-}
+import { FakeConnector } from './support/fake_socket.js';
 
 function setup(names: string[], maxRemotes?: number) {
 	let now = 5_000_000;
 	const wheel = new TimeoutWheel(() => now);
 	const log = pino({ level: 'silent' });
-	let sock = new FakeSocket();
+	const connector = new FakeConnector();
 	const backends = new Backends({
 		socketDir: '/s',
 		log,
 		wheel,
 		onOutboundUdp: () => {},
-		connector: () => {
-			sock = new FakeSocket();
-			return sock as unknown as net.Socket;
-		},
+		connector: connector.connect,
 	});
 	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
 	const bes = new Map<string, Backend>();
@@ -54,8 +38,7 @@ function setup(names: string[], maxRemotes?: number) {
 	let generation = 0;
 	const up = (name: string): Backend => {
 		const be = backends.trackAndConnect(name, `1/${++generation}`) as Backend;
-		sock.emit('connect');
-		sock.emit('data', SERVER_HELLO_FRAME);
+		connector.last().establish();
 		t.ok(be.ok, `${name} is ok`);
 		bes.set(name, be);
 		return be;
@@ -65,7 +48,7 @@ function setup(names: string[], maxRemotes?: number) {
 	}
 	return {
 		wheel, backends, remotes, up,
-		lastSocket: () => sock,
+		lastSocket: () => connector.last(),
 		be: (name: string) => bes.get(name) as Backend,
 		advance(secs: number): void {
 			now += secs * 1000;
@@ -134,7 +117,7 @@ t.test('a removed primary is forgotten: the remote chooses a new primary', async
 	env.advance(1);
 	/* The reconnect finds the socket gone. */
 	t.equal(old.state, 'connecting');
-	env.lastSocket().emit('error', Object.assign(new Error('connect ENOENT'), { code: 'ENOENT' }));
+	env.lastSocket().connectError('ENOENT');
 	t.ok(old.removed);
 	t.equal(env.serve(ip(1)), 5302);
 	t.equal(env.held(ip(1))?.primary?.id, 5302, 'new primary, not a backup');
@@ -304,7 +287,7 @@ t.test('first and last seen are the wheel\'s times, in whole seconds since the t
 	let now = Date.parse('2030-01-02T03:04:05.000Z');
 	const wheel = new TimeoutWheel(() => now);
 	const log = pino({ level: 'silent' });
-	const backends = new Backends({ socketDir: '/s', log, wheel, onOutboundUdp: () => {}, connector: () => new FakeSocket() as unknown as net.Socket });
+	const backends = new Backends({ socketDir: '/s', log, wheel, onOutboundUdp: () => {}, connector: new FakeConnector().connect });
 	const remotes = new Remotes({ log, backends, wheel });
 	now += 2_000;
 	wheel.run(now);

@@ -9,130 +9,30 @@
  * INBOUND_TCP_OK.
  */
 
-import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import net from 'node:net';
 import path from 'node:path';
 import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
-import {
-	CLIENT_HEARTBEAT_FRAME, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../src/protocol.js';
-import {
-	backendOf, encodeQuery, framed, freePort, makeSocketDir, startBbal, startFleet, type Backend, type Bbal,
-	udpQuery, waitFor,
-} from './helpers.js';
+import { INBOUND_TCP_OK_FRAME, SERVER_HELLO_FRAME } from './support/backend_frames.js';
+import { type Bbal, startBbal } from './support/bbal.js';
+import { dig, needsDig } from './support/dig.js';
+import { TcpDnsClient, tcpQuery, udpQuery } from './support/dns_client.js';
+import { backendOf, encodeAnswer, encodeQuery, framed } from './support/dns_messages.js';
+import { FakeBackend } from './support/fake_backend.js';
+import { type Backend, makeSocketDir, startFleet } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 const src = (n: number): string => `127.0.0.${n}`;
 
 /* Log records that fault a backend (they carry a reason). */
 const faults = (bbal: Bbal) => bbal.logs.filter((r) => r.reason !== undefined);
 
-/*
- * A TCP DNS client: a real socket from `source`, everything it receives
- * split into messages, and its end/close noticed.  Released in t.teardown.
- */
-class TcpClient {
-	readonly messages: dnsPacket.Packet[] = [];
-	received = 0;
-	ended = false;
-	closed = false;
-	/* Kept at connect: the socket forgets it once closed. */
-	localPort = 0;
-	private buf = Buffer.alloc(0);
-	private waiters = new Set<() => void>();
-
-	private constructor(readonly sock: net.Socket, readonly source: string) {
-		sock.on('data', (d: Buffer) => {
-			this.received += d.length;
-			this.buf = Buffer.concat([this.buf, d]);
-			while (this.buf.length >= 2 && this.buf.length >= 2 + this.buf.readUInt16BE(0)) {
-				const len = this.buf.readUInt16BE(0);
-				this.messages.push(dnsPacket.decode(this.buf.subarray(2, 2 + len)));
-				this.buf = this.buf.subarray(2 + len);
-			}
-			this.changed();
-		});
-		sock.on('end', () => { this.ended = true; this.changed(); });
-		sock.on('close', () => { this.closed = true; this.changed(); });
-		sock.on('error', () => {});
-	}
-
-	static connect(t: Test, port: number, source: string, data?: Buffer): Promise<TcpClient> {
-		return new Promise((resolve, reject) => {
-			const sock = net.connect({ host: '127.0.0.1', port, localAddress: source });
-			const client = new TcpClient(sock, source);
-			t.teardown(() => { sock.destroy(); });
-			sock.once('error', reject);
-			sock.once('connect', () => {
-				client.localPort = sock.localPort ?? 0;
-				if (data !== undefined) {
-					sock.write(data);
-				}
-				resolve(client);
-			});
-		});
-	}
-
-	send(name: string, type: dnsPacket.RecordType, id: number): void {
-		this.sock.write(framed(encodeQuery(name, type, id)));
-	}
-
-	private changed(): void {
-		for (const w of [...this.waiters]) {
-			w();
-		}
-	}
-
-	/* Resolve once pred() holds; reject after timeoutMs saying what was seen. */
-	until(pred: () => boolean, timeoutMs: number, what: string): Promise<void> {
-		return new Promise((resolve, reject) => {
-			const check = (): void => {
-				if (pred()) {
-					this.waiters.delete(check);
-					clearTimeout(timer);
-					resolve();
-				}
-			};
-			const timer = setTimeout(() => {
-				this.waiters.delete(check);
-				reject(new Error(`${this.source}:${this.localPort}: ${what} not within ${timeoutMs} ms ` +
-					`(received ${this.received} bytes, ${this.messages.length} messages, ` +
-					`ended ${this.ended}, closed ${this.closed})`));
-			}, timeoutMs);
-			this.waiters.add(check);
-			check();
-		});
-	}
-
-	async answer(id: number, timeoutMs = 2000): Promise<dnsPacket.Packet> {
-		await this.until(() => this.messages.some((m) => m.id === id), timeoutMs, `answer ${id}`);
-		return this.messages.find((m) => m.id === id) as dnsPacket.Packet;
-	}
-
-	closedByPeer(timeoutMs = 2000): Promise<void> {
-		return this.until(() => this.closed, timeoutMs, 'close');
-	}
-}
-
-/* One query on a fresh connection; the connection is closed afterwards. */
-async function tcpQuery(t: Test, port: number, source: string, name: string,
-	type: dnsPacket.RecordType = 'TXT', timeoutMs = 2000) {
-	const id = Math.floor(Math.random() * 0x10000);
-	const c = await TcpClient.connect(t, port, source, framed(encodeQuery(name, type, id)));
-	try {
-		const packet = await c.answer(id, timeoutMs);
-		return { packet, backend: backendOf(packet), client: c };
-	} finally {
-		c.sock.destroy();
-	}
-}
-
 t.test('a TCP query is answered by the backend that answers the same source over UDP', async (t) => {
 	const { port } = await startFleet(t, ['5301', '5302', '5303']);
 	const seen = new Set<string | null>();
 	for (const s of [100, 101, 102].map(src)) {
-		const c = await TcpClient.connect(t, port, s);
+		const c = await TcpDnsClient.connect(t, port, s);
 		c.send('tcp.example', 'TXT', 4242);
 		const ans = await c.answer(4242);
 		t.equal(ans.id, 4242, `${s}: the answer carries the query id`);
@@ -150,7 +50,7 @@ t.test('two queries written before the session is up are both answered', async (
 	const { port } = await startFleet(t, ['5301']);
 	const both = Buffer.concat([framed(encodeQuery('one.example', 'TXT', 111)),
 		framed(encodeQuery('two.example', 'A', 222))]);
-	const c = await TcpClient.connect(t, port, src(110), both);
+	const c = await TcpDnsClient.connect(t, port, src(110), both);
 	const [a, b] = await Promise.all([c.answer(111), c.answer(222)]);
 	t.equal(a.questions?.[0]?.name, 'one.example', 'first answer is for the first question');
 	t.equal(b.questions?.[0]?.name, 'two.example', 'second answer is for the second question');
@@ -161,7 +61,7 @@ t.test('two queries written before the session is up are both answered', async (
 
 t.test('a large answer arrives whole over TCP', async (t) => {
 	const { port } = await startFleet(t, ['5301']);
-	const c = await TcpClient.connect(t, port, src(115));
+	const c = await TcpDnsClient.connect(t, port, src(115));
 	c.send('big.example', 'A', 515);
 	const ans = await c.answer(515);
 	const bytes = dnsPacket.encode(ans).length;
@@ -173,7 +73,7 @@ t.test('a large answer arrives whole over TCP', async (t) => {
 
 t.test('a client that half-closes after its query gets the whole answer, then the end', async (t) => {
 	const { port } = await startFleet(t, ['5301']);
-	const c = await TcpClient.connect(t, port, src(120));
+	const c = await TcpDnsClient.connect(t, port, src(120));
 	c.send('big.example', 'A', 1200);
 	c.sock.end();
 	const ans = await c.answer(1200);
@@ -185,7 +85,7 @@ t.test('a client that half-closes after its query gets the whole answer, then th
 t.test('a backend killed under an open connection: the client is closed, a new one goes elsewhere', async (t) => {
 	const { port, backends } = await startFleet(t, ['5301', '5302']);
 	const s = src(125);
-	const c = await TcpClient.connect(t, port, s);
+	const c = await TcpDnsClient.connect(t, port, s);
 	c.send('before.example', 'TXT', 1250);
 	const home = backendOf(await c.answer(1250));
 	const victim = backends.find((b) => b.label === home) as Backend;
@@ -201,7 +101,7 @@ t.test('a backend killed under an open connection: the client is closed, a new o
 	let moved: string | null = null;
 	while (moved === null && Date.now() < deadline) {
 		try {
-			const res = await tcpQuery(t, port, s, 'after.example', 'TXT', 1000);
+			const res = await tcpQuery({ port, source: s, name: 'after.example', timeoutMs: 1000 });
 			tried.push(res.backend);
 			if (res.backend !== null && res.backend !== home) {
 				moved = res.backend;
@@ -213,34 +113,26 @@ t.test('a backend killed under an open connection: the client is closed, a new o
 	t.ok(moved, `a new connection from ${s} is served by ${moved} (tries: ${JSON.stringify(tried)})`);
 });
 
-const hasDig = await new Promise<boolean>((resolve) => {
-	execFile('dig', ['-v'], (err) => resolve(err === null));
-});
-
-t.test('dig +tcp reaches the source\'s UDP backend', {
-	skip: hasDig ? false : 'dig is not installed (.ci/run installs bind9-dnsutils)',
-}, async (t) => {
+t.test('dig +tcp reaches the source\'s UDP backend', needsDig, async (t) => {
 	const { port } = await startFleet(t, ['5301', '5302', '5303']);
 	/* 127.0.0.135 lands on the second backend: a TCP path that picked afresh would show. */
 	await udpQuery({ port, source: src(134), name: 'warm.example' });
 	const udp = await udpQuery({ port, source: src(135), name: 'u.example' });
-	const out = await new Promise<string>((resolve, reject) => {
-		execFile('dig', ['+tcp', '@127.0.0.1', '-p', String(port), '-b', src(135), 'd.example', 'TXT',
-			'+short', '+tries=1', '+time=2'], (err, stdout) => (err !== null ? reject(err) : resolve(stdout.trim())));
-	});
+	const out = await dig(['+tcp', '@127.0.0.1', '-p', String(port), '-b', src(135), 'd.example', 'TXT',
+		'+short', '+tries=1', '+time=2']);
 	t.equal(out, `"be=${udp.backend}"`, 'dig +tcp shows the same backend as UDP');
 });
 
 t.test('over --max-tcp-connections a new connection is closed at once; the rest are unaffected', async (t) => {
 	const { port, bbal } = await startFleet(t, ['5301'], ['--max-tcp-connections', '2']);
 	const accepted = (): number => bbal.logs.filter((r) => r.msg === 'tcp connection accepted').length;
-	const a = await TcpClient.connect(t, port, src(140));
-	const b = await TcpClient.connect(t, port, src(141));
+	const a = await TcpDnsClient.connect(t, port, src(140));
+	const b = await TcpDnsClient.connect(t, port, src(141));
 	await waitFor(() => accepted() === 2, 2000, 20, 'two connections accepted');
 
 	const since = bbal.logs.length;
 	const openedAt = Date.now();
-	const third = await TcpClient.connect(t, port, src(142));
+	const third = await TcpDnsClient.connect(t, port, src(142));
 	third.send('third.example', 'TXT', 1420);
 	await third.closedByPeer(1000);
 	t.ok(Date.now() - openedAt < 1000, `third connection closed after ${Date.now() - openedAt} ms`);
@@ -258,19 +150,19 @@ t.test('over --max-tcp-connections a new connection is closed at once; the rest 
 	await a.closedByPeer(2000);
 	await waitFor(() => bbal.logs.filter((r) => r.msg === 'tcp connection closed').length > closedBefore,
 		2000, 20, 'bbal released the closed connection');
-	const res = await tcpQuery(t, port, src(144), 'again.example');
+	const res = await tcpQuery({ port, source: src(144), name: 'again.example' });
 	t.equal(res.backend, '5301', 'a new TCP query works once one is closed');
 });
 
 t.test('a client that stalls inside a length prefix is closed by the idle deadline', async (t) => {
 	const { port, bbal } = await startFleet(t, ['5301', '5302'], ['--tcp-idle-timeout', '1']);
 	const since = bbal.logs.length;
-	const stalled = await TcpClient.connect(t, port, src(150), Buffer.from([0x00]));
+	const stalled = await TcpDnsClient.connect(t, port, src(150), Buffer.from([0x00]));
 	const stalledAt = Date.now();
 	/* Others are served meanwhile. */
 	t.match((await udpQuery({ port, source: src(151), name: 'u.example' })).backend, /^530[12]$/,
 		'concurrent UDP is answered');
-	t.match((await tcpQuery(t, port, src(152), 't.example')).backend, /^530[12]$/,
+	t.match((await tcpQuery({ port, source: src(152), name: 't.example' })).backend, /^530[12]$/,
 		'concurrent TCP is answered');
 	t.notOk(stalled.closed, 'the stalled client is not closed at once');
 	/* 1 s idle on a 1 s tick: 2 s typically, 3 s if re-armed once; 4 s leaves slack for load. */
@@ -286,17 +178,17 @@ t.test('a client that stalls inside a length prefix is closed by the idle deadli
 
 t.test('garbage, instant closes and 200 rapid connections leave bbal serving', async (t) => {
 	const { port, bbal } = await startFleet(t, ['5301', '5302'], ['--tcp-idle-timeout', '2']);
-	const garbage = await TcpClient.connect(t, port, src(160), randomBytes(2048));
+	const garbage = await TcpDnsClient.connect(t, port, src(160), randomBytes(2048));
 	garbage.sock.end();
-	const instant = await TcpClient.connect(t, port, src(161));
+	const instant = await TcpDnsClient.connect(t, port, src(161));
 	instant.sock.destroy();
 	const rapid: Array<Promise<void>> = [];
 	for (let i = 0; i < 200; i++) {
-		rapid.push(TcpClient.connect(t, port, src(162)).then((c) => { c.sock.destroy(); }));
+		rapid.push(TcpDnsClient.connect(t, port, src(162)).then((c) => { c.sock.destroy(); }));
 	}
 	await Promise.all(rapid);
 
-	t.match((await tcpQuery(t, port, src(163), 't.example')).backend, /^530[12]$/, 'TCP from another source');
+	t.match((await tcpQuery({ port, source: src(163), name: 't.example' })).backend, /^530[12]$/, 'TCP from another source');
 	t.match((await udpQuery({ port, source: src(164), name: 'u.example' })).backend, /^530[12]$/,
 		'UDP from another source');
 	t.equal(bbal.proc.exitCode, null, 'bbal is still running');
@@ -315,45 +207,8 @@ t.test('garbage, instant closes and 200 rapid connections leave bbal serving', a
  * session.  It records the address and port of every INBOUND_TCP.
  */
 async function fakeTcpBackend(t: Test, sockPath: string, reply: Buffer) {
-	const inboundTcp: Array<{ addr: number; port: number }> = [];
-	const conns = new Set<net.Socket>();
-	const srv = net.createServer((sock) => {
-		conns.add(sock);
-		sock.on('error', () => {});
-		sock.on('close', () => conns.delete(sock));
-		let buf = Buffer.alloc(0);
-		let kind: 'control' | 'tcp' | 'done' | null = null;
-		sock.on('data', (d: Buffer) => {
-			buf = Buffer.concat([buf, d]);
-			if (kind === null && buf.length >= 4) {
-				kind = buf.readUInt32LE(0) === 1 ? 'control' : 'tcp';
-				if (kind === 'control') {
-					sock.write(SERVER_HELLO_FRAME);
-					buf = buf.subarray(4);
-				}
-			}
-			if (kind === 'control') {
-				for (; buf.length >= 4; buf = buf.subarray(4)) {
-					if (buf.subarray(0, 4).equals(CLIENT_HEARTBEAT_FRAME)) {
-						sock.write(SERVER_HEARTBEAT_FRAME);
-					}
-				}
-			} else if (kind === 'tcp' && buf.length >= 12 && buf.readUInt32LE(0) === 3) {
-				inboundTcp.push({ addr: buf.readUInt32LE(4), port: buf.readUInt32LE(8) });
-				buf = Buffer.alloc(0);
-				kind = 'done'; /* ignore anything further */
-				sock.write(reply);
-			}
-		});
-	});
-	await new Promise<void>((resolve) => srv.listen(sockPath, resolve));
-	t.teardown(() => {
-		for (const c of conns) {
-			c.destroy();
-		}
-		srv.close();
-	});
-	return inboundTcp;
+	const fake = await FakeBackend.listen(t, sockPath, { onTcpSession: (sock) => sock.write(reply) });
+	return fake.inboundTcp;
 }
 
 t.test('a backend that answers INBOUND_TCP with the wrong frame: client closed, backend not faulted', async (t) => {
@@ -366,7 +221,7 @@ t.test('a backend that answers INBOUND_TCP with the wrong frame: client closed, 
 
 	for (const [n, i] of [[170, 1], [171, 2]] as const) {
 		const since = bbal.logs.length;
-		const c = await TcpClient.connect(t, port, src(n));
+		const c = await TcpDnsClient.connect(t, port, src(n));
 		c.send('x.example', 'TXT', n);
 		await c.closedByPeer(2000);
 		t.equal(c.received, 0, `${src(n)}: closed with no data`);
@@ -383,16 +238,12 @@ t.test('a backend that answers INBOUND_TCP with the wrong frame: client closed, 
 
 t.test('answer bytes that arrive in the same read as INBOUND_TCP_OK reach the client', async (t) => {
 	const dir = await makeSocketDir(t);
-	const answer = dnsPacket.encode({
-		type: 'response', id: 777, flags: dnsPacket.AUTHORITATIVE_ANSWER,
-		questions: [{ type: 'TXT', name: 'glued.example', class: 'IN' }],
-		answers: [{ type: 'TXT', name: 'glued.example', ttl: 0, data: 'be=glued' }],
-	});
+	const answer = encodeAnswer(777, { type: 'TXT', name: 'glued.example', class: 'IN' }, 'glued');
 	await fakeTcpBackend(t, path.join(dir, '5301'), Buffer.concat([INBOUND_TCP_OK_FRAME, framed(answer)]));
 	const port = await freePort();
 	const bbal = await startBbal(t, { dir, port });
 	await bbal.waitForLog((r) => r.msg === 'backend socket established' && r.be_id === 5301);
-	const c = await TcpClient.connect(t, port, src(175));
+	const c = await TcpDnsClient.connect(t, port, src(175));
 	c.send('glued.example', 'TXT', 777);
 	const ans = await c.answer(777);
 	t.equal(backendOf(ans), 'glued', 'the answer glued to the OK is delivered');

@@ -12,21 +12,33 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import t, { type Test } from 'tap';
 import pino, { type Logger } from 'pino';
-import dnsPacket from 'dns-packet';
 import { type Backend, Backends } from '../src/backends.js';
-import {
-	FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FRAME_OUTBOUND_UDP, INBOUND_TCP_OK_FRAME,
-	SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../src/protocol.js';
+import { FRAME_OUTBOUND_UDP } from '../src/protocol.js';
 import { makeLogger } from '../src/log.js';
 import { Remotes } from '../src/remotes.js';
 import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_proxy.js';
 import { TimeoutWheel } from '../src/timeouts.js';
-import { encodeQuery, framed, freePort, makeSocketDir, startBackend, waitFor } from './helpers.js';
+import { INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME } from './support/backend_frames.js';
+import { TcpDnsClient, tcpQuery } from './support/dns_client.js';
+import { encodeAnswer, encodeQuery, framed } from './support/dns_messages.js';
+import { FakeBackend } from './support/fake_backend.js';
+import { makeSocketDir, startBackend } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
-/* Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`. */
-async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 512,
-	log: Logger = pino({ level: 'silent' })) {
+interface RigOptions {
+	idleTimeoutSecs?: number;
+	maxConnections?: number;
+	log?: Logger;
+}
+
+/*
+ * Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`, in
+ * front of the backend directory `dir`; backend 5301, listening there, is
+ * connected and ok.
+ */
+async function rig(t: Test, dir: string, o: RigOptions = {}) {
+	const { idleTimeoutSecs = 10, maxConnections = 512, log = pino({ level: 'silent' }) } = o;
 	const clock = { now: 10_000_000 };
 	const wheel = new TimeoutWheel(() => clock.now);
 	const backends = new Backends({ socketDir: dir, log, wheel, onOutboundUdp: () => {} });
@@ -38,8 +50,10 @@ async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 
 		await tcp.close(0);
 		backends.close();
 	});
+	const be = backends.trackAndConnect('5301') as Backend;
+	await waitFor(() => be.ok, 3000, 10, 'backend ok');
 	return {
-		wheel, backends, remotes, tcp, port,
+		wheel, backends, remotes, tcp, port, be,
 		advance(secs: number): void {
 			clock.now += secs * 1000;
 			wheel.run(clock.now);
@@ -48,71 +62,33 @@ async function rig(t: Test, dir: string, idleTimeoutSecs = 10, maxConnections = 
 }
 
 /*
- * A backend that says hello and answers heartbeats on its control session,
- * and treats INBOUND_TCP as `onTcp` says.
+ * rig() in front of a fake backend 5301 that says hello and answers
+ * heartbeats on its control session, and treats INBOUND_TCP as `onTcp`
+ * says.  Half-open, so a session can answer after the client's FIN.
  */
-async function fakeBackend(t: Test, sockPath: string, onTcp: (sock: net.Socket, frame: Buffer) => void) {
-	const tcpFrames: Buffer[] = [];
-	const conns = new Set<net.Socket>();
-	const srv = net.createServer({ allowHalfOpen: true }, (sock) => {
-		conns.add(sock);
-		sock.on('error', () => {});
-		let first = true;
-		sock.on('data', (d: Buffer) => {
-			if (first && d.readUInt32LE(0) === FRAME_INBOUND_TCP) {
-				first = false;
-				tcpFrames.push(d.subarray(0, 12));
-				onTcp(sock, d);
-				return;
-			}
-			first = false;
-			for (let off = 0; off + 4 <= d.length; off += 4) {
-				const type = d.readUInt32LE(off);
-				if (type === FRAME_CLIENT_HELLO) {
-					sock.write(SERVER_HELLO_FRAME);
-				} else if (type === FRAME_CLIENT_HEARTBEAT) {
-					sock.write(SERVER_HEARTBEAT_FRAME);
-				}
-			}
-		});
-	});
-	await new Promise<void>((resolve) => srv.listen(sockPath, resolve));
-	t.teardown(() => {
-		for (const c of conns) {
-			c.destroy();
-		}
-		srv.close();
-	});
-	return { tcpFrames };
+async function fakeRig(t: Test, onTcp: (sock: net.Socket) => void, o: RigOptions = {}) {
+	const dir = await makeSocketDir(t);
+	const sockPath = path.join(dir, '5301');
+	const fake = await FakeBackend.listen(t, sockPath, { allowHalfOpen: true, onTcpSession: onTcp });
+	return { ...await rig(t, dir, o), fake, sockPath };
 }
 
-function connect(port: number, localAddress: string): Promise<net.Socket> {
-	return new Promise((resolve, reject) => {
-		const s = net.connect({ host: '127.0.0.1', port, localAddress }, () => resolve(s));
-		s.once('error', reject);
-	});
-}
+const neverAnswers = (): void => {};
 
-const closed = (s: net.Socket): Promise<void> => new Promise((resolve) => {
-	if (s.destroyed) {
-		resolve();
-	} else {
-		s.once('close', () => resolve());
-	}
-});
+/* A client from `source`, released on teardown. */
+const connect = (t: Test, port: number, source: string): Promise<TcpDnsClient> => TcpDnsClient.connect(t, port, source);
+
+/* The proxy closes a connection at once or not at all; the deadline is for a loaded machine. */
+const closed = (c: TcpDnsClient): Promise<void> => c.closedByPeer(10_000);
 
 t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faulted', async (t) => {
-	const dir = await makeSocketDir(t);
-	const fake = await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
-	const client = await connect(env.port, '127.0.0.150');
-	client.on('error', () => {});
-	await waitFor(() => fake.tcpFrames.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
-	const frame = fake.tcpFrames[0];
-	t.equal(frame.readUInt32LE(4), 0x7f000096, 'INBOUND_TCP carries the client address');
-	t.equal(frame.readUInt32LE(8), client.localPort, 'and its port');
+	const env = await fakeRig(t, neverAnswers);
+	const { be, fake } = env;
+	const client = await connect(t, env.port, '127.0.0.150');
+	await waitFor(() => fake.inboundTcp.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
+	const inbound = fake.inboundTcp[0];
+	t.equal(inbound.addr, 0x7f000096, 'INBOUND_TCP carries the client address');
+	t.equal(inbound.port, client.localPort, 'and its port');
 	env.advance(TCP_OK_DEADLINE_SECS - 1);
 	t.equal(env.tcp.size, 1, 'still waiting at 9 s');
 	t.ok(be.ok, 'backend still ok at 9 s');
@@ -126,15 +102,11 @@ t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faul
 const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
 
 t.test('a client that hangs up before a whole query is closed at once; the backend is not faulted', async (t) => {
-	const dir = await makeSocketDir(t);
-	const fake = await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
-	const client = await connect(env.port, '127.0.0.153');
-	client.on('error', () => {});
-	await waitFor(() => fake.tcpFrames.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
-	client.end(framed(encodeQuery('half.example', 'A', 7)).subarray(0, 9));
+	const env = await fakeRig(t, neverAnswers);
+	const { be, fake } = env;
+	const client = await connect(t, env.port, '127.0.0.153');
+	await waitFor(() => fake.inboundTcp.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
+	client.sock.end(framed(encodeQuery('half.example', 'A', 7)).subarray(0, 9));
 	await waitFor(() => env.tcp.size === 0, 2000, 10, 'the slot is given back without waiting for the deadline');
 	t.equal(env.tcp.stats.abandoned, 1, 'counted as abandoned');
 	env.advance(TCP_OK_DEADLINE_SECS);
@@ -143,26 +115,19 @@ t.test('a client that hangs up before a whole query is closed at once; the backe
 });
 
 t.test('a query half-closed before INBOUND_TCP_OK reaches the backend when it accepts, and is answered', async (t) => {
-	const dir = await makeSocketDir(t);
 	let session: net.Socket | null = null;
 	const got: Buffer[] = [];
 	let backEnded = false;
-	await fakeBackend(t, path.join(dir, '5301'), (sock) => {
+	const env = await fakeRig(t, (sock) => {
 		session = sock;
 		sock.on('data', (d: Buffer) => got.push(d));
 		sock.on('end', () => {
 			backEnded = true;
 		});
 	});
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
-	const client = await connect(env.port, '127.0.0.154');
-	const answer: Buffer[] = [];
-	client.on('data', (d: Buffer) => answer.push(d));
-	const clientEnded = new Promise<void>((resolve) => client.on('end', resolve));
+	const client = await connect(t, env.port, '127.0.0.154');
 	const query = framed(encodeQuery('early.example', 'A', 7));
-	client.end(query);
+	client.sock.end(query);
 	await waitFor(() => session !== null, 2000, 10, 'INBOUND_TCP at the backend');
 	await settle();
 	t.equal(env.tcp.size, 1, 'kept while the backend has not answered: the client may be waiting');
@@ -171,53 +136,41 @@ t.test('a query half-closed before INBOUND_TCP_OK reaches the backend when it ac
 	await waitFor(() => backEnded, 2000, 10, 'the backend sees the client\'s FIN');
 	t.same(Buffer.concat(got), query, 'after the OK the backend gets the query, byte for byte');
 	back.end(Buffer.from([0x00, 0x02, 0xab, 0xcd]));
-	await clientEnded;
-	t.same(Buffer.concat(answer), Buffer.from([0x00, 0x02, 0xab, 0xcd]), 'and the client the answer, then the end');
+	await client.until(() => client.ended, 10_000, 'the end');
+	t.same(client.bytes(), Buffer.from([0x00, 0x02, 0xab, 0xcd]), 'and the client the answer, then the end');
 	t.equal(env.tcp.stats.abandoned, 0);
 });
 
 t.test('at the cap, a connection whose client half-closed before the OK makes room for a new one', async (t) => {
-	const dir = await makeSocketDir(t);
-	await fakeBackend(t, path.join(dir, '5301'), () => { /* never answers */ });
-	const env = await rig(t, dir, 10, 2);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
-	const waiting = await connect(env.port, '127.0.0.155');
-	const gone = await connect(env.port, '127.0.0.156');
-	waiting.on('error', () => {});
-	gone.on('error', () => {});
-	waiting.write(framed(encodeQuery('waiting.example', 'A', 7)));
-	gone.end(framed(encodeQuery('gone.example', 'A', 7)));
+	const env = await fakeRig(t, neverAnswers, { maxConnections: 2 });
+	const waiting = await connect(t, env.port, '127.0.0.155');
+	const gone = await connect(t, env.port, '127.0.0.156');
+	waiting.sock.write(framed(encodeQuery('waiting.example', 'A', 7)));
+	gone.sock.end(framed(encodeQuery('gone.example', 'A', 7)));
 	await waitFor(() => env.tcp.size === 2, 2000, 10, 'two connections held');
 	await settle();
-	const fresh = await connect(env.port, '127.0.0.157');
-	fresh.on('error', () => {});
+	await connect(t, env.port, '127.0.0.157');
 	await closed(gone);
 	await settle();
 	t.equal(env.tcp.size, 2, 'the newcomer took the place of the one whose client had gone');
 	t.equal(env.tcp.stats.overCap, 0, 'nobody refused');
 	t.equal(env.tcp.stats.abandoned, 1);
-	t.notOk(waiting.destroyed, 'the client still waiting keeps its connection');
-	const refused = await connect(env.port, '127.0.0.158');
+	t.notOk(waiting.sock.destroyed, 'the client still waiting keeps its connection');
+	const refused = await connect(t, env.port, '127.0.0.158');
 	await closed(refused);
 	t.equal(env.tcp.stats.overCap, 1, 'with nobody gone, the cap refuses as before');
 });
 
 t.test('the idle deadline closes a silent connection; activity postpones it', async (t) => {
-	const dir = await makeSocketDir(t);
-	await fakeBackend(t, path.join(dir, '5301'), (sock) => sock.write(INBOUND_TCP_OK_FRAME));
-	const env = await rig(t, dir, 10);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
-	const quiet = await connect(env.port, '127.0.0.151');
-	const chatty = await connect(env.port, '127.0.0.152');
-	quiet.on('error', () => {});
-	chatty.on('error', () => {});
+	const env = await fakeRig(t, (sock) => sock.write(INBOUND_TCP_OK_FRAME));
+	const { be } = env;
+	const quiet = await connect(t, env.port, '127.0.0.151');
+	const chatty = await connect(t, env.port, '127.0.0.152');
 	await waitFor(() => env.tcp.stats.established === 2, 2000, 10, 'both sessions flowing');
-	quiet.write(Buffer.from([0x00])); /* half a length prefix, then nothing */
+	quiet.sock.write(Buffer.from([0x00])); /* half a length prefix, then nothing */
 	await settle();
 	env.advance(5);
-	chatty.write(Buffer.from([0x00, 0x20])); /* a length prefix: still a well-formed stream */
+	chatty.sock.write(Buffer.from([0x00, 0x20])); /* a length prefix: still a well-formed stream */
 	/* Let the bytes reach the proxy before the clock moves on. */
 	await settle();
 	env.advance(4);
@@ -225,7 +178,7 @@ t.test('the idle deadline closes a silent connection; activity postpones it', as
 	env.advance(1);
 	await closed(quiet);
 	t.equal(env.tcp.stats.idleClosed, 1, 'the silent one closed at 10 s');
-	t.notOk(chatty.destroyed, 'the one that spoke at 5 s is still open');
+	t.notOk(chatty.sock.destroyed, 'the one that spoke at 5 s is still open');
 	env.advance(5);
 	await closed(chatty);
 	t.equal(env.tcp.stats.idleClosed, 2, 'closed 10 s after its last byte');
@@ -234,36 +187,24 @@ t.test('the idle deadline closes a silent connection; activity postpones it', as
 });
 
 /* An answer as a backend would send it over TCP: length prefix, then the message. */
-function framedAnswer(id: number, data: string): Buffer {
-	return framed(dnsPacket.encode({
-		type: 'response', id, flags: dnsPacket.AUTHORITATIVE_ANSWER,
-		questions: [{ type: 'TXT', name: 'split.example', class: 'IN' }],
-		answers: [{ type: 'TXT', name: 'split.example', ttl: 0, data }],
-	}));
-}
+const framedAnswer = (id: number, label: string): Buffer =>
+	framed(encodeAnswer(id, { type: 'TXT', name: 'split.example', class: 'IN' }, label));
 
 t.test('an INBOUND_TCP_OK split 2+2, answer bytes after it: the client gets exactly the answer', async (t) => {
-	const dir = await makeSocketDir(t);
-	const answer = framedAnswer(4242, 'be=split');
-	await fakeBackend(t, path.join(dir, '5301'), (sock) => {
+	const answer = framedAnswer(4242, 'split');
+	const env = await fakeRig(t, (sock) => {
 		sock.write(INBOUND_TCP_OK_FRAME.subarray(0, 2));
 		/* Later, so that the two halves reach bbal in separate reads. */
 		setTimeout(() => sock.write(Buffer.concat([INBOUND_TCP_OK_FRAME.subarray(2), answer])), 50);
 	});
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
-	const client = await connect(env.port, '127.0.0.159');
-	client.on('error', () => {});
-	const got: Buffer[] = [];
-	client.on('data', (d: Buffer) => got.push(d));
-	client.write(framed(encodeQuery('split.example', 'TXT', 4242)));
-	await waitFor(() => Buffer.concat(got).length >= answer.length || client.destroyed, 2000, 10, 'the answer');
+	const client = await connect(t, env.port, '127.0.0.159');
+	client.send('split.example', 'TXT', 4242);
+	await client.until(() => client.received >= answer.length || client.sock.destroyed, 2000, 'the answer');
 	await settle();
-	t.same(Buffer.concat(got), answer, 'the answer, byte for byte: nothing of the OK, nothing lost');
+	t.same(client.bytes(), answer, 'the answer, byte for byte: nothing of the OK, nothing lost');
 	t.equal(env.tcp.stats.established, 1, 'the session flowed');
 	t.equal(env.tcp.stats.badFirstFrame, 0, 'the reader stopped at the OK: nothing after it was read as a frame');
-	client.destroy();
+	client.sock.destroy();
 });
 
 t.test('a wrong first frame closes the client without faulting the backend, as soon as its header is in', async (t) => {
@@ -274,17 +215,13 @@ t.test('a wrong first frame closes the client without faulting the backend, as s
 		['an OUTBOUND_UDP header', Buffer.from([FRAME_OUTBOUND_UDP & 255, FRAME_OUTBOUND_UDP >> 8, 0, 0,
 			1, 0, 0, 127, 53, 0, 0, 0, 5, 0, 0, 0])],
 	];
-	const dir = await makeSocketDir(t);
 	let reply = wrong[0][1];
-	await fakeBackend(t, path.join(dir, '5301'), (sock) => sock.write(reply));
-	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
+	const env = await fakeRig(t, (sock) => sock.write(reply));
+	const { be } = env;
 	for (const [i, [what, frame]] of wrong.entries()) {
 		reply = frame;
-		const client = await connect(env.port, `127.0.0.${170 + i}`);
-		client.on('error', () => {});
-		client.write(framed(encodeQuery('wrong.example', 'A', 7)));
+		const client = await connect(t, env.port, `127.0.0.${170 + i}`);
+		client.send('wrong.example', 'A', 7);
 		await closed(client);
 		t.equal(env.tcp.stats.badFirstFrame, i + 1, `${what}: counted`);
 	}
@@ -296,22 +233,16 @@ t.test('a wrong first frame closes the client without faulting the backend, as s
 t.test('TCP log lines name the backend by be_id and be_path; trace shows the lifecycle', async (t) => {
 	const records: Array<Record<string, unknown>> = [];
 	const log = makeLogger('trace', { write: (line: string) => { records.push(JSON.parse(line) as Record<string, unknown>); } });
-	const dir = await makeSocketDir(t);
-	const sockPath = path.join(dir, '5301');
-	const answer = framedAnswer(99, 'be=logged');
-	await fakeBackend(t, sockPath, (sock) => {
+	const answer = framedAnswer(99, 'logged');
+	const env = await fakeRig(t, (sock) => {
 		sock.write(INBOUND_TCP_OK_FRAME);
 		sock.on('end', () => sock.end(answer));
-	});
-	const env = await rig(t, dir, 10, 512, log);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 2000, 10, 'backend ok');
-	const client = await connect(env.port, '127.0.0.160');
+	}, { log });
+	const { sockPath } = env;
+	const client = await connect(t, env.port, '127.0.0.160');
 	const localPort = client.localPort;
-	client.on('error', () => {});
-	client.resume();
 	await waitFor(() => env.tcp.stats.established === 1, 2000, 10, 'the session flows');
-	client.end(framed(encodeQuery('logged.example', 'TXT', 99)));
+	client.sock.end(framed(encodeQuery('logged.example', 'TXT', 99)));
 	await closed(client);
 	await waitFor(() => env.tcp.size === 0, 2000, 10, 'the proxy released');
 
@@ -335,25 +266,6 @@ t.test('TCP log lines name the backend by be_id and be_path; trace shows the lif
 		'both FINs passed on before a socket closed');
 });
 
-/* One TCP query on a fresh connection; resolves with the answer's id. */
-function tcpQuery(port: number, localAddress: string, id: number): Promise<number> {
-	return new Promise((resolve, reject) => {
-		const s = net.connect({ host: '127.0.0.1', port, localAddress },
-			() => s.end(framed(encodeQuery('leak.example', 'A', id))));
-		const chunks: Buffer[] = [];
-		s.on('data', (d: Buffer) => chunks.push(d));
-		s.on('error', reject);
-		s.on('close', () => {
-			const all = Buffer.concat(chunks);
-			if (all.length < 2) {
-				reject(new Error('no answer'));
-				return;
-			}
-			resolve(dnsPacket.decode(all.subarray(2, 2 + all.readUInt16BE(0))).id ?? -1);
-		});
-	});
-}
-
 setFlagsFromString('--expose-gc');
 const gc = runInNewContext('gc') as () => void;
 
@@ -362,13 +274,13 @@ t.test('sequential TCP queries leave no proxy, timeout, handle or heap growth be
 	const dir = await makeSocketDir(t);
 	await startBackend(t, dir, '5301');
 	const env = await rig(t, dir);
-	const be = env.backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 3000, 10, 'backend ok');
+	const { be } = env;
 	const run = async (count: number, base: number): Promise<void> => {
 		for (let i = 0; i < count; i++) {
 			const id = (base + i) & 0xffff;
 			/* Fifty sources, all seen in the warm-up: remotes do not grow. */
-			const got = await tcpQuery(env.port, `127.0.1.${1 + (i % 50)}`, id);
+			const got = (await tcpQuery({ port: env.port, source: `127.0.1.${1 + (i % 50)}`, name: 'leak.example', type: 'A', id,
+				halfClose: true })).packet.id;
 			if (got !== id) {
 				t.fail(`query ${i}: answer id ${got}, expected ${id}`);
 				return;
@@ -380,7 +292,7 @@ t.test('sequential TCP queries leave no proxy, timeout, handle or heap growth be
 	gc();
 	const heapBefore = process.memoryUsage().heapUsed;
 	const handlesBefore = process.getActiveResourcesInfo().length;
-	const timeoutsBefore = env.wheel.size;
+	const timeoutsBefore = env.wheel.list().length;
 	await run(n, 1000);
 	await waitFor(() => env.tcp.size === 0, 2000, 10, 'all proxies released');
 	await new Promise((resolve) => setImmediate(resolve));
@@ -388,7 +300,7 @@ t.test('sequential TCP queries leave no proxy, timeout, handle or heap growth be
 	const grownKb = Math.round((process.memoryUsage().heapUsed - heapBefore) / 1024);
 	t.equal(env.tcp.stats.established, 200 + n, 'every query went through a session');
 	t.equal(be.stats.tcp, 200 + n, 'counted on the backend');
-	t.equal(env.wheel.size, timeoutsBefore, 'no timeout left armed');
+	t.equal(env.wheel.list().length, timeoutsBefore, 'no timeout left armed');
 	t.ok(process.getActiveResourcesInfo().length <= handlesBefore, 'no handle left open');
 	t.ok(grownKb < 2048, `heap grew ${grownKb} kB over ${n} connections`);
 });

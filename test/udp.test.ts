@@ -4,11 +4,10 @@
  * several 127.0.0.x source addresses.
  */
 
-import { execFile } from 'node:child_process';
 import t from 'tap';
-import {
-	queryUntil, startBackend, startFleet, udpQuery, udpSendRaw,
-} from './helpers.js';
+import { dig, needsDig } from './support/dig.js';
+import { queryUntil, udpQuery, udpSendRaw } from './support/dns_client.js';
+import { startBackend, startFleet } from './support/fleet.js';
 
 const src = (n: number): string => `127.0.0.${n}`;
 
@@ -94,21 +93,12 @@ t.test('an oversized datagram is dropped and logged; the next query is answered'
 	t.equal(res.backend, '5301');
 });
 
-const hasDig = await new Promise<boolean>((resolve) => {
-	execFile('dig', ['-v'], (err) => resolve(err === null));
-});
-
-t.test('dig from 127.0.0.7 is answered by the same backend every time', {
-	skip: hasDig ? false : 'dig is not installed (.ci/run installs bind9-dnsutils)',
-}, async (t) => {
+t.test('dig from 127.0.0.7 is answered by the same backend every time', needsDig, async (t) => {
 	const { port } = await startFleet(t, ['5301', '5302', '5303']);
 	const answers: string[] = [];
 	for (let i = 0; i < 4; i++) {
-		const out = await new Promise<string>((resolve, reject) => {
-			execFile('dig', ['@127.0.0.1', '-p', String(port), '-b', '127.0.0.7', '+short', '+tries=1', '+time=2',
-				`q${i}.example`, 'TXT'], (err, stdout) => (err !== null ? reject(err) : resolve(stdout.trim())));
-		});
-		answers.push(out);
+		answers.push(await dig(['@127.0.0.1', '-p', String(port), '-b', '127.0.0.7', '+short', '+tries=1', '+time=2',
+			`q${i}.example`, 'TXT']));
 	}
 	t.match(answers[0], /^"be=530[123]"$/, 'dig shows the backend');
 	t.same(new Set(answers).size, 1, `same backend for every query: ${answers.join(' ')}`);

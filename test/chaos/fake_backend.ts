@@ -1,9 +1,11 @@
 /*
- * A HAND-WRITTEN BACKEND PROCESS, for the faults a real mname never commits.
+ * A FAKE BACKEND PROCESS, for the faults a real mname never commits.
  *
  * Usage: node dist/test/chaos/fake_backend.js <socketPath> <label>
  *
- * It serves like the mname fixture (test/fixtures/mname_backend.cjs) until it
+ * It is the tests' in-process fake backend (test/support/fake_backend.ts)
+ * in a process of its own, given the callbacks of a healthy backend.  It
+ * serves like the mname fixture (test/fixtures/mname_backend.cjs) until it
  * is told to misbehave: it says SERVER_HELLO to CLIENT_HELLO, answers every
  * heartbeat, answers every INBOUND_UDP with an OUTBOUND_UDP whose DNS answer
  * carries the TXT record `be=<label>` (so the load driver sees who answered),
@@ -31,14 +33,13 @@
  * (removing the socket file) and exits.
  */
 
-import fs from 'node:fs';
-import net from 'node:net';
+import type net from 'node:net';
 import readline from 'node:readline';
 import dnsPacket from 'dns-packet';
-import {
-	encodeUdpFrame, FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FRAME_INBOUND_UDP,
-	FRAME_OUTBOUND_UDP, FrameReader, INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME,
-} from '../../src/protocol.js';
+import { FRAME_INBOUND_UDP, FRAME_OUTBOUND_UDP } from '../../src/protocol.js';
+import { encodeUdpFrame, INBOUND_TCP_OK_FRAME } from '../support/backend_frames.js';
+import { encodeAnswer, framed, LengthPrefixReader } from '../support/dns_messages.js';
+import { answerControl, FakeBackend } from '../support/fake_backend.js';
 
 const [socketPath, label] = process.argv.slice(2);
 if (socketPath === undefined || label === undefined) {
@@ -58,120 +59,39 @@ function answerTo(msg: Buffer): Buffer | null {
 	if (question === undefined) {
 		return null;
 	}
-	return dnsPacket.encode({
-		type: 'response',
-		id: q.id ?? 0,
-		flags: dnsPacket.AUTHORITATIVE_ANSWER | ((q.flags ?? 0) & dnsPacket.RECURSION_DESIRED),
-		questions: [question],
-		answers: [{ type: 'TXT', name: question.name, ttl: 0, class: 'IN', data: `be=${label}` }],
-	});
+	return encodeAnswer(q.id ?? 0, question, label, ((q.flags ?? 0) & dnsPacket.RECURSION_DESIRED) !== 0);
 }
 
-type Kind = 'new' | 'control' | 'tcp' | 'violated';
+/* Control sessions told to violate: ignored from then on. */
+const violated = new WeakSet<net.Socket>();
 
-interface Conn {
-	sock: net.Socket;
-	kind: Kind;
-	reader: FrameReader;
-	/* TCP session: the client's stream after the OK. */
-	tcpBuf: Buffer;
-}
-
-const conns = new Set<Conn>();
-let stuck = false;
-
-function serveTcpBytes(c: Conn, data: Buffer): void {
-	c.tcpBuf = c.tcpBuf.length === 0 ? data : Buffer.concat([c.tcpBuf, data]);
-	while (c.tcpBuf.length >= 2) {
-		const len = c.tcpBuf.readUInt16BE(0);
-		if (c.tcpBuf.length < 2 + len) {
-			return;
+/* A TCP session: the OK, then every length-prefixed query answered in kind. */
+function serveTcp(sock: net.Socket, rest: Buffer): void {
+	sock.write(INBOUND_TCP_OK_FRAME);
+	const reader = new LengthPrefixReader();
+	const serve = (data: Buffer): void => {
+		for (const msg of reader.feed(data)) {
+			const ans = answerTo(msg);
+			if (ans !== null) {
+				sock.write(framed(ans));
+			}
 		}
-		const ans = answerTo(c.tcpBuf.subarray(2, 2 + len));
-		c.tcpBuf = c.tcpBuf.subarray(2 + len);
-		if (ans !== null) {
-			const framed = Buffer.allocUnsafe(2 + ans.length);
-			framed.writeUInt16BE(ans.length, 0);
-			ans.copy(framed, 2);
-			c.sock.write(framed);
-		}
-	}
-}
-
-function onConnection(sock: net.Socket): void {
-	const c: Conn = {
-		sock,
-		kind: 'new',
-		tcpBuf: Buffer.alloc(0),
-		reader: new FrameReader({
-			onFrame(type, addr, port, payload) {
-				if (c.kind === 'violated') {
-					return false;
-				}
-				if (c.kind === 'new' && type === FRAME_INBOUND_TCP) {
-					c.kind = 'tcp';
-					sock.write(INBOUND_TCP_OK_FRAME);
-					return false;
-				}
-				if (c.kind === 'new' && type === FRAME_CLIENT_HELLO) {
-					c.kind = 'control';
-					sock.write(SERVER_HELLO_FRAME);
-					return true;
-				}
-				if (c.kind !== 'control') {
-					sock.destroy();
-					return false;
-				}
-				if (type === FRAME_CLIENT_HEARTBEAT) {
-					sock.write(SERVER_HEARTBEAT_FRAME);
-				} else if (type === FRAME_INBOUND_UDP) {
-					const ans = answerTo(payload as Buffer);
-					if (ans !== null) {
-						sock.write(encodeUdpFrame(FRAME_OUTBOUND_UDP, addr, port, ans));
-					}
-				}
-				return true;
-			},
-			onFrameError() {
-				sock.destroy();
-			},
-		}, 65535),
 	};
-	conns.add(c);
-	sock.on('error', () => {});
-	sock.on('close', () => conns.delete(c));
-	sock.on('data', (d: Buffer) => {
-		if (c.kind === 'tcp') {
-			serveTcpBytes(c, d);
-			return;
-		}
-		const used = c.reader.feed(d);
-		if ((c.kind as Kind) === 'tcp' && used < d.length) {
-			serveTcpBytes(c, d.subarray(used));
-		}
-	});
-	if (stuck) {
-		sock.pause();
-	}
+	serve(rest);
+	sock.on('data', serve);
 }
 
 function command(line: string): void {
 	const cmd = line.trim();
 	if (cmd === 'stuck') {
-		stuck = true;
-		for (const c of conns) {
-			c.sock.pause();
-		}
+		fake.stopReading();
 	} else if (cmd === 'resume') {
-		stuck = false;
-		for (const c of conns) {
-			c.sock.resume();
-		}
+		fake.resumeReading();
 	} else if (cmd === 'violate') {
-		for (const c of conns) {
-			if (c.kind === 'control') {
-				c.kind = 'violated';
-				c.sock.write('garbage!');
+		for (const sock of fake.controlSessions) {
+			if (!violated.has(sock)) {
+				violated.add(sock);
+				sock.write('garbage!');
 			}
 		}
 	} else if (cmd === '') {
@@ -183,30 +103,32 @@ function command(line: string): void {
 	process.stdout.write(`done ${cmd} ${Date.now()}\n`);
 }
 
-try {
-	fs.unlinkSync(socketPath);
-} catch (err) {
-	if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
-		throw err;
-	}
-}
-const server = net.createServer({ allowHalfOpen: false }, onConnection);
-server.on('error', (err) => {
+const fake = await FakeBackend.listen(null, socketPath, {
+	onControlFrame(sock, frame) {
+		if (violated.has(sock)) {
+			return;
+		}
+		if (frame.type === FRAME_INBOUND_UDP) {
+			const ans = answerTo(frame.payload as Buffer);
+			if (ans !== null) {
+				sock.write(encodeUdpFrame(FRAME_OUTBOUND_UDP, frame.addr, frame.port, ans));
+			}
+		} else {
+			answerControl(sock, frame);
+		}
+	},
+	onTcpSession: (sock, _inbound, rest) => serveTcp(sock, rest),
+}).catch((err: Error) => {
 	process.stderr.write(`fake_backend ${label}: ${err.stack ?? String(err)}\n`);
 	process.exit(1);
 });
-server.listen(socketPath, () => {
-	process.stdout.write('ready\n');
-});
+process.stdout.write('ready\n');
 /* Commands come from the parent; when it goes, so do we. */
 const rl = readline.createInterface({ input: process.stdin });
 rl.on('line', command);
 rl.on('close', () => process.exit(0));
 const stop = (): void => {
-	server.close();
-	for (const c of conns) {
-		c.sock.destroy();
-	}
+	void fake.close();
 	setTimeout(() => process.exit(0), 50).unref();
 };
 process.on('SIGTERM', stop);

@@ -3,7 +3,7 @@
  *
  * The processes a chaos run acts on: one bbal (restartable) in front of a
  * socket directory holding real mname backends (the test fixture, through
- * the integration helpers) and hand-written fake backends
+ * test/support/fleet.ts) and fake backends, each a process of its own
  * (fake_backend.ts), plus the means to hurt them -- signals, a removed
  * socket file, commands to a fake -- and to watch bbal: its log lines
  * (every bbal started so far, for the moment it noticed a fault), its
@@ -14,22 +14,23 @@
  * stopped and the directory removed, also when a scenario fails.
  *
  * UNEXPECTED EXITS.  bbal must never exit unless told to.  Every bbal is
- * watched; an exit that did not follow our own SIGTERM is recorded with its
- * status and the tail of its stderr, and every report fails on it.
+ * watched (process.ts's onUnexpectedExit); an exit that did not follow our
+ * own stop is recorded with its status and the tail of its stderr, and
+ * every report fails on it.
  */
 
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { Test } from 'tap';
 import {
-	type Backend, type Bbal, childEnv, freePort, type LogRecord, makeSocketDir, projectRoot, sleep, startBackend,
-	startBbal, statsSocketFor, waitFor,
-} from '../helpers.js';
-import { counters, LAUNCHER_V8_FLAGS, type Snapshot, statsSnapshot } from '../support/bbal.js';
-import { type Child, startChild, type Teardowns } from '../support/process.js';
+	type Bbal, counters, LAUNCHER_V8_FLAGS, type LogRecord, type Snapshot, startBbal, statsSnapshot, statsSocketFor,
+} from '../support/bbal.js';
+import { type Backend, makeSocketDir, startBackend } from '../support/fleet.js';
+import { freePort } from '../support/ports.js';
+import { type Child, childEnv, startChild, type Teardowns } from '../support/process.js';
 import { openFds, statusKb } from '../support/procfs.js';
 import { median } from '../support/quantiles.js';
+import { sleep, waitFor } from '../support/wait.js';
 
 const FAKE_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fake_backend.js');
 
@@ -214,7 +215,7 @@ class MnameBackend implements ChaosBackend {
 	}
 }
 
-class FakeBackend implements ChaosBackend {
+class FakeBackendProcess implements ChaosBackend {
 	readonly kind = 'fake';
 	private child!: Child;
 	private lines: string[] = [];
@@ -229,7 +230,7 @@ class FakeBackend implements ChaosBackend {
 	async start(): Promise<number> {
 		/* Its exits are the scenarios' doing (kill, restart): expected, never "died". */
 		const child = startChild(`fake backend ${this.name}`, process.execPath, [FAKE_SCRIPT, this.path, this.name], {
-			cwd: projectRoot, env: childEnv(), stdin: 'pipe', expectExit: true,
+			env: childEnv(), stdin: 'pipe', expectExit: true,
 		});
 		this.child = child;
 		this.lines = [];
@@ -294,7 +295,6 @@ export class ChaosFleet {
 	readonly backends = new Map<string, ChaosBackend>();
 	/* Every bbal started, oldest first; the last is the live one. */
 	private bbals: Bbal[] = [];
-	private stopping = new Set<Bbal>();
 	readonly unexpectedExits: UnexpectedExit[] = [];
 	port = 0;
 	/** The live bbal's Prometheus endpoint (for its heap figures). */
@@ -305,7 +305,7 @@ export class ChaosFleet {
 	private constructor(readonly t: Teardowns, readonly dir: string) {}
 
 	static async create(t: Teardowns): Promise<ChaosFleet> {
-		const dir = await makeSocketDir(t as unknown as Test);
+		const dir = await makeSocketDir(t);
 		const fleet = new ChaosFleet(t, dir);
 		fleet.port = await freePort();
 		return fleet;
@@ -324,13 +324,13 @@ export class ChaosFleet {
 	}
 
 	async addMname(name: string): Promise<ChaosBackend> {
-		const be = new MnameBackend(name, await startBackend(this.t as unknown as Test, this.dir, name));
+		const be = new MnameBackend(name, await startBackend(this.t, this.dir, name));
 		this.backends.set(name, be);
 		return be;
 	}
 
 	async addFake(name: string): Promise<ChaosBackend> {
-		const be = new FakeBackend(name, path.join(this.dir, name));
+		const be = new FakeBackendProcess(name, path.join(this.dir, name));
 		this.t.teardown(() => be.kill());
 		await be.start();
 		this.backends.set(name, be);
@@ -358,22 +358,21 @@ export class ChaosFleet {
 		const metricsPort = await freePort();
 		this.inspectPort = await freePort();
 		/*
-		 * The helpers start bin/bbal.js directly, so it gets the production
+		 * startBbal starts bin/bbal.js directly, so it gets the production
 		 * launcher's V8 flags through NODE_OPTIONS: memory is measured as it
 		 * would be in production.
 		 */
-		const bbal = await startBbal(this.t as unknown as Test, {
-			/* info, not the helpers' debug: two lines per TCP query would be most of the log. */
+		const bbal = await startBbal(this.t, {
+			/* info, not startBbal's debug: two lines per TCP query would be most of the log. */
 			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info'],
 			env: { NODE_OPTIONS: [...LAUNCHER_V8_FLAGS, `--inspect=127.0.0.1:${this.inspectPort}`].join(' ') },
+			onUnexpectedExit: (child) => this.unexpectedExits.push({
+				at: Date.now(), code: child.status?.code ?? null, signal: child.status?.signal ?? null,
+				stderr: child.stderr.slice(-2000),
+			}),
 		});
 		this.metricsUrl = `http://127.0.0.1:${metricsPort}/metrics`;
 		this.bbals.push(bbal);
-		bbal.proc.once('exit', (code, signal) => {
-			if (!this.stopping.has(bbal)) {
-				this.unexpectedExits.push({ at: Date.now(), code, signal, stderr: bbal.stderr().slice(-2000) });
-			}
-		});
 		const want = [...this.backends.values()].filter((b) => b.kind === 'mname' || b.kind === 'fake').length;
 		await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= want,
 			10_000, 20, `${want} backends established`);
@@ -419,7 +418,6 @@ export class ChaosFleet {
 	/** SIGTERM the live bbal, as an operator would; resolves with when it was sent and how it ended. */
 	async stopBbal(): Promise<{ at: number; code: number | null; signal: string | null }> {
 		const bbal = this.bbal;
-		this.stopping.add(bbal);
 		const at = Date.now();
 		const st = await bbal.stop('SIGTERM');
 		return { at, code: st.code, signal: st.signal };

@@ -50,9 +50,10 @@
  */
 
 import dgram from 'node:dgram';
-import net from 'node:net';
+import type net from 'node:net';
 import dnsPacket from 'dns-packet';
-import { backendOf, encodeQuery } from '../helpers.js';
+import { TcpDnsClient } from '../support/dns_client.js';
+import { backendOf, encodeQuery, framed } from '../support/dns_messages.js';
 
 export type Fate = 'ok' | 'servfail' | 'lost';
 
@@ -288,23 +289,18 @@ export class LoadDriver {
 	}
 
 	private sendTcp(p: Pending, query: Buffer): void {
-		const sock = net.connect({ host: this.opts.host, port: this.opts.port, localAddress: this.sources[p.rec.src] });
+		const { sock } = new TcpDnsClient({
+			host: this.opts.host, port: this.opts.port, source: this.sources[p.rec.src], data: framed(query),
+			/* The first message is the answer or nothing: either way the connection has done its work. */
+			onMessage: (msg) => {
+				if (!sock.destroyed) {
+					this.answer(p, msg);
+					sock.destroy();
+				}
+			},
+		});
 		p.sock = sock;
 		this.tcpSockets.add(sock);
-		let buf: Buffer = Buffer.alloc(0);
-		sock.on('connect', () => {
-			const framed = Buffer.allocUnsafe(2 + query.length);
-			framed.writeUInt16BE(query.length, 0);
-			query.copy(framed, 2);
-			sock.write(framed);
-		});
-		sock.on('data', (d: Buffer) => {
-			buf = buf.length === 0 ? d : Buffer.concat([buf, d]);
-			if (buf.length >= 2 && buf.length >= 2 + buf.readUInt16BE(0)) {
-				this.answer(p, buf.subarray(2, 2 + buf.readUInt16BE(0)));
-				sock.destroy();
-			}
-		});
 		sock.on('error', (err: NodeJS.ErrnoException) => this.finish(p, 'lost', null, err.code ?? err.message));
 		sock.on('close', () => {
 			this.tcpSockets.delete(sock);

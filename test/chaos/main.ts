@@ -19,8 +19,7 @@
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { childEnv } from '../helpers.js';
-import { Cleanup } from '../support/process.js';
+import { childEnv, Cleanup } from '../support/process.js';
 import { FULL_TIMING } from './scenarios.js';
 import { runSuite } from './suite.js';
 

@@ -44,41 +44,33 @@
  *    own "no INBOUND_TCP_OK from backend" error line, unthrottled.
  */
 
-import dgram from 'node:dgram';
-import net from 'node:net';
+import type net from 'node:net';
 import { unlink } from 'node:fs/promises';
 import path from 'node:path';
 import t from 'tap';
 import dnsPacket from 'dns-packet';
-import { FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_UDP, FrameReader, SERVER_HEARTBEAT_FRAME,
-	SERVER_HELLO_FRAME } from '../../src/protocol.js';
-import {
-	backendOf, encodeQuery, framed, freePort, makeSocketDir, sleep, startBackend, startBbal, startFleet, udpQuery,
-	waitFor,
-} from '../helpers.js';
+import { FRAME_CLIENT_HELLO, FRAME_INBOUND_UDP } from '../../src/protocol.js';
+import { startBbal } from '../support/bbal.js';
+import { tcpQuery, UdpDnsClient, udpQuery } from '../support/dns_client.js';
+import { encodeQuery } from '../support/dns_messages.js';
+import { answerControl, FakeBackend } from '../support/fake_backend.js';
+import { makeSocketDir, startBackend, startFleet } from '../support/fleet.js';
+import { freePort } from '../support/ports.js';
+import { sleep, waitFor } from '../support/wait.js';
 
-/* One TCP query from `source`; resolves with the answering backend's label, or the error. */
-function tcpQuery(port: number, source: string, name: string, timeoutMs = 2000): Promise<string> {
-	return new Promise((resolve) => {
-		const sock = net.connect({ host: '127.0.0.1', port, localAddress: source });
-		const q = encodeQuery(name, 'TXT', 4242);
-		let buf = Buffer.alloc(0);
-		const done = (what: string): void => {
-			clearTimeout(timer);
-			sock.destroy();
-			resolve(what);
-		};
-		const timer = setTimeout(() => done('timeout'), timeoutMs);
-		sock.on('connect', () => sock.write(framed(q)));
-		sock.on('data', (d: Buffer) => {
-			buf = Buffer.concat([buf, d]);
-			if (buf.length >= 2 && buf.length >= 2 + buf.readUInt16BE(0)) {
-				done(backendOf(dnsPacket.decode(buf.subarray(2, 2 + buf.readUInt16BE(0)))) ?? 'no label');
+/* One TCP query from `source`; resolves with the answering backend's label, or what went wrong. */
+function tcpLabel(port: number, source: string, name: string, timeoutMs = 2000): Promise<string> {
+	return tcpQuery({ port, source, name, id: 4242, timeoutMs }).then((res) => res.backend ?? 'no label',
+		(err: NodeJS.ErrnoException) => {
+			switch (err.code) {
+			case 'ETIMEDOUT':
+				return 'timeout';
+			case 'ECLOSED':
+				return 'closed before the answer';
+			default:
+				return `error ${err.code ?? err.message}`;
 			}
 		});
-		sock.on('error', (err: NodeJS.ErrnoException) => done(`error ${err.code ?? err.message}`));
-		sock.on('close', () => done('closed before the answer'));
-	});
 }
 
 t.test('a backend whose socket file is removed while its session is up is marked removed at the next rescan',
@@ -95,7 +87,7 @@ t.test('a backend whose socket file is removed while its session is up is marked
 			}
 		}
 		t.not(source, '', 'some source is served by 5302');
-		t.equal(await tcpQuery(port, source, 'before.example'), '5302', 'TCP from it reaches 5302 before');
+		t.equal(await tcpLabel(port, source, 'before.example'), '5302', 'TCP from it reaches 5302 before');
 
 		const since = bbal.logs.length;
 		await unlink(gone?.path);
@@ -103,7 +95,7 @@ t.test('a backend whose socket file is removed while its session is up is marked
 		const removed = await bbal.waitForLog((r) => r.be_id === 5302 && r.msg === 'backend socket removed', 7000, since)
 			.then(() => true, () => false);
 		t.ok(removed, 'bbal logs 5302 removed within 7 s of its socket file disappearing (README: "The socket directory")');
-		t.equal(await tcpQuery(port, source, 'after.example'), '5301',
+		t.equal(await tcpLabel(port, source, 'after.example'), '5301',
 			'a TCP query from a remote of the removed backend is then served by another backend');
 	});
 
@@ -112,48 +104,37 @@ t.test('a backend that resumes after a stall is not handed queries older than a 
 	/* A backend that says hello, answers heartbeats, and notes when each query reaches it. */
 	const arrivals: Array<{ sentAt: number; at: number; session: { ended: boolean } }> = [];
 	let conn: net.Socket | null = null;
-	const srv = net.createServer((sock) => {
-		conn = sock;
-		/* Whether bbal has closed this session: queries on a session bbal gave up on go nowhere. */
-		const session = { ended: false };
-		sock.on('end', () => {
-			session.ended = true;
-		});
-		sock.on('error', () => {});
-		const reader = new FrameReader({
-			onFrame(type, _addr, _port, payload) {
-				if (type === FRAME_CLIENT_HELLO) {
-					sock.write(SERVER_HELLO_FRAME);
-				} else if (type === FRAME_CLIENT_HEARTBEAT) {
-					sock.write(SERVER_HEARTBEAT_FRAME);
-				} else if (type === FRAME_INBOUND_UDP && payload !== null) {
-					const m = /t(\d+)\.stale/.exec(dnsPacket.decode(payload).questions?.[0]?.name ?? '');
-					if (m !== null) {
-						arrivals.push({ sentAt: Number(m[1]), at: Date.now(), session });
-					}
+	/* Whether bbal has closed a session: queries on a session bbal gave up on go nowhere. */
+	const sessions = new Map<net.Socket, { ended: boolean }>();
+	await FakeBackend.listen(t, path.join(dir, '5301'), {
+		onControlFrame(sock, frame) {
+			if (frame.type === FRAME_CLIENT_HELLO) {
+				conn = sock;
+				const session = { ended: false };
+				sessions.set(sock, session);
+				sock.on('end', () => {
+					session.ended = true;
+				});
+			}
+			const session = sessions.get(sock);
+			if (frame.type === FRAME_INBOUND_UDP && frame.payload !== null && session !== undefined) {
+				const m = /t(\d+)\.stale/.exec(dnsPacket.decode(frame.payload).questions?.[0]?.name ?? '');
+				if (m !== null) {
+					arrivals.push({ sentAt: Number(m[1]), at: Date.now(), session });
 				}
-				return true;
-			},
-			onFrameError() {},
-		});
-		sock.on('data', (d: Buffer) => reader.feed(d));
-	});
-	await new Promise<void>((resolve) => srv.listen(path.join(dir, '5301'), resolve));
-	t.teardown(() => {
-		conn?.destroy();
-		srv.close();
+			}
+			answerControl(sock, frame);
+		},
 	});
 	const port = await freePort();
 	const bbal = await startBbal(t, { dir, port });
 	await bbal.waitForLog((r) => r.msg === 'backend socket established');
-	const client = dgram.createSocket('udp4');
-	await new Promise<void>((resolve) => client.bind(0, '127.0.4.1', resolve));
-	t.teardown(() => client.close());
+	const client = await UdpDnsClient.open(t, port, '127.0.4.1');
 	/* 1,200-byte queries (a valid question, then padding bbal does not read): 256 KiB is 220 of them. */
 	const send = (): void => {
 		const q = Buffer.alloc(1200);
 		encodeQuery(`t${Date.now()}.stale.example`, 'A', 7).copy(q);
-		client.send(q, port, '127.0.0.1');
+		client.send(q).catch(() => {});
 	};
 	const stalledAt = Date.now();
 	(conn as net.Socket | null)?.pause();
@@ -191,30 +172,7 @@ t.test('a client that hangs up while its backend has not sent INBOUND_TCP_OK fre
 	const dir = await makeSocketDir(t);
 	await startBackend(t, dir, '5301');
 	/* 5302 serves its control session (hello, heartbeats) but never answers INBOUND_TCP. */
-	const conns = new Set<net.Socket>();
-	const srv = net.createServer((sock) => {
-		conns.add(sock);
-		sock.on('error', () => {});
-		sock.once('data', (d: Buffer) => {
-			if (d.readUInt32LE(0) === FRAME_CLIENT_HELLO) {
-				sock.write(SERVER_HELLO_FRAME);
-				sock.on('data', (more: Buffer) => {
-					for (let off = 0; off + 4 <= more.length; off += 4) {
-						if (more.readUInt32LE(off) === FRAME_CLIENT_HEARTBEAT) {
-							sock.write(SERVER_HEARTBEAT_FRAME);
-						}
-					}
-				});
-			}
-		});
-	});
-	await new Promise<void>((resolve) => srv.listen(path.join(dir, '5302'), resolve));
-	t.teardown(() => {
-		for (const c of conns) {
-			c.destroy();
-		}
-		srv.close();
-	});
+	await FakeBackend.listen(t, path.join(dir, '5302'));
 	const port = await freePort();
 	const cap = 10;
 	const bbal = await startBbal(t, { dir, port, args: ['--max-tcp-connections', String(cap)] });
@@ -223,11 +181,11 @@ t.test('a client that hangs up while its backend has not sent INBOUND_TCP_OK fre
 	/* One source that 5301 serves, one that the stalled 5302 serves (round-robin gives them in turn). */
 	const ok = '127.0.6.1';
 	const stalled = '127.0.6.2';
-	t.equal(await tcpQuery(port, ok, 'first.example'), '5301', `${ok} is served by 5301`);
+	t.equal(await tcpLabel(port, ok, 'first.example'), '5301', `${ok} is served by 5301`);
 	/* Clients of the stalled backend give up after 300 ms, as resolvers do. */
-	const gone = await Promise.all(Array.from({ length: cap }, (_, i) => tcpQuery(port, stalled, `gone${i}.example`, 300)));
+	const gone = await Promise.all(Array.from({ length: cap }, (_, i) => tcpLabel(port, stalled, `gone${i}.example`, 300)));
 	t.same([...new Set(gone)], ['timeout'], `${stalled} is served by the stalled 5302: none of its ${cap} queries answered`);
 	await sleep(700);
-	t.equal(await tcpQuery(port, ok, 'after.example'), '5301',
+	t.equal(await tcpLabel(port, ok, 'after.example'), '5301',
 		`with ${cap} clients of a stalled backend gone, a remote of a healthy backend still gets TCP service`);
 });

@@ -57,7 +57,7 @@
  */
 
 import { readFileSync } from 'node:fs';
-import { sleep } from '../helpers.js';
+import { sleep } from '../support/wait.js';
 import { cpuSample, cpuShare } from '../support/procfs.js';
 import type { ChaosBackend, ChaosFleet } from './fleet.js';
 import type { LoadDriver } from './load.js';

@@ -26,7 +26,7 @@
  * (load.ts, quiesce()).
  */
 
-import { sleep } from '../helpers.js';
+import { sleep } from '../support/wait.js';
 import { LAUNCHER_V8_FLAGS } from '../support/bbal.js';
 import type { Teardowns } from '../support/process.js';
 import { ChaosFleet, heapSample, procSample, YOUNG_GENERATION_MAX_KB } from './fleet.js';

@@ -1,16 +1,19 @@
 /*
- * CHILD PROCESSES OF THE HARNESSES
+ * CHILD PROCESSES OF THE TESTS AND HARNESSES
  *
- * The chaos harness (test/chaos/) and the benchmark (bench/) both live by
- * running other programs: bbal, mname backends, a fake backend, the C stub,
- * dnsdist, dnsperf, the TCP connection generator.  This file is how either of
- * them starts one, watches it and stops it, and how it remembers to.
+ * The integration tests, the chaos harness (test/chaos/) and the benchmark
+ * (bench/) all live by running other programs: bbal, mname backends, a fake
+ * backend, the C stub, dnsdist, dnsperf, the TCP connection generator.  This
+ * file is how any of them starts one, watches it and stops it, and how it
+ * remembers to.  bbal.ts and fleet.ts build bbal and mname on it.
  *
  * A Child is one program started by name.  Its stdout and stderr are either
  * handed to file descriptors (dnsperf writes a line per query into a file)
  * or read and kept: the last 64 KiB of both together in `output`, which is
  * where a server's "ready" line and a generator's result are read from and
- * what an error message quotes, and the last 64 KiB of stderr alone.  Its
+ * what an error message quotes, and the last 64 KiB of each alone.
+ * waitOutput() waits for a line to appear there, rejecting if the child
+ * exits first.  Its
  * `exit` promise resolves once the process has exited and its pipes are
  * drained (the 'close' event, not 'exit': a generator's last line is read
  * by then), and never rejects; a program that could not be started at all
@@ -38,9 +41,39 @@
  * torn down is no news.  A Cleanup is the more general list of things to
  * undo (processes, directories, load drivers), run newest first; tap's Test
  * plays that part under `npm test`, and both satisfy Teardowns.
+ *
+ * THE ENVIRONMENT.  childEnv() is ours without tap's hooks: tap injects its
+ * process-info hook through NODE_OPTIONS, which costs a quarter of a second
+ * per start and writes bookkeeping for processes that are not tests.
+ * Children run in projectRoot unless told otherwise.
  */
 
 import { type ChildProcess, spawn } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Changes } from './wait.js';
+
+/* This file runs as dist/test/support/process.js; the repository is three levels up. */
+export const projectRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+
+/* The environment for a child: ours plus extra, minus tap's hooks. */
+export function childEnv(extra?: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+	const env: NodeJS.ProcessEnv = {};
+	for (const [k, v] of Object.entries(process.env)) {
+		if (k === 'TAP' || k.startsWith('TAP_') || k.startsWith('_TAPJS_')) {
+			continue;
+		}
+		env[k] = v;
+	}
+	const opts = (env['NODE_OPTIONS'] ?? '').split(/\s+/)
+		.filter((o) => o !== '' && !o.includes('@tapjs'));
+	if (opts.length > 0) {
+		env['NODE_OPTIONS'] = opts.join(' ');
+	} else {
+		delete env['NODE_OPTIONS'];
+	}
+	return { ...env, ...extra };
+}
 
 /** How much of a child's output is kept for its "ready" line, its result and error messages. */
 const OUTPUT_TAIL_CHARS = 65_536;
@@ -89,6 +122,7 @@ export interface ChildOptions {
 	stdout?: 'pipe' | 'inherit' | number;
 	stderr?: 'pipe' | 'inherit' | number;
 	env?: NodeJS.ProcessEnv;
+	/** projectRoot unless given. */
 	cwd?: string;
 	/** A program that ends by itself; false (the default) for a server, whose own exit is a failure. */
 	expectExit?: boolean;
@@ -100,6 +134,8 @@ export class Child {
 	readonly proc: ChildProcess;
 	/** The last 64 KiB of stdout and stderr together, as they came. */
 	output = '';
+	/** The last 64 KiB of stdout alone. */
+	stdout = '';
 	/** The last 64 KiB of stderr alone. */
 	stderr = '';
 	/** How it ended; null while it runs. */
@@ -108,11 +144,18 @@ export class Child {
 	died: string | null = null;
 	/** Resolves once the process has exited and its pipes are drained; never rejects. */
 	readonly exit: Promise<ExitStatus>;
+	/**
+	 * Resolves once the process itself has exited, pipes or not: a program
+	 * whose own children inherited its pipes (the demo) has them closed only
+	 * when those children are gone too.  Never rejects.
+	 */
+	readonly processExit: Promise<ExitStatus>;
 	private stopping = false;
+	private readonly changes = new Changes();
 
 	constructor(readonly name: string, cmd: string, args: string[], private readonly opts: ChildOptions = {}) {
 		this.proc = spawn(cmd, args, {
-			cwd: opts.cwd, env: opts.env ?? process.env,
+			cwd: opts.cwd ?? projectRoot, env: opts.env ?? process.env,
 			stdio: [opts.stdin ?? 'ignore', opts.stdout ?? 'pipe', opts.stderr ?? 'pipe'],
 		});
 		this.proc.stdout?.setEncoding('utf8').on('data', this.stdoutOnData);
@@ -130,12 +173,17 @@ export class Child {
 					this.opts.onUnexpectedExit?.(this);
 				}
 				resolve(this.status);
+				this.changes.changed();
 			};
 			this.proc.on('close', done);
 			this.proc.on('error', (err) => {
 				this.output += `\n${err.message}`;
 				done(null, null);
 			});
+		});
+		this.processExit = new Promise((resolve) => {
+			this.proc.once('exit', (code, signal) => resolve({ code, signal }));
+			this.proc.once('error', () => resolve({ code: null, signal: null }));
 		});
 	}
 
@@ -168,6 +216,23 @@ export class Child {
 		return signal === 'SIGKILL' ? this.exit : this.waitExit(graceMs);
 	}
 
+	/**
+	 * Resolve once pred(output) holds (a "ready" line); reject if the child
+	 * exits first or after timeoutMs, quoting the tail of its output.
+	 */
+	waitOutput(pred: (output: string) => boolean, timeoutMs: number, what: string): Promise<void> {
+		return this.changes.until(() => {
+			if (pred(this.output)) {
+				return true;
+			}
+			if (this.status !== null) {
+				throw new Error(`${this.name}: exited before ${what} (code ${this.status.code}, signal ` +
+					`${this.status.signal}): ${this.output.slice(-2000)}`);
+			}
+			return false;
+		}, timeoutMs, `${this.name}: ${what}`, () => this.output.slice(-2000));
+	}
+
 	/** For a program that ends by itself: wait for it, and SIGKILL it once it runs past timeoutMs. */
 	async waitExit(timeoutMs: number): Promise<ExitStatus> {
 		const timer = setTimeout(() => this.proc.kill('SIGKILL'), timeoutMs);
@@ -180,11 +245,14 @@ export class Child {
 
 	private readonly stdoutOnData = (s: string): void => {
 		this.output = (this.output + s).slice(-OUTPUT_TAIL_CHARS);
+		this.stdout = (this.stdout + s).slice(-OUTPUT_TAIL_CHARS);
+		this.changes.changed();
 	};
 
 	private readonly stderrOnData = (s: string): void => {
 		this.output = (this.output + s).slice(-OUTPUT_TAIL_CHARS);
 		this.stderr = (this.stderr + s).slice(-OUTPUT_TAIL_CHARS);
+		this.changes.changed();
 	};
 }
 

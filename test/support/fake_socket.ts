@@ -1,0 +1,95 @@
+/*
+ * A FAKE BACKEND SOCKET, FOR THE STATE MACHINES WITHOUT I/O
+ *
+ * The backend registry opens every connection through a Connector
+ * (src/backends.ts), its one documented seam for tests.  A FakeConnector is
+ * such a connector: each connection it is asked for is a FakeSocket, kept in
+ * `sockets` in the order asked, so a test reaches the last one and drives
+ * it by emitting what a real socket would ('connect', 'data', 'end',
+ * 'error'), with a stepped clock instead of waiting.
+ *
+ * A FakeSocket records every write (and how many each cork() .. uncork()
+ * held) and answers write() with `accept`, so a test can make the session
+ * refuse writes the way a full socket buffer does.  establish() is the usual
+ * start: connected, then the backend's SERVER_HELLO.  connectError() fails
+ * it as a refused or missing socket file would.  destroy() only notes it.
+ */
+
+import { EventEmitter } from 'node:events';
+import type net from 'node:net';
+import type { Connector } from '../../src/backends.js';
+import { SERVER_HELLO_FRAME } from './backend_frames.js';
+
+export class FakeSocket extends EventEmitter {
+	readonly writes: Buffer[] = [];
+	/* How many writes each cork()..uncork() held. */
+	readonly corkedWrites: number[] = [];
+	destroyed = false;
+	/* What write() returns: false is a socket whose buffer is full. */
+	accept = true;
+	private corked = -1;
+
+	constructor(readonly path: string, readonly highWaterMark?: number) {
+		super();
+	}
+
+	write(b: Uint8Array): boolean {
+		this.writes.push(Buffer.from(b));
+		if (this.corked >= 0) {
+			this.corked++;
+		}
+		return this.accept;
+	}
+
+	cork(): void {
+		this.corked = 0;
+	}
+
+	uncork(): void {
+		this.corkedWrites.push(this.corked);
+		this.corked = -1;
+	}
+
+	destroy(): this {
+		this.destroyed = true;
+		return this;
+	}
+
+	/** Everything written, as one buffer. */
+	all(): Buffer {
+		return Buffer.concat(this.writes);
+	}
+
+	/** Connected, then the backend's hello: the session becomes ok. */
+	establish(): void {
+		this.emit('connect');
+		this.emit('data', SERVER_HELLO_FRAME);
+	}
+
+	/** The connect fails with `code` (ECONNREFUSED: nobody listens; ENOENT: no socket file). */
+	connectError(code: 'ECONNREFUSED' | 'ENOENT'): void {
+		this.emit('error', Object.assign(new Error(`connect ${code}`), { code }));
+	}
+}
+
+export class FakeConnector {
+	/** Every socket asked for, oldest first. */
+	readonly sockets: FakeSocket[] = [];
+
+	/** The Connector to hand to Backends. */
+	readonly connect: Connector = (path, writableHighWaterMark) => {
+		const s = new FakeSocket(path, writableHighWaterMark);
+		this.sockets.push(s);
+		/* The one place a FakeSocket passes for a net.Socket: it has every member the registry uses. */
+		return s as unknown as net.Socket;
+	};
+
+	/** The socket asked for last. */
+	last(): FakeSocket {
+		const s = this.sockets.at(-1);
+		if (s === undefined) {
+			throw new Error('no socket has been asked for yet');
+		}
+		return s;
+	}
+}
