@@ -12,7 +12,7 @@
 // stops at the first file that fails.
 //
 // Only the unit tests of the pure modules run: no test here spawns the CLI
-// or opens a socket, so a run takes minutes, not the suite's half hour.  It
+// or opens a socket, so a run takes minutes rather than the whole suite's.  It
 // is not part of CI.  Scope a run to one file while working on its tests:
 //   npm run mutation -- --mutate src/dns.ts
 
@@ -23,10 +23,8 @@ const modules = [
 	['src/dns.ts', 'dist/test/dns.test.js'],
 	['src/log.ts', 'dist/test/log.test.js'],
 	['src/remotes.ts', 'dist/test/remotes.test.js'],
-	// Pure modules still being written; uncomment each once it has landed
-	// with its unit tests (the test file must exist, or tap finds nothing):
-	// ['src/write_queue.ts', 'dist/test/write_queue.test.js'],
-	// ['src/tcp_messages.ts', 'dist/test/tcp_messages.test.js'],
+	['src/write_queue.ts', 'dist/test/write_queue.test.js'],
+	['src/tcp_messages.ts', 'dist/test/tcp_messages.test.js'],
 ];
 
 /** Property tests over the same parsers (protocol, dns). */
