@@ -342,12 +342,19 @@ async function stats(): Promise<void> {
 			await sleep(100);
 			peak = Math.max(peak, rssMb(pid));
 		}
-		const open = idle.filter((c) => !c.destroyed && c.readyState === 'open').length;
-		console.log(`20 stats connections that never read: RSS ${rss0.toFixed(1)} MB before, peak ${peak.toFixed(1)} MB over 3 s, `
-			+ `${open} still open from the client's side`);
+		console.log(`20 stats connections that never read: RSS ${rss0.toFixed(1)} MB before, peak ${peak.toFixed(1)} MB over 3 s`);
+		await sleep(9000);
 		for (const c of idle) {
 			c.destroy();
 		}
+		await sleep(200);
+		const snap = await new Promise<string>((resolve, reject) => {
+			execFile(process.execPath, [path.join(ROOT, 'bin', 'balstat.js'), '--json', '-S', f.sock],
+				{ maxBuffer: 256 * 1048576 }, (err, stdout) => (err ? reject(new Error(err.message)) : resolve(stdout)));
+		});
+		const ss = (JSON.parse(snap) as { statsSocket?: unknown }).statsSocket;
+		console.log(`12 s later, bbal's stats socket counts: ${JSON.stringify(ss ?? 'none (no statsSocket field)')}; `
+			+ `RSS ${rssMb(pid).toFixed(1)} MB`);
 	} finally {
 		stopFleet(f);
 	}

@@ -59,7 +59,7 @@ import { Acl } from './dns.js';
 import type { Metrics } from './metrics.js';
 import type { Options } from './options.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
-import { StatsServer, type StatsSources, takeSnapshot } from './stats.js';
+import { logSnapshot, StatsServer, type StatsSources } from './stats.js';
 import { TcpListener } from './tcp_proxy.js';
 import { type Clock, monotonicClock, type Timeout, TimeoutWheel } from './timeouts.js';
 import { UdpProxy } from './udp_proxy.js';
@@ -299,16 +299,13 @@ export class Balancer {
 			listen: { address: this.opts.bind, port: this.opts.port },
 			socketDir: this.opts.socketDir,
 			startedAt: this.startedAt,
+			statsServer: this.stats,
 		};
 	}
 
-	/** SIGUSR2: the snapshot into the log (remotes listed up to 1,000). */
+	/** SIGUSR2: a summary of the snapshot into the log (the remotes counted, the first 100 listed). */
 	logSnapshot(): void {
-		const snap = takeSnapshot(this.statsSources);
-		const { remotes, ...rest } = snap;
-		this.log.info({
-			snapshot: { ...rest, remoteCount: remotes.length, remotes: remotes.length <= 1000 ? remotes : undefined },
-		}, 'stats snapshot');
+		this.log.info({ snapshot: logSnapshot(this.statsSources) }, 'stats snapshot');
 	}
 
 	/* ---- close ---- */

@@ -65,6 +65,10 @@ export function formatSnapshot(snap: Snapshot): string {
 	out.push(`tcp: open ${c.open}, accepted ${c.accepted}, established ${c.established}; `
 		+ `closed: over cap ${c.overCap}, outside --allow ${c.aclDropped}, no backend ${c.noBackend}, `
 		+ `not DNS ${c.invalid}, idle ${c.idleClosed}, client gone before the backend ${c.abandoned}`);
+	const ss = snap.statsSocket;
+	if (ss !== undefined) {
+		out.push(`stats socket: open ${ss.open}, served ${ss.served}; closed: over cap ${ss.overCap}, too slow ${ss.timedOut}`);
+	}
 	return out.join('\n');
 }
 

@@ -142,6 +142,13 @@ export class Metrics {
 		});
 		total('bbal_remotes_expired_total', 'Remote peers forgotten after idling.', () => src.remotes.expired);
 		total('bbal_remotes_evicted_total', 'Remote peers evicted at the --max-remotes cap.', () => src.remotes.evicted);
+		const statsServer = src.statsServer;
+		if (statsServer) {
+			total('bbal_stats_connections_served_total', 'Stats socket readers sent the whole snapshot.',
+				() => statsServer.stats.served);
+			byLabel('bbal_stats_connections_dropped_total', 'Stats socket connections closed by bbal, by reason.', 'reason',
+				() => ({ over_cap: statsServer.stats.overCap, timeout: statsServer.stats.timedOut }));
+		}
 	}
 
 	observeHeartbeatRtt(be: BackendView, ms: number): void {
