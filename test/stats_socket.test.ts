@@ -16,8 +16,10 @@
  * LOG_SNAPSHOT_MAX_REMOTES.
  */
 
+import { execFile } from 'node:child_process';
 import { statSync } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import t, { type Test } from 'tap';
 import { Balancer } from '../src/balancer.js';
 import { formatSnapshot } from '../src/balstat.js';
@@ -27,7 +29,7 @@ import {
 	takeSnapshot,
 } from '../src/stats.js';
 import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_socket.js';
-import { encodeQuery, type LogRecord, makeSocketDir, statsSocketFor, waitFor } from './helpers.js';
+import { childEnv, encodeQuery, type LogRecord, makeSocketDir, projectRoot, statsSocketFor, waitFor } from './helpers.js';
 
 const START = Date.parse('2030-01-02T03:04:05.000Z');
 const BASE = 0x0b000000;
@@ -207,4 +209,23 @@ t.test('SIGUSR2\'s snapshot counts every remote and lists only the first ones, i
 	t.equal(snap.remotes[0].ip, '11.0.0.0', 'the lowest address first');
 	t.equal(snap.remotes.at(-1)?.ip, `11.0.0.${LOG_SNAPSHOT_MAX_REMOTES - 1}`);
 	t.ok(Array.isArray(snap.backends) && Array.isArray(snap.timeouts), 'the rest of the snapshot');
+});
+
+t.test('balstat says so in one line when bbal cuts the document short (over the cap, too slow)', async (t) => {
+	const dir = await makeSocketDir(t);
+	const sock = statsSocketFor(dir);
+	const server = net.createServer((c) => c.end('{"version":1,"pid":1'));
+	await new Promise<void>((resolve) => server.listen(sock, resolve));
+	t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())));
+	for (const args of [['--json'], []]) {
+		const out = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
+			execFile(process.execPath, [path.join(projectRoot, 'bin', 'balstat.js'), ...args, '-S', sock], { env: childEnv() },
+				(err, stdout, stderr) => resolve({ code: err ? (err.code as number) : 0, stdout, stderr }));
+		});
+		t.same(out, {
+			code: 1, stdout: '',
+			stderr: `balstat: ${sock} closed the connection before the whole snapshot (too many readers at once, or too slow a read); `
+				+ 'try again\n',
+		}, `balstat ${args.join(' ')}`);
+	}
 });
