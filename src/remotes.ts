@@ -40,9 +40,16 @@
  * have fifty thousand remotes to give away.  Done in one call, either
  * stalled every query for half a second.  So each is a pass, done in
  * slices: one sweep per tick of the wheel visits at most
- * REMOTES_SWEEP_SLICE remotes, the expiry pass's first and the rebalance
- * pass's with what is left, then arms the sweep timeout for the next tick
- * if either pass has more to do.  A pass remembers where it stopped as an
+ * REMOTES_SWEEP_VISITS remotes and changes (forgets, or clears the primary
+ * of) at most REMOTES_SWEEP_CHANGES of them, the two passes together, then
+ * arms the sweep timeout for the next tick if either has more to do.  Two
+ * bounds, because looking at a remote costs a tenth of changing one: a
+ * pass over 100,000 remotes that finds nothing to do takes 20 ticks, well
+ * inside the 30 s between expiry jobs, while 100,000 idle ones are
+ * forgotten a thousand a tick, each tick a millisecond or two once V8 has
+ * compiled the walk (bench/stalls.ts measures it).  When both passes run,
+ * they take turns at going first, so neither waits for the other to end.
+ * A pass remembers where it stopped as an
  * address, not a tree node (remotes come and go between ticks), and
  * resumes at the first remote at or after it, so both walk in address
  * order, as PROTOCOL.md asks of rebalancing.  What changes behind a pass's
@@ -61,7 +68,7 @@
  * one's remotes wait for it on a backup).  Asking for a pass while one of
  * its kind is running does not start another: the running one goes on.
  * Each pass logs one line when it ends, with its counts, never a line per
- * remote.  A table smaller than a slice is done in the call that asked.
+ * remote.  Work that fits in one slice is done in the call that asked.
  *
  * THE CAP.  Expiry alone does not bound the table against a flood of
  * datagrams with spoofed sources: two hundred thousand fake hosts in five
@@ -121,12 +128,10 @@ import type { Timeout, TimeoutWheel } from './timeouts.js';
 export const REMOTE_IDLE_EXPIRY_SECS = 300;
 export const REMOTE_EXPIRY_CHECK_SECS = 30;
 export const DEFAULT_MAX_REMOTES = 100_000;
-/*
- * Remotes the passes visit per tick, both together (see PASSES): 100,000
- * remotes expire over 40 ticks, each one or two milliseconds of work once
- * V8 has compiled the walk (bench/stalls.ts measures it).
- */
-export const REMOTES_SWEEP_SLICE = 2_500;
+/** Remotes the passes look at per tick, both together (see PASSES). */
+export const REMOTES_SWEEP_VISITS = 5_000;
+/** Remotes the passes forget or move per tick, both together. */
+export const REMOTES_SWEEP_CHANGES = 1_000;
 /** An address past every IPv4 address: where a walk of the table ends. */
 export const ADDR_END = 2 ** 32;
 /* Remote log lines let through per gate interval before counting instead. */
@@ -290,6 +295,12 @@ export class Remote implements RemoteStats {
 /* What a remote was just assigned: each is a log condition of its own. */
 export type Assignment = 'primary' | 'backup' | 'returned';
 
+/* What is left of a tick's allowance (see PASSES). */
+interface SweepBudget {
+	visits: number;
+	changes: number;
+}
+
 /* A running expiry pass (see PASSES); none while idle. */
 interface ExpiryPass {
 	/** Remotes last seen before this second (of the table's life) go. */
@@ -332,9 +343,10 @@ export class Remotes {
 	private expiryPass: ExpiryPass | null = null;
 	private rebalancePass: RebalancePass | null = null;
 	private readonly sweepTimeout: Timeout;
-	/* This tick's allowance of visits: the tick (the wheel's time) and what is left of it. */
+	/* This tick's allowance (the tick is the wheel's time), and how many ticks have had one. */
 	private sweepTickMs = -1;
-	private sweepLeft = 0;
+	private readonly sweepLeft: SweepBudget = { visits: 0, changes: 0 };
+	private sweepTicks = 0;
 
 	constructor(opts: { log: Logger; backends: Backends; wheel: TimeoutWheel; maxRemotes?: number }) {
 		this.log = opts.log;
@@ -488,17 +500,24 @@ export class Remotes {
 		this.sweep();
 	};
 
-	/* This tick's share: expiry first, rebalancing with what is left; again next tick if unfinished. */
+	/* This tick's share, the passes taking turns at going first; again next tick if unfinished. */
 	private sweep(): void {
+		const left = this.sweepLeft;
 		if (this.wheel.nowMs !== this.sweepTickMs) {
 			this.sweepTickMs = this.wheel.nowMs;
-			this.sweepLeft = REMOTES_SWEEP_SLICE;
+			left.visits = REMOTES_SWEEP_VISITS;
+			left.changes = REMOTES_SWEEP_CHANGES;
+			this.sweepTicks++;
 		}
-		if (this.expiryPass !== null && this.sweepLeft > 0) {
-			this.sweepLeft -= this.expirySlice(this.expiryPass, this.sweepLeft);
-		}
-		if (this.rebalancePass !== null && this.sweepLeft > 0) {
-			this.sweepLeft -= this.rebalanceSlice(this.rebalancePass, this.sweepLeft);
+		for (const expiryTurn of (this.sweepTicks & 1) === 1 ? [true, false] : [false, true]) {
+			if (left.visits === 0 || left.changes === 0) {
+				break;
+			}
+			if (expiryTurn && this.expiryPass !== null) {
+				this.expirySlice(this.expiryPass, left);
+			} else if (!expiryTurn && this.rebalancePass !== null) {
+				this.rebalanceSlice(this.rebalancePass, left);
+			}
 		}
 		if ((this.expiryPass !== null || this.rebalancePass !== null) && !this.sweepTimeout.armed) {
 			/* Delay 0: the next tick (a timeout armed during a run waits for the next one). */
@@ -507,14 +526,14 @@ export class Remotes {
 	}
 
 	/*
-	 * Visit up to `budget` remotes from the cursor; forget the idle ones
-	 * (after the walk: removing rearranges the tree).  Returns the visits.
+	 * From the cursor, within the budget: find the idle remotes, then forget
+	 * them (after the walk: removing rearranges the tree).
 	 */
-	private expirySlice(pass: ExpiryPass, budget: number): number {
+	private expirySlice(pass: ExpiryPass, left: SweepBudget): void {
 		const stale: Remote[] = [];
 		let visited = 0;
 		let node = this.firstAtOrAfter(pass.cursor);
-		while (node !== null && visited < budget) {
+		while (node !== null && visited < left.visits && stale.length < left.changes) {
 			const rem = node.data as Remote;
 			if (rem.lastSeenSec < pass.idleBeforeSec) {
 				stale.push(rem);
@@ -526,6 +545,8 @@ export class Remotes {
 		for (const rem of stale) {
 			this.remove(rem);
 		}
+		left.visits -= visited;
+		left.changes -= stale.length;
 		this.expired += stale.length;
 		pass.expired += stale.length;
 		pass.visited += visited;
@@ -539,25 +560,28 @@ export class Remotes {
 				this.log.debug(fields, 'expired idle remotes');
 			}
 		}
-		return visited;
 	}
 
-	private rebalanceSlice(pass: RebalancePass, budget: number): number {
+	private rebalanceSlice(pass: RebalancePass, left: SweepBudget): void {
 		let visited = 0;
+		let moved = 0;
 		let node: AVLNode<number, Remote> | null = null;
 		if (pass.be.ok) {
 			node = this.firstAtOrAfter(pass.cursor);
-			while (node !== null && visited < budget && pass.moved < pass.count) {
+			while (node !== null && visited < left.visits && moved < left.changes && pass.moved + moved < pass.count) {
 				const rem = node.data as Remote;
 				if (rem.primary === pass.be) {
 					rem.clearPrimary();
-					pass.moved++;
+					moved++;
 				}
 				visited++;
 				node = this.ordered.next(node);
 			}
 		}
 		pass.cursor = node === null ? ADDR_END : node.key;
+		left.visits -= visited;
+		left.changes -= moved;
+		pass.moved += moved;
 		pass.visited += visited;
 		pass.ticks++;
 		if (pass.cursor === ADDR_END || pass.moved >= pass.count) {
@@ -567,7 +591,6 @@ export class Remotes {
 				ended: pass.moved >= pass.count ? 'done' : pass.be.ok ? 'end of table' : 'backend not ok',
 			}, 'rebalanced remotes');
 		}
-		return visited;
 	}
 
 	/* Make room: the second-chance walk described in the file comment. */

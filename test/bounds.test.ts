@@ -3,12 +3,14 @@
  * registry whose backends are driven to ok through fake sockets, and a
  * clock stepped by hand.
  *
- * Expiry and rebalancing are passes of REMOTES_SWEEP_SLICE remotes a tick
- * (remotes.ts, PASSES): 100,000 idle remotes go over several ticks, none
- * doing more than the slice, with one summary line for the pass and none
- * per remote; a rebalance pass moves the lowest addresses first and resumes
- * where it stopped, not from the start; it ends early when its backend is
- * no longer ok.
+ * Expiry and rebalancing are passes that look at REMOTES_SWEEP_VISITS and
+ * change REMOTES_SWEEP_CHANGES remotes a tick at most, the two together
+ * (remotes.ts, PASSES): 100,000 idle remotes go over a hundred ticks, none
+ * forgetting more than its share, with one summary line for the pass and
+ * none per remote; a pass that finds nothing to do looks at 5,000 a tick;
+ * a rebalance pass moves the lowest addresses first and resumes where it
+ * stopped, not from the start, and ends early when its backend is no
+ * longer ok; running together, the passes take turns.
  */
 
 import { EventEmitter } from 'node:events';
@@ -17,7 +19,7 @@ import t from 'tap';
 import pino from 'pino';
 import { type Backend, Backends } from '../src/backends.js';
 import { SERVER_HELLO_FRAME } from '../src/protocol.js';
-import { REMOTE_IDLE_EXPIRY_SECS, Remotes, REMOTES_SWEEP_SLICE } from '../src/remotes.js';
+import { REMOTE_IDLE_EXPIRY_SECS, Remotes, REMOTES_SWEEP_CHANGES, REMOTES_SWEEP_VISITS } from '../src/remotes.js';
 import { TimeoutWheel } from '../src/timeouts.js';
 import type { LogRecord } from './helpers.js';
 
@@ -70,8 +72,9 @@ function setup(names: string[], maxRemotes = 1_000_000) {
 }
 
 const BASE = 0x0b000000;
+const C = REMOTES_SWEEP_CHANGES;
 
-t.test('100,000 idle remotes expire over several ticks, none doing more than the slice, with one summary line', async (t) => {
+t.test('100,000 idle remotes expire over a hundred ticks, none forgetting more than its share, with one summary line', async (t) => {
 	const env = setup(['5301', '5302']);
 	const n = 100_000;
 	for (let i = 0; i < n; i++) {
@@ -84,10 +87,10 @@ t.test('100,000 idle remotes expire over several ticks, none doing more than the
 	t.equal(env.remotes.size, n + 1);
 
 	const first = env.remotes.expire();
-	t.equal(first, REMOTES_SWEEP_SLICE, 'the job\'s own tick expires one slice');
+	t.equal(first, C, 'the job\'s own tick expires its share');
 	t.ok(env.remotes.expiring, 'the pass goes on');
 	t.ok(env.wheel.list().some((to) => to.name === 'remotes sweep'), 'the sweep is armed for the next tick');
-	t.equal(env.remotes.expire(), 0, 'asked again in the same tick: the tick\'s slice is spent, nothing more');
+	t.equal(env.remotes.expire(), 0, 'asked again in the same tick: the tick\'s share is spent, nothing more');
 
 	const perTick: number[] = [first];
 	let ticks = 1;
@@ -97,8 +100,8 @@ t.test('100,000 idle remotes expire over several ticks, none doing more than the
 		perTick.push(before - env.remotes.size);
 		ticks++;
 	}
-	t.equal(ticks, Math.ceil((n + 1) / REMOTES_SWEEP_SLICE), `${ticks} ticks`);
-	t.ok(perTick.every((k) => k <= REMOTES_SWEEP_SLICE), `no tick expired more than ${REMOTES_SWEEP_SLICE}`);
+	t.equal(ticks, n / C + 1, `${ticks} ticks (the last only looks at the active remote)`);
+	t.ok(perTick.every((k) => k <= C), `no tick expired more than ${C}`);
 	t.same(env.remotes.list().map((r) => r.addr), [keep], 'every idle remote gone, the active one kept');
 	t.equal(env.remotes.expired, n);
 	t.equal(env.bes[0].remoteCount + env.bes[1].remoteCount, env.remotes.list().filter((r) => r.primary !== null).length,
@@ -109,9 +112,26 @@ t.test('100,000 idle remotes expire over several ticks, none doing more than the
 		'one summary line for the pass');
 });
 
-t.test('a rebalance pass moves the lowest addresses first, a slice a tick, and resumes where it stopped', async (t) => {
+t.test('a pass that finds nothing to forget looks at REMOTES_SWEEP_VISITS remotes a tick', async (t) => {
 	const env = setup(['5301']);
-	const n = 3 * REMOTES_SWEEP_SLICE + 100;
+	const n = 100_000;
+	for (let i = 0; i < n; i++) {
+		env.serve(BASE + i);
+	}
+	let ticks = 1;
+	t.equal(env.remotes.expire(), 0);
+	while (env.remotes.expiring && ticks < 1000) {
+		env.tick();
+		ticks++;
+	}
+	t.equal(ticks, n / REMOTES_SWEEP_VISITS, `${n} remotes looked at in ${ticks} ticks, within the 30 s between expiry jobs`);
+	t.match(env.logged('expired idle remotes'), [{ expired: 0, visited: n, remotes: n, ticks, level: 20 }],
+		'the summary at debug when nothing expired');
+});
+
+t.test('a rebalance pass moves the lowest addresses first, a share a tick, and resumes where it stopped', async (t) => {
+	const env = setup(['5301']);
+	const n = 3 * C + 100;
 	for (let i = 0; i < n; i++) {
 		env.serve(BASE + i);
 	}
@@ -122,15 +142,15 @@ t.test('a rebalance pass moves the lowest addresses first, a slice a tick, and r
 	const cleared = (): number[] => env.remotes.list().filter((r) => r.primary === null).map((r) => r.addr - BASE);
 	const range = (from: number, to: number): number[] => Array.from({ length: to - from }, (_, i) => from + i);
 
-	t.equal(env.remotes.rebalance(a, n - 2), REMOTES_SWEEP_SLICE, 'one slice in the job\'s tick');
-	t.same(cleared(), range(0, REMOTES_SWEEP_SLICE), 'the lowest addresses');
+	t.equal(env.remotes.rebalance(a, n - 2), C, 'one slice in the job\'s tick');
+	t.same(cleared(), range(0, C), 'the lowest addresses');
 	t.ok(env.remotes.rebalancing);
 	/*
 	 * Those moved choose afresh, and round-robin gives half of them the same
 	 * backend again: behind the cursor, they stay (a pass that started over
 	 * would move them again).
 	 */
-	const moved = env.remotes.list().slice(0, REMOTES_SWEEP_SLICE);
+	const moved = env.remotes.list().slice(0, C);
 	for (const r of moved) {
 		r.chooseBackend();
 	}
@@ -138,8 +158,8 @@ t.test('a rebalance pass moves the lowest addresses first, a slice a tick, and r
 	t.ok(backOnA > 0, `${backOnA} of them chose ${a.id} again`);
 	const aBefore = a.remoteCount;
 	env.tick();
-	t.equal(aBefore - a.remoteCount, REMOTES_SWEEP_SLICE, 'the next tick moves one slice more');
-	t.same(cleared(), range(REMOTES_SWEEP_SLICE, 2 * REMOTES_SWEEP_SLICE), 'the next addresses, not the first ones again');
+	t.equal(aBefore - a.remoteCount, C, 'the next tick moves one slice more');
+	t.same(cleared(), range(C, 2 * C), 'the next addresses, not the first ones again');
 	env.tick();
 	env.tick();
 	t.notOk(env.remotes.rebalancing, 'over in four ticks');
@@ -151,25 +171,25 @@ t.test('a rebalance pass moves the lowest addresses first, a slice a tick, and r
 
 t.test('a rebalance pass ends when its backend is no longer ok; asking again while one runs starts nothing', async (t) => {
 	const env = setup(['5301']);
-	const n = 2 * REMOTES_SWEEP_SLICE + 10;
+	const n = 2 * C + 10;
 	for (let i = 0; i < n; i++) {
 		env.serve(BASE + i);
 	}
 	const [a] = env.bes;
 	const b = env.up('5302');
-	t.equal(env.remotes.rebalance(a, n - 2), REMOTES_SWEEP_SLICE);
+	t.equal(env.remotes.rebalance(a, n - 2), C);
 	t.equal(env.remotes.rebalance(b, 5), 0, 'a second plan while one runs: nothing (the running pass had this tick\'s slice)');
 	a.fault('test');
 	env.tick();
 	t.notOk(env.remotes.rebalancing, 'the pass is over');
-	t.match(env.logged('rebalanced remotes'), [{ be_id: 5301, remotes: REMOTES_SWEEP_SLICE, planned: n - 2, ended: 'backend not ok' }]);
-	t.equal(a.remoteCount, n - REMOTES_SWEEP_SLICE, 'a faulted backend\'s remotes wait for it');
+	t.match(env.logged('rebalanced remotes'), [{ be_id: 5301, remotes: C, planned: n - 2, ended: 'backend not ok' }]);
+	t.equal(a.remoteCount, n - C, 'a faulted backend\'s remotes wait for it');
 	t.equal(b.remoteCount, 0, 'nothing moved off the other backend');
 });
 
 t.test('close() ends the passes and disarms the sweep', async (t) => {
 	const env = setup(['5301']);
-	for (let i = 0; i < REMOTES_SWEEP_SLICE + 1; i++) {
+	for (let i = 0; i < C + 1; i++) {
 		env.serve(BASE + i);
 	}
 	env.tick(REMOTE_IDLE_EXPIRY_SECS + 1);
@@ -180,4 +200,21 @@ t.test('close() ends the passes and disarms the sweep', async (t) => {
 	t.notOk(env.wheel.list().some((to) => to.name === 'remotes sweep'));
 	env.remotes.close();
 	t.pass('close() twice');
+});
+
+t.test('expiry and rebalancing share a tick\'s allowance, taking turns at going first', async (t) => {
+	const env = setup(['5301']);
+	const [a] = env.bes;
+	for (let i = 0; i < 4 * C; i++) {
+		env.serve(BASE + i);
+	}
+	env.tick(REMOTE_IDLE_EXPIRY_SECS + 1);
+	env.up('5302');
+	t.equal(env.remotes.expire(), C, 'tick 1, expiry first: its share');
+	t.equal(env.remotes.rebalance(a, 4 * C - 2), 0, 'nothing left for rebalancing in this tick');
+	t.same([env.remotes.size, a.remoteCount], [3 * C, 3 * C]);
+	env.tick();
+	t.same([env.remotes.size, a.remoteCount], [3 * C, 2 * C], 'tick 2, rebalancing first: it moves its share, nothing expires');
+	env.tick();
+	t.same([env.remotes.size, a.remoteCount], [2 * C, 2 * C], 'tick 3, expiry first again');
 });
