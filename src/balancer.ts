@@ -22,9 +22,13 @@
  *   expiry     every REMOTE_EXPIRY_CHECK_SECS (30)  forget idle remotes
  *
  * Rebalancing lives here rather than in either module it touches, which
- * breaks the backends <-> remotes circle of the C original.  The jobs are
- * armed when the balancer is built, so a test driving the wheel with run()
- * gets them without start(); close() disarms them.
+ * breaks the backends <-> remotes circle of the C original.  Expiry and
+ * rebalancing are passes over the remotes table that remotes.ts carries
+ * out a slice per tick (see its PASSES); a job that comes round while its
+ * pass is still running lets it run rather than starting another (the
+ * rebalance job makes no new plan).  The jobs are armed when the balancer
+ * is built, so a test driving the wheel with run() gets them without
+ * start(); close() disarms them and ends the passes.
  *
  * LIFECYCLE.
  *
@@ -55,7 +59,7 @@ import { Acl } from './dns.js';
 import type { Metrics } from './metrics.js';
 import type { Options } from './options.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
-import { StatsServer, type StatsSources, takeSnapshot } from './stats.js';
+import { logSnapshot, StatsServer, type StatsSources } from './stats.js';
 import { TcpListener } from './tcp_proxy.js';
 import { type Clock, monotonicClock, type Timeout, TimeoutWheel } from './timeouts.js';
 import { UdpProxy } from './udp_proxy.js';
@@ -174,12 +178,18 @@ export class Balancer {
 		this.remotes.expire();
 	};
 
-	/** One rebalance pass: move remotes off the fullest backend when the spread is too wide. */
+	/**
+	 * Begin a rebalance pass (remotes.ts logs it when it ends): move remotes
+	 * off the fullest backend when the spread is too wide.  Nothing while a
+	 * pass is running: its plan is being carried out.
+	 */
 	rebalance(): void {
+		if (this.remotes.rebalancing) {
+			return;
+		}
 		const plan = this.backends.rebalancePlan();
 		if (plan !== null) {
-			const moved = this.remotes.rebalance(plan.backend, plan.count);
-			this.log.info({ be_id: plan.backend.id, remotes: moved }, 'rebalanced remotes');
+			this.remotes.rebalance(plan.backend, plan.count);
 		}
 	}
 
@@ -289,16 +299,13 @@ export class Balancer {
 			listen: { address: this.opts.bind, port: this.opts.port },
 			socketDir: this.opts.socketDir,
 			startedAt: this.startedAt,
+			statsServer: this.stats,
 		};
 	}
 
-	/** SIGUSR2: the snapshot into the log (remotes listed up to 1,000). */
+	/** SIGUSR2: a summary of the snapshot into the log (the remotes counted, the first 100 listed). */
 	logSnapshot(): void {
-		const snap = takeSnapshot(this.statsSources);
-		const { remotes, ...rest } = snap;
-		this.log.info({
-			snapshot: { ...rest, remoteCount: remotes.length, remotes: remotes.length <= 1000 ? remotes : undefined },
-		}, 'stats snapshot');
+		this.log.info({ snapshot: logSnapshot(this.statsSources) }, 'stats snapshot');
 	}
 
 	/* ---- close ---- */
@@ -320,6 +327,7 @@ export class Balancer {
 		this.rescanTimeout.clear();
 		this.rebalanceTimeout.clear();
 		this.expiryTimeout.clear();
+		this.remotes.close();
 		await Promise.all([this.udp.close(), this.tcp.close(), this.stats?.close(), this.metrics?.close()]);
 		this.backends.close();
 		this.lifecycle = 'closed';

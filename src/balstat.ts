@@ -11,7 +11,9 @@
  *
  * When nothing listens at PATH it says so in one line and exits 1: the
  * usual causes are a bbal that is not running or one started with another
- * -S, and the message names both.
+ * -S, and the message names both.  So does a document cut short (bbal
+ * ends a whole one with a newline): bbal closes a reader over its cap of
+ * stats connections at once, and one that has not finished in 10 s.
  */
 
 import net from 'node:net';
@@ -65,6 +67,10 @@ export function formatSnapshot(snap: Snapshot): string {
 	out.push(`tcp: open ${c.open}, accepted ${c.accepted}, established ${c.established}; `
 		+ `closed: over cap ${c.overCap}, outside --allow ${c.aclDropped}, no backend ${c.noBackend}, `
 		+ `not DNS ${c.invalid}, idle ${c.idleClosed}, client gone before the backend ${c.abandoned}`);
+	const ss = snap.statsSocket;
+	if (ss !== undefined) {
+		out.push(`stats socket: open ${ss.open}, served ${ss.served}; closed: over cap ${ss.overCap}, too slow ${ss.timedOut}`);
+	}
 	return out.join('\n');
 }
 
@@ -123,8 +129,13 @@ export async function main(argv: string[]): Promise<void> {
 		process.stderr.write(`balstat: ${why}\n`);
 		process.exit(1);
 	}
+	if (!text.endsWith('\n')) {
+		process.stderr.write(`balstat: ${p} closed the connection before the whole snapshot `
+			+ '(too many readers at once, or too slow a read); try again\n');
+		process.exit(1);
+	}
 	if (args.json) {
-		process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+		process.stdout.write(text);
 		return;
 	}
 	let snap: Snapshot;

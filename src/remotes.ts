@@ -34,6 +34,42 @@
  * every 30).  This bounds the table by the set of recently active hosts and
  * means a host that comes back later is simply assigned afresh.
  *
+ * PASSES.  Expiry and rebalancing each walk the whole table, and the table
+ * may hold a hundred thousand remotes: a burst from spoofed sources expires
+ * all at once 300 s later, and a backend that returns after an outage may
+ * have fifty thousand remotes to give away.  Done in one call, either
+ * stalled every query for half a second.  So each is a pass, done in
+ * slices: one sweep per tick of the wheel visits at most
+ * REMOTES_SWEEP_VISITS remotes and changes (forgets, or clears the primary
+ * of) at most REMOTES_SWEEP_CHANGES of them, the two passes together, then
+ * arms the sweep timeout for the next tick if either has more to do.  Two
+ * bounds, because looking at a remote costs a tenth of changing one: a
+ * pass over 100,000 remotes that finds nothing to do takes 20 ticks, well
+ * inside the 30 s between expiry jobs, while 100,000 idle ones are
+ * forgotten a thousand a tick, each tick a millisecond or two once V8 has
+ * compiled the walk (bench/stalls.ts measures it).  When both passes run,
+ * they take turns at going first, so neither waits for the other to end.
+ * A pass remembers where it stopped as an
+ * address, not a tree node (remotes come and go between ticks), and
+ * resumes at the first remote at or after it, so both walk in address
+ * order, as PROTOCOL.md asks of rebalancing.  What changes behind a pass's
+ * cursor waits for the next pass: a remote created there, or one that goes
+ * idle after it was looked at.
+ *
+ *   expiry pass     idle --expire()----> running --end of the table--> idle
+ *   rebalance pass  idle --rebalance()-> running --moved enough, end of the
+ *                                                  table, or its backend is
+ *                                                  no longer ok-----------> idle
+ *
+ * The expiry pass forgets the remotes idle for more than
+ * REMOTE_IDLE_EXPIRY_SECS when it began; the rebalance pass clears the
+ * primary of up to `count` remotes of one backend, and stops early if that
+ * backend is no longer ok (the plan was made over ok backends; a faulted
+ * one's remotes wait for it on a backup).  Asking for a pass while one of
+ * its kind is running does not start another: the running one goes on.
+ * Each pass logs one line when it ends, with its counts, never a line per
+ * remote.  Work that fits in one slice is done in the call that asked.
+ *
  * THE CAP.  Expiry alone does not bound the table against a flood of
  * datagrams with spoofed sources: two hundred thousand fake hosts in five
  * minutes would all be "recently active".  So the table also has a cap
@@ -83,15 +119,21 @@
 
 import assert from 'node:assert/strict';
 import type { Logger } from 'pino';
-import { AVLTree } from 'avl';
+import { type AVLNode, AVLTree } from 'avl';
 import type { Backend, Backends } from './backends.js';
 import { u32ToIpv4 } from './protocol.js';
 import { GatedLog } from './log.js';
-import type { TimeoutWheel } from './timeouts.js';
+import type { Timeout, TimeoutWheel } from './timeouts.js';
 
 export const REMOTE_IDLE_EXPIRY_SECS = 300;
 export const REMOTE_EXPIRY_CHECK_SECS = 30;
 export const DEFAULT_MAX_REMOTES = 100_000;
+/** Remotes the passes look at per tick, both together (see PASSES). */
+export const REMOTES_SWEEP_VISITS = 5_000;
+/** Remotes the passes forget or move per tick, both together. */
+export const REMOTES_SWEEP_CHANGES = 1_000;
+/** An address past every IPv4 address: where a walk of the table ends. */
+export const ADDR_END = 2 ** 32;
 /* Remote log lines let through per gate interval before counting instead. */
 const REMOTE_LOG_BURST = 50;
 
@@ -253,6 +295,33 @@ export class Remote implements RemoteStats {
 /* What a remote was just assigned: each is a log condition of its own. */
 export type Assignment = 'primary' | 'backup' | 'returned';
 
+/* What is left of a tick's allowance (see PASSES). */
+interface SweepBudget {
+	visits: number;
+	changes: number;
+}
+
+/* A running expiry pass (see PASSES); none while idle. */
+interface ExpiryPass {
+	/** Remotes last seen before this second (of the table's life) go. */
+	readonly idleBeforeSec: number;
+	/** The address to resume at. */
+	cursor: number;
+	visited: number;
+	expired: number;
+	ticks: number;
+}
+
+/* A running rebalance pass: clear the primary of `count` remotes of `be`. */
+interface RebalancePass {
+	readonly be: Backend;
+	readonly count: number;
+	cursor: number;
+	visited: number;
+	moved: number;
+	ticks: number;
+}
+
 export class Remotes {
 	readonly log: Logger;
 	readonly backends: Backends;
@@ -271,6 +340,13 @@ export class Remotes {
 	private readonly newRemoteLog: GatedLog;
 	private readonly assignmentLogs: Record<Assignment, GatedLog>;
 	private readonly evictLog: GatedLog;
+	private expiryPass: ExpiryPass | null = null;
+	private rebalancePass: RebalancePass | null = null;
+	private readonly sweepTimeout: Timeout;
+	/* This tick's allowance (the tick is the wheel's time), and how many ticks have had one. */
+	private sweepTickMs = -1;
+	private readonly sweepLeft: SweepBudget = { visits: 0, changes: 0 };
+	private sweepTicks = 0;
 
 	constructor(opts: { log: Logger; backends: Backends; wheel: TimeoutWheel; maxRemotes?: number }) {
 		this.log = opts.log;
@@ -287,6 +363,7 @@ export class Remotes {
 			returned: new GatedLog(opts.wheel, 'info', 'remote assigned to original primary backend', burst),
 		};
 		this.evictLog = new GatedLog(opts.wheel, 'warn', 'remotes table full: evicted the idlest remote');
+		this.sweepTimeout = opts.wheel.create('remotes sweep', this.sweepDue);
 	}
 
 	/*
@@ -324,26 +401,196 @@ export class Remotes {
 		return rem;
 	}
 
-	/** Every remote in address order. */
+	/** Every remote in address order (all at once: for tests and small tables; see slice()). */
 	list(): Remote[] {
 		return this.ordered.values();
 	}
 
-	/** Forget remotes idle for more than REMOTE_IDLE_EXPIRY_SECS. */
-	expire(nowMs: number = this.wheel.nowMs): number {
-		const limit = (nowMs - this.epochMs) / 1000 - REMOTE_IDLE_EXPIRY_SECS;
-		const stale: Remote[] = [];
-		for (const rem of this.byAddr.values()) {
-			if (rem.lastSeenSec < limit) {
-				stale.push(rem);
+	/** The remote held for addr, if any, without creating it or marking it seen. */
+	peek(addr: number): Remote | undefined {
+		return this.byAddr.get(addr);
+	}
+
+	/*
+	 * The tree node of the first remote at or after addr: one descent, where
+	 * the tree's own range() would walk every node below addr.
+	 */
+	private firstAtOrAfter(addr: number): AVLNode<number, Remote> | null {
+		let node = this.ordered.root;
+		let best: AVLNode<number, Remote> | null = null;
+		while (node !== null) {
+			if (node.key >= addr) {
+				best = node;
+				node = node.left;
+			} else {
+				node = node.right;
 			}
 		}
+		return best;
+	}
+
+	/**
+	 * Up to `max` remotes from address `from` on, in address order, and the
+	 * address to continue at (ADDR_END when there are no more): the table
+	 * read a slice at a time, by the stats socket and the log snapshot.
+	 */
+	slice(from: number, max: number): { remotes: Remote[]; next: number } {
+		const remotes: Remote[] = [];
+		let node = this.firstAtOrAfter(from);
+		while (node !== null && remotes.length < max) {
+			remotes.push(node.data as Remote);
+			node = this.ordered.next(node);
+		}
+		return { remotes, next: node === null ? ADDR_END : node.key };
+	}
+
+	/* ---- passes (see PASSES) ---- */
+
+	/** Is a rebalance pass running? (The balancer plans no other until it ends.) */
+	get rebalancing(): boolean {
+		return this.rebalancePass !== null;
+	}
+
+	/** Is an expiry pass running? */
+	get expiring(): boolean {
+		return this.expiryPass !== null;
+	}
+
+	/**
+	 * Forget the remotes idle for more than REMOTE_IDLE_EXPIRY_SECS at
+	 * `nowMs`: begin an expiry pass (unless one is running, which goes on)
+	 * and do this tick's share of it.  Returns how many this call expired.
+	 */
+	expire(nowMs: number = this.wheel.nowMs): number {
+		if (this.expiryPass === null) {
+			this.expiryPass = {
+				idleBeforeSec: (nowMs - this.epochMs) / 1000 - REMOTE_IDLE_EXPIRY_SECS,
+				cursor: 0, visited: 0, expired: 0, ticks: 0,
+			};
+		}
+		const before = this.expired;
+		this.sweep();
+		return this.expired - before;
+	}
+
+	/**
+	 * Clear the primary of `count` remotes of `be`, in address order, so
+	 * they choose afresh on their next query: begin a rebalance pass (unless
+	 * one is running, which goes on) and do this tick's share of it.
+	 * Returns how many this call moved.
+	 */
+	rebalance(be: Backend, count: number): number {
+		if (this.rebalancePass === null) {
+			this.rebalancePass = { be, count, cursor: 0, visited: 0, moved: 0, ticks: 0 };
+		}
+		const pass = this.rebalancePass;
+		const before = pass.moved;
+		this.sweep();
+		return pass.moved - before;
+	}
+
+	/** Stop: end the passes where they are and disarm the sweep (idempotent). */
+	close(): void {
+		this.expiryPass = null;
+		this.rebalancePass = null;
+		this.sweepTimeout.clear();
+	}
+
+	private readonly sweepDue = (): void => {
+		this.sweep();
+	};
+
+	/* This tick's share, the passes taking turns at going first; again next tick if unfinished. */
+	private sweep(): void {
+		const left = this.sweepLeft;
+		if (this.wheel.nowMs !== this.sweepTickMs) {
+			this.sweepTickMs = this.wheel.nowMs;
+			left.visits = REMOTES_SWEEP_VISITS;
+			left.changes = REMOTES_SWEEP_CHANGES;
+			this.sweepTicks++;
+		}
+		for (const expiryTurn of (this.sweepTicks & 1) === 1 ? [true, false] : [false, true]) {
+			if (left.visits === 0 || left.changes === 0) {
+				break;
+			}
+			if (expiryTurn && this.expiryPass !== null) {
+				this.expirySlice(this.expiryPass, left);
+			} else if (!expiryTurn && this.rebalancePass !== null) {
+				this.rebalanceSlice(this.rebalancePass, left);
+			}
+		}
+		if ((this.expiryPass !== null || this.rebalancePass !== null) && !this.sweepTimeout.armed) {
+			/* Delay 0: the next tick (a timeout armed during a run waits for the next one). */
+			this.sweepTimeout.set(0);
+		}
+	}
+
+	/*
+	 * From the cursor, within the budget: find the idle remotes, then forget
+	 * them (after the walk: removing rearranges the tree).
+	 */
+	private expirySlice(pass: ExpiryPass, left: SweepBudget): void {
+		const stale: Remote[] = [];
+		let visited = 0;
+		let node = this.firstAtOrAfter(pass.cursor);
+		while (node !== null && visited < left.visits && stale.length < left.changes) {
+			const rem = node.data as Remote;
+			if (rem.lastSeenSec < pass.idleBeforeSec) {
+				stale.push(rem);
+			}
+			visited++;
+			node = this.ordered.next(node);
+		}
+		pass.cursor = node === null ? ADDR_END : node.key;
 		for (const rem of stale) {
-			rem.log.info('expiring remote entry');
 			this.remove(rem);
 		}
+		left.visits -= visited;
+		left.changes -= stale.length;
 		this.expired += stale.length;
-		return stale.length;
+		pass.expired += stale.length;
+		pass.visited += visited;
+		pass.ticks++;
+		if (pass.cursor === ADDR_END) {
+			this.expiryPass = null;
+			const fields = { expired: pass.expired, visited: pass.visited, remotes: this.size, ticks: pass.ticks };
+			if (pass.expired > 0) {
+				this.log.info(fields, 'expired idle remotes');
+			} else {
+				this.log.debug(fields, 'expired idle remotes');
+			}
+		}
+	}
+
+	private rebalanceSlice(pass: RebalancePass, left: SweepBudget): void {
+		let visited = 0;
+		let moved = 0;
+		let node: AVLNode<number, Remote> | null = null;
+		if (pass.be.ok) {
+			node = this.firstAtOrAfter(pass.cursor);
+			while (node !== null && visited < left.visits && moved < left.changes && pass.moved + moved < pass.count) {
+				const rem = node.data as Remote;
+				if (rem.primary === pass.be) {
+					rem.clearPrimary();
+					moved++;
+				}
+				visited++;
+				node = this.ordered.next(node);
+			}
+		}
+		pass.cursor = node === null ? ADDR_END : node.key;
+		left.visits -= visited;
+		left.changes -= moved;
+		pass.moved += moved;
+		pass.visited += visited;
+		pass.ticks++;
+		if (pass.cursor === ADDR_END || pass.moved >= pass.count) {
+			this.rebalancePass = null;
+			this.log.info({
+				be_id: pass.be.id, remotes: pass.moved, planned: pass.count, visited: pass.visited, ticks: pass.ticks,
+				ended: pass.moved >= pass.count ? 'done' : pass.be.ok ? 'end of table' : 'backend not ok',
+			}, 'rebalanced remotes');
+		}
 	}
 
 	/* Make room: the second-chance walk described in the file comment. */
@@ -396,24 +643,5 @@ export class Remotes {
 		rem.clearPrimary();
 		this.byAddr.delete(rem.addr);
 		this.ordered.remove(rem.addr);
-	}
-
-	/**
-	 * Clear the primary of `count` remotes of `be`, in address order, so
-	 * they choose afresh on their next query.  Returns how many moved.
-	 */
-	rebalance(be: Backend, count: number): number {
-		let moved = 0;
-		let node = this.ordered.minNode();
-		while (node !== null && moved < count) {
-			const rem = node.data as Remote;
-			if (rem.primary === be) {
-				rem.log.info({ be_id: be.id }, 'rebalancing to reduce spread');
-				rem.clearPrimary();
-				moved++;
-			}
-			node = this.ordered.next(node);
-		}
-		return moved;
 	}
 }

@@ -16,24 +16,70 @@
  * be added, never renamed.  Times are ISO strings; counters are the
  * original's, in camelCase (conn_start -> connStart, udp_drop -> udpDrop).
  *
+ * STREAMING.  With a hundred thousand remotes the document is 20 MB, and
+ * building and serialising it in one go stalled every query for a quarter
+ * of a second or more -- per reader.  So a connection is written in parts:
+ * everything but the remotes is taken when the client connects (a few
+ * hundred objects at most), then the remotes are read from the table
+ * STATS_REMOTES_SLICE at a time, in address order, from a cursor (remotes.ts
+ * slice()), each slice serialised and written only once the socket has
+ * taken the previous one ('drain'), with a turn of the event loop between
+ * slices.  A reader that does not read holds one slice in bbal and the
+ * kernel's socket buffer, no more.  The bytes are those JSON.stringify
+ * would give for the whole snapshot, so `balstat --json` and `nc -U`
+ * readers see the same document; but it is no longer one instant: a remote
+ * created behind the cursor while the list is being written is missed, one
+ * that goes before the cursor reaches it is not listed, and the counters
+ * are those of the moment the client connected.
+ *
+ * BOUNDS.  At most STATS_MAX_CONNECTIONS (8) connections are served at
+ * once; another is closed at once, unanswered, and counted (overCap).  A
+ * connection has STATS_CONNECTION_TIMEOUT_SECS (10) from accept to read the
+ * whole document, on the timeout wheel (so up to a second more); then it is
+ * destroyed and counted (timedOut).  A reader that never reads therefore
+ * costs at most a slice and a socket buffer for ten seconds.  The counts
+ * are in the snapshot itself (statsSocket) and in /metrics.
+ *
+ * SIGUSR2 logs a summary instead (logSnapshot()): everything but the
+ * remotes, their count, and the first LOG_SNAPSHOT_MAX_REMOTES of them.
+ *
+ * A connection's lifecycle:
+ *
+ *   writing --write() refused more--> awaiting drain --'drain'--> writing
+ *   writing --the last slice and the tail written--> ending --flushed--> closed
+ *   any --deadline, error, the client gone, close()--> closed
+ *
  * THE SOCKET FILE.  The path must not be inside the backend directory (bbal
  * would take its own stats socket for a backend).  A file left behind by a
  * bbal that crashed is replaced; a socket that some live process still
  * listens on is not -- two balancers sharing a stats path is a mistake worth
- * stopping for.  On a clean exit the file is removed.
+ * stopping for.  On a clean exit the file is removed.  Its mode is set to
+ * 0660 after listen, whatever the umask: connecting needs write permission,
+ * so the owner and its group may read the snapshot and no one else.
  */
 
-import { lstat, unlink } from 'node:fs/promises';
+import { chmod, lstat, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { Backends, BackendView } from './backends.js';
-import type { Remote, Remotes } from './remotes.js';
+import { GatedLog, ignoreError } from './log.js';
+import { ADDR_END, type Remote, type Remotes } from './remotes.js';
 import type { TcpListener, TcpListenerStats } from './tcp_proxy.js';
-import type { TimeoutInfo, TimeoutWheel } from './timeouts.js';
+import type { Timeout, TimeoutInfo, TimeoutWheel } from './timeouts.js';
 import type { UdpProxy, UdpProxyStats } from './udp_proxy.js';
 
 export const DEFAULT_STATS_SOCKET = '/var/run/bbal/stats.sock';
+/** Stats connections served at once; more are closed at once. */
+export const STATS_MAX_CONNECTIONS = 8;
+/** A stats connection's time to read the whole snapshot, from accept. */
+export const STATS_CONNECTION_TIMEOUT_SECS = 10;
+/* Remotes serialised per write (about 200 KB of JSON). */
+export const STATS_REMOTES_SLICE = 1_000;
+/** Remotes listed in SIGUSR2's log line (all are counted). */
+export const LOG_SNAPSHOT_MAX_REMOTES = 100;
+/** The stats socket file's mode: owner and group. */
+export const STATS_SOCKET_MODE = 0o660;
 
 export interface BackendSnapshot {
 	id: number;
@@ -73,7 +119,23 @@ export interface Snapshot {
 	udp: UdpProxyStats;
 	tcp: TcpListenerStats & { open: number };
 	timeouts: TimeoutInfo[];
+	/** The stats socket's own counts; absent when bbal serves none. */
+	statsSocket?: StatsSocketStats & { open: number };
 }
+
+/** The stats socket's counters. */
+export interface StatsSocketStats {
+	/** Connections that were sent the whole snapshot. */
+	served: number;
+	/** Closed at once: STATS_MAX_CONNECTIONS were open. */
+	overCap: number;
+	/** Destroyed: not done after STATS_CONNECTION_TIMEOUT_SECS. */
+	timedOut: number;
+}
+
+/* The snapshot around its remotes: what comes before them, and after. */
+type SnapshotHead = Pick<Snapshot, 'version' | 'pid' | 'time' | 'startedAt' | 'listen' | 'socketDir' | 'backends'>;
+type SnapshotTail = Omit<Snapshot, keyof SnapshotHead | 'remotes'>;
 
 /** What the snapshot is taken from: the balancer hands over its live objects (Balancer.statsSources). */
 export interface StatsSources {
@@ -85,6 +147,8 @@ export interface StatsSources {
 	listen: { address: string; port: number };
 	socketDir: string;
 	startedAt: Date;
+	/** The stats socket, when one is served. */
+	statsServer?: { readonly stats: StatsSocketStats; readonly size: number } | null;
 }
 
 function backendSnapshot(be: BackendView): BackendSnapshot {
@@ -103,6 +167,18 @@ function backendSnapshot(be: BackendView): BackendSnapshot {
 	};
 }
 
+/*
+ * One remote as JSON.stringify(remoteSnapshot(rem)) would write it, without
+ * the objects in between: the stats socket writes a hundred thousand of
+ * these per reader.  Nothing here needs escaping (digits, dots, ISO times).
+ */
+function remoteJson(rem: Remote): string {
+	return `{"ip":"${rem.ip}","backend":${rem.primary?.id ?? 0},"backup":${rem.backup?.id ?? 0},`
+		+ `"stats":{"udp":${rem.udp},"udpDrop":${rem.udpDrop},"tcp":${rem.tcp},"tcpDrop":${rem.tcpDrop},`
+		+ `"udpInvalid":${rem.udpInvalid},"rateLimited":${rem.rateLimited}},`
+		+ `"firstSeen":"${new Date(rem.firstSeenMs).toISOString()}","lastSeen":"${new Date(rem.lastSeenMs).toISOString()}"}`;
+}
+
 function remoteSnapshot(rem: Remote): RemoteSnapshot {
 	return {
 		ip: rem.ip,
@@ -117,7 +193,12 @@ function remoteSnapshot(rem: Remote): RemoteSnapshot {
 	};
 }
 
-export function takeSnapshot(src: StatsSources): Snapshot {
+/*
+ * The fields in the order JSON.stringify writes them: the streamed document
+ * is made of these two around the remotes, byte for byte what
+ * takeSnapshot()'s would be.
+ */
+function snapshotHead(src: StatsSources): SnapshotHead {
 	return {
 		version: 1,
 		pid: process.pid,
@@ -126,13 +207,35 @@ export function takeSnapshot(src: StatsSources): Snapshot {
 		listen: src.listen,
 		socketDir: src.socketDir,
 		backends: src.backends.views().map(backendSnapshot),
-		remotes: src.remotes.list().map(remoteSnapshot),
+	};
+}
+
+function snapshotTail(src: StatsSources): SnapshotTail {
+	const ss = src.statsServer;
+	return {
 		remotesExpired: src.remotes.expired,
 		remotesEvicted: src.remotes.evicted,
 		maxRemotes: src.remotes.maxRemotes,
 		udp: { ...src.udp.stats },
 		tcp: { ...src.tcp.stats, open: src.tcp.size },
 		timeouts: src.wheel.list(),
+		statsSocket: ss ? { ...ss.stats, open: ss.size } : undefined,
+	};
+}
+
+/** The whole snapshot at once (tests, small tables); the stats socket streams it instead. */
+export function takeSnapshot(src: StatsSources): Snapshot {
+	return { ...snapshotHead(src), remotes: src.remotes.list().map(remoteSnapshot), ...snapshotTail(src) };
+}
+
+/**
+ * SIGUSR2's summary: the snapshot with the remotes counted (remoteCount)
+ * and only the first LOG_SNAPSHOT_MAX_REMOTES listed, in address order.
+ */
+export function logSnapshot(src: StatsSources): Omit<Snapshot, 'remotes'> & { remoteCount: number; remotes: RemoteSnapshot[] } {
+	const { remotes } = src.remotes.slice(0, LOG_SNAPSHOT_MAX_REMOTES);
+	return {
+		...snapshotHead(src), ...snapshotTail(src), remoteCount: src.remotes.size, remotes: remotes.map(remoteSnapshot),
 	};
 }
 
@@ -149,33 +252,161 @@ export class StatsSocketError extends Error {
 	}
 }
 
+export type StatsConnectionState = 'writing' | 'awaiting drain' | 'ending' | 'closed';
+
+/* One reader of the stats socket: the snapshot streamed to it (see STREAMING). */
+class StatsConnection {
+	private current: StatsConnectionState = 'writing';
+	/* Where the remotes list goes on, and how many were written. */
+	private cursor = 0;
+	private listed = 0;
+	private tail = '';
+	private readonly deadline: Timeout;
+
+	constructor(
+		private readonly server: StatsServer,
+		private readonly sock: net.Socket,
+		readonly id: number,
+	) {
+		sock.on('error', ignoreError);
+		sock.on('drain', this.sockOnDrain);
+		sock.on('close', this.sockOnClose);
+		this.deadline = server.sources.wheel.create(`stats connection ${id} deadline`, this.deadlineDue);
+	}
+
+	/* Everything but the remotes now (this connection counted among the open ones), then the first slice. */
+	start(): void {
+		const src = this.server.sources;
+		this.deadline.set(STATS_CONNECTION_TIMEOUT_SECS);
+		this.tail = `],${JSON.stringify(snapshotTail(src)).slice(1)}\n`;
+		this.sock.write(`${JSON.stringify(snapshotHead(src)).slice(0, -1)},"remotes":[`);
+		this.pump();
+	}
+
+	get state(): StatsConnectionState {
+		return this.current;
+	}
+
+	private advance(to: StatsConnectionState): void {
+		if (this.server.log.isLevelEnabled('trace')) {
+			this.server.log.trace({ stats_conn: this.id, from: this.current, to, listed: this.listed }, 'stats connection state');
+		}
+		this.current = to;
+	}
+
+	/* One slice of the remotes; the next once the socket has taken it. */
+	private readonly pump = (): void => {
+		if (this.current !== 'writing') {
+			return;
+		}
+		const { remotes, next } = this.server.sources.remotes.slice(this.cursor, STATS_REMOTES_SLICE);
+		let chunk = '';
+		for (const rem of remotes) {
+			chunk += this.listed > 0 || chunk !== '' ? `,${remoteJson(rem)}` : remoteJson(rem);
+		}
+		this.listed += remotes.length;
+		this.cursor = next;
+		if (next === ADDR_END) {
+			this.advance('ending');
+			this.sock.end(chunk + this.tail);
+		} else if (this.sock.write(chunk)) {
+			/* Taken at once: still give the loop a turn before the next slice. */
+			setImmediate(this.pump);
+		} else {
+			this.advance('awaiting drain');
+		}
+	};
+
+	private readonly sockOnDrain = (): void => {
+		if (this.current === 'awaiting drain') {
+			this.advance('writing');
+			this.pump();
+		}
+	};
+
+	private readonly deadlineDue = (): void => {
+		this.server.timedOut(this);
+		this.sock.destroy();
+	};
+
+	private readonly sockOnClose = (): void => {
+		const served = this.current === 'ending' && this.sock.writableFinished;
+		this.deadline.clear();
+		this.advance('closed');
+		this.server.released(this, served);
+	};
+
+	/** Cut it (shutdown). */
+	destroy(): void {
+		this.sock.destroy();
+	}
+}
+
 export class StatsServer {
+	readonly stats: StatsSocketStats = { served: 0, overCap: 0, timedOut: 0 };
+	/** What the snapshot is read from, this server's own counts included. */
+	readonly sources: StatsSources;
 	private readonly server: net.Server;
 	private listening = false;
+	private readonly connections = new Set<StatsConnection>();
+	private nextId = 1;
+	private readonly overCapLog: GatedLog;
+	private readonly timeoutLog: GatedLog;
+	private whenEmpty: (() => void) | null = null;
 
 	constructor(
 		readonly socketPath: string,
-		private readonly sources: StatsSources,
-		private readonly log: Logger,
+		sources: StatsSources,
+		readonly log: Logger,
 	) {
+		this.sources = { ...sources, statsServer: this };
+		this.overCapLog = new GatedLog(sources.wheel, 'warn', 'too many stats connections (closing new connection)');
+		this.timeoutLog = new GatedLog(sources.wheel, 'warn', 'stats connection too slow (closed)');
 		this.server = net.createServer(this.serverOnConnection);
 		this.server.on('error', (err) => this.log.error({ err }, 'stats socket error'));
 	}
 
+	/** Connections being served now. */
+	get size(): number {
+		return this.connections.size;
+	}
+
 	private readonly serverOnConnection = (sock: net.Socket): void => {
-		sock.on('error', () => {});
-		let body: string;
-		try {
-			body = JSON.stringify(takeSnapshot(this.sources));
-		} catch (err) {
-			this.log.error({ err }, 'could not take stats snapshot');
+		if (!this.listening || this.connections.size >= STATS_MAX_CONNECTIONS) {
+			sock.on('error', ignoreError);
+			this.stats.overCap++;
+			this.overCapLog.report(this.log, { max: STATS_MAX_CONNECTIONS });
 			sock.destroy();
 			return;
 		}
-		sock.end(`${body}\n`);
+		const conn = new StatsConnection(this, sock, this.nextId++);
+		this.connections.add(conn);
+		try {
+			conn.start();
+		} catch (err) {
+			this.log.error({ err }, 'could not take stats snapshot');
+			sock.destroy();
+		}
 	};
 
-	/** Bind, replacing a stale socket file; rejects with StatsSocketError. */
+	/** A connection ran out of time (it is destroyed next). */
+	timedOut(conn: StatsConnection): void {
+		this.stats.timedOut++;
+		this.timeoutLog.report(this.log, { stats_conn: conn.id, state: conn.state, timeout_secs: STATS_CONNECTION_TIMEOUT_SECS });
+	}
+
+	/** A connection has closed. */
+	released(conn: StatsConnection, served: boolean): void {
+		this.connections.delete(conn);
+		if (served) {
+			this.stats.served++;
+		}
+		if (this.connections.size === 0 && this.whenEmpty !== null) {
+			this.whenEmpty();
+		}
+	}
+
+	/** Bind, replacing a stale socket file, and set its mode; rejects with StatsSocketError. */
 	async listen(): Promise<void> {
 		const p = this.socketPath;
 		const st = await lstat(p).catch(() => null);
@@ -200,15 +431,32 @@ export class StatsServer {
 			});
 		});
 		this.listening = true;
+		try {
+			await chmod(p, STATS_SOCKET_MODE);
+		} catch (err) {
+			await this.close();
+			const why = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
+			throw new StatsSocketError('ELISTEN', `cannot set the mode of stats socket ${p}: ${why}`);
+		}
 	}
 
+	/** Stop listening and cut the connections being served; resolves once all are closed. */
 	async close(): Promise<void> {
 		if (!this.listening) {
 			return;
 		}
 		this.listening = false;
+		const drained = this.connections.size === 0
+			? Promise.resolve()
+			: new Promise<void>((resolve) => {
+				this.whenEmpty = resolve;
+			});
 		/* Closing a listening AF_UNIX server removes its file in Node. */
-		await new Promise<void>((resolve) => this.server.close(() => resolve()));
+		const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+		for (const conn of this.connections) {
+			conn.destroy();
+		}
+		await Promise.all([closed, drained]);
 		await unlink(this.socketPath).catch(() => {});
 	}
 }

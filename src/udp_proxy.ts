@@ -4,14 +4,21 @@
  * Most DNS arrives as UDP.  This module owns the one UDP socket bbal listens
  * on and moves datagrams between it and the backends:
  *
- *   datagram in -> ACL -> remote (by source address) -> size check
- *               -> DNS header check -> per-remote rate limit -> its backend
- *               -> INBOUND_UDP frame queued on that backend's control session
+ *   datagram in -> ACL -> size check -> DNS header check
+ *               -> remote (by source address) -> per-remote rate limit
+ *               -> its backend -> INBOUND_UDP frame queued on that
+ *               backend's control session
  *   OUTBOUND_UDP frame from a backend -> datagram out, from the DNS port
  *
  * Each step that refuses a datagram counts it, on the remote where one
- * exists and here.  The ACL comes first so that a stranger creates no state
- * at all.  When no backend is ok the query is answered SERVFAIL at once
+ * exists and here.  The ACL, the size and the header checks come before the
+ * remote is looked up, so that neither a stranger nor junk creates state:
+ * a remote costs a place in a table capped at --max-remotes, and making one
+ * for a 3-byte datagram from a spoofed source would evict a real host to
+ * make room.  Such a datagram is counted here (oversize, invalid) and, when
+ * its source is already held, on that remote too (udpDrop, udpInvalid),
+ * without marking the remote seen: junk keeps no remote alive.  When no
+ * backend is ok the query is answered SERVFAIL at once
  * (dns.ts; at most SYNTH_ANSWERS_PER_SEC per remote), unless the operator
  * chose --no-backend=drop; a query over --max-qps-per-remote gets REFUSED
  * (or is dropped, with --rate-limit-action=drop) under the same per-remote
@@ -198,27 +205,34 @@ export class UdpProxy {
 			this.aclLog.report(this.log, () => ({ remote_ip: u32ToIpv4(addr) }));
 			return;
 		}
-		const rem = this.remotes.lookup(addr);
 		if (len > MAX_UDP_PAYLOAD_BYTES) {
 			/*
 			 * Resolvers have no reason to send a query this large; it can
 			 * only be reassembled fragments or junk, and the protocol cannot
 			 * carry it anyway.
 			 */
-			rem.udpDrop++;
+			const held = this.remotes.peek(addr);
+			if (held !== undefined) {
+				held.udpDrop++;
+			}
 			this.stats.oversize++;
-			this.oversizeLog.report(this.log, () => ({ remote_ip: rem.ip, len, max: MAX_UDP_PAYLOAD_BYTES }));
+			this.oversizeLog.report(this.log, () => ({ remote_ip: u32ToIpv4(addr), len, max: MAX_UDP_PAYLOAD_BYTES }));
 			return;
 		}
 		const problem = checkQueryHeader(msg);
 		if (problem !== HEADER_OK) {
-			rem.udpInvalid++;
+			const held = this.remotes.peek(addr);
+			if (held !== undefined) {
+				held.udpInvalid++;
+			}
 			this.stats.invalid++;
 			this.invalidLog.report(this.log, () => ({
-				remote_ip: rem.ip, len: msg.length, problem: HEADER_PROBLEMS[problem],
+				remote_ip: u32ToIpv4(addr), len: msg.length, problem: HEADER_PROBLEMS[problem],
 			}));
 			return;
 		}
+		/* Only a datagram that may be a query gets (or makes) a remote. */
+		const rem = this.remotes.lookup(addr);
 		if (this.maxQps > 0 && !rem.admitQuery(this.maxQps)) {
 			rem.rateLimited++;
 			this.stats.rateLimited++;

@@ -1,0 +1,430 @@
+/*
+ * STALLS: the figures behind bbal's bounds on bulk work
+ *
+ *   node dist/bench/stalls.js expiry    [N]   event-loop delay while N idle remotes expire (100,000)
+ *   node dist/bench/stalls.js rebalance [N]   the same while N remotes move off one backend (50,000)
+ *   node dist/bench/stalls.js stats           a UDP probe's round trip while balstat reads 100,000
+ *                                             remotes; RSS with 20 stats connections that never read
+ *   node dist/bench/stalls.js metrics         descriptors held by 1,000 idle connections to /metrics
+ *
+ * Not part of `npm run bench` or `npm test`: a small driver that reproduces
+ * the figures of the hardening issue (remote expiry and rebalance done in one
+ * call, the stats socket serialising everything at once, idle HTTP
+ * connections to /metrics held for a minute), so a change to any of those
+ * bounds can be measured the same way again.
+ *
+ * expiry and rebalance build the remotes table in this process, over
+ * backends on fake sockets, with a clock the driver steps: each step is one
+ * tick of the wheel (a second of bbal's time), and the driver lets 10 ms of
+ * real time pass between ticks, so the event loop runs between them as it
+ * would between bbal's ticks.  Log lines go to /dev/null through pino, as
+ * they would to a file.  The figure is the event loop's largest delay
+ * (perf_hooks.monitorEventLoopDelay, 1 ms resolution) from the job's start
+ * until the pass is over, beside the same loop's with nothing to do just
+ * before (what the machine itself adds), and the longest tick in wall and
+ * CPU time (all threads: V8's compiler and GC helpers count).
+ *
+ * stats and metrics run the built CLI (bin/bbal.js, with the launcher's
+ * --max-semi-space-size=4) in front of the
+ * benchmark's C stub (bench/stub.c, built with gcc into a temporary
+ * directory), on 127.0.0.1, with the stub's spray filling the table from
+ * 100,000 addresses of 127.1/16 and 127.2/16.  Every address used is on
+ * loopback.
+ */
+
+import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
+import dgram from 'node:dgram';
+import { EventEmitter } from 'node:events';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
+import { fileURLToPath } from 'node:url';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import dnsPacket from 'dns-packet';
+import pino from 'pino';
+import { type Backend, Backends } from '../src/backends.js';
+import { SERVER_HELLO_FRAME } from '../src/protocol.js';
+import { Remotes } from '../src/remotes.js';
+import { TimeoutWheel } from '../src/timeouts.js';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+const mb = (bytes: number): string => (bytes / 1048576).toFixed(1);
+
+/* ---- in-process: expiry and rebalance ---- */
+
+class FakeSocket extends EventEmitter {
+	write(): boolean {
+		return true;
+	}
+	cork(): void {}
+	uncork(): void {}
+	destroy(): this {
+		return this;
+	}
+}
+
+function table(maxRemotes: number) {
+	let now = 1_000_000_000;
+	let logBytes = 0;
+	const wheel = new TimeoutWheel(() => now);
+	const sink = pino.destination({ dest: '/dev/null', sync: true });
+	const log = pino({ level: 'info' }, {
+		write(s: string) {
+			logBytes += Buffer.byteLength(s);
+			sink.write(s);
+		},
+	});
+	let sock = new FakeSocket();
+	const backends = new Backends({
+		socketDir: '/s', log, wheel, onOutboundUdp: () => {},
+		connector: () => {
+			sock = new FakeSocket();
+			return sock as unknown as net.Socket;
+		},
+	});
+	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
+	const up = (name: string): Backend => {
+		const be = backends.trackAndConnect(name, `1/${name}`) as Backend;
+		sock.emit('connect');
+		sock.emit('data', SERVER_HELLO_FRAME);
+		return be;
+	};
+	return {
+		wheel, backends, remotes, up,
+		logBytes: () => logBytes,
+		/* One tick of bbal's time: `ms` on the fake clock (1 ms keeps the fake backends' heartbeats from falling due). */
+		tick(ms: number): void {
+			now += ms;
+			wheel.run(now);
+		},
+	};
+}
+
+interface JobFigures {
+	/** The event loop's largest delay while the job ran, and its 99th percentile. */
+	maxMs: number;
+	p99Ms: number;
+	/** The longest tick (the job's start, or one wheel.run()), in wall and in CPU time. */
+	tickMaxMs: number;
+	tickCpuMaxMs: number;
+	ticks: number;
+	wallMs: number;
+	/** The same loop with nothing to do, just before: what the machine itself adds. */
+	idleMaxMs: number;
+}
+
+/*
+ * In bbal the table was filled minutes before it expires, and V8 has long
+ * moved it out of the young generation; here it was filled a moment ago,
+ * and the first scavenge during the measurement would copy all of it.  A
+ * full collection before measuring puts the heap where bbal's would be.
+ */
+setFlagsFromString('--expose-gc');
+const gc = runInNewContext('gc') as () => void;
+
+/* Run `start` (the job), then a tick every 10 ms of real time until `done`; the loop's delay meanwhile. */
+async function measureJob(t: ReturnType<typeof table>, tickMs: number, start: () => void,
+	done: () => boolean): Promise<JobFigures> {
+	const loop = async (first: () => void, until: () => boolean) => {
+		const h = monitorEventLoopDelay({ resolution: 1 });
+		h.enable();
+		/* The histogram counts from its second sample: let it take a few first. */
+		await sleep(50);
+		const t0 = performance.now();
+		let tickMaxMs = 0;
+		let tickCpuMaxMs = 0;
+		const timed = (fn: () => void): void => {
+			const w0 = performance.now();
+			const c0 = process.cpuUsage();
+			fn();
+			const c = process.cpuUsage(c0);
+			tickMaxMs = Math.max(tickMaxMs, performance.now() - w0);
+			tickCpuMaxMs = Math.max(tickCpuMaxMs, (c.user + c.system) / 1000);
+		};
+		timed(first);
+		let ticks = 1;
+		while (!until() && ticks < 10_000) {
+			await sleep(10);
+			timed(() => t.tick(tickMs));
+			ticks++;
+		}
+		const wallMs = performance.now() - t0;
+		await sleep(20);
+		h.disable();
+		return { maxMs: h.max / 1e6, p99Ms: h.percentile(99) / 1e6, tickMaxMs, tickCpuMaxMs, ticks, wallMs };
+	};
+	gc();
+	gc();
+	let idleTicks = 0;
+	const idle = await loop(() => {}, () => ++idleTicks >= 50);
+	const r = await loop(start, done);
+	return { ...r, idleMaxMs: idle.maxMs };
+}
+
+const describe = (r: JobFigures): string => `event-loop delay max ${r.maxMs.toFixed(1)} ms, p99 ${r.p99Ms.toFixed(1)} ms `
+	+ `(idle loop before: max ${r.idleMaxMs.toFixed(1)} ms); longest tick ${r.tickMaxMs.toFixed(1)} ms wall, `
+	+ `${r.tickCpuMaxMs.toFixed(1)} ms CPU; ${r.ticks} tick(s), ${r.wallMs.toFixed(0)} ms wall`;
+
+async function expiry(n: number): Promise<void> {
+	const t = table(n);
+	t.up('5301');
+	t.up('5302');
+	for (let i = 0; i < n; i++) {
+		t.remotes.lookup(0x0b000000 + i).chooseBackend();
+	}
+	/*
+	 * bbal's expiry job walks the whole table every 30 s, idle or not, so
+	 * the walk is compiled by the time a burst expires: one pass first that
+	 * expires nothing, as the job would have run it.
+	 */
+	t.tick(200_000);
+	t.remotes.expire();
+	while (t.remotes.size > 0 && 'expiring' in t.remotes && t.remotes.expiring === true) {
+		t.tick(1);
+	}
+	t.tick(101_000);
+	const logBefore = t.logBytes();
+	/* As the balancer's expiry job does it. */
+	const r = await measureJob(t, 1000, () => t.remotes.expire(), () => t.remotes.size === 0);
+	console.log(`expiry: ${n} remotes expired; ${describe(r)}; log ${mb(t.logBytes() - logBefore)} MB`);
+}
+
+async function rebalance(n: number): Promise<void> {
+	const t = table(n + 10);
+	const a = t.up('5301');
+	for (let i = 0; i < n + 2; i++) {
+		t.remotes.lookup(0x0b000000 + i).chooseBackend();
+	}
+	t.up('5302');
+	const plan = t.backends.rebalancePlan();
+	if (plan === null) {
+		throw new Error('no rebalance plan');
+	}
+	const logBefore = t.logBytes();
+	const target = a.remoteCount - plan.count;
+	const r = await measureJob(t, 1, () => t.remotes.rebalance(plan.backend, plan.count), () => a.remoteCount <= target);
+	console.log(`rebalance: ${plan.count} remotes moved of ${n + 2}; ${describe(r)}; log ${mb(t.logBytes() - logBefore)} MB`);
+}
+
+/* ---- the CLI: stats socket and metrics ---- */
+
+interface Fleet {
+	dir: string;
+	port: number;
+	metricsPort: number;
+	sock: string;
+	bbal: ChildProcess;
+	stub: ChildProcess;
+}
+
+function freePort(): Promise<number> {
+	return new Promise((resolve) => {
+		const s = net.createServer().listen(0, '127.0.0.1', () => {
+			const { port } = s.address() as net.AddressInfo;
+			s.close(() => resolve(port));
+		});
+	});
+}
+
+async function startFleet(): Promise<Fleet> {
+	const dir = mkdtempSync(path.join(tmpdir(), 'bbal-stalls-'));
+	const stubBin = path.join(dir, 'stub');
+	execFileSync('gcc', ['-O2', '-o', stubBin, path.join(ROOT, 'bench', 'stub.c')]);
+	const sockets = path.join(dir, 'sockets');
+	execFileSync('mkdir', [sockets]);
+	const stub = spawn(stubBin, ['framed', path.join(sockets, '5301')], { stdio: 'ignore' });
+	for (let i = 0; i < 100 && !readdirSync(sockets).includes('5301'); i++) {
+		await sleep(20);
+	}
+	const port = await freePort();
+	const metricsPort = await freePort();
+	const sock = path.join(dir, 'stats.sock');
+	/* With the V8 flag bin/bbal (the launcher) gives it. */
+	const bbal = spawn(process.execPath, ['--max-semi-space-size=4', path.join(ROOT, 'bin', 'bbal.js'), '-b', '127.0.0.1', '-p', String(port),
+		'-s', sockets, '-S', sock, '--metrics', `127.0.0.1:${metricsPort}`, '--max-remotes', '200000'], { stdio: 'ignore' });
+	for (let i = 0; i < 200; i++) {
+		await sleep(25);
+		if (await scrape(metricsPort).then(() => true, () => false)) {
+			break;
+		}
+	}
+	return { dir, port, metricsPort, sock, bbal, stub };
+}
+
+function stopFleet(f: Fleet): void {
+	f.bbal.kill('SIGKILL');
+	f.stub.kill('SIGTERM');
+	rmSync(f.dir, { recursive: true, force: true });
+}
+
+function scrape(port: number, timeoutMs = 2000): Promise<number> {
+	return new Promise((resolve, reject) => {
+		const req = http.get({ host: '127.0.0.1', port, path: '/metrics', agent: false, timeout: timeoutMs }, (res) => {
+			res.resume();
+			res.on('end', () => resolve(res.statusCode ?? 0));
+		});
+		req.on('timeout', () => req.destroy(new Error('timeout')));
+		req.on('error', reject);
+	});
+}
+
+function rssMb(pid: number): number {
+	const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+	return Number(m?.[1] ?? NaN) / 1024;
+}
+
+function fds(pid: number): number {
+	return readdirSync(`/proc/${pid}/fd`).length;
+}
+
+function spray(f: Fleet, count: number, first: string): Promise<string> {
+	return new Promise((resolve, reject) => {
+		execFile(path.join(f.dir, 'stub'), ['spray', String(f.port), String(count), first], (err, stdout) =>
+			(err ? reject(new Error(err.message)) : resolve(stdout.trim())));
+	});
+}
+
+/* A query every 5 ms from 127.0.0.2 until stop(); each answer's round trip, and how many got none. */
+function probe(port: number): { stop: () => Promise<number[] & { lost?: number }> } {
+	const rtts: number[] = [];
+	const sent = new Map<number, number>();
+	const s = dgram.createSocket('udp4');
+	s.bind(0, '127.0.0.2');
+	s.on('message', (msg) => {
+		const id = msg.readUInt16BE(0);
+		const t0 = sent.get(id);
+		if (t0 !== undefined) {
+			rtts.push(performance.now() - t0);
+			sent.delete(id);
+		}
+	});
+	let id = 0;
+	const timer = setInterval(() => {
+		id = (id + 1) & 0xffff;
+		sent.set(id, performance.now());
+		s.send(dnsPacket.encode({ type: 'query', id, flags: dnsPacket.RECURSION_DESIRED,
+			questions: [{ type: 'A', name: 'probe.example' }] }), port, '127.0.0.1');
+	}, 5);
+	return {
+		stop: async () => {
+			clearInterval(timer);
+			await sleep(300);
+			s.close();
+			return Object.assign(rtts, { lost: sent.size });
+		},
+	};
+}
+
+const quantile = (xs: number[], q: number): number => {
+	const s = [...xs].sort((a, b) => a - b);
+	return s[Math.min(s.length - 1, Math.floor(q * s.length))] ?? NaN;
+};
+
+async function stats(): Promise<void> {
+	const f = await startFleet();
+	try {
+		console.log(`spray: ${await spray(f, 50_000, '127.1.0.0')}; ${await spray(f, 50_000, '127.2.0.0')}`);
+		await sleep(500);
+		const base = probe(f.port);
+		await sleep(2000);
+		const quiet = await base.stop();
+		const during = probe(f.port);
+		const runs: Array<{ out: string; ms: number }> = [];
+		for (let i = 0; i < 3; i++) {
+			const t0 = performance.now();
+			const out = await new Promise<string>((resolve, reject) => {
+				execFile(process.execPath, [path.join(ROOT, 'bin', 'balstat.js'), '--json', '-S', f.sock],
+					{ maxBuffer: 256 * 1048576 }, (err, stdout) => (err ? reject(new Error(err.message)) : resolve(stdout)));
+			});
+			runs.push({ out, ms: performance.now() - t0 });
+		}
+		const busy = await during.stop();
+		/* Parsed only now: 20 MB of JSON.parse here would hold up the probe's own loop. */
+		console.log(`balstat --json x3: ${runs.map(({ out, ms }) =>
+			`${(JSON.parse(out) as { remotes: unknown[] }).remotes.length} remotes, ${mb(out.length)} MB in ${ms.toFixed(0)} ms`).join('; ')}`);
+		console.log(`UDP probe round trip, quiet: p50 ${quantile(quiet, 0.5).toFixed(2)} ms, max ${Math.max(...quiet).toFixed(2)} ms `
+			+ `(${quiet.length} answered, ${quiet.lost} lost); while balstat reads: p50 ${quantile(busy, 0.5).toFixed(2)} ms, `
+			+ `p99 ${quantile(busy, 0.99).toFixed(2)} ms, max ${Math.max(...busy).toFixed(2)} ms (${busy.length} answered, ${busy.lost} lost)`);
+
+		const pid = f.bbal.pid as number;
+		const rss0 = rssMb(pid);
+		const idle: net.Socket[] = [];
+		for (let i = 0; i < 20; i++) {
+			const c = net.createConnection({ path: f.sock });
+			c.on('error', () => {});
+			c.pause();
+			idle.push(c);
+		}
+		let peak = rss0;
+		for (let i = 0; i < 30; i++) {
+			await sleep(100);
+			peak = Math.max(peak, rssMb(pid));
+		}
+		console.log(`20 stats connections that never read: RSS ${rss0.toFixed(1)} MB before, peak ${peak.toFixed(1)} MB over 3 s`);
+		await sleep(9000);
+		for (const c of idle) {
+			c.destroy();
+		}
+		await sleep(200);
+		const snap = await new Promise<string>((resolve, reject) => {
+			execFile(process.execPath, [path.join(ROOT, 'bin', 'balstat.js'), '--json', '-S', f.sock],
+				{ maxBuffer: 256 * 1048576 }, (err, stdout) => (err ? reject(new Error(err.message)) : resolve(stdout)));
+		});
+		const ss = (JSON.parse(snap) as { statsSocket?: unknown }).statsSocket;
+		console.log(`12 s later, bbal's stats socket counts: ${JSON.stringify(ss ?? 'none (no statsSocket field)')}; `
+			+ `RSS ${rssMb(pid).toFixed(1)} MB`);
+	} finally {
+		stopFleet(f);
+	}
+}
+
+async function metrics(): Promise<void> {
+	const f = await startFleet();
+	try {
+		const pid = f.bbal.pid as number;
+		const before = fds(pid);
+		const conns: net.Socket[] = [];
+		for (let i = 0; i < 1000; i++) {
+			const c = net.createConnection({ host: '127.0.0.1', port: f.metricsPort });
+			c.on('error', () => {});
+			conns.push(c);
+		}
+		const t0 = performance.now();
+		const row: string[] = [];
+		for (const at of [0.5, 2, 5, 10]) {
+			await sleep(at * 1000 - (performance.now() - t0));
+			const status = await scrape(f.metricsPort).then(String, (err: Error) => err.message);
+			row.push(`${at} s: ${fds(pid) - before} fds, scrape ${status}`);
+		}
+		console.log(`1,000 idle connections to /metrics (bbal had ${before} fds before): ${row.join('; ')}`);
+		for (const c of conns) {
+			c.destroy();
+		}
+	} finally {
+		stopFleet(f);
+	}
+}
+
+const [what, arg] = process.argv.slice(2);
+switch (what) {
+case 'expiry':
+	await expiry(Number(arg ?? 100_000));
+	break;
+case 'rebalance':
+	await rebalance(Number(arg ?? 50_000));
+	break;
+case 'stats':
+	await stats();
+	break;
+case 'metrics':
+	await metrics();
+	break;
+default:
+	console.error('usage: node dist/bench/stalls.js expiry|rebalance [N] | stats | metrics');
+	process.exit(2);
+}
