@@ -47,7 +47,7 @@ import { runInNewContext } from 'node:vm';
 import dnsPacket from 'dns-packet';
 import pino from 'pino';
 import { type Backend, Backends } from '../src/backends.js';
-import { SERVER_HELLO_FRAME } from '../src/protocol.js';
+import { SERVER_HELLO_FRAME } from '../test/support/backend_frames.js';
 import { Remotes } from '../src/remotes.js';
 import { TimeoutWheel } from '../src/timeouts.js';
 

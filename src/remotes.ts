@@ -9,20 +9,8 @@
  * service debuggable: run dig on a host and you exercise the same backend,
  * with the same cache and the same logs, as the host's own software.
  *
- * PRIMARY AND BACKUP.  A remote has a primary backend, chosen round-robin by
- * the registry the first time it needs one.  While the primary is not ok
- * (faulted, reconnecting), the remote borrows a backup, also chosen
- * round-robin; as soon as the primary is ok again the backup is dropped and
- * traffic returns home.  If the backup fails in turn, another is chosen.  A
- * primary whose socket was removed from the directory is not waited for: the
- * remote forgets it and chooses a new primary.  Only the primary counts
- * towards a backend's load (Backend.remoteCount), because a backup is a
- * temporary arrangement that ends by itself.
- *
- *   chooseBackend() -> primary ok?         yes: primary (drop any backup)
- *                      primary removed?    yes: forget it, choose afresh
- *                      backup ok?          yes: backup
- *                      otherwise           choose a new backup (or none)
+ * This file is the table (remotes.ts); one remote, its choice of backend,
+ * its counters and its rate window, is remote.ts's Remote.
  *
  * INDEXING.  Remotes are kept in two structures.  An AVL tree keyed by the
  * address as a u32 gives the address order that rebalancing walks (so the
@@ -91,19 +79,6 @@
  * iterating from the front walks over all of them: under constant churn
  * that turns each eviction into a long scan.)
  *
- * RATE WINDOWS.  A remote can be limited to N queries a second
- * (--max-qps-per-remote), and the answers bbal synthesizes for it (SERVFAIL,
- * REFUSED) are limited likewise.  Each limit is a counter per remote over
- * the current second of the coarse clock: no timer, one comparison per
- * datagram.  The two counters share one window (the second they count in),
- * opened by whichever of them is asked first in a new second, so a remote
- * carries one second field rather than one per limit.
- *
- * COUNTERS.  A remote's counters (RemoteStats: udp, udpDrop, tcp ...) are
- * plain fields of the Remote itself, incremented by the proxies and read by
- * the stats snapshot, rather than an object of their own: one object fewer
- * per remote, about 40 bytes, or 4 MB at the 100,000-remote cap.
- *
  * LOGS.  New remotes and their assignments are logged, as the original did,
  * but each kind of line through a gate of its own (log.ts's GatedLog) that
  * lets a burst through every 5 seconds and counts the rest: under a flood of
@@ -111,10 +86,7 @@
  * log says how many, not each one.
  *
  * Times are taken from the timeout wheel's tick ("now" to the nearest
- * second), so a datagram costs no clock read.  Each remote's child logger
- * is made on first use: most remotes never log anything after "new remote
- * peer", and a hundred thousand idle child loggers would be memory for
- * nothing.
+ * second), so a datagram costs no clock read.
  */
 
 import assert from 'node:assert/strict';
@@ -123,7 +95,10 @@ import { type AVLNode, AVLTree } from 'avl';
 import type { Backend, Backends } from './backends.js';
 import { u32ToIpv4 } from './protocol.js';
 import { GatedLog } from './log.js';
+import { type Assignment, Remote } from './remote.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
+
+export { type Assignment, Remote, type RemoteStats } from './remote.js';
 
 export const REMOTE_IDLE_EXPIRY_SECS = 300;
 export const REMOTE_EXPIRY_CHECK_SECS = 30;
@@ -136,164 +111,6 @@ export const REMOTES_SWEEP_CHANGES = 1_000;
 export const ADDR_END = 2 ** 32;
 /* Remote log lines let through per gate interval before counting instead. */
 const REMOTE_LOG_BURST = 50;
-
-/** A remote's counters, as the stats snapshot shows them (fields of the Remote itself). */
-export interface RemoteStats {
-	udp: number;
-	udpDrop: number;
-	tcp: number;
-	tcpDrop: number;
-	/** Datagrams that failed the DNS header check. */
-	udpInvalid: number;
-	/** Queries over --max-qps-per-remote. */
-	rateLimited: number;
-}
-
-export class Remote implements RemoteStats {
-	primary: Backend | null = null;
-	backup: Backend | null = null;
-	/* The counters live here, not in an object of their own (see COUNTERS above). */
-	udp = 0;
-	udpDrop = 0;
-	tcp = 0;
-	tcpDrop = 0;
-	udpInvalid = 0;
-	rateLimited = 0;
-	/*
-	 * Times are whole seconds since the table was made: small integers that
-	 * V8 stores in the object itself, where milliseconds since 1970 would
-	 * each need a boxed double (16 bytes per field per remote).
-	 */
-	lastSeenSec: number;
-	readonly firstSeenSec: number;
-	/** Seen since it last reached the head of the eviction queue. */
-	referenced = false;
-	/** Neighbours in the eviction queue (Remotes owns the links). */
-	queuePrev: Remote | null = null;
-	queueNext: Remote | null = null;
-	private logger: Logger | null = null;
-	/* The rate window: the second it counts in, and what was counted in it. */
-	private windowSec = -1;
-	private windowQueries = 0;
-	private windowSynthesized = 0;
-
-	constructor(
-		private readonly table: Remotes,
-		readonly addr: number,
-		nowSec: number,
-	) {
-		this.firstSeenSec = nowSec;
-		this.lastSeenSec = nowSec;
-	}
-
-	get lastSeenMs(): number {
-		return this.table.epochMs + this.lastSeenSec * 1000;
-	}
-
-	get firstSeenMs(): number {
-		return this.table.epochMs + this.firstSeenSec * 1000;
-	}
-
-	/** Count a query against the per-second limit; false when over it. */
-	admitQuery(limit: number): boolean {
-		this.windowAt(this.lastSeenSec);
-		return ++this.windowQueries <= limit;
-	}
-
-	/** May bbal send this remote another synthesized answer this second? */
-	admitSynthesized(limit: number): boolean {
-		this.windowAt(this.lastSeenSec);
-		return ++this.windowSynthesized <= limit;
-	}
-
-	/*
-	 * Move the rate window to second `sec`, emptying it when that is a new
-	 * second.  lastSeenSec is the second of the datagram being handled: a
-	 * remote is looked up (and so marked seen) before it is admitted.
-	 */
-	private windowAt(sec: number): void {
-		if (sec !== this.windowSec) {
-			this.windowSec = sec;
-			this.windowQueries = 0;
-			this.windowSynthesized = 0;
-		}
-	}
-
-	get ip(): string {
-		return u32ToIpv4(this.addr);
-	}
-
-	get log(): Logger {
-		if (this.logger === null) {
-			this.logger = this.table.log.child({ remote_ip: this.ip });
-		}
-		return this.logger;
-	}
-
-	/**
-	 * Choose the backend that serves this remote now (the diagram above),
-	 * assigning a primary or a backup and logging it when that changes;
-	 * null when no backend is ok.  Called for every query and connection.
-	 */
-	chooseBackend(): Backend | null {
-		const p = this.primary;
-		if (p !== null) {
-			if (p.ok) {
-				if (this.backup !== null) {
-					this.backup = null;
-					this.table.logAssignment(this, p, 'returned');
-				}
-				return p;
-			}
-			if (p.removed) {
-				this.clearPrimary();
-				this.backup = null;
-			} else {
-				return this.backupBackend();
-			}
-		}
-		const be = this.table.backends.select();
-		this.backup = null;
-		if (be === null) {
-			return null;
-		}
-		this.setPrimary(be);
-		this.table.logAssignment(this, be, 'primary');
-		return be;
-	}
-
-	private backupBackend(): Backend | null {
-		const b = this.backup;
-		if (b !== null && b.ok) {
-			return b;
-		}
-		const be = this.table.backends.select();
-		this.backup = be;
-		if (be !== null) {
-			this.table.logAssignment(this, be, 'backup');
-		}
-		return be;
-	}
-
-	private setPrimary(be: Backend): void {
-		assert(this.primary === null, 'primary already set');
-		this.primary = be;
-		be.addRemote();
-	}
-
-	/** Forget the primary (and so the backup); the next query chooses afresh. */
-	clearPrimary(): void {
-		const p = this.primary;
-		if (p !== null) {
-			p.removeRemote();
-			this.primary = null;
-		}
-		this.backup = null;
-	}
-}
-
-/* What a remote was just assigned: each is a log condition of its own. */
-export type Assignment = 'primary' | 'backup' | 'returned';
 
 /* What is left of a tick's allowance (see PASSES). */
 interface SweepBudget {
@@ -519,7 +336,7 @@ export class Remotes {
 				this.rebalanceSlice(this.rebalancePass, left);
 			}
 		}
-		if ((this.expiryPass !== null || this.rebalancePass !== null) && !this.sweepTimeout.armed) {
+		if ((this.expiryPass !== null || this.rebalancePass !== null) && this.sweepTimeout.expiresAt === null) {
 			/* Delay 0: the next tick (a timeout armed during a run waits for the next one). */
 			this.sweepTimeout.set(0);
 		}

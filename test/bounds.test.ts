@@ -18,10 +18,10 @@ import type net from 'node:net';
 import t from 'tap';
 import pino from 'pino';
 import { type Backend, Backends } from '../src/backends.js';
-import { SERVER_HELLO_FRAME } from '../src/protocol.js';
+import { SERVER_HELLO_FRAME } from './support/backend_frames.js';
 import { REMOTE_IDLE_EXPIRY_SECS, Remotes, REMOTES_SWEEP_CHANGES, REMOTES_SWEEP_VISITS } from '../src/remotes.js';
 import { TimeoutWheel } from '../src/timeouts.js';
-import type { LogRecord } from './helpers.js';
+import type { LogRecord } from './support/bbal.js';
 
 class FakeSocket extends EventEmitter {
 	write(): boolean {

@@ -13,7 +13,10 @@ import http from 'node:http';
 import net from 'node:net';
 import t from 'tap';
 import { METRICS_HEADERS_TIMEOUT_MS, METRICS_MAX_CONNECTIONS } from '../src/metrics.js';
-import { freePort, makeSocketDir, startBbal, waitFor } from './helpers.js';
+import { startBbal } from './support/bbal.js';
+import { makeSocketDir } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { waitFor } from './support/wait.js';
 
 function scrape(port: number): Promise<{ status: number; body: string }> {
 	return new Promise((resolve, reject) => {

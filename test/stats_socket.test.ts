@@ -29,7 +29,11 @@ import {
 	takeSnapshot,
 } from '../src/stats.js';
 import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_socket.js';
-import { childEnv, encodeQuery, type LogRecord, makeSocketDir, projectRoot, statsSocketFor, waitFor } from './helpers.js';
+import { type LogRecord, statsSocketFor } from './support/bbal.js';
+import { encodeQuery } from './support/dns_messages.js';
+import { makeSocketDir } from './support/fleet.js';
+import { childEnv, projectRoot } from './support/process.js';
+import { waitFor } from './support/wait.js';
 
 const START = Date.parse('2030-01-02T03:04:05.000Z');
 const BASE = 0x0b000000;
@@ -185,7 +189,7 @@ t.test('close() cuts the connections being served and resolves', async (t) => {
 	await waitFor(() => bal.statsSources.statsServer?.size === 1, 2000, 10, 'being served');
 	await bal.close();
 	t.ok(await s.drain() > 0, 'the client reads what it was sent, then the close');
-	t.equal(bal.wheel.size, 0, 'nothing left on the wheel');
+	t.equal(bal.wheel.list().length, 0, 'nothing left on the wheel');
 });
 
 t.test('the stats socket file is 0660, whatever the umask', async (t) => {

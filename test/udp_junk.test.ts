@@ -13,12 +13,14 @@ import type net from 'node:net';
 import t from 'tap';
 import pino from 'pino';
 import { type Backend, Backends } from '../src/backends.js';
-import { MAX_UDP_PAYLOAD_BYTES, SERVER_HELLO_FRAME } from '../src/protocol.js';
+import { MAX_UDP_PAYLOAD_BYTES } from '../src/protocol.js';
+import { SERVER_HELLO_FRAME } from './support/backend_frames.js';
 import { Remotes } from '../src/remotes.js';
 import { TimeoutWheel } from '../src/timeouts.js';
 import { UdpProxy } from '../src/udp_proxy.js';
 import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_socket.js';
-import { encodeQuery, type LogRecord } from './helpers.js';
+import type { LogRecord } from './support/bbal.js';
+import { encodeQuery } from './support/dns_messages.js';
 
 class FakeSocket extends EventEmitter {
 	write(): boolean {
