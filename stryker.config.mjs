@@ -22,6 +22,7 @@ const modules = [
 	['src/protocol.ts', 'dist/test/protocol.test.js'],
 	['src/dns.ts', 'dist/test/dns.test.js'],
 	['src/log.ts', 'dist/test/log.test.js'],
+	['src/remote.ts', 'dist/test/remotes.test.js'],
 	['src/remotes.ts', 'dist/test/remotes.test.js'],
 	['src/write_queue.ts', 'dist/test/write_queue.test.js'],
 	['src/tcp_messages.ts', 'dist/test/tcp_messages.test.js'],
@@ -43,7 +44,7 @@ export default {
 	plugins: ['@stryker-mutator/tap-runner'],
 	testRunner: 'tap',
 	tap: {
-		testFiles: [...modules.map(([, test]) => test), ...sharedTests],
+		testFiles: [...new Set([...modules.map(([, test]) => test), ...sharedTests])],
 		// A tap 21 test file prints TAP when run by plain node; the default
 		// arguments are for node:test.
 		nodeArgs: ['-r', '{{hookFile}}', '{{testFile}}'],
