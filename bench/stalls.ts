@@ -34,7 +34,6 @@
 
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
 import dgram from 'node:dgram';
-import { EventEmitter } from 'node:events';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -46,27 +45,15 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import dnsPacket from 'dns-packet';
 import pino from 'pino';
-import { type Backend, Backends } from '../src/backends.js';
-import { SERVER_HELLO_FRAME } from '../test/support/backend_frames.js';
 import { Remotes } from '../src/remotes.js';
 import { TimeoutWheel } from '../src/timeouts.js';
+import { fakeRegistry } from '../test/support/fake_socket.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 const mb = (bytes: number): string => (bytes / 1048576).toFixed(1);
 
 /* ---- in-process: expiry and rebalance ---- */
-
-class FakeSocket extends EventEmitter {
-	write(): boolean {
-		return true;
-	}
-	cork(): void {}
-	uncork(): void {}
-	destroy(): this {
-		return this;
-	}
-}
 
 function table(maxRemotes: number) {
 	let now = 1_000_000_000;
@@ -79,21 +66,8 @@ function table(maxRemotes: number) {
 			sink.write(s);
 		},
 	});
-	let sock = new FakeSocket();
-	const backends = new Backends({
-		socketDir: '/s', log, wheel, onOutboundUdp: () => {},
-		connector: () => {
-			sock = new FakeSocket();
-			return sock as unknown as net.Socket;
-		},
-	});
+	const { backends, up } = fakeRegistry(log, wheel);
 	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
-	const up = (name: string): Backend => {
-		const be = backends.trackAndConnect(name, `1/${name}`) as Backend;
-		sock.emit('connect');
-		sock.emit('data', SERVER_HELLO_FRAME);
-		return be;
-	};
 	return {
 		wheel, backends, remotes, up,
 		logBytes: () => logBytes,

@@ -21,69 +21,16 @@ import { makeLogger } from '../src/log.js';
 import { ipv4ToU32, MAX_UDP_PAYLOAD_BYTES } from '../src/protocol.js';
 import { REMOTE_IDLE_EXPIRY_SECS } from '../src/remotes.js';
 import { takeSnapshot } from '../src/stats.js';
-import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_socket.js';
 import { SYNTH_ANSWERS_PER_SEC } from '../src/udp_proxy.js';
 import { type LogRecord } from './support/bbal.js';
 import { backendOf, encodeQuery } from './support/dns_messages.js';
+import { FakeTransport } from './support/fake_transport.js';
 import { makeSocketDir, startBackend } from './support/fleet.js';
 import { waitFor } from './support/wait.js';
 
 const RCODE_SERVFAIL = 2;
 const RCODE_REFUSED = 5;
 const START = Date.parse('2030-01-02T03:04:05.000Z');
-
-interface Sent {
-	bytes: Buffer;
-	addr: number;
-	port: number;
-}
-
-/*
- * A UdpTransport with no socket: the test hands it datagrams (deliver) and
- * reads what the proxy sends (sent), with send()'s checks as the real ones.
- */
-class FakeTransport implements UdpTransport {
-	/* Not a kind the real ones have: it names the transport in a debug line only. */
-	readonly kind = 'fake' as unknown as UdpTransportKind;
-	onDatagram: (msg: Buffer, addr: number, port: number, len: number) => void = () => {};
-	onError: (err: UdpTransportError) => void = () => {};
-	readonly sent: Sent[] = [];
-	state: 'new' | 'bound' | 'closed' = 'new';
-	closeCalls = 0;
-
-	bind(): Promise<void> {
-		this.state = 'bound';
-		return Promise.resolve();
-	}
-
-	send(payload: Uint8Array, addr: number, port: number): boolean {
-		if (this.state !== 'bound' || port < 1 || port > 65535 || payload.length > MAX_UDP_PAYLOAD_BYTES) {
-			return false;
-		}
-		this.sent.push({ bytes: Buffer.from(payload), addr, port });
-		return true;
-	}
-
-	localPort(): number {
-		return this.state === 'bound' ? 53 : 0;
-	}
-
-	close(): Promise<void> {
-		this.closeCalls++;
-		this.state = 'closed';
-		return Promise.resolve();
-	}
-
-	/* One datagram from addr:port; len as the real transports give it (the true length). */
-	deliver(bytes: Buffer, addr: number, port: number, len = bytes.length): void {
-		this.onDatagram(bytes, addr, port, len);
-	}
-
-	/* What went to addr:port, decoded. */
-	answersTo(addr: number, port: number): dnsPacket.Packet[] {
-		return this.sent.filter((s) => s.addr === addr && s.port === port).map((s) => dnsPacket.decode(s.bytes));
-	}
-}
 
 interface Rig {
 	bal: Balancer;

@@ -13,61 +13,19 @@
  * longer ok; running together, the passes take turns.
  */
 
-import { EventEmitter } from 'node:events';
-import type net from 'node:net';
 import t from 'tap';
-import pino from 'pino';
-import { type Backend, Backends } from '../src/backends.js';
-import { SERVER_HELLO_FRAME } from './support/backend_frames.js';
-import { REMOTE_IDLE_EXPIRY_SECS, Remotes, REMOTES_SWEEP_CHANGES, REMOTES_SWEEP_VISITS } from '../src/remotes.js';
-import { TimeoutWheel } from '../src/timeouts.js';
-import type { LogRecord } from './support/bbal.js';
+import { REMOTE_IDLE_EXPIRY_SECS, REMOTES_SWEEP_CHANGES, REMOTES_SWEEP_VISITS } from '../src/remotes.js';
+import { fakeTable } from './support/fake_socket.js';
 
-class FakeSocket extends EventEmitter {
-	write(): boolean {
-		return true;
-	}
-	cork(): void {}
-	uncork(): void {}
-	destroy(): this {
-		return this;
-	}
-}
-
-/* A table over fake backends; every log line kept. */
+/* A table over fake backends that are ok; every log line kept. */
 function setup(names: string[], maxRemotes = 1_000_000) {
-	let now = 5_000_000;
-	const wheel = new TimeoutWheel(() => now);
-	const logs: LogRecord[] = [];
-	const log = pino({ level: 'debug' }, { write: (line: string) => { logs.push(JSON.parse(line) as LogRecord); } });
-	let sock = new FakeSocket();
-	const backends = new Backends({
-		socketDir: '/s', log, wheel, onOutboundUdp: () => {},
-		connector: () => {
-			sock = new FakeSocket();
-			return sock as unknown as net.Socket;
-		},
-	});
-	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
-	const up = (name: string): Backend => {
-		const be = backends.trackAndConnect(name, `1/${name}`) as Backend;
-		sock.emit('connect');
-		sock.emit('data', SERVER_HELLO_FRAME);
-		t.ok(be.ok, `${name} is ok`);
-		return be;
-	};
-	const bes = names.map(up);
+	const env = fakeTable(maxRemotes);
+	const bes = names.map(env.up);
 	return {
-		wheel, backends, remotes, logs, bes, up, log,
-		/* One tick: the clock moves and the wheel runs, as balancer.ts's interval does. */
-		tick(secs = 1): void {
-			now += secs * 1000;
-			wheel.run(now);
-		},
+		...env, bes,
 		serve(addr: number): number {
-			return remotes.lookup(addr).chooseBackend()?.id ?? 0;
+			return env.remotes.lookup(addr).chooseBackend()?.id ?? 0;
 		},
-		logged: (msg: string): LogRecord[] => logs.filter((r) => r.msg === msg),
 	};
 }
 

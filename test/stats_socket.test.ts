@@ -28,7 +28,7 @@ import {
 	LOG_SNAPSHOT_MAX_REMOTES, type Snapshot, STATS_CONNECTION_TIMEOUT_SECS, STATS_MAX_CONNECTIONS, STATS_REMOTES_SLICE,
 	takeSnapshot,
 } from '../src/stats.js';
-import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_socket.js';
+import { FakeTransport } from './support/fake_transport.js';
 import { type LogRecord, statsSocketFor } from './support/bbal.js';
 import { encodeQuery } from './support/dns_messages.js';
 import { makeSocketDir } from './support/fleet.js';
@@ -37,24 +37,6 @@ import { waitFor } from './support/wait.js';
 
 const START = Date.parse('2030-01-02T03:04:05.000Z');
 const BASE = 0x0b000000;
-
-class FakeTransport implements UdpTransport {
-	readonly kind = 'fake' as unknown as UdpTransportKind;
-	onDatagram: (msg: Buffer, addr: number, port: number, len: number) => void = () => {};
-	onError: (err: UdpTransportError) => void = () => {};
-	bind(): Promise<void> {
-		return Promise.resolve();
-	}
-	send(): boolean {
-		return true;
-	}
-	localPort(): number {
-		return 53;
-	}
-	close(): Promise<void> {
-		return Promise.resolve();
-	}
-}
 
 /* A running Balancer holding `remotes` remotes, with a stats socket; every log line kept. */
 async function start(t: Test, remotes: number) {

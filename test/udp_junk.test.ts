@@ -8,81 +8,20 @@
  * on fake sockets, a clock stepped by hand.
  */
 
-import { EventEmitter } from 'node:events';
-import type net from 'node:net';
 import t from 'tap';
-import pino from 'pino';
-import { type Backend, Backends } from '../src/backends.js';
 import { MAX_UDP_PAYLOAD_BYTES } from '../src/protocol.js';
-import { SERVER_HELLO_FRAME } from './support/backend_frames.js';
-import { Remotes } from '../src/remotes.js';
-import { TimeoutWheel } from '../src/timeouts.js';
 import { UdpProxy } from '../src/udp_proxy.js';
-import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_socket.js';
-import type { LogRecord } from './support/bbal.js';
+import { fakeTable } from './support/fake_socket.js';
+import { FakeTransport } from './support/fake_transport.js';
 import { encodeQuery } from './support/dns_messages.js';
-
-class FakeSocket extends EventEmitter {
-	write(): boolean {
-		return true;
-	}
-	cork(): void {}
-	uncork(): void {}
-	destroy(): this {
-		return this;
-	}
-}
 
 /* A table of at most maxRemotes over fake backends that are ok; every log line kept. */
 function setup(names: string[], maxRemotes: number) {
-	let now = 5_000_000;
-	const wheel = new TimeoutWheel(() => now);
-	const logs: LogRecord[] = [];
-	const log = pino({ level: 'debug' }, { write: (line: string) => { logs.push(JSON.parse(line) as LogRecord); } });
-	let sock = new FakeSocket();
-	const backends = new Backends({
-		socketDir: '/s', log, wheel, onOutboundUdp: () => {},
-		connector: () => {
-			sock = new FakeSocket();
-			return sock as unknown as net.Socket;
-		},
-	});
-	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
+	const env = fakeTable(maxRemotes);
 	for (const name of names) {
-		const be = backends.trackAndConnect(name, `1/${name}`) as Backend;
-		sock.emit('connect');
-		sock.emit('data', SERVER_HELLO_FRAME);
-		t.ok(be.ok, `${name} is ok`);
+		t.ok(env.up(name).ok, `${name} is ok`);
 	}
-	return {
-		wheel, remotes, log,
-		tick(secs = 1): void {
-			now += secs * 1000;
-			wheel.run(now);
-		},
-		logged: (msg: string): LogRecord[] => logs.filter((r) => r.msg === msg),
-	};
-}
-
-class FakeTransport implements UdpTransport {
-	readonly kind = 'fake' as unknown as UdpTransportKind;
-	onDatagram: (msg: Buffer, addr: number, port: number, len: number) => void = () => {};
-	onError: (err: UdpTransportError) => void = () => {};
-	bind(): Promise<void> {
-		return Promise.resolve();
-	}
-	send(): boolean {
-		return true;
-	}
-	localPort(): number {
-		return 53;
-	}
-	close(): Promise<void> {
-		return Promise.resolve();
-	}
-	deliver(bytes: Buffer, addr: number, len = bytes.length): void {
-		this.onDatagram(bytes, addr, 4000, len);
-	}
+	return env;
 }
 
 async function proxyOver(env: ReturnType<typeof setup>): Promise<{ udp: UdpProxy; transport: FakeTransport }> {
@@ -98,13 +37,13 @@ t.test('at the --max-remotes cap, 1,000 junk datagrams from new sources evict no
 	const { udp, transport } = await proxyOver(env);
 	const real = Array.from({ length: cap }, (_, i) => 0x0a000001 + i);
 	for (const addr of real) {
-		transport.deliver(encodeQuery('real.example', 'A', 1), addr);
+		transport.deliver(encodeQuery('real.example', 'A', 1), addr, 5353);
 	}
 	t.equal(env.remotes.size, cap, 'the real hosts fill the table');
 	for (let i = 0; i < 1000; i++) {
-		transport.deliver(Buffer.from([1, 2, 3]), 0x0c000000 + i);
+		transport.deliver(Buffer.from([1, 2, 3]), 0x0c000000 + i, 5353);
 	}
-	transport.deliver(Buffer.alloc(MAX_UDP_PAYLOAD_BYTES + 1), 0x0d000001);
+	transport.deliver(Buffer.alloc(MAX_UDP_PAYLOAD_BYTES + 1), 0x0d000001, 5353);
 	t.same(env.remotes.list().map((r) => r.addr), real, 'the same ten remotes');
 	t.equal(env.remotes.evicted, 0, 'nobody evicted');
 	t.match(udp.stats, { received: cap + 1001, forwarded: cap, invalid: 1000, oversize: 1 }, 'counted by the proxy');
@@ -116,12 +55,12 @@ t.test('junk from a remote already held is counted on it too, and does not mark 
 	const env = setup(['5301'], 100);
 	const { udp, transport } = await proxyOver(env);
 	const src = 0x0a000001;
-	transport.deliver(encodeQuery('real.example', 'A', 1), src);
+	transport.deliver(encodeQuery('real.example', 'A', 1), src, 5353);
 	const rem = env.remotes.peek(src);
 	t.ok(rem);
 	env.tick(10);
-	transport.deliver(Buffer.from([1, 2, 3]), src);
-	transport.deliver(Buffer.alloc(8), src, MAX_UDP_PAYLOAD_BYTES + 100);
+	transport.deliver(Buffer.from([1, 2, 3]), src, 5353);
+	transport.deliver(Buffer.alloc(8), src, 5353, MAX_UDP_PAYLOAD_BYTES + 100);
 	t.match(rem, { udpInvalid: 1, udpDrop: 1, udp: 1 });
 	t.equal(rem?.lastSeenSec, rem?.firstSeenSec, 'last seen is still the query\'s second');
 	t.equal(rem?.referenced, false, 'and no second chance at eviction');

@@ -17,7 +17,10 @@
 
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
-import type { Connector } from '../../src/backends.js';
+import pino, { type Logger } from 'pino';
+import { type Backend, Backends, type Connector } from '../../src/backends.js';
+import { Remotes } from '../../src/remotes.js';
+import { TimeoutWheel } from '../../src/timeouts.js';
 import { SERVER_HELLO_FRAME } from './backend_frames.js';
 
 export class FakeSocket extends EventEmitter {
@@ -92,4 +95,42 @@ export class FakeConnector {
 		}
 		return s;
 	}
+}
+
+/**
+ * A backend registry over fake sockets, and up(name): that backend found,
+ * connected and its hello answered, so it is ok.  What the remotes table's
+ * tests build on.
+ */
+export function fakeRegistry(log: Logger, wheel: TimeoutWheel): { backends: Backends; up: (name: string) => Backend } {
+	const connector = new FakeConnector();
+	const backends = new Backends({ socketDir: '/s', log, wheel, onOutboundUdp: () => {}, connector: connector.connect });
+	const up = (name: string): Backend => {
+		const be = backends.trackAndConnect(name, `1/${name}`) as Backend;
+		connector.last().establish();
+		return be;
+	};
+	return { backends, up };
+}
+
+/**
+ * A remotes table over a fake registry, on a stepped clock, with every log
+ * line kept: tick() moves the clock and runs the wheel as the balancer's
+ * interval does; logged(msg) gives the records with that message.
+ */
+export function fakeTable(maxRemotes: number) {
+	let now = 5_000_000;
+	const wheel = new TimeoutWheel(() => now);
+	const logs: Array<Record<string, unknown>> = [];
+	const log = pino({ level: 'debug' }, { write: (line: string) => { logs.push(JSON.parse(line) as Record<string, unknown>); } });
+	const { backends, up } = fakeRegistry(log, wheel);
+	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
+	return {
+		wheel, backends, remotes, logs, up, log,
+		tick(secs = 1): void {
+			now += secs * 1000;
+			wheel.run(now);
+		},
+		logged: (msg: string) => logs.filter((r) => r.msg === msg),
+	};
 }
