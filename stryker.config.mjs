@@ -24,6 +24,8 @@ const modules = [
 	['src/log.ts', 'dist/test/log.test.js'],
 	['src/remote.ts', 'dist/test/remotes.test.js'],
 	['src/remotes.ts', 'dist/test/remotes.test.js'],
+	// The sliced expiry and rebalance passes are tested here.
+	['src/remotes.ts', 'dist/test/bounds.test.js'],
 	['src/write_queue.ts', 'dist/test/write_queue.test.js'],
 	['src/tcp_messages.ts', 'dist/test/tcp_messages.test.js'],
 ];
@@ -50,7 +52,7 @@ export default {
 		nodeArgs: ['-r', '{{hookFile}}', '{{testFile}}'],
 	},
 	coverageAnalysis: 'perTest',
-	mutate: modules.map(([src]) => src),
+	mutate: [...new Set(modules.map(([src]) => src))],
 	buildCommand: 'npx tsc -p tsconfig.json',
 	// The sandbox is rebuilt from src/ and test/; the rest is not needed.
 	ignorePatterns: ['dist', 'build', 'coverage', '.tap', 'bench/results', 'bench/build'],
