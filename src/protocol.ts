@@ -96,7 +96,8 @@ function hasPayload(type: number): boolean {
 	return type === FRAME_INBOUND_UDP || type === FRAME_OUTBOUND_UDP;
 }
 
-function typeOnlyFrame(type: number): Buffer {
+/** A frame that is its type alone (hellos, heartbeats, INBOUND_TCP_OK). */
+export function typeOnlyFrame(type: number): Buffer {
 	const b = Buffer.alloc(4);
 	b.writeUInt32LE(type, 0);
 	return b;

@@ -10,14 +10,8 @@
  */
 
 import {
-	FRAME_INBOUND_TCP_OK, FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, UDP_FRAME_HEADER_BYTES, writeUdpFrame,
+	FRAME_INBOUND_TCP_OK, FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, typeOnlyFrame, UDP_FRAME_HEADER_BYTES, writeUdpFrame,
 } from '../../src/protocol.js';
-
-function typeOnlyFrame(type: number): Buffer {
-	const b = Buffer.alloc(4);
-	b.writeUInt32LE(type, 0);
-	return b;
-}
 
 export const SERVER_HELLO_FRAME: Buffer = typeOnlyFrame(FRAME_SERVER_HELLO);
 export const SERVER_HEARTBEAT_FRAME: Buffer = typeOnlyFrame(FRAME_SERVER_HEARTBEAT);
