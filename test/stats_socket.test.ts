@@ -22,7 +22,7 @@ import net from 'node:net';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { Balancer } from '../src/balancer.js';
-import { formatSnapshot } from '../src/balstat.js';
+import { formatSnapshot, readSnapshot } from '../src/balstat.js';
 import { makeLogger } from '../src/log.js';
 import {
 	LOG_SNAPSHOT_MAX_REMOTES, type Snapshot, STATS_CONNECTION_TIMEOUT_SECS, STATS_MAX_CONNECTIONS, STATS_REMOTES_SLICE,
@@ -73,17 +73,6 @@ async function start(t: Test, remotes: number) {
 	};
 }
 
-/* A client that reads everything; resolves with the text once bbal closes. */
-function read(sock: string): Promise<string> {
-	return new Promise((resolve, reject) => {
-		const chunks: Buffer[] = [];
-		const c = net.createConnection({ path: sock });
-		c.on('data', (d: Buffer) => chunks.push(d));
-		c.on('close', () => resolve(Buffer.concat(chunks).toString('utf8')));
-		c.on('error', reject);
-	});
-}
-
 /*
  * A client that does not read until told to (a paused socket does not see
  * the close either, until it reads); then it counts what it gets.
@@ -118,7 +107,7 @@ function stall(t: Test, sock: string) {
 t.test('the streamed snapshot is the JSON of the whole snapshot, read a slice at a time', async (t) => {
 	const n = 5 * STATS_REMOTES_SLICE + 17;
 	const { bal, sock, slices } = await start(t, n);
-	const text = await read(sock);
+	const text = await readSnapshot(sock);
 	t.ok(text.endsWith('}\n'), 'one document and a newline');
 	const streamed = JSON.parse(text) as Snapshot;
 	t.equal(`${JSON.stringify(streamed)}\n`, text, 'byte for byte what JSON.stringify gives');
@@ -145,7 +134,7 @@ t.test(`a reader that does not read holds a slice or two; ${STATS_MAX_CONNECTION
 	const perConn = slices.length / STATS_MAX_CONNECTIONS;
 	t.ok(perConn <= 3, `with no reader, ${perConn} slices each of ${n / STATS_REMOTES_SLICE} were made (backpressure)`);
 
-	t.equal(await read(sock), '', 'one more is closed unanswered');
+	t.equal(await readSnapshot(sock), '', 'one more is closed unanswered');
 	t.match(bal.statsSources.statsServer?.stats, { overCap: 1, timedOut: 0 });
 	t.match(logs.filter((r) => r.msg === 'too many stats connections (closing new connection)'),
 		[{ max: STATS_MAX_CONNECTIONS, level: 40 }]);
@@ -160,7 +149,7 @@ t.test(`a reader that does not read holds a slice or two; ${STATS_MAX_CONNECTION
 	t.ok(got.every((b) => b > 0 && b < 200 * n), `each client got part of the document, then the close (${got[0]} bytes)`);
 	t.match(logs.filter((r) => r.msg === 'stats connection too slow (closed)'), [{ state: 'awaiting drain' }], 'logged once');
 	t.notOk(bal.wheel.list().some((to) => /^stats connection/.test(to.name)), 'no deadline left on the wheel');
-	const text = await read(sock);
+	const text = await readSnapshot(sock);
 	t.equal((JSON.parse(text) as Snapshot).remotes.length, n, 'a reader that reads is served in full afterwards');
 });
 
