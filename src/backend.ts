@@ -72,6 +72,16 @@
  * heartbeat `scheduled` it means "send one", with one `outstanding` it means
  * "the deadline passed".
  *
+ * READS.  What the backend writes is read by a ControlReader
+ * (control_reader.ts): it cuts the stream into frames, judges each against
+ * the rules above (a frame before the hello, a second hello, an unknown or
+ * TCP-only frame, an oversized answer: each a fault) and hands the rest to
+ * this Backend -- the hello, answers to send, heartbeat replies.  It reads
+ * at most CONTROL_FRAMES_PER_TURN (256) frames per event-loop turn and
+ * pauses the socket until the turn's end when a backend writes more, so a
+ * backend that floods bbal with answers cannot starve the clients and the
+ * other backends (counted as `throttled` turns).
+ *
  * WRITES.  Frames for a control session are not written one by one: they are
  * appended to the backend's WriteQueue (write_queue.ts), and the registry
  * runs every pending flush once per event-loop turn (setImmediate), so a
@@ -103,10 +113,9 @@
 import assert from 'node:assert/strict';
 import type net from 'node:net';
 import type { Logger } from 'pino';
+import { type ControlFrameHandler, ControlReader } from './control_reader.js';
 import {
-	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_INBOUND_UDP, FRAME_INBOUND_TCP_OK,
-	FRAME_NAMES, FRAME_OUTBOUND_UDP, FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, FrameReader,
-	UDP_FRAME_HEADER_BYTES, writeUdpFrame,
+	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_INBOUND_UDP, UDP_FRAME_HEADER_BYTES, writeUdpFrame,
 } from './protocol.js';
 import { ignoreError } from './log.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
@@ -169,6 +178,8 @@ export interface BackendStats {
 	stuck: number;
 	/** Times an established or connecting session was torn down. */
 	faults: number;
+	/** Turns in which the control session used up its frame budget and was paused (control_reader.ts). */
+	throttled: number;
 }
 
 /** Where OUTBOUND_UDP datagrams go; the balancer wires it to the UDP proxy. */
@@ -184,13 +195,15 @@ export interface BackendContext {
 	readonly connector: (path: string, writableHighWaterMark: number) => net.Socket;
 	readonly onOutboundUdp: OutboundUdpHandler;
 	readonly onHeartbeatRtt?: HeartbeatRttHandler;
-	/** Call `flush` once, at the end of this event-loop turn. */
-	readonly flushSoon: (flush: () => void) => void;
+	/** Call `fn` once, at the end of this event-loop turn: the write flush, the read budget's renewal. */
+	readonly flushSoon: (fn: () => void) => void;
 	readonly log: Logger;
 }
 
 export class Backend {
-	readonly stats: BackendStats = { connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0 };
+	readonly stats: BackendStats = {
+		connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0, throttled: 0,
+	};
 	readonly log: Logger;
 
 	private lifecycle: BackendLifecycle = NEW;
@@ -204,7 +217,7 @@ export class Backend {
 	private heartbeatRttMs = -1;
 
 	private socket: net.Socket | null = null;
-	private reader: FrameReader | null = null;
+	private reader: ControlReader | null = null;
 	private readonly queue = new WriteQueue();
 	private flushPending = false;
 
@@ -433,10 +446,10 @@ export class Backend {
 		this.log.debug('connecting to backend');
 		const sock = this.ctx.connector(this.path, CONTROL_HIGH_WATER_BYTES);
 		this.socket = sock;
-		this.reader = new FrameReader({ onFrame: this.readerOnFrame, onFrameError: this.readerOnFrameError });
 		sock.on('error', this.controlOnError);
 		sock.on('connect', this.controlOnConnect);
-		sock.on('data', this.controlOnData);
+		/* It reads the frames ('data'), at most CONTROL_FRAMES_PER_TURN a turn. */
+		this.reader = new ControlReader(sock, this.frameHandler, this.ctx.flushSoon);
 		sock.on('end', this.controlOnEnd);
 		sock.on('close', this.controlOnClose);
 		sock.on('drain', this.controlOnDrain);
@@ -474,6 +487,7 @@ export class Backend {
 		this.heartbeatTimeout.clear();
 		this.stuckTimeout.clear();
 		this.queue.discard();
+		this.reader?.close();
 		this.reader = null;
 		const sock = this.socket;
 		if (sock !== null) {
@@ -518,10 +532,6 @@ export class Backend {
 		(this.socket as net.Socket).write(CLIENT_HELLO_FRAME);
 	};
 
-	private readonly controlOnData = (chunk: Buffer): void => {
-		(this.reader as FrameReader).feed(chunk);
-	};
-
 	private readonly controlOnEnd = (): void => {
 		this.fault('backend socket EOF');
 	};
@@ -548,52 +558,28 @@ export class Backend {
 		this.fault('backend socket error', { err });
 	};
 
-	/* ---- frames from the backend ---- */
+	/* ---- frames from the backend (judged by control_reader.ts) ---- */
 
-	private readonly readerOnFrame = (type: number, addr: number, port: number, payload: Buffer | null): boolean => {
+	private readonly frameHandler: ControlFrameHandler = {
+		helloDone: () => this.lifecycle.name === 'ok',
+		hello: () => this.helloReceived(),
+		outboundUdp: (addr, port, payload) => this.ctx.onOutboundUdp(addr, port, payload, this),
+		heartbeatReply: () => this.heartbeatReplied(),
+		violation: (reason, extra) => this.fault(reason, extra),
+		budgetSpent: () => {
+			this.stats.throttled++;
+		},
+	};
+
+	private heartbeatReplied(): void {
 		const s = this.lifecycle;
-		if (s.name === 'connecting') {
-			if (type !== FRAME_SERVER_HELLO) {
-				this.fault('errant frame before hello', { frame_type: type });
-				return false;
-			}
-			this.helloReceived();
-			return true;
+		if (s.name !== 'ok' || s.heartbeat.name !== 'outstanding') {
+			this.fault('unexpected heartbeat reply from backend');
+			return;
 		}
-		if (s.name !== 'ok') {
-			return false;
-		}
-		switch (type) {
-		case FRAME_OUTBOUND_UDP:
-			this.ctx.onOutboundUdp(addr, port, payload as Buffer, this);
-			return true;
-		case FRAME_SERVER_HEARTBEAT:
-			if (s.heartbeat.name !== 'outstanding') {
-				this.fault('unexpected heartbeat reply from backend');
-				return false;
-			}
-			this.heartbeatRttMs = performance.now() - s.heartbeat.sentAtMs;
-			this.enter({ ...s, heartbeat: HEARTBEAT_SCHEDULED });
-			this.ctx.onHeartbeatRtt?.(this, this.heartbeatRttMs);
-			this.heartbeatTimeout.set(HEARTBEAT_INTERVAL_SECS);
-			return true;
-		case FRAME_SERVER_HELLO:
-			this.fault('duplicate hello from backend');
-			return false;
-		case FRAME_INBOUND_TCP_OK:
-			this.fault('TCP session frame on the control session', { frame_type: type });
-			return false;
-		default:
-			this.fault('invalid frame type', { frame_type: type, frame_name: FRAME_NAMES[type] });
-			return false;
-		}
-	};
-
-	private readonly readerOnFrameError = (code: 'unknown_type' | 'oversize', type: number, length: number): void => {
-		if (code === 'oversize') {
-			this.fault('backend sent oversized UDP packet', { frame_type: type, len: length });
-		} else {
-			this.fault('invalid frame type', { frame_type: type });
-		}
-	};
+		this.heartbeatRttMs = performance.now() - s.heartbeat.sentAtMs;
+		this.enter({ ...s, heartbeat: HEARTBEAT_SCHEDULED });
+		this.ctx.onHeartbeatRtt?.(this, this.heartbeatRttMs);
+		this.heartbeatTimeout.set(HEARTBEAT_INTERVAL_SECS);
+	}
 }

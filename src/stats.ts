@@ -92,7 +92,7 @@ export interface BackendSnapshot {
 	reconnectDelay: number;
 	stuck: boolean;
 	lastHeartbeatRttMs: number | null;
-	stats: { connStart: number; connError: number; udp: number; tcp: number; stuck: number; faults: number };
+	stats: { connStart: number; connError: number; udp: number; tcp: number; stuck: number; faults: number; throttled: number };
 }
 
 export interface RemoteSnapshot {
