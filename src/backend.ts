@@ -6,9 +6,10 @@
  * A Backend is bbal's side of one such socket path: the standing control
  * session to the process behind it, that session's life from connect to
  * fault and back, and the counters operators read.  The registry
- * (backends.ts) creates a Backend when a rescan first sees the path and
- * never destroys it, so remotes may hold a reference to it while its
- * process comes and goes.
+ * (backends.ts) creates a Backend when a rescan first sees the path, keeps
+ * it while its process comes and goes, and forgets it (closed) only once
+ * its socket file has been gone a minute and no remote points to it: the
+ * remotes' count of it as primary and as backup is kept here.
  *
  * IDENTITY.  Binder names each socket after the high port its backend also
  * serves DNS on directly (5301, 5302, ...).  When the name is such an integer
@@ -72,15 +73,10 @@
  * heartbeat `scheduled` it means "send one", with one `outstanding` it means
  * "the deadline passed".
  *
- * READS.  What the backend writes is read by a ControlReader
- * (control_reader.ts): it cuts the stream into frames, judges each against
- * the rules above (a frame before the hello, a second hello, an unknown or
- * TCP-only frame, an oversized answer: each a fault) and hands the rest to
- * this Backend -- the hello, answers to send, heartbeat replies.  It reads
- * at most CONTROL_FRAMES_PER_TURN (256) frames per event-loop turn and
- * pauses the socket until the turn's end when a backend writes more, so a
- * backend that floods bbal with answers cannot starve the clients and the
- * other backends (counted as `throttled` turns).
+ * READS.  A ControlReader (control_reader.ts) cuts what the backend writes
+ * into frames, faults it for any that breaks the protocol, hands the rest
+ * here, and reads at most CONTROL_FRAMES_PER_TURN (256) a turn, so that a
+ * backend flooding answers cannot starve clients and other backends.
  *
  * WRITES.  Frames for a control session are not written one by one: they are
  * appended to the backend's WriteQueue (write_queue.ts), and the registry
@@ -141,7 +137,7 @@ export type BackendLifecycle =
 	| { readonly name: 'connecting' }
 	| { readonly name: 'ok'; readonly heartbeat: HeartbeatState; readonly stuck: boolean }
 	| { readonly name: 'waiting'; readonly delaySecs: number }
-	| { readonly name: 'removed' }
+	| { readonly name: 'removed'; readonly sinceMs: number }
 	| { readonly name: 'closed' };
 
 export type BackendState = BackendLifecycle['name'];
@@ -149,7 +145,6 @@ export type BackendState = BackendLifecycle['name'];
 /* The states that carry nothing, made once. */
 const NEW: BackendLifecycle = { name: 'new' };
 const CONNECTING: BackendLifecycle = { name: 'connecting' };
-const REMOVED: BackendLifecycle = { name: 'removed' };
 const CLOSED: BackendLifecycle = { name: 'closed' };
 const HEARTBEAT_SCHEDULED: HeartbeatState = { name: 'scheduled' };
 
@@ -201,9 +196,7 @@ export interface BackendContext {
 }
 
 export class Backend {
-	readonly stats: BackendStats = {
-		connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0, throttled: 0,
-	};
+	readonly stats: BackendStats = { connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0, throttled: 0 };
 	readonly log: Logger;
 
 	private lifecycle: BackendLifecycle = NEW;
@@ -214,6 +207,8 @@ export class Backend {
 	/* The socket file's identity (inode and change time) when a rescan last saw it; '' before. */
 	private fileId = '';
 	private remotes = 0;
+	/* Remotes borrowing this backend as their backup (remote.ts keeps the count). */
+	private backups = 0;
 	private heartbeatRttMs = -1;
 
 	private socket: net.Socket | null = null;
@@ -266,6 +261,15 @@ export class Backend {
 		return this.remotes;
 	}
 
+	get backupCount(): number {
+		return this.backups;
+	}
+
+	/** The clock (ms) when it was removed, or -1 when it is not (backends.ts forgets it a while after). */
+	get removedSinceMs(): number {
+		return this.lifecycle.name === 'removed' ? this.lifecycle.sinceMs : -1;
+	}
+
 	get reconnectDelaySecs(): number {
 		return this.backoffSecs;
 	}
@@ -281,10 +285,17 @@ export class Backend {
 
 	/** A remote whose primary this was has left it. */
 	removeRemote(): void {
-		if (this.remotes <= 0) {
-			assert.fail(`backend ${this.id} remote count would go negative`);
-		}
+		assert(this.remotes > 0, `backend ${this.id} remote count would go negative`);
 		this.remotes--;
+	}
+
+	addBackup(): void {
+		this.backups++;
+	}
+
+	removeBackup(): void {
+		assert(this.backups > 0, `backend ${this.id} backup count would go negative`);
+		this.backups--;
 	}
 
 	/**
@@ -477,7 +488,7 @@ export class Backend {
 	private markRemoved(): void {
 		this.dropSession();
 		this.reconnectTimeout.clear();
-		this.enter(REMOVED);
+		this.enter({ name: 'removed', sinceMs: this.ctx.wheel.clock() });
 		this.log.info('backend socket removed');
 	}
 

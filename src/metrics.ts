@@ -188,6 +188,8 @@ export class Metrics {
 				this.set(src.remotes.size);
 			},
 		});
+		total('bbal_backends_forgotten_total', 'Backends forgotten after their socket file was gone a minute.',
+			() => src.backends.forgotten);
 		total('bbal_remotes_expired_total', 'Remote peers forgotten after idling.', () => src.remotes.expired);
 		total('bbal_remotes_evicted_total', 'Remote peers evicted at the --max-remotes cap.', () => src.remotes.evicted);
 		const ls = this.listenerStats;
@@ -204,6 +206,15 @@ export class Metrics {
 
 	observeHeartbeatRtt(be: BackendView, ms: number): void {
 		this.heartbeatRtt.observe({ backend: be.id }, ms / 1000);
+	}
+
+	/*
+	 * A forgotten backend's series go too.  The per-backend gauges and
+	 * counters are rebuilt from the registry at every scrape, so only the
+	 * histogram, fed sample by sample, keeps series of its own.
+	 */
+	forgetBackend(be: BackendView): void {
+		this.heartbeatRtt.remove({ backend: be.id });
 	}
 
 	/** Connections to /metrics open now. */
