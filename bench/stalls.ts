@@ -6,6 +6,9 @@
  *   node dist/bench/stalls.js stats           a UDP probe's round trip while balstat reads 100,000
  *                                             remotes; RSS with 20 stats connections that never read
  *   node dist/bench/stalls.js metrics         descriptors held by 1,000 idle connections to /metrics
+ *   node dist/bench/stalls.js flood [BBAL_JS] a healthy mname's answer times through bbal while
+ *                                             another backend floods OUTBOUND_UDP (BBAL_JS: another
+ *                                             build's bin/bbal.js, for a before figure)
  *
  * Not part of `npm run bench` or `npm test`: a small driver that reproduces
  * the figures of the hardening issue (remote expiry and rebalance done in one
@@ -30,6 +33,14 @@
  * directory), on 127.0.0.1, with the stub's spray filling the table from
  * 100,000 addresses of 127.1/16 and 127.2/16.  Every address used is on
  * loopback.
+ *
+ * flood runs the built CLI (or the one named) in front of a real mname
+ * (bench/mname_server.cjs) at 5301, probes it from 127.0.0.2 for 2 s, then
+ * starts the chaos suite's fake backend at 5302 and tells it to flood:
+ * OUTBOUND_UDP frames of 28 bytes to 127.0.0.9:9, as fast as bbal reads
+ * them.  The same probe runs for 6 s of flood (answers awaited 1.2 s more);
+ * bbal's CPU over that time, the frames the flooder wrote and bbal's
+ * answers sent are printed beside the probe's quantiles.  About 13 s.
  */
 
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
@@ -264,7 +275,7 @@ function spray(f: Fleet, count: number, first: string): Promise<string> {
 }
 
 /* A query every 5 ms from 127.0.0.2 until stop(); each answer's round trip, and how many got none. */
-function probe(port: number): { stop: () => Promise<number[] & { lost?: number }> } {
+function probe(port: number): { answered: () => number; stop: (graceMs?: number) => Promise<number[] & { lost?: number }> } {
 	const rtts: number[] = [];
 	const sent = new Map<number, number>();
 	const s = dgram.createSocket('udp4');
@@ -285,9 +296,10 @@ function probe(port: number): { stop: () => Promise<number[] & { lost?: number }
 			questions: [{ type: 'A', name: 'probe.example' }] }), port, '127.0.0.1');
 	}, 5);
 	return {
-		stop: async () => {
+		answered: () => rtts.length,
+		stop: async (graceMs = 300) => {
 			clearInterval(timer);
-			await sleep(300);
+			await sleep(graceMs);
 			s.close();
 			return Object.assign(rtts, { lost: sent.size });
 		},
@@ -384,6 +396,99 @@ async function metrics(): Promise<void> {
 	}
 }
 
+/* ---- a backend that floods ---- */
+
+function cpuTicks(pid: number): number {
+	/* utime and stime, fields 14 and 15, after the command's closing parenthesis. */
+	const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+	return Number(f[11]) + Number(f[12]);
+}
+
+function lineFrom(child: ChildProcess, pattern: RegExp, timeoutMs: number): Promise<string> {
+	return new Promise((resolve, reject) => {
+		let out = '';
+		const timer = setTimeout(() => reject(new Error(`no ${String(pattern)} within ${timeoutMs} ms: ${out}`)), timeoutMs);
+		const onData = (d: Buffer): void => {
+			out += d.toString();
+			const m = pattern.exec(out);
+			if (m !== null) {
+				clearTimeout(timer);
+				child.stdout?.off('data', onData);
+				resolve(m[0]);
+			}
+		};
+		child.stdout?.on('data', onData);
+	});
+}
+
+async function flood(bbalJs: string): Promise<void> {
+	const dir = mkdtempSync(path.join(tmpdir(), 'bbal-flood-'));
+	const sockets = path.join(dir, 'sockets');
+	execFileSync('mkdir', [sockets]);
+	const children: ChildProcess[] = [];
+	try {
+		const mname = spawn(process.execPath, [path.join(ROOT, 'bench', 'mname_server.cjs'), '--balancer', path.join(sockets, '5301')],
+			{ stdio: ['ignore', 'pipe', 'inherit'] });
+		children.push(mname);
+		await lineFrom(mname, /ready/, 10_000);
+		const port = await freePort();
+		const sock = path.join(dir, 'stats.sock');
+		const bbal = spawn(process.execPath, ['--max-semi-space-size=4', bbalJs, '-b', '127.0.0.1', '-p', String(port),
+			'-s', sockets, '-S', sock, '-l', 'warn'], { stdio: 'ignore' });
+		children.push(bbal);
+		const pid = bbal.pid as number;
+		const first = probe(port);
+		for (let i = 0; i < 100 && first.answered() === 0; i++) {
+			await sleep(20);
+		}
+		await first.stop();
+		const quiet = probe(port);
+		await sleep(2000);
+		const q = await quiet.stop();
+
+		const flooder = spawn(process.execPath, [path.join(ROOT, 'dist', 'test', 'chaos', 'fake_backend.js'),
+			path.join(sockets, '5302'), 'flood'], { stdio: ['pipe', 'pipe', 'inherit'] });
+		children.push(flooder);
+		await lineFrom(flooder, /ready/, 10_000);
+		const flooded = async (): Promise<number> => {
+			const counted = lineFrom(flooder, /flooded \d+/, 2000);
+			flooder.stdin?.write('count\n');
+			return Number((await counted).split(' ')[1]);
+		};
+		flooder.stdin?.write('flood\n');
+		await sleep(500);
+		const during = probe(port);
+		const cpu0 = cpuTicks(pid);
+		const frames0 = await flooded();
+		const t0 = performance.now();
+		await sleep(6000);
+		const secs = (performance.now() - t0) / 1000;
+		const cpuPct = (cpuTicks(pid) - cpu0) / secs;
+		const frames = await flooded() - frames0;
+		const f = await during.stop(1200);
+		flooder.stdin?.write('calm\n');
+		const snap = await new Promise<string>((resolve, reject) => {
+			execFile(process.execPath, [path.join(ROOT, 'bin', 'balstat.js'), '--json', '-S', sock],
+				{ maxBuffer: 16 * 1048576 }, (err, stdout) => (err ? reject(new Error(err.message)) : resolve(stdout)));
+		});
+		type Snap = { udp: { sent: number }; backends: Array<{ id: number; ok: boolean; stats: Record<string, number> }> };
+		const s = JSON.parse(snap) as Snap;
+		const fig = (xs: number[] & { lost?: number }): string => `p50 ${quantile(xs, 0.5).toFixed(2)} ms, `
+			+ `p99 ${quantile(xs, 0.99).toFixed(2)} ms, max ${Math.max(...xs).toFixed(2)} ms (${xs.length} answered, ${xs.lost} lost)`;
+		console.log(`bbal: ${bbalJs}`);
+		console.log(`probe to mname 5301, quiet: ${fig(q)}`);
+		console.log(`probe to mname 5301, while 5302 floods: ${fig(f)}`);
+		console.log(`while flooded: bbal CPU ${cpuPct.toFixed(0)}% of a core; the flooder wrote ${frames} frames in `
+			+ `${secs.toFixed(1)} s (${(frames / secs / 1000).toFixed(0)}k/s); bbal sent ${s.udp.sent} datagrams in all; backends ${s.backends.map((b) =>
+				`${b.id} ${b.ok ? 'ok' : 'not ok'} faults ${b.stats.faults} throttled ${b.stats.throttled ?? '-'}`).join(', ')}`);
+	} finally {
+		for (const c of children.reverse()) {
+			c.kill('SIGKILL');
+		}
+		rmSync(dir, { recursive: true, force: true });
+	}
+}
+
 const [what, arg] = process.argv.slice(2);
 switch (what) {
 case 'expiry':
@@ -398,7 +503,10 @@ case 'stats':
 case 'metrics':
 	await metrics();
 	break;
+case 'flood':
+	await flood(path.resolve(arg ?? path.join(ROOT, 'bin', 'bbal.js')));
+	break;
 default:
-	console.error('usage: node dist/bench/stalls.js expiry|rebalance [N] | stats | metrics');
+	console.error('usage: node dist/bench/stalls.js expiry|rebalance [N] | stats | metrics | flood [BBAL_JS]');
 	process.exit(2);
 }

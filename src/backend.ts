@@ -6,9 +6,10 @@
  * A Backend is bbal's side of one such socket path: the standing control
  * session to the process behind it, that session's life from connect to
  * fault and back, and the counters operators read.  The registry
- * (backends.ts) creates a Backend when a rescan first sees the path and
- * never destroys it, so remotes may hold a reference to it while its
- * process comes and goes.
+ * (backends.ts) creates a Backend when a rescan first sees the path, keeps
+ * it while its process comes and goes, and forgets it (closed) only once
+ * its socket file has been gone a minute and no remote points to it: the
+ * remotes' count of it as primary and as backup is kept here.
  *
  * IDENTITY.  Binder names each socket after the high port its backend also
  * serves DNS on directly (5301, 5302, ...).  When the name is such an integer
@@ -72,6 +73,11 @@
  * heartbeat `scheduled` it means "send one", with one `outstanding` it means
  * "the deadline passed".
  *
+ * READS.  A ControlReader (control_reader.ts) cuts what the backend writes
+ * into frames, faults it for any that breaks the protocol, hands the rest
+ * here, and reads at most CONTROL_FRAMES_PER_TURN (256) a turn, so that a
+ * backend flooding answers cannot starve clients and other backends.
+ *
  * WRITES.  Frames for a control session are not written one by one: they are
  * appended to the backend's WriteQueue (write_queue.ts), and the registry
  * runs every pending flush once per event-loop turn (setImmediate), so a
@@ -103,10 +109,9 @@
 import assert from 'node:assert/strict';
 import type net from 'node:net';
 import type { Logger } from 'pino';
+import { type ControlFrameHandler, ControlReader } from './control_reader.js';
 import {
-	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_INBOUND_UDP, FRAME_INBOUND_TCP_OK,
-	FRAME_NAMES, FRAME_OUTBOUND_UDP, FRAME_SERVER_HEARTBEAT, FRAME_SERVER_HELLO, FrameReader,
-	UDP_FRAME_HEADER_BYTES, writeUdpFrame,
+	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_INBOUND_UDP, UDP_FRAME_HEADER_BYTES, writeUdpFrame,
 } from './protocol.js';
 import { ignoreError } from './log.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
@@ -132,7 +137,7 @@ export type BackendLifecycle =
 	| { readonly name: 'connecting' }
 	| { readonly name: 'ok'; readonly heartbeat: HeartbeatState; readonly stuck: boolean }
 	| { readonly name: 'waiting'; readonly delaySecs: number }
-	| { readonly name: 'removed' }
+	| { readonly name: 'removed'; readonly sinceMs: number }
 	| { readonly name: 'closed' };
 
 export type BackendState = BackendLifecycle['name'];
@@ -140,7 +145,6 @@ export type BackendState = BackendLifecycle['name'];
 /* The states that carry nothing, made once. */
 const NEW: BackendLifecycle = { name: 'new' };
 const CONNECTING: BackendLifecycle = { name: 'connecting' };
-const REMOVED: BackendLifecycle = { name: 'removed' };
 const CLOSED: BackendLifecycle = { name: 'closed' };
 const HEARTBEAT_SCHEDULED: HeartbeatState = { name: 'scheduled' };
 
@@ -169,6 +173,8 @@ export interface BackendStats {
 	stuck: number;
 	/** Times an established or connecting session was torn down. */
 	faults: number;
+	/** Turns in which the control session used up its frame budget and was paused (control_reader.ts). */
+	throttled: number;
 }
 
 /** Where OUTBOUND_UDP datagrams go; the balancer wires it to the UDP proxy. */
@@ -184,13 +190,13 @@ export interface BackendContext {
 	readonly connector: (path: string, writableHighWaterMark: number) => net.Socket;
 	readonly onOutboundUdp: OutboundUdpHandler;
 	readonly onHeartbeatRtt?: HeartbeatRttHandler;
-	/** Call `flush` once, at the end of this event-loop turn. */
-	readonly flushSoon: (flush: () => void) => void;
+	/** Call `fn` once, at the end of this event-loop turn: the write flush, the read budget's renewal. */
+	readonly flushSoon: (fn: () => void) => void;
 	readonly log: Logger;
 }
 
 export class Backend {
-	readonly stats: BackendStats = { connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0 };
+	readonly stats: BackendStats = { connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0, throttled: 0 };
 	readonly log: Logger;
 
 	private lifecycle: BackendLifecycle = NEW;
@@ -201,10 +207,12 @@ export class Backend {
 	/* The socket file's identity (inode and change time) when a rescan last saw it; '' before. */
 	private fileId = '';
 	private remotes = 0;
+	/* Remotes borrowing this backend as their backup (remote.ts keeps the count). */
+	private backups = 0;
 	private heartbeatRttMs = -1;
 
 	private socket: net.Socket | null = null;
-	private reader: FrameReader | null = null;
+	private reader: ControlReader | null = null;
 	private readonly queue = new WriteQueue();
 	private flushPending = false;
 
@@ -253,6 +261,15 @@ export class Backend {
 		return this.remotes;
 	}
 
+	get backupCount(): number {
+		return this.backups;
+	}
+
+	/** The clock (ms) when it was removed, or -1 when it is not (backends.ts forgets it a while after). */
+	get removedSinceMs(): number {
+		return this.lifecycle.name === 'removed' ? this.lifecycle.sinceMs : -1;
+	}
+
 	get reconnectDelaySecs(): number {
 		return this.backoffSecs;
 	}
@@ -268,10 +285,17 @@ export class Backend {
 
 	/** A remote whose primary this was has left it. */
 	removeRemote(): void {
-		if (this.remotes <= 0) {
-			assert.fail(`backend ${this.id} remote count would go negative`);
-		}
+		assert(this.remotes > 0, `backend ${this.id} remote count would go negative`);
 		this.remotes--;
+	}
+
+	addBackup(): void {
+		this.backups++;
+	}
+
+	removeBackup(): void {
+		assert(this.backups > 0, `backend ${this.id} backup count would go negative`);
+		this.backups--;
 	}
 
 	/**
@@ -433,10 +457,10 @@ export class Backend {
 		this.log.debug('connecting to backend');
 		const sock = this.ctx.connector(this.path, CONTROL_HIGH_WATER_BYTES);
 		this.socket = sock;
-		this.reader = new FrameReader({ onFrame: this.readerOnFrame, onFrameError: this.readerOnFrameError });
 		sock.on('error', this.controlOnError);
 		sock.on('connect', this.controlOnConnect);
-		sock.on('data', this.controlOnData);
+		/* It reads the frames ('data'), at most CONTROL_FRAMES_PER_TURN a turn. */
+		this.reader = new ControlReader(sock, this.frameHandler, this.ctx.flushSoon);
 		sock.on('end', this.controlOnEnd);
 		sock.on('close', this.controlOnClose);
 		sock.on('drain', this.controlOnDrain);
@@ -464,7 +488,7 @@ export class Backend {
 	private markRemoved(): void {
 		this.dropSession();
 		this.reconnectTimeout.clear();
-		this.enter(REMOVED);
+		this.enter({ name: 'removed', sinceMs: this.ctx.wheel.clock() });
 		this.log.info('backend socket removed');
 	}
 
@@ -474,6 +498,7 @@ export class Backend {
 		this.heartbeatTimeout.clear();
 		this.stuckTimeout.clear();
 		this.queue.discard();
+		this.reader?.close();
 		this.reader = null;
 		const sock = this.socket;
 		if (sock !== null) {
@@ -518,10 +543,6 @@ export class Backend {
 		(this.socket as net.Socket).write(CLIENT_HELLO_FRAME);
 	};
 
-	private readonly controlOnData = (chunk: Buffer): void => {
-		(this.reader as FrameReader).feed(chunk);
-	};
-
 	private readonly controlOnEnd = (): void => {
 		this.fault('backend socket EOF');
 	};
@@ -548,52 +569,28 @@ export class Backend {
 		this.fault('backend socket error', { err });
 	};
 
-	/* ---- frames from the backend ---- */
+	/* ---- frames from the backend (judged by control_reader.ts) ---- */
 
-	private readonly readerOnFrame = (type: number, addr: number, port: number, payload: Buffer | null): boolean => {
+	private readonly frameHandler: ControlFrameHandler = {
+		helloDone: () => this.lifecycle.name === 'ok',
+		hello: () => this.helloReceived(),
+		outboundUdp: (addr, port, payload) => this.ctx.onOutboundUdp(addr, port, payload, this),
+		heartbeatReply: () => this.heartbeatReplied(),
+		violation: (reason, extra) => this.fault(reason, extra),
+		budgetSpent: () => {
+			this.stats.throttled++;
+		},
+	};
+
+	private heartbeatReplied(): void {
 		const s = this.lifecycle;
-		if (s.name === 'connecting') {
-			if (type !== FRAME_SERVER_HELLO) {
-				this.fault('errant frame before hello', { frame_type: type });
-				return false;
-			}
-			this.helloReceived();
-			return true;
+		if (s.name !== 'ok' || s.heartbeat.name !== 'outstanding') {
+			this.fault('unexpected heartbeat reply from backend');
+			return;
 		}
-		if (s.name !== 'ok') {
-			return false;
-		}
-		switch (type) {
-		case FRAME_OUTBOUND_UDP:
-			this.ctx.onOutboundUdp(addr, port, payload as Buffer, this);
-			return true;
-		case FRAME_SERVER_HEARTBEAT:
-			if (s.heartbeat.name !== 'outstanding') {
-				this.fault('unexpected heartbeat reply from backend');
-				return false;
-			}
-			this.heartbeatRttMs = performance.now() - s.heartbeat.sentAtMs;
-			this.enter({ ...s, heartbeat: HEARTBEAT_SCHEDULED });
-			this.ctx.onHeartbeatRtt?.(this, this.heartbeatRttMs);
-			this.heartbeatTimeout.set(HEARTBEAT_INTERVAL_SECS);
-			return true;
-		case FRAME_SERVER_HELLO:
-			this.fault('duplicate hello from backend');
-			return false;
-		case FRAME_INBOUND_TCP_OK:
-			this.fault('TCP session frame on the control session', { frame_type: type });
-			return false;
-		default:
-			this.fault('invalid frame type', { frame_type: type, frame_name: FRAME_NAMES[type] });
-			return false;
-		}
-	};
-
-	private readonly readerOnFrameError = (code: 'unknown_type' | 'oversize', type: number, length: number): void => {
-		if (code === 'oversize') {
-			this.fault('backend sent oversized UDP packet', { frame_type: type, len: length });
-		} else {
-			this.fault('invalid frame type', { frame_type: type });
-		}
-	};
+		this.heartbeatRttMs = performance.now() - s.heartbeat.sentAtMs;
+		this.enter({ ...s, heartbeat: HEARTBEAT_SCHEDULED });
+		this.ctx.onHeartbeatRtt?.(this, this.heartbeatRttMs);
+		this.heartbeatTimeout.set(HEARTBEAT_INTERVAL_SECS);
+	}
 }

@@ -22,6 +22,25 @@
  * safety net.  A path longer than sun_path can hold is reported once and
  * skipped, never truncated: a truncated path would name another file.
  *
+ * FORGETTING.  A Backend whose socket file is gone is kept, removed, so
+ * that a backend that restarts -- unlinks its socket and binds it again,
+ * within a second or two -- finds the same Backend: the same id (which
+ * matters for names outside 5300-5399, whose id is the next free one), the
+ * same counters, the same remotes.  But socket names come and go (a
+ * backend renamed, a test fleet, a directory shared by mistake), and a
+ * registry that kept every name ever seen would grow without bound, and
+ * with it every selection scan, the snapshot and the metrics' label series.
+ * So each rescan forgets the backends that have been removed for
+ * BACKEND_FORGET_SECS (60) or more and that no remote points to, as
+ * primary or as backup (Backend counts both): a minute is far longer than
+ * a restart, and what it costs is one closed Backend per vanished name for
+ * a minute.  A removed backend that remotes still point to is kept until
+ * they leave it (a remote leaves a removed primary on its next query, an
+ * idle one when it expires).  Forgetting closes the Backend, drops it from
+ * both indexes, counts it (`forgotten`) and tells onForget (the metrics
+ * drop its label series); a socket of that name found later is a new
+ * backend, with its id chosen afresh (the same one for 5300-5399).
+ *
  * IDS.  A socket named after a port in NAMED_ID_MIN..NAMED_ID_MAX takes that
  * number as its id when it is free; any other name gets one more than the
  * highest id in use (why: IDENTITY in backend.ts).
@@ -75,6 +94,8 @@ export const WATCH_RESCAN_DELAY_MS = 100;
 export const REBALANCE_INTERVAL_SECS = 15;
 /* sun_path holds 108 bytes on Linux, one of them the terminating NUL. */
 export const MAX_SOCKET_PATH_BYTES = 107;
+/* A backend removed this long, with no remote pointing to it, is forgotten at the next rescan (FORGETTING). */
+export const BACKEND_FORGET_SECS = 60;
 export const NAMED_ID_MIN = 5300;
 export const NAMED_ID_MAX = 5399;
 
@@ -124,6 +145,8 @@ export interface BackendsOptions {
 	wheel: TimeoutWheel;
 	onOutboundUdp: OutboundUdpHandler;
 	onHeartbeatRtt?: HeartbeatRttHandler;
+	/** A backend was forgotten (FORGETTING): whatever is kept per backend id may go. */
+	onForget?: (be: BackendView) => void;
 	/** How backends are reached; connectUnix unless a test passes its own. */
 	connector?: Connector;
 }
@@ -142,6 +165,9 @@ export class Backends {
 	private readonly byId = new AVLTree<number, Backend>((a, b) => a - b, true);
 	private readonly byPath = new AVLTree<string, Backend>((a, b) => (a < b ? -1 : a > b ? 1 : 0), true);
 	private lastAssignedId = 0;
+	private readonly wheel: TimeoutWheel;
+	private readonly onForget: ((be: BackendView) => void) | undefined;
+	private forgottenCount = 0;
 	private readonly dirReadError: GatedLog;
 	private readonly noBackend: GatedLog;
 	/* Paths already reported as unusable, so each is logged once. */
@@ -157,6 +183,8 @@ export class Backends {
 		this.socketDir = opts.socketDir.replace(/\/+$/, '') || '/';
 		this.log = opts.log;
 		this.connector = opts.connector ?? connectUnix;
+		this.wheel = opts.wheel;
+		this.onForget = opts.onForget;
 		this.context = {
 			wheel: opts.wheel,
 			connector: this.connector,
@@ -185,6 +213,16 @@ export class Backends {
 
 	lookupPath(path: string): Backend | undefined {
 		return this.byPath.find(path)?.data;
+	}
+
+	/** Backends in the registry now. */
+	get size(): number {
+		return this.byId.size;
+	}
+
+	/** Backends forgotten so far (FORGETTING). */
+	get forgotten(): number {
+		return this.forgottenCount;
 	}
 
 	/* ---- discovery ---- */
@@ -226,8 +264,28 @@ export class Backends {
 					be.socketGone();
 				}
 			}
+			this.forgetGone();
 		} finally {
 			this.rescanning = false;
+		}
+	}
+
+	/**
+	 * Forget every backend removed for BACKEND_FORGET_SECS or more that no
+	 * remote points to (FORGETTING).  Each rescan ends with it.
+	 */
+	forgetGone(): void {
+		const now = this.wheel.clock();
+		for (const be of this.list()) {
+			const since = be.removedSinceMs;
+			if (since >= 0 && now - since >= BACKEND_FORGET_SECS * 1000 && be.remoteCount === 0 && be.backupCount === 0) {
+				this.byId.remove(be.id);
+				this.byPath.remove(be.path);
+				be.close();
+				this.forgottenCount++;
+				be.log.info({ removed_secs: Math.round((now - since) / 1000) }, 'backend forgotten');
+				this.onForget?.(be);
+			}
 		}
 	}
 

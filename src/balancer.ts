@@ -122,6 +122,7 @@ export class Balancer {
 			wheel: this.wheel,
 			onOutboundUdp: (addr, port, payload, be) => this.udp.sendOutbound(addr, port, payload, be),
 			onHeartbeatRtt: (be, ms) => this.metrics?.observeHeartbeatRtt(be, ms),
+			onForget: (be) => this.metrics?.forgetBackend(be),
 		});
 		this.remotes = new Remotes({
 			log: this.log, backends: this.backends, wheel: this.wheel, maxRemotes: opts.maxRemotes,

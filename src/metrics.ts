@@ -54,7 +54,7 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom
 import type { BackendView } from './backends.js';
 import type { StatsSources } from './stats.js';
 
-type BackendCounter = 'connStart' | 'connError' | 'udp' | 'tcp' | 'stuck' | 'faults';
+type BackendCounter = 'connStart' | 'connError' | 'udp' | 'tcp' | 'stuck' | 'faults' | 'throttled';
 
 /** Connections to /metrics open at once. */
 export const METRICS_MAX_CONNECTIONS = 16;
@@ -127,6 +127,8 @@ export class Metrics {
 		perBackend('bbal_backend_faults_total', 'Control sessions torn down by a fault.', 'faults');
 		perBackend('bbal_backend_connects_total', 'Control session connection attempts (reconnects included).', 'connStart');
 		perBackend('bbal_backend_connect_errors_total', 'Socket errors on control sessions.', 'connError');
+		perBackend('bbal_backend_throttled_turns_total',
+			'Event-loop turns in which the control session used up its frame budget and was paused.', 'throttled');
 
 		this.heartbeatRtt = new Histogram({
 			name: 'bbal_backend_heartbeat_rtt_seconds', help: 'Heartbeat round trip per backend.',
@@ -186,6 +188,8 @@ export class Metrics {
 				this.set(src.remotes.size);
 			},
 		});
+		total('bbal_backends_forgotten_total', 'Backends forgotten after their socket file was gone a minute.',
+			() => src.backends.forgotten);
 		total('bbal_remotes_expired_total', 'Remote peers forgotten after idling.', () => src.remotes.expired);
 		total('bbal_remotes_evicted_total', 'Remote peers evicted at the --max-remotes cap.', () => src.remotes.evicted);
 		const ls = this.listenerStats;
@@ -202,6 +206,15 @@ export class Metrics {
 
 	observeHeartbeatRtt(be: BackendView, ms: number): void {
 		this.heartbeatRtt.observe({ backend: be.id }, ms / 1000);
+	}
+
+	/*
+	 * A forgotten backend's series go too.  The per-backend gauges and
+	 * counters are rebuilt from the registry at every scrape, so only the
+	 * histogram, fed sample by sample, keeps series of its own.
+	 */
+	forgetBackend(be: BackendView): void {
+		this.heartbeatRtt.remove({ backend: be.id });
 	}
 
 	/** Connections to /metrics open now. */

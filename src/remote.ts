@@ -70,6 +70,7 @@ export interface RemoteStats {
 
 export class Remote implements RemoteStats {
 	primary: Backend | null = null;
+	/* Set through setBackup(), which keeps the backends' counts. */
 	backup: Backend | null = null;
 	/* The counters live here, not in an object of their own (see COUNTERS above). */
 	udp = 0;
@@ -159,20 +160,19 @@ export class Remote implements RemoteStats {
 		if (p !== null) {
 			if (p.ok) {
 				if (this.backup !== null) {
-					this.backup = null;
+					this.setBackup(null);
 					this.table.logAssignment(this, p, 'returned');
 				}
 				return p;
 			}
 			if (p.removed) {
 				this.clearPrimary();
-				this.backup = null;
 			} else {
 				return this.backupBackend();
 			}
 		}
 		const be = this.table.backends.select();
-		this.backup = null;
+		this.setBackup(null);
 		if (be === null) {
 			return null;
 		}
@@ -187,7 +187,7 @@ export class Remote implements RemoteStats {
 			return b;
 		}
 		const be = this.table.backends.select();
-		this.backup = be;
+		this.setBackup(be);
 		if (be !== null) {
 			this.table.logAssignment(this, be, 'backup');
 		}
@@ -207,7 +207,21 @@ export class Remote implements RemoteStats {
 			p.removeRemote();
 			this.primary = null;
 		}
-		this.backup = null;
+		this.setBackup(null);
+	}
+
+	/*
+	 * Backends count the remotes that borrow them as well as those they
+	 * serve, so the registry forgets a removed backend only when no remote
+	 * points to it at all (backends.ts, FORGETTING).
+	 */
+	private setBackup(be: Backend | null): void {
+		if (this.backup === be) {
+			return;
+		}
+		this.backup?.removeBackup();
+		this.backup = be;
+		be?.addBackup();
 	}
 }
 

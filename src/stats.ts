@@ -92,7 +92,7 @@ export interface BackendSnapshot {
 	reconnectDelay: number;
 	stuck: boolean;
 	lastHeartbeatRttMs: number | null;
-	stats: { connStart: number; connError: number; udp: number; tcp: number; stuck: number; faults: number };
+	stats: { connStart: number; connError: number; udp: number; tcp: number; stuck: number; faults: number; throttled: number };
 }
 
 export interface RemoteSnapshot {
@@ -116,6 +116,8 @@ export interface Snapshot {
 	remotesExpired: number;
 	remotesEvicted: number;
 	maxRemotes: number;
+	/** Backends forgotten after their socket file was gone a minute (backends.ts, FORGETTING). */
+	backendsForgotten: number;
 	udp: UdpProxyStats;
 	tcp: TcpListenerStats & { open: number };
 	timeouts: TimeoutInfo[];
@@ -216,6 +218,7 @@ function snapshotTail(src: StatsSources): SnapshotTail {
 		remotesExpired: src.remotes.expired,
 		remotesEvicted: src.remotes.evicted,
 		maxRemotes: src.remotes.maxRemotes,
+		backendsForgotten: src.backends.forgotten,
 		udp: { ...src.udp.stats },
 		tcp: { ...src.tcp.stats, open: src.tcp.size },
 		timeouts: src.wheel.list(),

@@ -28,6 +28,11 @@
  *            answers, and ignore those sessions from then on.  New sessions
  *            are served normally: the backend is healthy, its old session is
  *            not.
+ *   flood    write OUTBOUND_UDP frames (28 bytes to 127.0.0.9:9, where
+ *            nothing listens) on every control session as fast as bbal
+ *            takes them, and on each new one after its hello: a backend
+ *            gone wild.  `calm` stops it; `count` prints `flooded N`, the
+ *            frames written so far.
  *
  * "ready" is printed once the socket listens.  SIGTERM closes the listener
  * (removing the socket file) and exits.
@@ -62,6 +67,9 @@ function answerTo(msg: Buffer): Buffer | null {
 	return encodeAnswer(q.id ?? 0, question, label, ((q.flags ?? 0) & dnsPacket.RECURSION_DESIRED) !== 0);
 }
 
+/* What a flood sends: 28 bytes that are not an answer to anything. */
+const FLOOD_PAYLOAD = Buffer.alloc(28, 0x5a);
+
 /* Control sessions told to violate: ignored from then on. */
 const violated = new WeakSet<net.Socket>();
 
@@ -94,6 +102,12 @@ function command(line: string): void {
 				sock.write('garbage!');
 			}
 		}
+	} else if (cmd === 'flood') {
+		fake.flood(0x7f000009, 9, FLOOD_PAYLOAD);
+	} else if (cmd === 'calm') {
+		fake.stopFlood();
+	} else if (cmd === 'count') {
+		process.stdout.write(`flooded ${fake.floodFrames}\n`);
 	} else if (cmd === '') {
 		return;
 	} else {

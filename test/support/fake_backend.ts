@@ -27,6 +27,10 @@
  *
  * stopReading() pauses every connection, and every new one until
  * resumeReading(): a backend whose event loop is wedged, seen from bbal.
+ * flood() writes OUTBOUND_UDP frames on every control session (and on each
+ * later one, right after its hello) as fast as the socket takes them, until
+ * stopFlood(): a backend gone wild, which mname never is.  floodFrames
+ * counts the frames handed to the sockets.
  * close() (run on teardown when a Teardowns is given) destroys the
  * connections and closes the listener.
  *
@@ -37,13 +41,16 @@
 import { unlinkSync } from 'node:fs';
 import net from 'node:net';
 import {
-	FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FrameReader,
+	FRAME_CLIENT_HEARTBEAT, FRAME_CLIENT_HELLO, FRAME_INBOUND_TCP, FRAME_OUTBOUND_UDP, FrameReader,
 } from '../../src/protocol.js';
-import { SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME } from './backend_frames.js';
+import { encodeUdpFrame, SERVER_HEARTBEAT_FRAME, SERVER_HELLO_FRAME } from './backend_frames.js';
 import type { Teardowns } from './process.js';
 
 /** Far above any frame bbal sends: the fake judges nothing by size. */
 const MAX_FRAME_PAYLOAD_BYTES = 65_535;
+/* A flood is written in blocks of about 64 KiB of whole frames, at most this many blocks a turn. */
+const FLOOD_BLOCK_BYTES = 65_536;
+const FLOOD_BLOCKS_PER_TURN = 16;
 
 /** One frame from bbal on a control session; payload is null for frames without one. */
 export interface Frame {
@@ -85,6 +92,11 @@ export class FakeBackend {
 	private readonly connections = new Set<net.Socket>();
 	private readonly server: net.Server;
 	private reading = true;
+	/* While flooding: the block of frames written again and again; its frame count. */
+	private floodBlock: Buffer | null = null;
+	private floodBlockFrames = 0;
+	/** Frames handed to the sockets by flood(). */
+	floodFrames = 0;
 
 	private constructor(private readonly opts: FakeBackendOptions) {
 		this.server = net.createServer({ allowHalfOpen: opts.allowHalfOpen ?? false }, this.serverOnConnection);
@@ -126,8 +138,42 @@ export class FakeBackend {
 		}
 	}
 
+	/** Write OUTBOUND_UDP frames carrying `payload` to addr:port on every control session, as fast as each takes them. */
+	flood(addr: number, port: number, payload: Buffer): void {
+		const frame = encodeUdpFrame(FRAME_OUTBOUND_UDP, addr, port, payload);
+		this.floodBlockFrames = Math.max(1, Math.floor(FLOOD_BLOCK_BYTES / frame.length));
+		this.floodBlock = Buffer.concat(Array.from({ length: this.floodBlockFrames }, () => frame));
+		for (const sock of this.controlSessions) {
+			this.floodOn(sock);
+		}
+	}
+
+	stopFlood(): void {
+		this.floodBlock = null;
+	}
+
+	/* Blocks until the socket refuses more (then on 'drain'), yielding to the loop every few. */
+	private floodOn(sock: net.Socket): void {
+		const more = (): void => {
+			for (let i = 0; i < FLOOD_BLOCKS_PER_TURN; i++) {
+				const block = this.floodBlock;
+				if (block === null || sock.destroyed) {
+					return;
+				}
+				this.floodFrames += this.floodBlockFrames;
+				if (!sock.write(block)) {
+					sock.once('drain', more);
+					return;
+				}
+			}
+			setImmediate(more);
+		};
+		more();
+	}
+
 	/** Destroy every connection and close the listener (which removes the socket file). */
 	close(): Promise<void> {
+		this.floodBlock = null;
 		for (const sock of this.connections) {
 			sock.destroy();
 		}
@@ -157,6 +203,9 @@ export class FakeBackend {
 					this.controlSessions.add(sock);
 				}
 				onControlFrame(sock, { type, addr, port, payload });
+				if (type === FRAME_CLIENT_HELLO && this.floodBlock !== null) {
+					this.floodOn(sock);
+				}
 				return true;
 			},
 			onFrameError: () => sock.destroy(),

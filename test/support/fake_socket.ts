@@ -12,7 +12,8 @@
  * held) and answers write() with `accept`, so a test can make the session
  * refuse writes the way a full socket buffer does.  establish() is the usual
  * start: connected, then the backend's SERVER_HELLO.  connectError() fails
- * it as a refused or missing socket file would.  destroy() only notes it.
+ * it as a refused or missing socket file would.  destroy(), pause() and
+ * resume() only note it (a paused FakeSocket emits whatever the test emits).
  */
 
 import { EventEmitter } from 'node:events';
@@ -28,6 +29,8 @@ export class FakeSocket extends EventEmitter {
 	/* How many writes each cork()..uncork() held. */
 	readonly corkedWrites: number[] = [];
 	destroyed = false;
+	/* pause() .. resume(): the control reader stops the socket when its budget is spent. */
+	paused = false;
 	/* What write() returns: false is a socket whose buffer is full. */
 	accept = true;
 	private corked = -1;
@@ -51,6 +54,16 @@ export class FakeSocket extends EventEmitter {
 	uncork(): void {
 		this.corkedWrites.push(this.corked);
 		this.corked = -1;
+	}
+
+	pause(): this {
+		this.paused = true;
+		return this;
+	}
+
+	resume(): this {
+		this.paused = false;
+		return this;
 	}
 
 	destroy(): this {
