@@ -98,6 +98,11 @@ export interface UdpProxyStats {
 	sent: number;
 	/** Answers that could not be sent (socket error, bad address or port). */
 	sendErrors: number;
+	/**
+	 * Of sendErrors, answers dropped because the socket could take no more:
+	 * the kernel's send buffer full (native) or dgram's send queue at its cap.
+	 */
+	sendQueueFull: number;
 	/** Dropped: failed the DNS header check. */
 	invalid: number;
 	/** Dropped: source outside --allow. */
@@ -120,7 +125,7 @@ export interface UdpProxyOptions extends UdpEdgeOptions {
 
 export class UdpProxy {
 	readonly stats: UdpProxyStats = {
-		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, sendErrors: 0,
+		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, sendErrors: 0, sendQueueFull: 0,
 		invalid: 0, aclDropped: 0, rateLimited: 0, servfail: 0, refused: 0,
 	};
 	private readonly transport: UdpTransport;
@@ -289,10 +294,15 @@ export class UdpProxy {
 
 	/*
 	 * The native transport reports a failed sendmmsg() once for all the
-	 * answers it dropped (a full send buffer refuses the rest of a batch).
+	 * answers it dropped (a full send buffer refuses the rest of a batch);
+	 * dgram reports the answers its capped send queue dropped the same way.
 	 */
 	private readonly socketOnError = (err: UdpTransportError): void => {
-		this.stats.sendErrors += err.dropped ?? 1;
+		const dropped = err.dropped ?? 1;
+		this.stats.sendErrors += dropped;
+		if (err.code === 'EAGAIN' || err.code === 'EWOULDBLOCK' || err.code === 'ENOBUFS') {
+			this.stats.sendQueueFull += dropped;
+		}
 		this.socketErrorLog.report(this.log, { err });
 	};
 

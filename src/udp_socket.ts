@@ -33,6 +33,10 @@
  * refuses (EAGAIN, ENOBUFS when the send buffer is full) is dropped and
  * reported through onError with the number dropped, never queued: UDP is
  * lossy, and a queue here would grow under exactly the load that fills it.
+ * dgram queues what the kernel refuses, without bound (libuv's send queue):
+ * that transport checks the queue before each send and drops past
+ * DGRAM_SEND_QUEUE_MAX_ANSWERS or _BYTES, reporting the drops once per
+ * event-loop callback as an ENOBUFS error, as the native one does.
  *
  * Neither transport allocates per datagram in JavaScript beyond the Buffer
  * view itself (dgram also makes its own Buffer and rinfo object).  Errors
@@ -48,6 +52,19 @@ import { ipv4ToU32, MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
 /* Room for bursts while the event loop is busy elsewhere. */
 const RECV_BUFFER_BYTES = 4 * 1024 * 1024;
 const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
+/*
+ * dgram's send queue, per socket.  Node tries each answer at once and only
+ * queues it in libuv when the kernel refuses it (the socket's send buffer,
+ * up to SEND_BUFFER_BYTES, is full); libuv's queue has no bound of its own.
+ * Past either limit an answer is dropped, as the native transport drops what
+ * sendmmsg() refuses.  The queue is only a cushion above the kernel's
+ * buffer: 512 answers is about what one 64 KiB read of a backend's session
+ * carries (answers of ~130 bytes), so a burst that lands while the kernel
+ * buffer drains is still sent, while a socket that stays full holds at most
+ * 512 KiB of answers instead of growing with the load.
+ */
+export const DGRAM_SEND_QUEUE_MAX_ANSWERS = 512;
+export const DGRAM_SEND_QUEUE_MAX_BYTES = 512 * 1024;
 /* Slots in the direct-mapped cache of destination address texts (dgram). */
 const ADDR_CACHE_MASK = 4095;
 /* The addon's arena geometry; it exports its own and load() compares. */
@@ -308,6 +325,8 @@ class DgramTransport implements UdpTransport {
 	private port = 0;
 	private closed: Promise<void> | null = null;
 	private bindReject: ((err: Error) => void) | null = null;
+	/* Answers dropped on a full send queue since the last report (see queueFullReport). */
+	private queueFullDrops = 0;
 	private readonly addrCacheKey = new Uint32Array(ADDR_CACHE_MASK + 1);
 	private readonly addrCacheText: Array<string | undefined> = new Array<string | undefined>(ADDR_CACHE_MASK + 1);
 
@@ -383,9 +402,31 @@ class DgramTransport implements UdpTransport {
 			this.addrCacheKey[slot] = addr;
 			this.addrCacheText[slot] = ip;
 		}
+		/*
+		 * Accepted either way, as the native transport accepts what
+		 * sendmmsg() then refuses: the drop is reported through onError.
+		 */
+		if (this.socket.getSendQueueCount() >= DGRAM_SEND_QUEUE_MAX_ANSWERS
+			|| this.socket.getSendQueueSize() + payload.length > DGRAM_SEND_QUEUE_MAX_BYTES) {
+			if (this.queueFullDrops++ === 0) {
+				process.nextTick(this.queueFullReport);
+			}
+			return true;
+		}
 		this.socket.send(payload, port, ip);
 		return true;
 	}
+
+	/* One error for all the answers a full queue dropped during one callback. */
+	private readonly queueFullReport = (): void => {
+		const n = this.queueFullDrops;
+		this.queueFullDrops = 0;
+		if (this.state === 'open') {
+			this.onError(transportError('ENOBUFS',
+				`UDP send queue full (over ${DGRAM_SEND_QUEUE_MAX_ANSWERS} answers or ${DGRAM_SEND_QUEUE_MAX_BYTES} bytes): `
+				+ `${n} answers dropped`, n));
+		}
+	};
 
 	close(): Promise<void> {
 		if (this.closed !== null) {

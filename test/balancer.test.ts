@@ -217,6 +217,15 @@ t.test('a backend that stops reading: its queries are dropped and counted, not q
 		'logged once, on the backend\'s logger');
 });
 
+t.test('answers the socket could not take are counted: a full send buffer or queue apart from other errors', async (t) => {
+	const { bal, udp } = await startBalancer(t, dir);
+	udp.onError(Object.assign(new Error('UDP send queue full'), { code: 'ENOBUFS', dropped: 3 }));
+	udp.onError(Object.assign(new Error('UDP send failed'), { code: 'EAGAIN', dropped: 2 }));
+	udp.onError(Object.assign(new Error('UDP send failed'), { code: 'EPERM', dropped: 1 }));
+	t.match(bal.udp.stats, { sendErrors: 6, sendQueueFull: 5 }, 'all six in sendErrors, the five dropped for room in sendQueueFull');
+	t.equal(takeSnapshot(bal.statsSources).udp.sendQueueFull, 5, 'in the snapshot');
+});
+
 t.test('the snapshot: first and last seen are the clock\'s times, to the second', async (t) => {
 	const { bal, udp, advance } = await startBalancer(t, dir);
 	const src = addr('127.0.5.60');

@@ -11,7 +11,9 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { ipv4ToU32 } from '../src/protocol.js';
-import { createUdpTransport, type UdpTransport, type UdpTransportKind } from '../src/udp_socket.js';
+import {
+	createUdpTransport, DGRAM_SEND_QUEUE_MAX_ANSWERS, DGRAM_SEND_QUEUE_MAX_BYTES, type UdpTransport, type UdpTransportKind,
+} from '../src/udp_socket.js';
 import { freePort } from './support/ports.js';
 import { projectRoot } from './support/process.js';
 import { sleep, waitFor } from './support/wait.js';
@@ -243,3 +245,58 @@ for (const kind of kinds) {
 		t.equal(seen.length, 1, 'one datagram, then silence');
 	});
 }
+
+/*
+ * dgram's send queue is capped.  A real socket's queue cannot be made to
+ * fill on loopback: the loopback device takes every datagram at once (one
+ * the receiver has no room for is dropped there, not held against the
+ * sender), so the kernel never refuses a send and libuv never queues.  The
+ * sockets here are real; only what they say about their queue is made up.
+ */
+t.test('dgram: over the send-queue cap, answers are dropped and reported, not queued', async (t) => {
+	const proto = dgram.Socket.prototype;
+	const saved = Object.getOwnPropertyDescriptors(proto);
+	t.teardown(() => {
+		Object.defineProperty(proto, 'getSendQueueCount', saved.getSendQueueCount);
+		Object.defineProperty(proto, 'getSendQueueSize', saved.getSendQueueSize);
+	});
+	let queued = { count: 0, bytes: 0 };
+	proto.getSendQueueCount = function () { return queued.count; };
+	proto.getSendQueueSize = function () { return queued.bytes; };
+
+	const { u, port } = await serve(t, 'dgram');
+	const errors: Array<{ code?: string; dropped?: number }> = [];
+	u.onError = (err) => errors.push({ code: err.code, dropped: err.dropped });
+	const c = await client(t, src(12));
+	let answers = 0;
+	u.onDatagram = (msg, addr, p) => {
+		for (let i = 0; i < 3; i++) {
+			t.equal(u.send(numbered(answers++, 100), addr, p), true, 'accepted (the drop is reported, as native does)');
+		}
+	};
+	const ask = async (): Promise<void> => {
+		const before = answers;
+		c.sock.send(Buffer.from('q'), port, '127.0.0.1');
+		await waitFor(() => answers === before + 3, 2000);
+		await sleep(100);
+	};
+
+	await ask();
+	t.equal(c.got.length, 3, 'an empty queue: all three sent');
+	t.same(errors, [], 'nothing reported');
+
+	queued = { count: DGRAM_SEND_QUEUE_MAX_ANSWERS, bytes: 0 };
+	await ask();
+	t.equal(c.got.length, 3, `${DGRAM_SEND_QUEUE_MAX_ANSWERS} answers queued: none of the next three sent`);
+	t.same(errors, [{ code: 'ENOBUFS', dropped: 3 }], 'one report for the three');
+
+	queued = { count: 1, bytes: DGRAM_SEND_QUEUE_MAX_BYTES - 99 };
+	await ask();
+	t.equal(c.got.length, 3, 'a 100-byte answer would take the queue past its byte cap: dropped');
+	t.same(errors[1], { code: 'ENOBUFS', dropped: 3 }, 'reported');
+
+	queued = { count: DGRAM_SEND_QUEUE_MAX_ANSWERS - 1, bytes: DGRAM_SEND_QUEUE_MAX_BYTES - 100 };
+	await ask();
+	t.equal(c.got.length, 6, 'just under both caps: sent');
+	t.equal(errors.length, 2, 'nothing more reported');
+});
