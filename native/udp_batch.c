@@ -41,6 +41,23 @@
  * dropped, not queued: UDP is lossy, and a queue here would only grow under
  * exactly the load that fills it.
  *
+ * POLL ERRORS.  When poll() reports POLLERR, libuv stops the poll handle
+ * and calls us with UV_EBADF: left there, the socket would never be read
+ * again while the process lived on.  POLLERR on a UDP socket means a
+ * pending socket error (sk_err) or something on the error queue; neither
+ * makes the socket unusable, and libuv's own UDP handles simply read the
+ * error and carry on.  So do we: the pending error is taken (SO_ERROR),
+ * the error queue drained (at most UB_ERRQUEUE_DRAIN entries), the poll
+ * started again, and JavaScript told (a negative code, not fatal).  A
+ * socket that keeps failing is not re-armed for ever: after
+ * UB_MAX_POLL_ERRORS errors with no datagram read in between, or if the
+ * poll cannot be started again, JavaScript is told the error is fatal, and
+ * bbal exits so that its service manager restarts it -- never a live
+ * process whose UDP is dead.  (bbal sets neither IP_RECVERR nor
+ * timestamping, so the kernel has little reason ever to raise POLLERR
+ * here; when it does, something unknown is wrong, and the bound keeps a
+ * persistent fault from becoming a busy loop.)
+ *
  * Lifecycle: open -> closing (uv_close() called, poll stopped) -> closed
  * (the poll handle's close callback ran: fd closed, references released,
  * the done callback called).  Once closing, no JavaScript callback but the
@@ -72,6 +89,10 @@
 #define UB_META_WORDS 3
 #define UB_MAX_BATCHES 4
 #define UB_SOCKET_BUFFER_BYTES (4 * 1024 * 1024)
+/* Poll errors in a row, with no datagram read between, before giving up. */
+#define UB_MAX_POLL_ERRORS 16
+/* Error-queue entries read per poll error. */
+#define UB_ERRQUEUE_DRAIN 64
 
 enum ub_state { UB_OPEN, UB_CLOSING, UB_CLOSED };
 
@@ -80,6 +101,8 @@ typedef struct ub_socket {
 	int finalized;
 	int fd;
 	int last_send_errno;
+	/* Poll errors since a datagram was last read (see POLL ERRORS). */
+	int poll_errors;
 	napi_env env;
 	uv_poll_t poll;
 	napi_async_context async_ctx;
@@ -135,7 +158,7 @@ ub_throw_errno(napi_env env, const char *syscall, int err)
  * rethrown as an uncaught one: a bug in the handler must not vanish here.
  */
 static void
-ub_call(ub_socket_t *u, napi_ref fn_ref, napi_value arg)
+ub_call(ub_socket_t *u, napi_ref fn_ref, size_t argc, const napi_value *argv)
 {
 	napi_env env = u->env;
 	napi_value fn, resource, result;
@@ -145,8 +168,7 @@ ub_call(ub_socket_t *u, napi_ref fn_ref, napi_value arg)
 	    napi_get_reference_value(env, u->resource_ref, &resource) != napi_ok) {
 		return;
 	}
-	st = napi_make_callback(env, u->async_ctx, resource, fn, arg == NULL ? 0 : 1,
-	    arg == NULL ? NULL : &arg, &result);
+	st = napi_make_callback(env, u->async_ctx, resource, fn, argc, argv, &result);
 	if (st == napi_pending_exception) {
 		napi_value exc;
 		if (napi_get_and_clear_last_exception(env, &exc) == napi_ok) {
@@ -155,19 +177,74 @@ ub_call(ub_socket_t *u, napi_ref fn_ref, napi_value arg)
 	}
 }
 
+static void ub_on_poll(uv_poll_t *handle, int status, int events);
+
+/*
+ * onBatch(count) for a batch, onBatch(-code) for a receive error,
+ * onBatch(-code, true) for a poll error that stopped the socket for good.
+ */
 static void
-ub_call_count(ub_socket_t *u, int32_t count)
+ub_call_batch(ub_socket_t *u, int32_t count, bool fatal)
 {
 	napi_handle_scope scope;
-	napi_value arg;
+	napi_value args[2];
 
 	if (napi_open_handle_scope(u->env, &scope) != napi_ok) {
 		return;
 	}
-	if (napi_create_int32(u->env, count, &arg) == napi_ok) {
-		ub_call(u, u->on_batch_ref, arg);
+	if (napi_create_int32(u->env, count, &args[0]) == napi_ok &&
+	    napi_get_boolean(u->env, fatal, &args[1]) == napi_ok) {
+		ub_call(u, u->on_batch_ref, fatal ? 2 : 1, args);
 	}
 	napi_close_handle_scope(u->env, scope);
+}
+
+/*
+ * Take the socket's pending error and drain its error queue, so that
+ * POLLERR is not raised again for the same cause.  Returns the pending
+ * error (an errno), or 0 when there was none.
+ */
+static int
+ub_take_error(ub_socket_t *u)
+{
+	int err = 0, again = 0, i;
+	socklen_t len = sizeof (err);
+	char data[64], control[512];
+	struct iovec iov;
+	struct msghdr mh;
+
+	(void) getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+	for (i = 0; i < UB_ERRQUEUE_DRAIN; i++) {
+		memset(&mh, 0, sizeof (mh));
+		iov.iov_base = data;
+		iov.iov_len = sizeof (data);
+		mh.msg_iov = &iov;
+		mh.msg_iovlen = 1;
+		mh.msg_control = control;
+		mh.msg_controllen = sizeof (control);
+		if (recvmsg(u->fd, &mh, MSG_ERRQUEUE | MSG_DONTWAIT) < 0 && errno != EINTR) {
+			break;
+		}
+	}
+	/* Reading the queue may set the error of its next entry: take that too. */
+	len = sizeof (again);
+	(void) getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &again, &len);
+	return err != 0 ? err : again;
+}
+
+/* libuv has stopped the poll (see POLL ERRORS): start it again, or give up. */
+static void
+ub_poll_failed(ub_socket_t *u, int status)
+{
+	int err = ub_take_error(u), rc = 0;
+	int32_t code = err != 0 ? -err : status;
+
+	if (++u->poll_errors > UB_MAX_POLL_ERRORS ||
+	    (rc = uv_poll_start(&u->poll, UV_READABLE, ub_on_poll)) != 0) {
+		ub_call_batch(u, rc != 0 ? rc : code, true);
+		return;
+	}
+	ub_call_batch(u, code, false);
 }
 
 /* Read one batch; returns the count, 0 when there was nothing, or -errno. */
@@ -216,7 +293,7 @@ ub_on_poll(uv_poll_t *handle, int status, int events)
 		return;
 	}
 	if (status < 0) {
-		ub_call_count(u, status);
+		ub_poll_failed(u, status);
 		return;
 	}
 	if ((events & UV_READABLE) == 0) {
@@ -227,8 +304,11 @@ ub_on_poll(uv_poll_t *handle, int status, int events)
 		if (n == 0) {
 			return;
 		}
+		if (n > 0) {
+			u->poll_errors = 0;
+		}
 		/* errno values and libuv's codes are the same on Linux, negated. */
-		ub_call_count(u, n);
+		ub_call_batch(u, n, false);
 		if (u->state != UB_OPEN || n < UB_SLOTS) {
 			return;
 		}
@@ -267,7 +347,7 @@ ub_on_closed(uv_handle_t *handle)
 	u->state = UB_CLOSED;
 	if (napi_open_handle_scope(env, &scope) == napi_ok) {
 		if (u->on_closed_ref != NULL) {
-			ub_call(u, u->on_closed_ref, NULL);
+			ub_call(u, u->on_closed_ref, 0, NULL);
 		}
 		napi_close_handle_scope(env, scope);
 	}
@@ -585,6 +665,30 @@ ub_local_port(napi_env env, napi_callback_info info)
 }
 
 /*
+ * recvErr(handle): turn IP_RECVERR on.  A test seam, not used by bbal:
+ * with it, an answer to a port nobody listens on comes back as an ICMP
+ * error on the socket, and poll() reports POLLERR -- the one way a test
+ * can make the kernel raise the condition POLL ERRORS is about.
+ */
+static napi_value
+ub_recv_err(napi_env env, napi_callback_info info)
+{
+	napi_value argv[1];
+	size_t argc = 1;
+	ub_socket_t *u;
+	int one = 1;
+
+	NAPI_OK_OR_RETURN(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 1 || (u = ub_unwrap(env, argv[0])) == NULL) {
+		return NULL;
+	}
+	if (u->state != UB_OPEN || setsockopt(u->fd, IPPROTO_IP, IP_RECVERR, &one, sizeof (one)) != 0) {
+		ub_throw_errno(env, "setsockopt", u->state != UB_OPEN ? EBADF : errno);
+	}
+	return NULL;
+}
+
+/*
  * close(handle, onClosed): stop watching at once; the fd is closed and
  * onClosed called from the poll handle's close callback.  Idempotent: a
  * second call returns false and never calls its onClosed.
@@ -625,6 +729,7 @@ ub_init(napi_env env, napi_value exports)
 		{ "errName", NULL, ub_err_name, NULL, NULL, NULL, napi_enumerable, NULL },
 		{ "localPort", NULL, ub_local_port, NULL, NULL, NULL, napi_enumerable, NULL },
 		{ "close", NULL, ub_close, NULL, NULL, NULL, napi_enumerable, NULL },
+		{ "recvErr", NULL, ub_recv_err, NULL, NULL, NULL, napi_enumerable, NULL },
 	};
 	napi_value v;
 

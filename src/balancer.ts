@@ -92,6 +92,12 @@ export type BalancerOptions = Pick<Options, 'bind' | 'port' | 'socketDir'>
 		statsSocket?: string;
 		/** When false, a stats socket that cannot be opened is only a warning. */
 		statsSocketRequired?: boolean;
+		/**
+		 * The UDP socket failed for good and will deliver no more queries.
+		 * main exits non-zero, so that the service manager restarts bbal;
+		 * without it, the balancer logs the error and closes itself.
+		 */
+		onFatal?: (err: Error) => void;
 	};
 
 export type BalancerState = 'new' | 'starting' | 'running' | 'closing' | 'closed';
@@ -137,6 +143,7 @@ export class Balancer {
 			noBackend: opts.noBackend,
 			maxQpsPerRemote: opts.maxQpsPerRemote,
 			rateLimitAction: opts.rateLimitAction,
+			onFatal: opts.onFatal ?? this.udpFailed,
 		});
 		this.tcp = new TcpListener({
 			remotes: this.remotes,
@@ -160,6 +167,11 @@ export class Balancer {
 	get state(): BalancerState {
 		return this.lifecycle;
 	}
+
+	private readonly udpFailed = (err: Error): void => {
+		this.log.fatal({ err }, 'UDP socket failed (closing)');
+		void this.close();
+	};
 
 	/* ---- periodic jobs (see the header) ---- */
 

@@ -33,7 +33,9 @@
  *   SIGUSR2          write the stats snapshot to the log
  *
  * An uncaught exception is a bug: it is logged at fatal level and the
- * process exits 1, leaving the restart to the service manager.
+ * process exits 1, leaving the restart to the service manager.  So does a
+ * UDP socket that failed for good (udp_socket.ts): a process that lives on
+ * without UDP would answer TCP only, and nothing would restart it.
  */
 
 import { statSync } from 'node:fs';
@@ -107,7 +109,13 @@ export async function main(argv: string[]): Promise<void> {
 		process.exit(EXIT_FAILURE);
 	});
 
-	const bal = new Balancer({ ...opts, log, statsSocketRequired: opts.statsSocketExplicit });
+	const bal = new Balancer({
+		...opts, log, statsSocketRequired: opts.statsSocketExplicit,
+		onFatal: (err) => {
+			log.fatal({ err }, 'UDP socket failed (exiting)');
+			process.exit(EXIT_FAILURE);
+		},
+	});
 	const stop = (signal: string): void => {
 		log.info({ signal, tcp_open: bal.tcp.size }, 'shutting down');
 		void bal.close().then(() => {

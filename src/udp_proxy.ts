@@ -96,6 +96,8 @@ export interface UdpProxyStats {
 	stuck: number;
 	/** Answers sent back to remotes. */
 	sent: number;
+	/** Errors reading the socket (a recvmsg failure, a poll error the native transport recovered from). */
+	receiveErrors: number;
 	/** Answers that could not be sent (socket error, bad address or port). */
 	sendErrors: number;
 	/**
@@ -121,12 +123,18 @@ export interface UdpProxyOptions extends UdpEdgeOptions {
 	wheel: TimeoutWheel;
 	/** The socket, not yet bound; the proxy binds it in listen() and closes it in close(). */
 	transport: UdpTransport;
+	/**
+	 * The socket failed for good (err.fatal): it will never deliver another
+	 * query.  main exits so that the service manager restarts bbal; by
+	 * default the error is only logged.
+	 */
+	onFatal?: (err: UdpTransportError) => void;
 }
 
 export class UdpProxy {
 	readonly stats: UdpProxyStats = {
-		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, sendErrors: 0, sendQueueFull: 0,
-		invalid: 0, aclDropped: 0, rateLimited: 0, servfail: 0, refused: 0,
+		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, receiveErrors: 0, sendErrors: 0,
+		sendQueueFull: 0, invalid: 0, aclDropped: 0, rateLimited: 0, servfail: 0, refused: 0,
 	};
 	private readonly transport: UdpTransport;
 	private readonly remotes: Remotes;
@@ -143,6 +151,7 @@ export class UdpProxy {
 	private readonly servfailOnNoBackend: boolean;
 	private readonly maxQps: number;
 	private readonly refuseOverRate: boolean;
+	private readonly onFatal: (err: UdpTransportError) => void;
 	/* Read once: the level is fixed for the life of the process. */
 	private readonly trace: boolean;
 	private state: 'new' | 'listening' | 'closed' = 'new';
@@ -165,6 +174,7 @@ export class UdpProxy {
 		this.outboundErrorLog = new GatedLog(w, 'warn', 'outbound UDP packet error');
 		this.socketErrorLog = new GatedLog(w, 'warn', 'UDP socket error');
 		this.transport = opts.transport;
+		this.onFatal = opts.onFatal ?? ((err) => this.log.fatal({ err }, 'UDP socket failed'));
 	}
 
 	/** Bind; rejects with the socket error (EADDRINUSE, EACCES ...). */
@@ -298,6 +308,15 @@ export class UdpProxy {
 	 * dgram reports the answers its capped send queue dropped the same way.
 	 */
 	private readonly socketOnError = (err: UdpTransportError): void => {
+		if (err.fatal === true) {
+			this.onFatal(err);
+			return;
+		}
+		if (err.syscall === 'recvmsg' || err.syscall === 'recvmmsg') {
+			this.stats.receiveErrors++;
+			this.socketErrorLog.report(this.log, { err });
+			return;
+		}
 		const dropped = err.dropped ?? 1;
 		this.stats.sendErrors += dropped;
 		if (err.code === 'EAGAIN' || err.code === 'EWOULDBLOCK' || err.code === 'ENOBUFS') {

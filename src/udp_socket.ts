@@ -40,7 +40,10 @@
  *
  * Neither transport allocates per datagram in JavaScript beyond the Buffer
  * view itself (dgram also makes its own Buffer and rinfo object).  Errors
- * after bind go to onError, never thrown.  close() is idempotent and
+ * after bind go to onError, never thrown.  One is fatal: a native socket
+ * whose poll libuv stopped and the addon could not restart (POLL ERRORS in
+ * udp_batch.c) will never be read again, and says so (err.fatal), for bbal
+ * to exit and be restarted.  close() is idempotent and
  * resolves once the socket is closed; after it no callback is called.
  */
 
@@ -98,8 +101,16 @@ export interface UdpTransport {
 
 export interface UdpTransportError extends Error {
 	code?: string;
+	/** 'recvmsg' or 'recvmmsg' for an error on the receiving side (it drops no answer), else a send. */
+	syscall?: string;
 	/** Answers lost to this error; 1 for any other socket error, as dgram reports one per event. */
 	dropped?: number;
+	/**
+	 * The socket will never deliver another datagram (the native transport's
+	 * poll stopped and could not be restarted): bbal must exit and be
+	 * restarted rather than live on without UDP.
+	 */
+	fatal?: boolean;
 }
 
 interface Addon {
@@ -107,7 +118,7 @@ interface Addon {
 	SLOT_BYTES: number;
 	META_WORDS: number;
 	open(addr: number, port: number, recvData: ArrayBuffer, recvMeta: ArrayBuffer,
-		sendData: ArrayBuffer, sendMeta: ArrayBuffer, onBatch: (count: number) => void): object;
+		sendData: ArrayBuffer, sendMeta: ArrayBuffer, onBatch: (count: number, fatal?: boolean) => void): object;
 	send(handle: object, count: number): number;
 	sendErrno(handle: object): string;
 	errName(code: number): string;
@@ -223,13 +234,21 @@ class NativeTransport implements UdpTransport {
 	/*
 	 * One call per recvmmsg() batch: count datagrams in slots 0..count-1,
 	 * or a negative libuv error code.  The handler may close the transport
-	 * halfway; the rest of the batch is then dropped.
+	 * halfway; the rest of the batch is then dropped.  An error is a failed
+	 * recvmmsg() or a poll error the addon has recovered from (the socket
+	 * is read again), unless `fatal`: then the poll could not be restarted
+	 * and no datagram will ever arrive (see POLL ERRORS in udp_batch.c).
 	 */
-	private readonly addonOnBatch = (count: number): void => {
+	private readonly addonOnBatch = (count: number, fatal?: boolean): void => {
 		if (count < 0) {
 			if (this.state === 'open') {
 				const code = this.addon.errName(count);
-				this.onError(transportError(code, `UDP receive failed: ${code}`, 1));
+				const err = fatal === true
+					? transportError(code, `UDP socket failed: ${code} (it cannot be read again)`, 0)
+					: transportError(code, `UDP receive failed: ${code} (reading goes on)`, 0);
+				err.syscall = 'recvmmsg';
+				err.fatal = fatal === true;
+				this.onError(err);
 			}
 			return;
 		}

@@ -226,6 +226,27 @@ t.test('answers the socket could not take are counted: a full send buffer or que
 	t.equal(takeSnapshot(bal.statsSources).udp.sendQueueFull, 5, 'in the snapshot');
 });
 
+t.test('a receive error is counted apart; a fatal socket error goes to onFatal (main exits on it)', async (t) => {
+	const fatal: Error[] = [];
+	const { bal, udp } = await startBalancer(t, dir, { onFatal: (err) => fatal.push(err) });
+	udp.onError(Object.assign(new Error('UDP receive failed'), { code: 'ECONNREFUSED', syscall: 'recvmmsg', dropped: 0 }));
+	t.match(bal.udp.stats, { receiveErrors: 1, sendErrors: 0 }, 'a receive error drops no answer');
+	t.same(fatal, [], 'and is not fatal');
+	const err = Object.assign(new Error('UDP socket failed'), { code: 'EBADF', syscall: 'recvmmsg', dropped: 0, fatal: true });
+	udp.onError(err);
+	t.same(fatal, [err], 'the fatal one handed to onFatal');
+	t.equal(bal.state, 'running', 'the balancer leaves the decision to its owner');
+});
+
+t.test('without onFatal, a fatal socket error is logged and the balancer closes itself', async (t) => {
+	const { bal, udp, logs } = await startBalancer(t, dir);
+	udp.onError(Object.assign(new Error('UDP socket failed'), { code: 'EBADF', dropped: 0, fatal: true }));
+	await bal.close();
+	t.equal(logged(logs, 'UDP socket failed (closing)').length, 1, 'one fatal line');
+	t.equal(logged(logs, 'UDP socket failed (closing)')[0]?.level, 60, 'at fatal level');
+	t.equal(udp.state, 'closed');
+});
+
 t.test('the snapshot: first and last seen are the clock\'s times, to the second', async (t) => {
 	const { bal, udp, advance } = await startBalancer(t, dir);
 	const src = addr('127.0.5.60');

@@ -8,11 +8,13 @@
 
 import dgram from 'node:dgram';
 import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { ipv4ToU32 } from '../src/protocol.js';
 import {
-	createUdpTransport, DGRAM_SEND_QUEUE_MAX_ANSWERS, DGRAM_SEND_QUEUE_MAX_BYTES, type UdpTransport, type UdpTransportKind,
+	createUdpTransport, DGRAM_SEND_QUEUE_MAX_ANSWERS, DGRAM_SEND_QUEUE_MAX_BYTES, type UdpTransport, type UdpTransportError,
+	type UdpTransportKind,
 } from '../src/udp_socket.js';
 import { freePort } from './support/ports.js';
 import { projectRoot } from './support/process.js';
@@ -299,4 +301,85 @@ t.test('dgram: over the send-queue cap, answers are dropped and reported, not qu
 	await ask();
 	t.equal(c.got.length, 6, 'just under both caps: sent');
 	t.equal(errors.length, 2, 'nothing more reported');
+});
+
+/*
+ * POLLERR on the native transport's socket.  bbal never turns IP_RECVERR
+ * on; the addon's recvErr() seam does, so that an answer to a port nobody
+ * listens on comes back as an ICMP error on the socket, which poll()
+ * reports as POLLERR -- and libuv then stops the poll handle.
+ */
+interface RecvErrAddon { recvErr(handle: object): void }
+
+function recvErr(u: UdpTransport): void {
+	const addon = createRequire(import.meta.url)(ADDON_FILE) as RecvErrAddon;
+	addon.recvErr((u as unknown as { handle: object }).handle);
+}
+
+/* A port on `source` that nobody listens on (bound, then closed). */
+async function deadPort(source: string): Promise<number> {
+	const s = dgram.createSocket('udp4');
+	await new Promise<void>((resolve) => s.bind(0, source, resolve));
+	const port = s.address().port;
+	await new Promise<void>((resolve) => s.close(() => resolve()));
+	return port;
+}
+
+const nativeOnly = { skip: kinds.includes('native') ? false : 'the native transport is not built' };
+
+t.test('native: after a poll error the socket is read again', nativeOnly, async (t) => {
+	const { u, port, seen } = await serve(t, 'native');
+	const errors: UdpTransportError[] = [];
+	u.onError = (err) => errors.push(err);
+	recvErr(u);
+	const dead = await deadPort(src(13));
+	t.equal(u.send(Buffer.from('to nobody'), ipv4ToU32(src(13)), dead), true);
+	await waitFor(() => errors.length === 1, 2000, 5, 'the ICMP error reported');
+	t.match(errors[0], { code: 'ECONNREFUSED', syscall: 'recvmmsg', fatal: false, dropped: 0 },
+		'the socket\'s pending error, as a receive error that is not fatal');
+	const c = await client(t, src(14));
+	c.sock.send(Buffer.from('still listening?'), port, '127.0.0.1');
+	await waitFor(() => seen.length === 1, 2000, 5, 'a datagram after the poll error');
+	t.equal(seen[0]?.bytes.toString(), 'still listening?', 'delivered');
+	t.equal(errors.length, 1, 'one error, no busy loop');
+});
+
+t.test('native: poll errors that keep coming with nothing read between are fatal', nativeOnly, async (t) => {
+	const { u, port, seen } = await serve(t, 'native');
+	const errors: UdpTransportError[] = [];
+	u.onError = (err) => errors.push(err);
+	recvErr(u);
+	const dead = await deadPort(src(15));
+	/* UB_MAX_POLL_ERRORS in udp_batch.c */
+	const MAX = 16;
+	for (let i = 0; i <= MAX; i++) {
+		u.send(Buffer.from('to nobody'), ipv4ToU32(src(15)), dead);
+		await waitFor(() => errors.length === i + 1, 2000, 5, `poll error ${i + 1}`);
+	}
+	t.ok(errors.slice(0, MAX).every((e) => e.fatal === false), `the first ${MAX} are recovered from`);
+	t.match(errors[MAX], { code: 'ECONNREFUSED', fatal: true }, `number ${MAX + 1} in a row is fatal`);
+	const c = await client(t, src(16));
+	c.sock.send(Buffer.from('anyone?'), port, '127.0.0.1');
+	await sleep(200);
+	t.equal(seen.length, 0, 'the socket is no longer read');
+	await u.close();
+	t.pass('and closes');
+});
+
+t.test('native: a datagram read between poll errors starts the count again', nativeOnly, async (t) => {
+	const { u, port, seen } = await serve(t, 'native');
+	const errors: UdpTransportError[] = [];
+	u.onError = (err) => errors.push(err);
+	recvErr(u);
+	const dead = await deadPort(src(17));
+	const c = await client(t, src(18));
+	for (let i = 0; i < 40; i++) {
+		u.send(Buffer.from('to nobody'), ipv4ToU32(src(17)), dead);
+		await waitFor(() => errors.length === i + 1, 2000, 5, `poll error ${i + 1}`);
+		if (i % 10 === 9) {
+			c.sock.send(Buffer.from(`ping ${i}`), port, '127.0.0.1');
+			await waitFor(() => seen.length === (i + 1) / 10, 2000, 5, 'a datagram');
+		}
+	}
+	t.ok(errors.every((e) => e.fatal === false), '40 poll errors, never more than 10 in a row: none fatal');
 });
