@@ -13,15 +13,29 @@
  * are the shared arenas:
  *
  *   recv data   UB_SLOTS slots of UB_SLOT_BYTES: slot i holds datagram i
- *   recv meta   UB_SLOTS x 3 uint32: true length, IPv4 source (host order),
- *               source port
+ *   recv meta   UB_SLOTS x 4 uint32: true length, IPv4 source (host order),
+ *               source port, local address the datagram was sent to (0
+ *               unless bound to the wildcard address)
  *   send data,  the same shape, filled by JavaScript; send(h, n) sends
- *   send meta   slots 0..n-1 with one sendmmsg()
+ *   send meta   slots 0..n-1 with one sendmmsg(), each from its local
+ *               address when it has one
  *
  * A datagram longer than its slot is truncated in the slot, but recvmmsg()
  * is asked for MSG_TRUNC so that the length in the meta arena is the true
  * one: bbal counts and drops anything over 1500 bytes and must see it as
  * such.
+ *
+ * WILDCARD BINDS.  A socket bound to 0.0.0.0 receives what is sent to any
+ * of the host's addresses, but a plain send leaves from whichever address
+ * the kernel picks for the route back -- not necessarily the one the client
+ * asked, and a client discards an answer from an address it did not query.
+ * So a wildcard socket turns IP_PKTINFO on: each datagram read comes with
+ * an in_pktinfo, whose ipi_spec_dst (the local address it was sent to;
+ * for a broadcast, the interface's address) goes to JavaScript as the
+ * fourth meta word, and an answer given a local address is sent with an
+ * IP_PKTINFO control message setting ipi_spec_dst, which makes it the
+ * source.  A socket bound to one address needs none of this and sets none
+ * of it.  IPv4 only, as bbal is.
  *
  * The socket is watched with a uv_poll_t on Node's own loop.  When it is
  * readable we read up to UB_MAX_BATCHES batches (fewer if one comes back
@@ -86,7 +100,7 @@
 /* Keep in step with src/udp_socket.ts, which checks them at load. */
 #define UB_SLOTS 64
 #define UB_SLOT_BYTES 1536
-#define UB_META_WORDS 3
+#define UB_META_WORDS 4
 #define UB_MAX_BATCHES 4
 #define UB_SOCKET_BUFFER_BYTES (4 * 1024 * 1024)
 /* Poll errors in a row, with no datagram read between, before giving up. */
@@ -96,6 +110,12 @@
 
 enum ub_state { UB_OPEN, UB_CLOSING, UB_CLOSED };
 
+/* Room for one IP_PKTINFO control message, aligned as a cmsghdr. */
+typedef union ub_control {
+	struct cmsghdr align;
+	char buf[CMSG_SPACE(sizeof (struct in_pktinfo))];
+} ub_control_t;
+
 typedef struct ub_socket {
 	enum ub_state state;
 	int finalized;
@@ -103,6 +123,8 @@ typedef struct ub_socket {
 	int last_send_errno;
 	/* Poll errors since a datagram was last read (see POLL ERRORS). */
 	int poll_errors;
+	/* Bound to the wildcard address: IP_PKTINFO on (see WILDCARD BINDS). */
+	int pktinfo;
 	napi_env env;
 	uv_poll_t poll;
 	napi_async_context async_ctx;
@@ -117,9 +139,11 @@ typedef struct ub_socket {
 	struct mmsghdr recv_msgs[UB_SLOTS];
 	struct iovec recv_iov[UB_SLOTS];
 	struct sockaddr_in recv_from[UB_SLOTS];
+	ub_control_t recv_control[UB_SLOTS];
 	struct mmsghdr send_msgs[UB_SLOTS];
 	struct iovec send_iov[UB_SLOTS];
 	struct sockaddr_in send_to[UB_SLOTS];
+	ub_control_t send_control[UB_SLOTS];
 } ub_socket_t;
 
 #define NAPI_OK_OR_RETURN(env, call) do { \
@@ -247,6 +271,24 @@ ub_poll_failed(ub_socket_t *u, int status)
 	ub_call_batch(u, code, false);
 }
 
+/* The local address (host order) in a datagram's IP_PKTINFO, or 0. */
+static uint32_t
+ub_local_addr(struct msghdr *mh)
+{
+	struct cmsghdr *c;
+
+	for (c = CMSG_FIRSTHDR(mh); c != NULL; c = CMSG_NXTHDR(mh, c)) {
+		if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO &&
+		    c->cmsg_len >= CMSG_LEN(sizeof (struct in_pktinfo))) {
+			struct in_pktinfo pi;
+
+			memcpy(&pi, CMSG_DATA(c), sizeof (pi));
+			return ntohl(pi.ipi_spec_dst.s_addr);
+		}
+	}
+	return 0;
+}
+
 /* Read one batch; returns the count, 0 when there was nothing, or -errno. */
 static int
 ub_read_batch(ub_socket_t *u)
@@ -258,6 +300,9 @@ ub_read_batch(ub_socket_t *u)
 		u->recv_msgs[i].msg_hdr.msg_namelen = sizeof (struct sockaddr_in);
 		u->recv_msgs[i].msg_hdr.msg_flags = 0;
 		u->recv_msgs[i].msg_len = 0;
+		if (u->pktinfo) {
+			u->recv_msgs[i].msg_hdr.msg_controllen = sizeof (u->recv_control[i]);
+		}
 	}
 	do {
 		n = recvmmsg(u->fd, u->recv_msgs, UB_SLOTS, MSG_DONTWAIT | MSG_TRUNC, NULL);
@@ -279,6 +324,7 @@ ub_read_batch(ub_socket_t *u)
 			m[1] = 0;
 			m[2] = 0;
 		}
+		m[3] = u->pktinfo ? ub_local_addr(&u->recv_msgs[i].msg_hdr) : 0;
 	}
 	return n;
 }
@@ -486,6 +532,13 @@ ub_open(napi_env env, napi_callback_info info)
 	/* Room for bursts; best effort, capped by net.core.[rw]mem_max. */
 	(void) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof (size));
 	(void) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof (size));
+	if (addr == INADDR_ANY) {
+		if (setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &one, sizeof (one)) != 0) {
+			ub_throw_errno(env, "setsockopt", errno);
+			goto fail;
+		}
+		u->pktinfo = 1;
+	}
 
 	for (i = 0; i < UB_SLOTS; i++) {
 		u->recv_iov[i].iov_base = u->recv_data + (size_t) i * UB_SLOT_BYTES;
@@ -494,6 +547,10 @@ ub_open(napi_env env, napi_callback_info info)
 		u->recv_msgs[i].msg_hdr.msg_namelen = sizeof (struct sockaddr_in);
 		u->recv_msgs[i].msg_hdr.msg_iov = &u->recv_iov[i];
 		u->recv_msgs[i].msg_hdr.msg_iovlen = 1;
+		if (u->pktinfo) {
+			u->recv_msgs[i].msg_hdr.msg_control = &u->recv_control[i];
+			u->recv_msgs[i].msg_hdr.msg_controllen = sizeof (u->recv_control[i]);
+		}
 		u->send_iov[i].iov_base = u->send_data + (size_t) i * UB_SLOT_BYTES;
 		u->send_msgs[i].msg_hdr.msg_name = &u->send_to[i];
 		u->send_msgs[i].msg_hdr.msg_namelen = sizeof (struct sockaddr_in);
@@ -582,6 +639,25 @@ ub_send(napi_env env, napi_callback_info info)
 		u->send_to[i].sin_port = htons((uint16_t) m[2]);
 		u->send_msgs[i].msg_hdr.msg_namelen = sizeof (struct sockaddr_in);
 		u->send_msgs[i].msg_len = 0;
+		if (u->pktinfo && m[3] != 0) {
+			/* From the address the query was sent to (WILDCARD BINDS). */
+			struct msghdr *mh = &u->send_msgs[i].msg_hdr;
+			struct cmsghdr *c;
+			struct in_pktinfo pi;
+
+			mh->msg_control = &u->send_control[i];
+			mh->msg_controllen = CMSG_SPACE(sizeof (pi));
+			c = CMSG_FIRSTHDR(mh);
+			c->cmsg_level = IPPROTO_IP;
+			c->cmsg_type = IP_PKTINFO;
+			c->cmsg_len = CMSG_LEN(sizeof (pi));
+			memset(&pi, 0, sizeof (pi));
+			pi.ipi_spec_dst.s_addr = htonl(m[3]);
+			memcpy(CMSG_DATA(c), &pi, sizeof (pi));
+		} else {
+			u->send_msgs[i].msg_hdr.msg_control = NULL;
+			u->send_msgs[i].msg_hdr.msg_controllen = 0;
+		}
 	}
 	while (start < (int) count) {
 		int n = sendmmsg(u->fd, &u->send_msgs[start], count - start, MSG_DONTWAIT);

@@ -16,7 +16,9 @@
  *
  * PERIODIC JOBS.  Three timeouts on the wheel, re-armed each time they fire:
  *
- *   rescan     every RESCAN_INTERVAL_SECS (5)       read the socket directory
+ *   rescan     every RESCAN_INTERVAL_SECS (5)       read the socket directory; and
+ *                                                   the host's addresses, when UDP
+ *                                                   has a socket for each (dgram)
  *   rebalance  every REBALANCE_INTERVAL_SECS (15)   ask the registry for a plan,
  *                                                   tell remotes to carry it out
  *   expiry     every REMOTE_EXPIRY_CHECK_SECS (30)  forget idle remotes
@@ -178,6 +180,7 @@ export class Balancer {
 	private readonly rescanDue = (): void => {
 		this.rescanTimeout.set(RESCAN_INTERVAL_SECS);
 		void this.backends.rescan();
+		void this.udp.followAddresses();
 	};
 
 	private readonly rebalanceDue = (): void => {
