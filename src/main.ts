@@ -58,8 +58,9 @@ export function describeStartError(err: unknown, opts: Pick<Options, 'bind' | 'p
 	if (err instanceof StatsSocketError || err instanceof StartupError) {
 		return err.message;
 	}
-	const e = err as NodeJS.ErrnoException;
-	const where = `${opts.bind}:${opts.port}`;
+	const e = err as NodeJS.ErrnoException & { address?: unknown };
+	/* Bound to 0.0.0.0, dgram binds each host address: name the one that failed. */
+	const where = `${typeof e.address === 'string' ? e.address : opts.bind}:${opts.port}`;
 	switch (e.code) {
 	case 'EADDRINUSE':
 		return `cannot listen on ${where}: address already in use`;
