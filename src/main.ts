@@ -29,7 +29,8 @@
  * is still starting, and node's default for either is to die.
  *
  *   SIGTERM, SIGINT  close the balancer (TCP sessions drain for up to 3 s), exit 0
- *   SIGHUP           rescan the socket directory now
+ *   SIGHUP           rescan the socket directory now (and the host's
+ *                    addresses, when UDP listens on each: dgram, 0.0.0.0)
  *   SIGUSR2          write the stats snapshot to the log
  *
  * An uncaught exception is a bug: it is logged at fatal level and the
@@ -129,6 +130,8 @@ export async function main(argv: string[]): Promise<void> {
 	process.on('SIGHUP', () => {
 		log.info('SIGHUP: rescanning socket directory');
 		void bal.backends.rescan();
+		/* And the host's addresses, when UDP has a socket for each (dgram bound to 0.0.0.0). */
+		void bal.udp.followAddresses();
 	});
 	process.on('SIGUSR2', () => bal.logSnapshot());
 
