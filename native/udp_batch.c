@@ -13,15 +13,29 @@
  * are the shared arenas:
  *
  *   recv data   UB_SLOTS slots of UB_SLOT_BYTES: slot i holds datagram i
- *   recv meta   UB_SLOTS x 3 uint32: true length, IPv4 source (host order),
- *               source port
+ *   recv meta   UB_SLOTS x 4 uint32: true length, IPv4 source (host order),
+ *               source port, local address the datagram was sent to (0
+ *               unless bound to the wildcard address)
  *   send data,  the same shape, filled by JavaScript; send(h, n) sends
- *   send meta   slots 0..n-1 with one sendmmsg()
+ *   send meta   slots 0..n-1 with one sendmmsg(), each from its local
+ *               address when it has one
  *
  * A datagram longer than its slot is truncated in the slot, but recvmmsg()
  * is asked for MSG_TRUNC so that the length in the meta arena is the true
  * one: bbal counts and drops anything over 1500 bytes and must see it as
  * such.
+ *
+ * WILDCARD BINDS.  A socket bound to 0.0.0.0 receives what is sent to any
+ * of the host's addresses, but a plain send leaves from whichever address
+ * the kernel picks for the route back -- not necessarily the one the client
+ * asked, and a client discards an answer from an address it did not query.
+ * So a wildcard socket turns IP_PKTINFO on: each datagram read comes with
+ * an in_pktinfo, whose ipi_spec_dst (the local address it was sent to;
+ * for a broadcast, the interface's address) goes to JavaScript as the
+ * fourth meta word, and an answer given a local address is sent with an
+ * IP_PKTINFO control message setting ipi_spec_dst, which makes it the
+ * source.  A socket bound to one address needs none of this and sets none
+ * of it.  IPv4 only, as bbal is.
  *
  * The socket is watched with a uv_poll_t on Node's own loop.  When it is
  * readable we read up to UB_MAX_BATCHES batches (fewer if one comes back
@@ -40,6 +54,23 @@
  * errno kept for send_errno()).  Answers refused with EAGAIN or ENOBUFS are
  * dropped, not queued: UDP is lossy, and a queue here would only grow under
  * exactly the load that fills it.
+ *
+ * POLL ERRORS.  When poll() reports POLLERR, libuv stops the poll handle
+ * and calls us with UV_EBADF: left there, the socket would never be read
+ * again while the process lived on.  POLLERR on a UDP socket means a
+ * pending socket error (sk_err) or something on the error queue; neither
+ * makes the socket unusable, and libuv's own UDP handles simply read the
+ * error and carry on.  So do we: the pending error is taken (SO_ERROR),
+ * the error queue drained (at most UB_ERRQUEUE_DRAIN entries), the poll
+ * started again, and JavaScript told (a negative code, not fatal).  A
+ * socket that keeps failing is not re-armed for ever: after
+ * UB_MAX_POLL_ERRORS errors with no datagram read in between, or if the
+ * poll cannot be started again, JavaScript is told the error is fatal, and
+ * bbal exits so that its service manager restarts it -- never a live
+ * process whose UDP is dead.  (bbal sets neither IP_RECVERR nor
+ * timestamping, so the kernel has little reason ever to raise POLLERR
+ * here; when it does, something unknown is wrong, and the bound keeps a
+ * persistent fault from becoming a busy loop.)
  *
  * Lifecycle: open -> closing (uv_close() called, poll stopped) -> closed
  * (the poll handle's close callback ran: fd closed, references released,
@@ -69,17 +100,31 @@
 /* Keep in step with src/udp_socket.ts, which checks them at load. */
 #define UB_SLOTS 64
 #define UB_SLOT_BYTES 1536
-#define UB_META_WORDS 3
+#define UB_META_WORDS 4
 #define UB_MAX_BATCHES 4
 #define UB_SOCKET_BUFFER_BYTES (4 * 1024 * 1024)
+/* Poll errors in a row, with no datagram read between, before giving up. */
+#define UB_MAX_POLL_ERRORS 16
+/* Error-queue entries read per poll error. */
+#define UB_ERRQUEUE_DRAIN 64
 
 enum ub_state { UB_OPEN, UB_CLOSING, UB_CLOSED };
+
+/* Room for one IP_PKTINFO control message, aligned as a cmsghdr. */
+typedef union ub_control {
+	struct cmsghdr align;
+	char buf[CMSG_SPACE(sizeof (struct in_pktinfo))];
+} ub_control_t;
 
 typedef struct ub_socket {
 	enum ub_state state;
 	int finalized;
 	int fd;
 	int last_send_errno;
+	/* Poll errors since a datagram was last read (see POLL ERRORS). */
+	int poll_errors;
+	/* Bound to the wildcard address: IP_PKTINFO on (see WILDCARD BINDS). */
+	int pktinfo;
 	napi_env env;
 	uv_poll_t poll;
 	napi_async_context async_ctx;
@@ -94,9 +139,11 @@ typedef struct ub_socket {
 	struct mmsghdr recv_msgs[UB_SLOTS];
 	struct iovec recv_iov[UB_SLOTS];
 	struct sockaddr_in recv_from[UB_SLOTS];
+	ub_control_t recv_control[UB_SLOTS];
 	struct mmsghdr send_msgs[UB_SLOTS];
 	struct iovec send_iov[UB_SLOTS];
 	struct sockaddr_in send_to[UB_SLOTS];
+	ub_control_t send_control[UB_SLOTS];
 } ub_socket_t;
 
 #define NAPI_OK_OR_RETURN(env, call) do { \
@@ -135,7 +182,7 @@ ub_throw_errno(napi_env env, const char *syscall, int err)
  * rethrown as an uncaught one: a bug in the handler must not vanish here.
  */
 static void
-ub_call(ub_socket_t *u, napi_ref fn_ref, napi_value arg)
+ub_call(ub_socket_t *u, napi_ref fn_ref, size_t argc, const napi_value *argv)
 {
 	napi_env env = u->env;
 	napi_value fn, resource, result;
@@ -145,8 +192,7 @@ ub_call(ub_socket_t *u, napi_ref fn_ref, napi_value arg)
 	    napi_get_reference_value(env, u->resource_ref, &resource) != napi_ok) {
 		return;
 	}
-	st = napi_make_callback(env, u->async_ctx, resource, fn, arg == NULL ? 0 : 1,
-	    arg == NULL ? NULL : &arg, &result);
+	st = napi_make_callback(env, u->async_ctx, resource, fn, argc, argv, &result);
 	if (st == napi_pending_exception) {
 		napi_value exc;
 		if (napi_get_and_clear_last_exception(env, &exc) == napi_ok) {
@@ -155,19 +201,92 @@ ub_call(ub_socket_t *u, napi_ref fn_ref, napi_value arg)
 	}
 }
 
+static void ub_on_poll(uv_poll_t *handle, int status, int events);
+
+/*
+ * onBatch(count) for a batch, onBatch(-code) for a receive error,
+ * onBatch(-code, true) for a poll error that stopped the socket for good.
+ */
 static void
-ub_call_count(ub_socket_t *u, int32_t count)
+ub_call_batch(ub_socket_t *u, int32_t count, bool fatal)
 {
 	napi_handle_scope scope;
-	napi_value arg;
+	napi_value args[2];
 
 	if (napi_open_handle_scope(u->env, &scope) != napi_ok) {
 		return;
 	}
-	if (napi_create_int32(u->env, count, &arg) == napi_ok) {
-		ub_call(u, u->on_batch_ref, arg);
+	if (napi_create_int32(u->env, count, &args[0]) == napi_ok &&
+	    napi_get_boolean(u->env, fatal, &args[1]) == napi_ok) {
+		ub_call(u, u->on_batch_ref, fatal ? 2 : 1, args);
 	}
 	napi_close_handle_scope(u->env, scope);
+}
+
+/*
+ * Take the socket's pending error and drain its error queue, so that
+ * POLLERR is not raised again for the same cause.  Returns the pending
+ * error (an errno), or 0 when there was none.
+ */
+static int
+ub_take_error(ub_socket_t *u)
+{
+	int err = 0, again = 0, i;
+	socklen_t len = sizeof (err);
+	char data[64], control[512];
+	struct iovec iov;
+	struct msghdr mh;
+
+	(void) getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+	for (i = 0; i < UB_ERRQUEUE_DRAIN; i++) {
+		memset(&mh, 0, sizeof (mh));
+		iov.iov_base = data;
+		iov.iov_len = sizeof (data);
+		mh.msg_iov = &iov;
+		mh.msg_iovlen = 1;
+		mh.msg_control = control;
+		mh.msg_controllen = sizeof (control);
+		if (recvmsg(u->fd, &mh, MSG_ERRQUEUE | MSG_DONTWAIT) < 0 && errno != EINTR) {
+			break;
+		}
+	}
+	/* Reading the queue may set the error of its next entry: take that too. */
+	len = sizeof (again);
+	(void) getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &again, &len);
+	return err != 0 ? err : again;
+}
+
+/* libuv has stopped the poll (see POLL ERRORS): start it again, or give up. */
+static void
+ub_poll_failed(ub_socket_t *u, int status)
+{
+	int err = ub_take_error(u), rc = 0;
+	int32_t code = err != 0 ? -err : status;
+
+	if (++u->poll_errors > UB_MAX_POLL_ERRORS ||
+	    (rc = uv_poll_start(&u->poll, UV_READABLE, ub_on_poll)) != 0) {
+		ub_call_batch(u, rc != 0 ? rc : code, true);
+		return;
+	}
+	ub_call_batch(u, code, false);
+}
+
+/* The local address (host order) in a datagram's IP_PKTINFO, or 0. */
+static uint32_t
+ub_local_addr(struct msghdr *mh)
+{
+	struct cmsghdr *c;
+
+	for (c = CMSG_FIRSTHDR(mh); c != NULL; c = CMSG_NXTHDR(mh, c)) {
+		if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO &&
+		    c->cmsg_len >= CMSG_LEN(sizeof (struct in_pktinfo))) {
+			struct in_pktinfo pi;
+
+			memcpy(&pi, CMSG_DATA(c), sizeof (pi));
+			return ntohl(pi.ipi_spec_dst.s_addr);
+		}
+	}
+	return 0;
 }
 
 /* Read one batch; returns the count, 0 when there was nothing, or -errno. */
@@ -181,6 +300,9 @@ ub_read_batch(ub_socket_t *u)
 		u->recv_msgs[i].msg_hdr.msg_namelen = sizeof (struct sockaddr_in);
 		u->recv_msgs[i].msg_hdr.msg_flags = 0;
 		u->recv_msgs[i].msg_len = 0;
+		if (u->pktinfo) {
+			u->recv_msgs[i].msg_hdr.msg_controllen = sizeof (u->recv_control[i]);
+		}
 	}
 	do {
 		n = recvmmsg(u->fd, u->recv_msgs, UB_SLOTS, MSG_DONTWAIT | MSG_TRUNC, NULL);
@@ -202,6 +324,7 @@ ub_read_batch(ub_socket_t *u)
 			m[1] = 0;
 			m[2] = 0;
 		}
+		m[3] = u->pktinfo ? ub_local_addr(&u->recv_msgs[i].msg_hdr) : 0;
 	}
 	return n;
 }
@@ -216,7 +339,7 @@ ub_on_poll(uv_poll_t *handle, int status, int events)
 		return;
 	}
 	if (status < 0) {
-		ub_call_count(u, status);
+		ub_poll_failed(u, status);
 		return;
 	}
 	if ((events & UV_READABLE) == 0) {
@@ -227,8 +350,11 @@ ub_on_poll(uv_poll_t *handle, int status, int events)
 		if (n == 0) {
 			return;
 		}
+		if (n > 0) {
+			u->poll_errors = 0;
+		}
 		/* errno values and libuv's codes are the same on Linux, negated. */
-		ub_call_count(u, n);
+		ub_call_batch(u, n, false);
 		if (u->state != UB_OPEN || n < UB_SLOTS) {
 			return;
 		}
@@ -267,7 +393,7 @@ ub_on_closed(uv_handle_t *handle)
 	u->state = UB_CLOSED;
 	if (napi_open_handle_scope(env, &scope) == napi_ok) {
 		if (u->on_closed_ref != NULL) {
-			ub_call(u, u->on_closed_ref, NULL);
+			ub_call(u, u->on_closed_ref, 0, NULL);
 		}
 		napi_close_handle_scope(env, scope);
 	}
@@ -406,6 +532,13 @@ ub_open(napi_env env, napi_callback_info info)
 	/* Room for bursts; best effort, capped by net.core.[rw]mem_max. */
 	(void) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof (size));
 	(void) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof (size));
+	if (addr == INADDR_ANY) {
+		if (setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &one, sizeof (one)) != 0) {
+			ub_throw_errno(env, "setsockopt", errno);
+			goto fail;
+		}
+		u->pktinfo = 1;
+	}
 
 	for (i = 0; i < UB_SLOTS; i++) {
 		u->recv_iov[i].iov_base = u->recv_data + (size_t) i * UB_SLOT_BYTES;
@@ -414,6 +547,10 @@ ub_open(napi_env env, napi_callback_info info)
 		u->recv_msgs[i].msg_hdr.msg_namelen = sizeof (struct sockaddr_in);
 		u->recv_msgs[i].msg_hdr.msg_iov = &u->recv_iov[i];
 		u->recv_msgs[i].msg_hdr.msg_iovlen = 1;
+		if (u->pktinfo) {
+			u->recv_msgs[i].msg_hdr.msg_control = &u->recv_control[i];
+			u->recv_msgs[i].msg_hdr.msg_controllen = sizeof (u->recv_control[i]);
+		}
 		u->send_iov[i].iov_base = u->send_data + (size_t) i * UB_SLOT_BYTES;
 		u->send_msgs[i].msg_hdr.msg_name = &u->send_to[i];
 		u->send_msgs[i].msg_hdr.msg_namelen = sizeof (struct sockaddr_in);
@@ -502,6 +639,25 @@ ub_send(napi_env env, napi_callback_info info)
 		u->send_to[i].sin_port = htons((uint16_t) m[2]);
 		u->send_msgs[i].msg_hdr.msg_namelen = sizeof (struct sockaddr_in);
 		u->send_msgs[i].msg_len = 0;
+		if (u->pktinfo && m[3] != 0) {
+			/* From the address the query was sent to (WILDCARD BINDS). */
+			struct msghdr *mh = &u->send_msgs[i].msg_hdr;
+			struct cmsghdr *c;
+			struct in_pktinfo pi;
+
+			mh->msg_control = &u->send_control[i];
+			mh->msg_controllen = CMSG_SPACE(sizeof (pi));
+			c = CMSG_FIRSTHDR(mh);
+			c->cmsg_level = IPPROTO_IP;
+			c->cmsg_type = IP_PKTINFO;
+			c->cmsg_len = CMSG_LEN(sizeof (pi));
+			memset(&pi, 0, sizeof (pi));
+			pi.ipi_spec_dst.s_addr = htonl(m[3]);
+			memcpy(CMSG_DATA(c), &pi, sizeof (pi));
+		} else {
+			u->send_msgs[i].msg_hdr.msg_control = NULL;
+			u->send_msgs[i].msg_hdr.msg_controllen = 0;
+		}
 	}
 	while (start < (int) count) {
 		int n = sendmmsg(u->fd, &u->send_msgs[start], count - start, MSG_DONTWAIT);
@@ -585,6 +741,30 @@ ub_local_port(napi_env env, napi_callback_info info)
 }
 
 /*
+ * recvErr(handle): turn IP_RECVERR on.  A test seam, not used by bbal:
+ * with it, an answer to a port nobody listens on comes back as an ICMP
+ * error on the socket, and poll() reports POLLERR -- the one way a test
+ * can make the kernel raise the condition POLL ERRORS is about.
+ */
+static napi_value
+ub_recv_err(napi_env env, napi_callback_info info)
+{
+	napi_value argv[1];
+	size_t argc = 1;
+	ub_socket_t *u;
+	int one = 1;
+
+	NAPI_OK_OR_RETURN(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 1 || (u = ub_unwrap(env, argv[0])) == NULL) {
+		return NULL;
+	}
+	if (u->state != UB_OPEN || setsockopt(u->fd, IPPROTO_IP, IP_RECVERR, &one, sizeof (one)) != 0) {
+		ub_throw_errno(env, "setsockopt", u->state != UB_OPEN ? EBADF : errno);
+	}
+	return NULL;
+}
+
+/*
  * close(handle, onClosed): stop watching at once; the fd is closed and
  * onClosed called from the poll handle's close callback.  Idempotent: a
  * second call returns false and never calls its onClosed.
@@ -625,6 +805,7 @@ ub_init(napi_env env, napi_value exports)
 		{ "errName", NULL, ub_err_name, NULL, NULL, NULL, napi_enumerable, NULL },
 		{ "localPort", NULL, ub_local_port, NULL, NULL, NULL, napi_enumerable, NULL },
 		{ "close", NULL, ub_close, NULL, NULL, NULL, napi_enumerable, NULL },
+		{ "recvErr", NULL, ub_recv_err, NULL, NULL, NULL, napi_enumerable, NULL },
 	};
 	napi_value v;
 

@@ -16,7 +16,9 @@
  *
  * PERIODIC JOBS.  Three timeouts on the wheel, re-armed each time they fire:
  *
- *   rescan     every RESCAN_INTERVAL_SECS (5)       read the socket directory
+ *   rescan     every RESCAN_INTERVAL_SECS (5)       read the socket directory; and
+ *                                                   the host's addresses, when UDP
+ *                                                   has a socket for each (dgram)
  *   rebalance  every REBALANCE_INTERVAL_SECS (15)   ask the registry for a plan,
  *                                                   tell remotes to carry it out
  *   expiry     every REMOTE_EXPIRY_CHECK_SECS (30)  forget idle remotes
@@ -92,6 +94,12 @@ export type BalancerOptions = Pick<Options, 'bind' | 'port' | 'socketDir'>
 		statsSocket?: string;
 		/** When false, a stats socket that cannot be opened is only a warning. */
 		statsSocketRequired?: boolean;
+		/**
+		 * The UDP socket failed for good and will deliver no more queries.
+		 * main exits non-zero, so that the service manager restarts bbal;
+		 * without it, the balancer logs the error and closes itself.
+		 */
+		onFatal?: (err: Error) => void;
 	};
 
 export type BalancerState = 'new' | 'starting' | 'running' | 'closing' | 'closed';
@@ -138,6 +146,7 @@ export class Balancer {
 			noBackend: opts.noBackend,
 			maxQpsPerRemote: opts.maxQpsPerRemote,
 			rateLimitAction: opts.rateLimitAction,
+			onFatal: opts.onFatal ?? this.udpFailed,
 		});
 		this.tcp = new TcpListener({
 			remotes: this.remotes,
@@ -162,11 +171,17 @@ export class Balancer {
 		return this.lifecycle;
 	}
 
+	private readonly udpFailed = (err: Error): void => {
+		this.log.fatal({ err }, 'UDP socket failed (closing)');
+		void this.close();
+	};
+
 	/* ---- periodic jobs (see the header) ---- */
 
 	private readonly rescanDue = (): void => {
 		this.rescanTimeout.set(RESCAN_INTERVAL_SECS);
 		void this.backends.rescan();
+		void this.udp.followAddresses();
 	};
 
 	private readonly rebalanceDue = (): void => {

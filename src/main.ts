@@ -29,11 +29,14 @@
  * is still starting, and node's default for either is to die.
  *
  *   SIGTERM, SIGINT  close the balancer (TCP sessions drain for up to 3 s), exit 0
- *   SIGHUP           rescan the socket directory now
+ *   SIGHUP           rescan the socket directory now (and the host's
+ *                    addresses, when UDP listens on each: dgram, 0.0.0.0)
  *   SIGUSR2          write the stats snapshot to the log
  *
  * An uncaught exception is a bug: it is logged at fatal level and the
- * process exits 1, leaving the restart to the service manager.
+ * process exits 1, leaving the restart to the service manager.  So does a
+ * UDP socket that failed for good (udp_socket.ts): a process that lives on
+ * without UDP would answer TCP only, and nothing would restart it.
  */
 
 import { statSync } from 'node:fs';
@@ -56,8 +59,9 @@ export function describeStartError(err: unknown, opts: Pick<Options, 'bind' | 'p
 	if (err instanceof StatsSocketError || err instanceof StartupError) {
 		return err.message;
 	}
-	const e = err as NodeJS.ErrnoException;
-	const where = `${opts.bind}:${opts.port}`;
+	const e = err as NodeJS.ErrnoException & { address?: unknown };
+	/* Bound to 0.0.0.0, dgram binds each host address: name the one that failed. */
+	const where = `${typeof e.address === 'string' ? e.address : opts.bind}:${opts.port}`;
 	switch (e.code) {
 	case 'EADDRINUSE':
 		return `cannot listen on ${where}: address already in use`;
@@ -107,7 +111,13 @@ export async function main(argv: string[]): Promise<void> {
 		process.exit(EXIT_FAILURE);
 	});
 
-	const bal = new Balancer({ ...opts, log, statsSocketRequired: opts.statsSocketExplicit });
+	const bal = new Balancer({
+		...opts, log, statsSocketRequired: opts.statsSocketExplicit,
+		onFatal: (err) => {
+			log.fatal({ err }, 'UDP socket failed (exiting)');
+			process.exit(EXIT_FAILURE);
+		},
+	});
 	const stop = (signal: string): void => {
 		log.info({ signal, tcp_open: bal.tcp.size }, 'shutting down');
 		void bal.close().then(() => {
@@ -120,6 +130,8 @@ export async function main(argv: string[]): Promise<void> {
 	process.on('SIGHUP', () => {
 		log.info('SIGHUP: rescanning socket directory');
 		void bal.backends.rescan();
+		/* And the host's addresses, when UDP has a socket for each (dgram bound to 0.0.0.0). */
+		void bal.udp.followAddresses();
 	});
 	process.on('SIGUSR2', () => bal.logSnapshot());
 

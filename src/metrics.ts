@@ -161,7 +161,10 @@ export class Metrics {
 		total('bbal_udp_received_total', 'UDP datagrams received from remotes.', () => udp.received);
 		total('bbal_udp_forwarded_total', 'UDP queries forwarded to a backend.', () => udp.forwarded);
 		total('bbal_udp_answers_total', 'UDP answers sent to remotes.', () => udp.sent);
+		total('bbal_udp_receive_errors_total', 'Errors reading the UDP socket.', () => udp.receiveErrors);
 		total('bbal_udp_send_errors_total', 'UDP answers that could not be sent.', () => udp.sendErrors);
+		total('bbal_udp_send_queue_full_total', 'UDP answers dropped because the socket\'s send buffer or queue was full.',
+			() => udp.sendQueueFull);
 		byLabel('bbal_udp_dropped_total', 'UDP queries dropped, by reason.', 'reason', () => ({
 			oversize: udp.oversize, invalid: udp.invalid, acl: udp.aclDropped, no_backend: udp.noBackend, stuck: udp.stuck,
 		}));

@@ -86,6 +86,12 @@ export class Remote implements RemoteStats {
 	 */
 	lastSeenSec: number;
 	readonly firstSeenSec: number;
+	/**
+	 * The local address (u32, stored as an int32: `>>> 0` to read it) this
+	 * remote last sent a query to, for a wildcard bind to answer from; 0
+	 * when bound to one address.  See udp_proxy.ts for why per remote.
+	 */
+	localAddr = 0;
 	/** Seen since it last reached the head of the eviction queue. */
 	referenced = false;
 	/** Neighbours in the eviction queue (Remotes owns the links). */

@@ -25,7 +25,23 @@
  * limit on synthesized answers.
  *
  * It keeps no state per query: the backend's answer carries the destination
- * address and port, so an answer needs no lookup at all on its way out.
+ * address and port, so an answer needs no lookup at all on its way out --
+ * except for the address to answer from.  Bound to 0.0.0.0, bbal must
+ * answer from the address the query was sent to (a client discards an
+ * answer from any other; see WILDCARD BINDS in udp_socket.ts), and the
+ * backend protocol carries only the client's address and port, not ours.
+ * So each remote keeps the local address it last queried (Remote.localAddr,
+ * set on every query that reaches a remote), and an answer on its way out
+ * looks its remote up for it.  That costs one field per remote and one map
+ * lookup per answer, needs no table, timer or bound of its own (the remotes
+ * table has --max-remotes and expiry), and is right whenever a client host
+ * talks to one of our addresses at a time, which is what a host does when
+ * each of its networks reaches us at our address on that network.  It is
+ * wrong in one case: a client that asks two of our addresses at once gets
+ * the answer to the first from the second if its second query came in
+ * before the first answer went out, and retries it.  An answer whose
+ * remote is gone (evicted, expired) goes with no local address: from the
+ * kernel's choice (native) or not at all (dgram, counted in sendErrors).
  *
  * This is the hot path, so it is written to allocate nothing per datagram
  * beyond what the transport itself does: the handlers are bound once, the
@@ -96,8 +112,15 @@ export interface UdpProxyStats {
 	stuck: number;
 	/** Answers sent back to remotes. */
 	sent: number;
+	/** Errors reading the socket (a recvmsg failure, a poll error the native transport recovered from). */
+	receiveErrors: number;
 	/** Answers that could not be sent (socket error, bad address or port). */
 	sendErrors: number;
+	/**
+	 * Of sendErrors, answers dropped because the socket could take no more:
+	 * the kernel's send buffer full (native) or dgram's send queue at its cap.
+	 */
+	sendQueueFull: number;
 	/** Dropped: failed the DNS header check. */
 	invalid: number;
 	/** Dropped: source outside --allow. */
@@ -116,12 +139,18 @@ export interface UdpProxyOptions extends UdpEdgeOptions {
 	wheel: TimeoutWheel;
 	/** The socket, not yet bound; the proxy binds it in listen() and closes it in close(). */
 	transport: UdpTransport;
+	/**
+	 * The socket failed for good (err.fatal): it will never deliver another
+	 * query.  main exits so that the service manager restarts bbal; by
+	 * default the error is only logged.
+	 */
+	onFatal?: (err: UdpTransportError) => void;
 }
 
 export class UdpProxy {
 	readonly stats: UdpProxyStats = {
-		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, sendErrors: 0,
-		invalid: 0, aclDropped: 0, rateLimited: 0, servfail: 0, refused: 0,
+		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, receiveErrors: 0, sendErrors: 0,
+		sendQueueFull: 0, invalid: 0, aclDropped: 0, rateLimited: 0, servfail: 0, refused: 0,
 	};
 	private readonly transport: UdpTransport;
 	private readonly remotes: Remotes;
@@ -138,6 +167,9 @@ export class UdpProxy {
 	private readonly servfailOnNoBackend: boolean;
 	private readonly maxQps: number;
 	private readonly refuseOverRate: boolean;
+	private readonly onFatal: (err: UdpTransportError) => void;
+	/* Bound to 0.0.0.0: answers go from the address their query was sent to. */
+	private wildcard = false;
 	/* Read once: the level is fixed for the life of the process. */
 	private readonly trace: boolean;
 	private state: 'new' | 'listening' | 'closed' = 'new';
@@ -160,6 +192,7 @@ export class UdpProxy {
 		this.outboundErrorLog = new GatedLog(w, 'warn', 'outbound UDP packet error');
 		this.socketErrorLog = new GatedLog(w, 'warn', 'UDP socket error');
 		this.transport = opts.transport;
+		this.onFatal = opts.onFatal ?? ((err) => this.log.fatal({ err }, 'UDP socket failed'));
 	}
 
 	/** Bind; rejects with the socket error (EADDRINUSE, EACCES ...). */
@@ -174,15 +207,50 @@ export class UdpProxy {
 			throw err;
 		}
 		this.state = 'listening';
+		this.wildcard = address === '0.0.0.0';
 		this.log.debug({ udp_transport: this.transport.kind }, 'UDP socket bound');
 	}
 
-	/** An answer from a backend: send it to the remote it names. */
+	/*
+	 * Bound to 0.0.0.0 through dgram, one socket per host address: follow
+	 * the host's addresses (the balancer calls this with each rescan).
+	 */
+	async followAddresses(): Promise<void> {
+		if (this.state !== 'listening' || this.transport.followAddresses === undefined) {
+			return;
+		}
+		let changes;
+		try {
+			changes = await this.transport.followAddresses();
+		} catch (err) {
+			this.socketErrorLog.report(this.log, { err });
+			return;
+		}
+		if (changes === null) {
+			return;
+		}
+		for (const address of changes.added) {
+			this.log.info({ address }, 'UDP listening on a new address');
+		}
+		for (const address of changes.removed) {
+			this.log.info({ address }, 'UDP address gone (socket closed)');
+		}
+		for (const { address, err } of changes.failed) {
+			this.log.warn({ address, err }, 'cannot listen on a new address (tried again at each rescan)');
+		}
+	}
+
+	/** An answer from a backend: send it to the remote it names, from the address it queried. */
 	sendOutbound(addr: number, port: number, payload: Buffer, from: Backend): void {
 		if (this.state !== 'listening') {
 			return;
 		}
-		if (this.transport.send(payload, addr, port)) {
+		let local = 0;
+		if (this.wildcard) {
+			const rem = this.remotes.peek(addr);
+			local = rem === undefined ? 0 : rem.localAddr >>> 0;
+		}
+		if (this.transport.send(payload, addr, port, local)) {
 			this.stats.sent++;
 		} else {
 			/* A port of 0 or over 65535, or a payload too big for UDP. */
@@ -198,7 +266,7 @@ export class UdpProxy {
 	 * len is the datagram's true length (msg is cut to the receive slot when
 	 * the datagram was longer).
 	 */
-	private readonly socketOnMessage = (msg: Buffer, addr: number, port: number, len: number): void => {
+	private readonly socketOnMessage = (msg: Buffer, addr: number, port: number, len: number, local: number): void => {
 		this.stats.received++;
 		if (this.acl !== null && !this.acl.allows(addr)) {
 			this.stats.aclDropped++;
@@ -233,11 +301,13 @@ export class UdpProxy {
 		}
 		/* Only a datagram that may be a query gets (or makes) a remote. */
 		const rem = this.remotes.lookup(addr);
+		/* Kept as an int32, which V8 stores in the object itself. */
+		rem.localAddr = local | 0;
 		if (this.maxQps > 0 && !rem.admitQuery(this.maxQps)) {
 			rem.rateLimited++;
 			this.stats.rateLimited++;
 			this.rateLog.report(this.log, () => ({ remote_ip: rem.ip, max_qps: this.maxQps }));
-			if (this.refuseOverRate && this.answer(rem, msg, addr, port, RCODE_REFUSED)) {
+			if (this.refuseOverRate && this.answer(rem, msg, addr, port, local, RCODE_REFUSED)) {
 				this.stats.refused++;
 			}
 			return;
@@ -249,7 +319,7 @@ export class UdpProxy {
 			this.noBackendLog.report(this.log, () => ({
 				remote_ip: rem.ip, answer: this.servfailOnNoBackend ? 'SERVFAIL' : 'none',
 			}));
-			if (this.servfailOnNoBackend && this.answer(rem, msg, addr, port, RCODE_SERVFAIL)) {
+			if (this.servfailOnNoBackend && this.answer(rem, msg, addr, port, local, RCODE_SERVFAIL)) {
 				this.stats.servfail++;
 			}
 			return;
@@ -272,7 +342,7 @@ export class UdpProxy {
 	 * remote's allowance of synthesized answers.  True when one was sent
 	 * (queued: the transport sends it when this callback returns).
 	 */
-	private answer(rem: Remote, msg: Buffer, addr: number, port: number, rcode: number): boolean {
+	private answer(rem: Remote, msg: Buffer, addr: number, port: number, local: number, rcode: number): boolean {
 		if (!rem.admitSynthesized(SYNTH_ANSWERS_PER_SEC)) {
 			return false;
 		}
@@ -284,15 +354,29 @@ export class UdpProxy {
 			rem.log.trace({ rcode, remote_port: port, query: describeQuery(msg) }, 'answered UDP query itself');
 		}
 		/* False only for a source port of 0, which no answer can reach. */
-		return this.transport.send(out, addr, port);
+		return this.transport.send(out, addr, port, local);
 	}
 
 	/*
 	 * The native transport reports a failed sendmmsg() once for all the
-	 * answers it dropped (a full send buffer refuses the rest of a batch).
+	 * answers it dropped (a full send buffer refuses the rest of a batch);
+	 * dgram reports the answers its capped send queue dropped the same way.
 	 */
 	private readonly socketOnError = (err: UdpTransportError): void => {
-		this.stats.sendErrors += err.dropped ?? 1;
+		if (err.fatal === true) {
+			this.onFatal(err);
+			return;
+		}
+		if (err.syscall === 'recvmsg' || err.syscall === 'recvmmsg') {
+			this.stats.receiveErrors++;
+			this.socketErrorLog.report(this.log, { err });
+			return;
+		}
+		const dropped = err.dropped ?? 1;
+		this.stats.sendErrors += dropped;
+		if (err.code === 'EAGAIN' || err.code === 'EWOULDBLOCK' || err.code === 'ENOBUFS') {
+			this.stats.sendQueueFull += dropped;
+		}
 		this.socketErrorLog.report(this.log, { err });
 	};
 

@@ -22,6 +22,8 @@ import { ipv4ToU32, MAX_UDP_PAYLOAD_BYTES } from '../src/protocol.js';
 import { REMOTE_IDLE_EXPIRY_SECS } from '../src/remotes.js';
 import { takeSnapshot } from '../src/stats.js';
 import { SYNTH_ANSWERS_PER_SEC } from '../src/udp_proxy.js';
+import type { UdpTransport } from '../src/udp_socket.js';
+import { RESCAN_INTERVAL_SECS } from '../src/backends.js';
 import { type LogRecord } from './support/bbal.js';
 import { backendOf, encodeQuery } from './support/dns_messages.js';
 import { FakeTransport } from './support/fake_transport.js';
@@ -215,6 +217,84 @@ t.test('a backend that stops reading: its queries are dropped and counted, not q
 	t.equal(remoteOf(bal, '127.0.5.50')?.udpDrop, bal.udp.stats.stuck, 'and on the remote');
 	t.match(logged(logs, 'stuck backend write queue (dropping UDP packet)'), [{ be_id: 5309, remote_ip: '127.0.5.50' }],
 		'logged once, on the backend\'s logger');
+});
+
+t.test('answers the socket could not take are counted: a full send buffer or queue apart from other errors', async (t) => {
+	const { bal, udp } = await startBalancer(t, dir);
+	udp.onError(Object.assign(new Error('UDP send queue full'), { code: 'ENOBUFS', dropped: 3 }));
+	udp.onError(Object.assign(new Error('UDP send failed'), { code: 'EAGAIN', dropped: 2 }));
+	udp.onError(Object.assign(new Error('UDP send failed'), { code: 'EPERM', dropped: 1 }));
+	t.match(bal.udp.stats, { sendErrors: 6, sendQueueFull: 5 }, 'all six in sendErrors, the five dropped for room in sendQueueFull');
+	t.equal(takeSnapshot(bal.statsSources).udp.sendQueueFull, 5, 'in the snapshot');
+});
+
+t.test('a receive error is counted apart; a fatal socket error goes to onFatal (main exits on it)', async (t) => {
+	const fatal: Error[] = [];
+	const { bal, udp } = await startBalancer(t, dir, { onFatal: (err) => fatal.push(err) });
+	udp.onError(Object.assign(new Error('UDP receive failed'), { code: 'ECONNREFUSED', syscall: 'recvmmsg', dropped: 0 }));
+	t.match(bal.udp.stats, { receiveErrors: 1, sendErrors: 0 }, 'a receive error drops no answer');
+	t.same(fatal, [], 'and is not fatal');
+	const err = Object.assign(new Error('UDP socket failed'), { code: 'EBADF', syscall: 'recvmmsg', dropped: 0, fatal: true });
+	udp.onError(err);
+	t.same(fatal, [err], 'the fatal one handed to onFatal');
+	t.equal(bal.state, 'running', 'the balancer leaves the decision to its owner');
+});
+
+t.test('without onFatal, a fatal socket error is logged and the balancer closes itself', async (t) => {
+	const { bal, udp, logs } = await startBalancer(t, dir);
+	udp.onError(Object.assign(new Error('UDP socket failed'), { code: 'EBADF', dropped: 0, fatal: true }));
+	await bal.close();
+	t.equal(logged(logs, 'UDP socket failed (closing)').length, 1, 'one fatal line');
+	t.equal(logged(logs, 'UDP socket failed (closing)')[0]?.level, 60, 'at fatal level');
+	t.equal(udp.state, 'closed');
+});
+
+t.test('bound to 0.0.0.0: each answer goes from the local address its remote last queried', async (t) => {
+	const { bal, udp } = await startBalancer(t, dir, { bind: '0.0.0.0' });
+	const [a, b] = [addr('127.0.6.1'), addr('127.0.6.2')];
+	const [l5, l6, high] = [addr('127.0.0.5'), addr('127.0.0.6'), addr('203.0.113.9')];
+	udp.deliver(query(1), a, 4001, undefined, l5);
+	await waitFor(() => udp.sent.length === 1, 3000, 5, 'answer 1');
+	udp.deliver(query(2), b, 4002, undefined, high);
+	await waitFor(() => udp.sent.length === 2, 3000, 5, 'answer 2');
+	udp.deliver(query(3), a, 4001, undefined, l6);
+	await waitFor(() => udp.sent.length === 3, 3000, 5, 'answer 3');
+	t.same(udp.sent.map((s) => [dnsPacket.decode(s.bytes).id, s.addr, s.local]),
+		[[1, a, l5], [2, b, high], [3, a, l6]], 'each from the address asked (one above 2^31 too)');
+	t.equal(remoteOf(bal, '127.0.6.1')?.localAddr, l6 | 0, 'kept on the remote, as an int32');
+});
+
+t.test('bound to one address: no local address is passed on', async (t) => {
+	const { udp } = await startBalancer(t, dir);
+	udp.deliver(query(1), addr('127.0.6.3'), 4001, undefined, addr('127.0.0.5'));
+	await waitFor(() => udp.sent.length === 1, 3000, 5, 'the answer');
+	t.equal(udp.sent[0]?.local, 0);
+});
+
+t.test('bound to 0.0.0.0, a SERVFAIL bbal makes itself goes from the address asked too', async (t) => {
+	const empty = await makeSocketDir(t);
+	const { udp, bal } = await startBalancer(t, empty, { bind: '0.0.0.0' });
+	udp.deliver(query(7), addr('127.0.6.4'), 4001, undefined, addr('127.0.0.5'));
+	t.equal(bal.udp.stats.servfail, 1);
+	t.same(udp.sent.map((s) => s.local), [addr('127.0.0.5')]);
+});
+
+t.test('the rescan follows the host\'s addresses when the transport has a socket per address, and logs the changes', async (t) => {
+	const { udp, logs, advance } = await startBalancer(t, dir, { bind: '0.0.0.0' });
+	let calls = 0;
+	(udp as UdpTransport).followAddresses = () => {
+		calls++;
+		return Promise.resolve({
+			added: ['127.0.0.7'], removed: ['127.0.0.6'],
+			failed: [{ address: '192.0.2.7', err: Object.assign(new Error('bind EADDRNOTAVAIL'), { code: 'EADDRNOTAVAIL' }) }],
+		});
+	};
+	advance(RESCAN_INTERVAL_SECS);
+	await waitFor(() => logged(logs, 'cannot listen on a new address (tried again at each rescan)').length === 1, 2000);
+	t.equal(calls, 1, 'once per rescan');
+	t.equal(logged(logs, 'UDP listening on a new address')[0]?.address, '127.0.0.7');
+	t.equal(logged(logs, 'UDP address gone (socket closed)')[0]?.address, '127.0.0.6');
+	t.equal(logged(logs, 'cannot listen on a new address (tried again at each rescan)')[0]?.address, '192.0.2.7');
 });
 
 t.test('the snapshot: first and last seen are the clock\'s times, to the second', async (t) => {

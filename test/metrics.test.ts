@@ -96,6 +96,7 @@ t.test('/metrics parses as Prometheus text and its counters move with traffic', 
 	const after = parseMetrics((await get(metricsPort, '/metrics')).body);
 	t.equal(value(after, 'bbal_udp_forwarded_total') - fwd0, 4, 'four UDP queries forwarded');
 	t.equal(value(after, 'bbal_udp_answers_total'), 4, 'four answers sent');
+	t.equal(value(after, 'bbal_udp_send_queue_full_total'), 0, 'no answer dropped for want of room');
 	t.equal(value(after, 'bbal_udp_dropped_total', { reason: 'oversize' }), 1, 'the oversized datagram');
 	t.equal(value(after, 'bbal_backend_udp_forwarded_total', { backend: '5301' })
 		+ value(after, 'bbal_backend_udp_forwarded_total', { backend: '5302' }), 4, 'per backend, summed');

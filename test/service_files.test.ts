@@ -400,6 +400,15 @@ t.test('systemd unit', async (t) => {
 	const statsSocket = opts?.statsSocket ?? '';
 	t.ok(runtimeDirs.some((d) => isInside(statsSocket, path.join('/run', d))),
 		`the stats socket ${statsSocket} is in the unit's RuntimeDirectory (${runtimeDirs.join(' ')})`);
+	/*
+	 * dgram's wildcard bind reads the host's addresses with getifaddrs(),
+	 * over netlink (udp_socket.ts): a unit that denies AF_NETLINK breaks it.
+	 */
+	const families = list(unit, 'Service', 'RestrictAddressFamilies');
+	for (const family of ['AF_UNIX', 'AF_INET', 'AF_NETLINK']) {
+		t.ok(families.length === 0 || families.includes(family),
+			`RestrictAddressFamilies allows ${family} (${families.join(' ') || 'unset'})`);
+	}
 	t.notOk(isYes(last(unit, 'Service', 'MemoryDenyWriteExecute')),
 		'no MemoryDenyWriteExecute (V8\'s JIT needs it off)');
 

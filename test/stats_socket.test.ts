@@ -54,7 +54,7 @@ async function start(t: Test, remotes: number) {
 	await bal.start();
 	const q = encodeQuery('s.example', 'A', 1);
 	for (let i = 0; i < remotes; i++) {
-		udp.onDatagram(q, BASE + i, 4000, q.length);
+		udp.onDatagram(q, BASE + i, 4000, q.length, 0);
 	}
 	t.equal(bal.remotes.size, remotes, `${remotes} remotes held`);
 	/* Every call the stats socket makes for a slice of the table. */

@@ -17,6 +17,8 @@ export interface Sent {
 	bytes: Buffer;
 	addr: number;
 	port: number;
+	/* The local address to send from, as the proxy gave it (0: none). */
+	local: number;
 }
 
 /*
@@ -26,7 +28,7 @@ export interface Sent {
 export class FakeTransport implements UdpTransport {
 	/* Not a kind the real ones have: it names the transport in a debug line only. */
 	readonly kind = 'fake' as unknown as UdpTransportKind;
-	onDatagram: (msg: Buffer, addr: number, port: number, len: number) => void = () => {};
+	onDatagram: (msg: Buffer, addr: number, port: number, len: number, local: number) => void = () => {};
 	onError: (err: UdpTransportError) => void = () => {};
 	readonly sent: Sent[] = [];
 	state: 'new' | 'bound' | 'closed' = 'new';
@@ -37,11 +39,11 @@ export class FakeTransport implements UdpTransport {
 		return Promise.resolve();
 	}
 
-	send(payload: Uint8Array, addr: number, port: number): boolean {
+	send(payload: Uint8Array, addr: number, port: number, local = 0): boolean {
 		if (this.state !== 'bound' || port < 1 || port > 65535 || payload.length > MAX_UDP_PAYLOAD_BYTES) {
 			return false;
 		}
-		this.sent.push({ bytes: Buffer.from(payload), addr, port });
+		this.sent.push({ bytes: Buffer.from(payload), addr, port, local });
 		return true;
 	}
 
@@ -55,9 +57,13 @@ export class FakeTransport implements UdpTransport {
 		return Promise.resolve();
 	}
 
-	/* One datagram from addr:port; len as the real transports give it (the true length). */
-	deliver(bytes: Buffer, addr: number, port: number, len = bytes.length): void {
-		this.onDatagram(bytes, addr, port, len);
+	/*
+	 * One datagram from addr:port; len as the real transports give it (the
+	 * true length), local the address it was sent to (as a wildcard bind
+	 * reports it; 0 otherwise).
+	 */
+	deliver(bytes: Buffer, addr: number, port: number, len = bytes.length, local = 0): void {
+		this.onDatagram(bytes, addr, port, len, local);
 	}
 
 	/* What went to addr:port, decoded. */

@@ -100,16 +100,18 @@ export interface Fleet {
 
 /*
  * Real mname backends named after `labels` in a fresh socket directory and
- * bbal in front of them, resolved once every backend is established.
+ * bbal in front of them (with `args` and `env` added), resolved once every
+ * backend is established.
  */
-export async function startFleet(t: Teardowns, labels: string[], args: string[] = []): Promise<Fleet> {
+export async function startFleet(t: Teardowns, labels: string[], args: string[] = [],
+	env?: NodeJS.ProcessEnv): Promise<Fleet> {
 	const dir = await makeSocketDir(t);
 	const backends: Backend[] = [];
 	for (const l of labels) {
 		backends.push(await startBackend(t, dir, l));
 	}
 	const port = await freePort();
-	const bbal = await startBbal(t, { dir, port, args });
+	const bbal = await startBbal(t, { dir, port, args, env });
 	await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= labels.length,
 		5000, 20, `${labels.length} backends established`);
 	return { dir, port, bbal, backends, sock: statsSocketFor(dir) };
