@@ -23,7 +23,9 @@ const modules = [
 	['src/dns.ts', 'dist/test/dns.test.js'],
 	['src/log.ts', 'dist/test/log.test.js'],
 	['src/remote.ts', 'dist/test/remotes.test.js'],
+	['src/remote.ts', 'dist/test/remotes_logs.test.js'],
 	['src/remotes.ts', 'dist/test/remotes.test.js'],
+	['src/remotes.ts', 'dist/test/remotes_logs.test.js'],
 	// The sliced expiry and rebalance passes are tested here.
 	['src/remotes.ts', 'dist/test/bounds.test.js'],
 	['src/write_queue.ts', 'dist/test/write_queue.test.js'],

@@ -412,10 +412,12 @@ export class Remotes {
 
 	/* Make room: the second-chance walk described in the file comment. */
 	private evictIdlest(): void {
-		const passLimit = this.byAddr.size;
-		for (let moved = 0; this.queueHead !== null; moved++) {
-			const rem = this.queueHead;
-			if (rem.referenced && moved < passLimit) {
+		/*
+		 * Ends within one lap of the queue: a remote moved to the back has
+		 * its bit cleared, so it is evicted when it reaches the head again.
+		 */
+		for (let rem = this.queueHead; rem !== null; rem = this.queueHead) {
+			if (rem.referenced) {
 				/* Seen since it was last here: a second chance, at the back. */
 				rem.referenced = false;
 				this.dequeue(rem);
