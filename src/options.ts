@@ -41,7 +41,7 @@ import { Acl } from './dns.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_MAX_REMOTES } from './remotes.js';
 import { DEFAULT_STATS_SOCKET, isInside } from './stats.js';
-import { DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_TCP_IDLE_TIMEOUT_SECS } from './tcp_proxy.js';
+import { DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_TCP_IDLE_TIMEOUT_SECS } from './tcp_listener.js';
 import type { NoBackendAction, RateLimitAction } from './udp_proxy.js';
 
 export interface Options {

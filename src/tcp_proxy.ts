@@ -79,23 +79,16 @@
  */
 
 import type net from 'node:net';
-import { createServer } from 'node:net';
 import type { Logger } from 'pino';
 import type { Backend, Backends } from './backends.js';
-import type { Acl } from './dns.js';
-import { encodeInboundTcp, FirstFrameSink, FRAME_INBOUND_TCP_OK, FRAME_NAMES, FrameReader, ipv4ToU32 } from './protocol.js';
-import type { Remote, Remotes } from './remotes.js';
-import { GatedLog, ignoreError } from './log.js';
-import { DEFAULT_MAX_TCP_MESSAGE_BYTES, describeProblem, MessageFollower, TCP_LENGTH_PREFIX_BYTES } from './tcp_messages.js';
+import { encodeInboundTcp, FirstFrameSink, FRAME_INBOUND_TCP_OK, FRAME_NAMES, FrameReader } from './protocol.js';
+import type { Remote } from './remotes.js';
+import { type GatedLog, ignoreError } from './log.js';
+import { describeProblem, MessageFollower, TCP_LENGTH_PREFIX_BYTES } from './tcp_messages.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
 
-export { DEFAULT_MAX_TCP_MESSAGE_BYTES } from './tcp_messages.js';
-export const TCP_BACKLOG = 1000;
 export const TCP_OK_DEADLINE_SECS = 10;
 export const DEFAULT_TCP_IDLE_TIMEOUT_SECS = 10;
-export const DEFAULT_MAX_TCP_CONNECTIONS = 512;
-/* How long close() lets flowing sessions finish before cutting them. */
-export const TCP_DRAIN_MS = 3000;
 
 /** The client's side before the session flows; see the file comment. */
 export type EarlyClient = 'reading' | 'paused' | 'ended';
@@ -110,7 +103,8 @@ export type TcpProxyState =
 	| { readonly name: 'closing'; readonly open: Side }
 	| { readonly name: 'closed' };
 
-export interface TcpListenerStats {
+/** The TCP path's counters: the listener's totals, counted by it and by its proxies. */
+export interface TcpStats {
 	accepted: number; /* connections accepted */
 	overCap: number; /* closed at once: over --max-tcp-connections */
 	noBackend: number; /* closed at once: no backend ok */
@@ -123,15 +117,26 @@ export interface TcpListenerStats {
 	invalid: number; /* not a DNS query first, or a message too short or too long */
 }
 
-export interface TcpOptions {
-	remotes: Remotes;
-	backends: Backends;
-	wheel: TimeoutWheel;
-	log: Logger;
-	idleTimeoutSecs?: number;
-	maxConnections?: number;
-	maxMessageBytes?: number;
-	acl?: Acl;
+/**
+ * What a proxy needs from the listener that accepted it (tcp_listener.ts),
+ * so that the arrow goes one way: the listener knows proxies, a proxy knows
+ * only this.
+ */
+export interface TcpSessionHost {
+	readonly stats: TcpStats;
+	readonly wheel: TimeoutWheel;
+	readonly backends: Backends;
+	readonly idleTimeoutSecs: number;
+	readonly maxMessageBytes: number;
+	/* One gate per condition, so that a frequent one cannot silence another. */
+	readonly okTimeoutLog: GatedLog;
+	readonly invalidLog: GatedLog;
+	/** The client half-closed after a whole query, before the OK: the first to go at the cap. */
+	clientGone(proxy: TcpProxy): void;
+	/** The session flows: it is no longer one to close first. */
+	flowing(proxy: TcpProxy): void;
+	/** The proxy has closed both sockets (or is closed). */
+	released(proxy: TcpProxy): void;
 }
 
 export class TcpProxy {
@@ -149,7 +154,7 @@ export class TcpProxy {
 	private earlyBytes = 0;
 
 	constructor(
-		private readonly listener: TcpListener,
+		private readonly host: TcpSessionHost,
 		readonly id: number,
 		private readonly front: net.Socket,
 		readonly remote: Remote,
@@ -157,8 +162,8 @@ export class TcpProxy {
 		private readonly remotePort: number,
 	) {
 		this.log = backend.log.child({ conn_id: id, remote_ip: remote.ip, remote_port: remotePort });
-		this.follower = new MessageFollower(listener.maxMessageBytes);
-		const wheel = listener.wheel;
+		this.follower = new MessageFollower(host.maxMessageBytes);
+		const wheel = host.wheel;
 		this.lastActivityMs = wheel.nowMs;
 		this.deadline = wheel.create(`tcp ${id} deadline`, () => this.deadlineDue());
 		this.deadline.set(TCP_OK_DEADLINE_SECS);
@@ -170,7 +175,7 @@ export class TcpProxy {
 		front.setNoDelay(true);
 		front.resume();
 
-		this.back = listener.backends.connector(backend.path);
+		this.back = host.backends.connector(backend.path);
 		this.back.on('error', this.backOnError);
 		this.back.on('close', this.backOnClose);
 		this.back.on('connect', this.backOnConnect);
@@ -245,7 +250,7 @@ export class TcpProxy {
 			return;
 		}
 		if (first.verdict === 'bad') {
-			this.listener.stats.badFirstFrame++;
+			this.host.stats.badFirstFrame++;
 			this.log.warn({ frame_type: first.type, frame_name: FRAME_NAMES[first.type], frame_error: first.error },
 				'backend answered INBOUND_TCP with the wrong frame (closing connection)');
 			this.teardown();
@@ -265,7 +270,7 @@ export class TcpProxy {
 		}
 		this.early.push(chunk);
 		this.earlyBytes += chunk.length;
-		if (this.earlyBytes >= this.listener.maxMessageBytes + TCP_LENGTH_PREFIX_BYTES) {
+		if (this.earlyBytes >= this.host.maxMessageBytes + TCP_LENGTH_PREFIX_BYTES) {
 			this.front.pause();
 			this.clientNow('paused');
 		}
@@ -274,18 +279,18 @@ export class TcpProxy {
 	private readonly frontOnEarlyEnd = (): void => {
 		if (this.follower.messages === 0) {
 			this.log.debug('client hung up before sending a whole query');
-			this.listener.stats.abandoned++;
+			this.host.stats.abandoned++;
 			this.teardown();
 			return;
 		}
 		this.clientNow('ended');
-		this.listener.evictable.add(this);
+		this.host.clientGone(this);
 	};
 
 	/** Closed to make room: the client half-closed before the session flowed. */
 	evict(): void {
 		this.log.debug('closing connection whose client hung up before INBOUND_TCP_OK (making room)');
-		this.listener.stats.abandoned++;
+		this.host.stats.abandoned++;
 		this.teardown();
 	}
 
@@ -297,12 +302,12 @@ export class TcpProxy {
 		back.removeListener('end', this.backOnEarlyEnd);
 		front.removeListener('data', this.frontOnEarlyData);
 		front.removeListener('end', this.frontOnEarlyEnd);
-		this.listener.evictable.delete(this);
+		this.host.flowing(this);
 		this.advance({ name: 'flowing', front: clientEnded ? 'ended' : 'open', back: 'open' });
 		this.backend.stats.tcp++;
-		this.listener.stats.established++;
+		this.host.stats.established++;
 		this.touch();
-		this.deadline.set(this.listener.idleTimeoutSecs);
+		this.deadline.set(this.host.idleTimeoutSecs);
 		if (rest.length > 0) {
 			front.write(rest);
 		}
@@ -339,8 +344,8 @@ export class TcpProxy {
 		if (problem === null) {
 			return true;
 		}
-		this.listener.stats.invalid++;
-		this.listener.invalidLog.report(this.log, () => ({ problem: describeProblem(problem) }));
+		this.host.stats.invalid++;
+		this.host.invalidLog.report(this.log, () => ({ problem: describeProblem(problem) }));
 		this.teardown();
 		return false;
 	}
@@ -368,14 +373,14 @@ export class TcpProxy {
 	/* ---- deadlines ---- */
 
 	private readonly touch = (): void => {
-		this.lastActivityMs = this.listener.wheel.nowMs;
+		this.lastActivityMs = this.host.wheel.nowMs;
 	};
 
 	private deadlineDue(): void {
 		const name = this.current.name;
 		if (name === 'connecting' || name === 'awaiting OK') {
-			this.listener.stats.okTimeouts++;
-			this.listener.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS });
+			this.host.stats.okTimeouts++;
+			this.host.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS });
 			this.backend.fault('TCP session: no INBOUND_TCP_OK in time', { conn_id: this.id });
 			this.teardown();
 			return;
@@ -383,14 +388,14 @@ export class TcpProxy {
 		if (name === 'closed') {
 			return;
 		}
-		const idleSecs = (this.listener.wheel.nowMs - this.lastActivityMs) / 1000;
-		const limit = this.listener.idleTimeoutSecs;
+		const idleSecs = (this.host.wheel.nowMs - this.lastActivityMs) / 1000;
+		const limit = this.host.idleTimeoutSecs;
 		if (idleSecs < limit) {
 			/* Activity since arming: wait for the rest of the period. */
 			this.deadline.set(Math.max(1, Math.ceil(limit - idleSecs)));
 			return;
 		}
-		this.listener.stats.idleClosed++;
+		this.host.stats.idleClosed++;
 		this.log.info({ idle_secs: limit }, 'closing idle tcp connection');
 		this.teardown();
 	}
@@ -437,159 +442,7 @@ export class TcpProxy {
 		this.deadline.clear();
 		this.front.on('error', ignoreError);
 		this.back.on('error', ignoreError);
-		this.listener.released(this);
+		this.host.released(this);
 		this.log.debug('tcp connection closed');
-	}
-}
-
-export class TcpListener {
-	readonly stats: TcpListenerStats = {
-		accepted: 0, overCap: 0, noBackend: 0, established: 0, idleClosed: 0, badFirstFrame: 0, okTimeouts: 0,
-		abandoned: 0, aclDropped: 0, invalid: 0,
-	};
-	readonly log: Logger;
-	readonly wheel: TimeoutWheel;
-	readonly backends: Backends;
-	readonly idleTimeoutSecs: number;
-	readonly maxConnections: number;
-	readonly maxMessageBytes: number;
-	/* One gate per condition, so that a frequent one cannot silence another. */
-	readonly okTimeoutLog: GatedLog;
-	readonly invalidLog: GatedLog;
-	private readonly overCapLog: GatedLog;
-	private readonly noBackendLog: GatedLog;
-	private readonly aclLog: GatedLog;
-	private readonly acl: Acl | null;
-	private readonly remotes: Remotes;
-	private readonly server: net.Server;
-	private readonly proxies = new Set<TcpProxy>();
-	/* Proxies whose client half-closed after a whole query, before the OK; oldest first. */
-	readonly evictable = new Set<TcpProxy>();
-	private nextConnId = 1;
-	private state: 'new' | 'listening' | 'closing' | 'closed' = 'new';
-	private whenEmpty: (() => void) | null = null;
-
-	constructor(opts: TcpOptions) {
-		this.remotes = opts.remotes;
-		this.backends = opts.backends;
-		this.wheel = opts.wheel;
-		this.log = opts.log;
-		this.idleTimeoutSecs = opts.idleTimeoutSecs ?? DEFAULT_TCP_IDLE_TIMEOUT_SECS;
-		this.maxConnections = opts.maxConnections ?? DEFAULT_MAX_TCP_CONNECTIONS;
-		this.maxMessageBytes = opts.maxMessageBytes ?? DEFAULT_MAX_TCP_MESSAGE_BYTES;
-		this.acl = opts.acl === undefined || opts.acl.open ? null : opts.acl;
-		const wheel = opts.wheel;
-		this.okTimeoutLog = new GatedLog(wheel, 'error', 'no INBOUND_TCP_OK from backend');
-		this.invalidLog = new GatedLog(wheel, 'warn', 'closing tcp connection that is not DNS');
-		this.overCapLog = new GatedLog(wheel, 'warn', 'too many tcp connections (closing new connection)');
-		this.noBackendLog = new GatedLog(wheel, 'warn', 'no backend for remote (closing tcp connection)');
-		this.aclLog = new GatedLog(wheel, 'warn', 'tcp connection from outside --allow (closed)');
-		this.server = createServer({ allowHalfOpen: true, pauseOnConnect: true });
-		this.server.on('connection', this.serverOnConnection);
-	}
-
-	/** Open TCP connections right now. */
-	get size(): number {
-		return this.proxies.size;
-	}
-
-	listen(host: string, port: number): Promise<void> {
-		return new Promise((resolve, reject) => {
-			const onError = (err: Error): void => {
-				this.state = 'closed';
-				reject(err);
-			};
-			this.server.once('error', onError);
-			this.server.listen({ host, port, backlog: TCP_BACKLOG, exclusive: true }, () => {
-				this.server.removeListener('error', onError);
-				this.server.on('error', this.serverOnError);
-				this.state = 'listening';
-				resolve();
-			});
-		});
-	}
-
-	private readonly serverOnConnection = (front: net.Socket): void => {
-		front.on('error', ignoreError);
-		this.stats.accepted++;
-		if (this.proxies.size >= this.maxConnections) {
-			/* Room taken by a client that has already gone is given back first. */
-			const oldest = this.evictable.values().next();
-			if (!oldest.done) {
-				oldest.value.evict();
-			}
-		}
-		if (this.state !== 'listening' || this.proxies.size >= this.maxConnections) {
-			this.stats.overCap++;
-			this.overCapLog.report(this.log, { max: this.maxConnections });
-			front.destroy();
-			return;
-		}
-		const addr = ipv4ToU32(front.remoteAddress ?? '');
-		if (addr < 0) {
-			front.destroy();
-			return;
-		}
-		if (this.acl !== null && !this.acl.allows(addr)) {
-			this.stats.aclDropped++;
-			this.aclLog.report(this.log, () => ({ remote_ip: front.remoteAddress }));
-			front.destroy();
-			return;
-		}
-		const rem = this.remotes.lookup(addr);
-		const be = rem.chooseBackend();
-		if (be === null) {
-			rem.tcpDrop++;
-			this.stats.noBackend++;
-			this.noBackendLog.report(rem.log);
-			front.destroy();
-			return;
-		}
-		front.removeListener('error', ignoreError);
-		rem.tcp++;
-		const proxy = new TcpProxy(this, this.nextConnId++, front, rem, be, front.remotePort ?? 0);
-		this.proxies.add(proxy);
-	};
-
-	private readonly serverOnError = (err: Error): void => {
-		this.log.error({ err }, 'tcp listener error');
-	};
-
-	/** A proxy has closed both sockets. */
-	released(proxy: TcpProxy): void {
-		this.proxies.delete(proxy);
-		this.evictable.delete(proxy);
-		if (this.proxies.size === 0 && this.whenEmpty !== null) {
-			this.whenEmpty();
-		}
-	}
-
-	/**
-	 * Stop accepting; let flowing sessions finish (the client's FIN ends
-	 * each) for up to drainMs, then cut whatever is left.
-	 */
-	async close(drainMs = TCP_DRAIN_MS): Promise<void> {
-		if (this.state === 'closing' || this.state === 'closed') {
-			return;
-		}
-		const wasListening = this.state === 'listening';
-		this.state = 'closing';
-		const closed = wasListening
-			? new Promise<void>((resolve) => this.server.close(() => resolve()))
-			: Promise.resolve();
-		if (this.proxies.size > 0) {
-			const empty = new Promise<void>((resolve) => {
-				this.whenEmpty = resolve;
-			});
-			const timer = setTimeout(() => {
-				for (const p of [...this.proxies]) {
-					p.teardown();
-				}
-			}, drainMs);
-			await empty;
-			clearTimeout(timer);
-		}
-		await closed;
-		this.state = 'closed';
 	}
 }

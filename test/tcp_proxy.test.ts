@@ -16,7 +16,7 @@ import { type Backend, Backends } from '../src/backends.js';
 import { FRAME_OUTBOUND_UDP } from '../src/protocol.js';
 import { makeLogger } from '../src/log.js';
 import { Remotes } from '../src/remotes.js';
-import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_proxy.js';
+import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_listener.js';
 import { TimeoutWheel } from '../src/timeouts.js';
 import { INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME } from './support/backend_frames.js';
 import { TcpDnsClient, tcpQuery } from './support/dns_client.js';
