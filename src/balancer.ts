@@ -144,6 +144,8 @@ export class Balancer {
 			wheel: this.wheel,
 			log: this.log,
 			maxConnections: opts.maxTcpConnections,
+			maxPerRemote: opts.maxTcpPerRemote,
+			maxQueriesPerConn: opts.maxTcpQueriesPerConn,
 			idleTimeoutSecs: opts.tcpIdleTimeoutSecs,
 			maxMessageBytes: opts.maxTcpMessageBytes,
 			acl,

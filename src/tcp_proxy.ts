@@ -5,77 +5,76 @@
  * after a truncated UDP answer reach Binder.  bbal proxies it at layer 4:
  * every client connection gets its own AF_UNIX connection to the backend
  * that serves the client's address -- the same sticky primary/backup choice
- * as UDP, so `dig +tcp` from a host lands where the host's UDP does.
- *
- * A TcpProxy object owns one client connection (the front) and its backend
- * session (the back).  Its lifecycle is one explicit state, changed only by
- * advance(), which logs each step at trace:
+ * as UDP, so `dig +tcp` from a host lands where the host's UDP does.  The
+ * listener (tcp_listener.ts) decides who gets a connection; a TcpProxy
+ * owns one connection from then on: the client's socket (the front) and
+ * its backend session (the back).  Its lifecycle is one explicit state,
+ * changed only by advance(), which logs each step at trace:
  *
  *              back connected       INBOUND_TCP_OK       a socket closed
  *   connecting -------------> awaiting OK ----------> flowing ------------> closing
- *    {client}                  {client}              {front, back}          {open}
+ *    {client}                  {client}         {front, back, paused}       {open}
  *       |                         |                       |                    | the other
  *       |                         |                       |                    | closes too
  *       +-------------------------+-----------------------+--------------------+--> closed
  *         teardown(), from any state, once: error, a deadline, a wrong first
  *         frame, not DNS, the client gone, evicted, shutdown
  *
- *   client       reading --a maximal message held---> paused
+ *   client       reading --a maximal message, or the query cap, held---> paused
  *   (before OK)  reading --FIN after a whole query--> ended (kept, but evictable)
  *                reading --FIN before one-----------> closed (abandoned)
  *   front, back  open --FIN seen and passed on--> ended
+ *   paused       null (reading the client) or why not: see BACKPRESSURE
  *   open         the side still open once the other has closed
  *
- * Connecting: INBOUND_TCP (client address and port) goes out as soon as the
- * back is connected.  Awaiting OK: the backend must answer INBOUND_TCP_OK
- * within 10 seconds; missing that faults the backend, for one that cannot
- * take a TCP session in ten seconds is not healthy.  Any other first frame
- * (protocol.ts's FrameReader, stopped by a FirstFrameSink after one frame)
- * tears this proxy down but does not fault the backend, whose control
- * session may be perfectly fine.  Meanwhile the client is read into a small
- * buffer, at most one maximal message (beyond that it is paused and the rest
- * waits in the kernel), which goes to the backend, in order, the moment the
- * session flows; bytes that follow the OK in the same read are the start of
- * the answer and reach the client before anything else.  Flowing: bytes pass
- * both ways verbatim with backpressure (pipe), so a slow reader on either
- * side pauses the other and bbal never buffers an unbounded answer; a FIN is
- * passed on once the bytes before it have gone.  Closing: nothing more can
- * reach the closed side, so the other is ended gently, and the idle deadline
- * cuts it if its peer never closes.
+ * Connecting: INBOUND_TCP goes out once the back is connected.  Awaiting
+ * OK: INBOUND_TCP_OK is due within 10 s, or the backend is faulted (one that
+ * cannot take a TCP session in ten seconds is not healthy).
+ * Any other first frame closes this proxy without faulting the backend.
+ * Meanwhile the client is read into a small buffer (at most one maximal
+ * message, or the query cap), passed on in order once the session flows.
+ * Flowing: bytes pass both ways verbatim; a FIN is passed on after the bytes
+ * before it.  Closing: the other side is ended gently, and the idle
+ * deadline cuts it if its peer never closes.
  *
- * A CLIENT THAT HANGS UP FIRST.  Reading early is what lets bbal see a client
- * leave while its backend is slow to accept: resolvers give up on a TCP
- * query within a second or two, and a stalled backend (whose 10-s OK deadline
- * has not yet run out) would otherwise keep every such dead connection and
- * fill --max-tcp-connections, so that remotes of healthy backends were
- * refused.  A client that ends its stream before sending one whole message
- * can never be answered: the connection is closed at once.  One that sent a
- * whole query and then half-closed may be a legitimate client waiting for
- * its answer, or one that gave up; TCP cannot tell the two apart, so it is
- * kept, but marked: when the cap is reached, the oldest such connection is
- * closed to make room rather than refusing the newcomer.  Both count as
- * `abandoned`; neither faults the backend (the deadline still does).
+ * A CLIENT THAT HANGS UP FIRST before the OK: with no whole query, closed at
+ * once; after one, it may be waiting or may have given up, so it is kept
+ * but goes first at the cap.  Both count as `abandoned`.
  *
- * WATCHING THE CLIENT.  The client's bytes pass through unchanged, but a
- * MessageFollower (tcp_messages.ts) follows its message boundaries as they
- * go, which costs a few comparisons per chunk: the first message must pass
- * the same header check as a datagram, and no message may be shorter than a
- * DNS header or longer than --max-tcp-message.  A violator's connection is
- * closed and counted.  Connections from outside --allow are closed at accept.
+ * WATCHING BOTH DIRECTIONS.  Two MessageFollowers (tcp_messages.ts) follow
+ * message boundaries as the bytes go by.  The client's: the first message
+ * gets a datagram's header check, and every one must be 12 bytes to
+ * --max-tcp-message (a violator is closed and counted).  The backend's: its
+ * boundaries only, so queries in minus answers out (`outstanding`) is what
+ * the backend still owes this client.
  *
- * BOUNDS.  A connection with no bytes in either direction for the idle
- * deadline (10 s by default, `--tcp-idle-timeout`; RFC 7766 6.2.3 asks for
- * seconds, not minutes) is closed, which also disposes of clients that send
- * half a length prefix and stall.  At most `--max-tcp-connections` (512 by
- * default) are open at once; over the cap a new connection is closed at once
- * and counted.  Every condition stays local to its connection: UDP and the
- * other TCP clients never notice.
+ * BACKPRESSURE.  Nothing is read faster than it can be passed on, and a
+ * client cannot make its backend hold more than a few answers for it: mname
+ * buffers every answer it cannot write, without bound.  The client is not
+ * read (`paused`, counted per reason) while any of these holds, and resumes
+ * where it stopped when none does; nothing is dropped:
  *
- * LOGS.  A proxy logs through a child of its backend's logger, so every line
- * carries be_id and be_path as the backend's own lines do, plus conn_id,
- * remote_ip and remote_port.  Conditions that can repeat per connection
- * (over the cap, outside --allow, no backend, not DNS, no OK in time) each
- * have a GatedLog of their own on the listener.
+ *   client not reading    its socket is over its high-water mark (write()
+ *                         said false, no 'drain' yet): it is not reading its
+ *                         answers.  The backend is not read either meanwhile.
+ *   backend not reading   the backend's socket is over its high-water mark.
+ *   query cap             `outstanding` is --max-tcp-queries-per-conn (32 by
+ *                         default: RFC 7766 6.2.1.1 lets a client pipeline, a
+ *                         stub resolver has a handful in flight).  The follower
+ *                         stops at the query that reaches the cap even inside
+ *                         one read; the rest goes back to the socket (unshift).
+ *
+ * DEADLINES.  The idle deadline (10 s by default, `--tcp-idle-timeout`;
+ * RFC 7766 6.2.3 asks for seconds, not minutes) counts from the last whole
+ * message either way, or from accept, never from a stray byte: a client
+ * that trickles a byte every few seconds is idle.  Once a query's first
+ * byte is in, the whole query must be within TCP_MESSAGE_DEADLINE_SECS (5;
+ * a constant: no real client takes seconds to write a few hundred bytes),
+ * counted only while bbal reads the client.  Both close the connection,
+ * counted; neither faults the backend.
+ *
+ * LOGS.  A child of the backend's logger (be_id, be_path) with conn_id,
+ * remote_ip and remote_port; repeated conditions use the listener's gates.
  */
 
 import type net from 'node:net';
@@ -84,22 +83,31 @@ import type { Backend, Backends } from './backends.js';
 import { encodeInboundTcp, FirstFrameSink, FRAME_INBOUND_TCP_OK, FRAME_NAMES, FrameReader } from './protocol.js';
 import type { Remote } from './remotes.js';
 import { type GatedLog, ignoreError } from './log.js';
-import { describeProblem, MessageFollower, TCP_LENGTH_PREFIX_BYTES } from './tcp_messages.js';
+import { describeProblem, MessageFollower, TCP_LENGTH_PREFIX_BYTES, TCP_MAX_MESSAGE_BYTES } from './tcp_messages.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
 
 export const TCP_OK_DEADLINE_SECS = 10;
 export const DEFAULT_TCP_IDLE_TIMEOUT_SECS = 10;
+/** Once a query's first byte is in, the whole of it must be within this (see DEADLINES). */
+export const TCP_MESSAGE_DEADLINE_SECS = 5;
+/** The default for --max-tcp-queries-per-conn (see BACKPRESSURE). */
+export const DEFAULT_MAX_TCP_QUERIES_PER_CONN = 32;
 
 /** The client's side before the session flows; see the file comment. */
 export type EarlyClient = 'reading' | 'paused' | 'ended';
 /** One socket's side while flowing: open, or its FIN seen and passed on. */
 export type FlowSide = 'open' | 'ended';
 type Side = 'front' | 'back';
+/** Why the client is not being read while flowing (see BACKPRESSURE). */
+export type PauseReason = 'client not reading' | 'backend not reading' | 'query cap';
+const PAUSE_COUNTERS = {
+	'client not reading': 'pausedClientNotReading', 'backend not reading': 'pausedBackendNotReading', 'query cap': 'pausedQueryCap',
+} as const;
 
 export type TcpProxyState =
 	| { readonly name: 'connecting'; readonly client: EarlyClient }
 	| { readonly name: 'awaiting OK'; readonly client: EarlyClient }
-	| { readonly name: 'flowing'; readonly front: FlowSide; readonly back: FlowSide }
+	| { readonly name: 'flowing'; readonly front: FlowSide; readonly back: FlowSide; readonly paused: PauseReason | null }
 	| { readonly name: 'closing'; readonly open: Side }
 	| { readonly name: 'closed' };
 
@@ -115,6 +123,13 @@ export interface TcpStats {
 	abandoned: number; /* the client hung up before the backend's INBOUND_TCP_OK */
 	aclDropped: number; /* closed at accept: source outside --allow */
 	invalid: number; /* not a DNS query first, or a message too short or too long */
+	overRemoteCap: number; /* closed at once: the source holds --max-tcp-per-remote */
+	evictedIdle: number; /* closed to make room at the cap: nothing outstanding, idle longest */
+	evictedBusy: number; /* closed to make room at the cap: none idle, this one slowest */
+	messageTimeouts: number; /* a query not whole within TCP_MESSAGE_DEADLINE_SECS of its first byte */
+	pausedClientNotReading: number; /* times the client was paused: it was not reading its answers */
+	pausedBackendNotReading: number; /* times the client was paused: the backend was not reading */
+	pausedQueryCap: number; /* times the client was paused: --max-tcp-queries-per-conn outstanding */
 }
 
 /**
@@ -128,13 +143,17 @@ export interface TcpSessionHost {
 	readonly backends: Backends;
 	readonly idleTimeoutSecs: number;
 	readonly maxMessageBytes: number;
+	readonly maxQueriesPerConn: number;
 	/* One gate per condition, so that a frequent one cannot silence another. */
 	readonly okTimeoutLog: GatedLog;
 	readonly invalidLog: GatedLog;
+	readonly messageDeadlineLog: GatedLog;
 	/** The client half-closed after a whole query, before the OK: the first to go at the cap. */
 	clientGone(proxy: TcpProxy): void;
 	/** The session flows: it is no longer one to close first. */
 	flowing(proxy: TcpProxy): void;
+	/** A whole query or answer went by: `outstanding` and `lastProgressMs` may have changed. */
+	progressed(proxy: TcpProxy): void;
 	/** The proxy has closed both sockets (or is closed). */
 	released(proxy: TcpProxy): void;
 }
@@ -143,12 +162,19 @@ export class TcpProxy {
 	readonly log: Logger;
 	private current: TcpProxyState = { name: 'connecting', client: 'reading' };
 	private readonly back: net.Socket;
+	/* The INBOUND_TCP_OK deadline, then the idle deadline. */
 	private readonly deadline: Timeout;
+	/* A query begun must be whole in time. */
+	private readonly messageDeadline: Timeout;
 	private readonly firstFrame = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
 	/* No frame on a TCP session has a payload: a UDP frame is refused on its header. */
 	private readonly okReader = new FrameReader(this.firstFrame, 0);
-	private readonly follower: MessageFollower;
-	private lastActivityMs: number;
+	private readonly queries: MessageFollower;
+	private readonly answers = new MessageFollower(TCP_MAX_MESSAGE_BYTES, false);
+	/* The last whole query or answer, or the accept: where the idle deadline counts from. */
+	private lastProgress: number;
+	/* The number of whole queries when the message deadline was armed for the next one. */
+	private messageArmedAt = -1;
 	/* What the client sent before the session flowed. */
 	private early: Buffer[] = [];
 	private earlyBytes = 0;
@@ -162,10 +188,11 @@ export class TcpProxy {
 		private readonly remotePort: number,
 	) {
 		this.log = backend.log.child({ conn_id: id, remote_ip: remote.ip, remote_port: remotePort });
-		this.follower = new MessageFollower(host.maxMessageBytes);
+		this.queries = new MessageFollower(host.maxMessageBytes);
 		const wheel = host.wheel;
-		this.lastActivityMs = wheel.nowMs;
+		this.lastProgress = wheel.nowMs;
 		this.deadline = wheel.create(`tcp ${id} deadline`, () => this.deadlineDue());
+		this.messageDeadline = wheel.create(`tcp ${id} message deadline`, () => this.messageDeadlineDue());
 		this.deadline.set(TCP_OK_DEADLINE_SECS);
 
 		front.on('error', this.frontOnError);
@@ -186,6 +213,11 @@ export class TcpProxy {
 
 	get state(): TcpProxyState {
 		return this.current;
+	}
+
+	/** Queries forwarded (or held for the backend) that it has not answered yet. */
+	get outstanding(): number {
+		return this.queries.messages - this.answers.messages;
 	}
 
 	/* ---- transitions ---- */
@@ -217,10 +249,12 @@ export class TcpProxy {
 	private socketClosed(side: Side): void {
 		const name = this.current.name;
 		if (name === 'flowing') {
-			/* Nothing more can reach the closed side: end the other gently. */
+			/* Nothing more can reach the closed side: end the other gently, and read it to its end. */
 			const open = side === 'front' ? 'back' : 'front';
 			this.advance({ name: 'closing', open });
+			this.messageDeadline.clear();
 			const other = open === 'front' ? this.front : this.back;
+			other.resume();
 			/* Already ended or closing: end() again would only build an error. */
 			if (!other.writableEnded && !other.destroyed) {
 				other.end();
@@ -265,19 +299,20 @@ export class TcpProxy {
 	};
 
 	private readonly frontOnEarlyData = (chunk: Buffer): void => {
-		if (!this.followClient(chunk)) {
+		const taken = this.followClient(chunk);
+		if (taken === null) {
 			return;
 		}
-		this.early.push(chunk);
-		this.earlyBytes += chunk.length;
-		if (this.earlyBytes >= this.host.maxMessageBytes + TCP_LENGTH_PREFIX_BYTES) {
-			this.front.pause();
+		this.early.push(taken);
+		this.earlyBytes += taken.length;
+		if (taken !== chunk || this.earlyBytes >= this.host.maxMessageBytes + TCP_LENGTH_PREFIX_BYTES) {
+			this.pauseClient();
 			this.clientNow('paused');
 		}
 	};
 
 	private readonly frontOnEarlyEnd = (): void => {
-		if (this.follower.messages === 0) {
+		if (this.queries.messages === 0) {
 			this.log.debug('client hung up before sending a whole query');
 			this.host.stats.abandoned++;
 			this.teardown();
@@ -287,10 +322,9 @@ export class TcpProxy {
 		this.host.clientGone(this);
 	};
 
-	/** Closed to make room: the client half-closed before the session flowed. */
+	/** Closed to make room at the cap (the listener counts why). */
 	evict(): void {
-		this.log.debug('closing connection whose client hung up before INBOUND_TCP_OK (making room)');
-		this.host.stats.abandoned++;
+		this.log.debug('closing tcp connection to make room');
 		this.teardown();
 	}
 
@@ -303,78 +337,185 @@ export class TcpProxy {
 		front.removeListener('data', this.frontOnEarlyData);
 		front.removeListener('end', this.frontOnEarlyEnd);
 		this.host.flowing(this);
-		this.advance({ name: 'flowing', front: clientEnded ? 'ended' : 'open', back: 'open' });
+		this.advance({ name: 'flowing', front: clientEnded ? 'ended' : 'open', back: 'open', paused: null });
 		this.backend.stats.tcp++;
 		this.host.stats.established++;
-		this.touch();
 		this.deadline.set(this.host.idleTimeoutSecs);
-		if (rest.length > 0) {
-			front.write(rest);
-		}
-		/* Backend to client: pipe() carries backpressure and the FIN. */
-		back.on('data', this.touch);
+		back.on('data', this.backOnData);
 		back.on('end', this.backOnEnd);
-		back.pipe(front);
-		/* Client to backend: by hand, the same way, following messages. */
-		let more = true;
+		back.on('drain', this.backOnDrain);
+		front.on('drain', this.frontOnDrain);
+		if (rest.length > 0) {
+			this.backOnData(rest);
+		}
 		for (const chunk of this.early) {
-			more = back.write(chunk);
+			back.write(chunk);
 		}
 		this.early = [];
 		if (clientEnded) {
 			back.end();
-			return;
-		}
-		front.on('data', this.frontOnData);
-		front.on('end', this.frontOnEnd);
-		back.on('drain', this.backOnDrain);
-		if (more) {
-			front.resume();
 		} else {
-			front.pause();
+			front.on('data', this.frontOnData);
+			front.on('end', this.frontOnEnd);
 		}
+		this.regulate();
 	}
 
 	/* ---- flowing ---- */
 
-	/* Follow a chunk from the client; false when the connection was closed for it. */
-	private followClient(chunk: Buffer): boolean {
-		this.touch();
-		const problem = this.follower.feed(chunk);
-		if (problem === null) {
-			return true;
+	/*
+	 * Follow a chunk from the client: the part of it to pass on (all of it
+	 * unless the query cap fell inside it, the rest then handed back to the
+	 * socket), or null when the connection was closed for it.
+	 */
+	private followClient(chunk: Buffer): Buffer | null {
+		const before = this.queries.messages;
+		const problem = this.queries.feed(chunk, this.answers.messages + this.host.maxQueriesPerConn);
+		if (problem !== null) {
+			this.host.stats.invalid++;
+			this.host.invalidLog.report(this.log, () => ({ problem: describeProblem(problem) }));
+			this.teardown();
+			return null;
 		}
-		this.host.stats.invalid++;
-		this.host.invalidLog.report(this.log, () => ({ problem: describeProblem(problem) }));
-		this.teardown();
-		return false;
+		let taken = chunk;
+		const used = this.queries.consumed;
+		if (used < chunk.length) {
+			taken = chunk.subarray(0, used);
+			this.pauseClient();
+			this.front.unshift(chunk.subarray(used));
+		}
+		if (this.queries.messages !== before) {
+			this.progress();
+		}
+		this.watchMessage();
+		return taken;
 	}
 
 	private readonly frontOnData = (chunk: Buffer): void => {
-		if (this.followClient(chunk) && !this.back.write(chunk)) {
-			this.front.pause();
+		if (this.current.name !== 'flowing') {
+			return; /* closing: the backend is gone, nothing to pass on */
 		}
+		const taken = this.followClient(chunk);
+		if (taken === null) {
+			return;
+		}
+		if (taken.length > 0) {
+			this.back.write(taken);
+		}
+		this.regulate();
 	};
 
-	private readonly backOnDrain = (): void => {
-		this.front.resume();
+	private readonly backOnData = (chunk: Buffer): void => {
+		if (this.current.name !== 'flowing') {
+			return; /* closing: the client is gone */
+		}
+		const before = this.answers.messages;
+		const problem = this.answers.feed(chunk);
+		if (problem !== null) {
+			this.log.warn({ problem: describeProblem(problem) }, 'backend answer stream is not DNS (closing connection)');
+			this.teardown();
+			return;
+		}
+		this.front.write(chunk);
+		if (this.answers.messages !== before) {
+			this.progress();
+		}
+		this.regulate();
 	};
+
+	private readonly backOnDrain = (): void => this.regulate();
+	private readonly frontOnDrain = (): void => this.regulate();
+
+	/*
+	 * Read the client only while it reads its answers, the backend reads
+	 * its queries, and fewer than the cap are outstanding; read the backend
+	 * only while the client reads (see BACKPRESSURE).
+	 */
+	private regulate(): void {
+		const s = this.current;
+		if (s.name !== 'flowing') {
+			return;
+		}
+		const clientNotReading = this.front.writableNeedDrain;
+		if (clientNotReading !== this.back.isPaused()) {
+			if (clientNotReading) {
+				this.back.pause();
+			} else {
+				this.back.resume();
+			}
+		}
+		if (s.front === 'ended') {
+			return;
+		}
+		let why: PauseReason | null = null;
+		if (clientNotReading) {
+			why = 'client not reading';
+		} else if (this.back.writableNeedDrain) {
+			why = 'backend not reading';
+		} else if (this.outstanding >= this.host.maxQueriesPerConn) {
+			why = 'query cap';
+		}
+		if (why === s.paused) {
+			return;
+		}
+		this.advance({ ...s, paused: why });
+		if (why === null) {
+			this.resumeClient();
+		} else {
+			this.host.stats[PAUSE_COUNTERS[why]]++;
+			this.pauseClient();
+		}
+	}
+
+	/* The message deadline counts only while bbal reads the client. */
+	private pauseClient(): void {
+		this.front.pause();
+		this.messageDeadline.clear();
+	}
+
+	private resumeClient(): void {
+		this.front.resume();
+		this.messageArmedAt = -1;
+		this.watchMessage();
+	}
 
 	private readonly frontOnEnd = (): void => {
 		this.sideEnded('front');
+		this.messageDeadline.clear();
 		this.back.end();
 	};
 
-	/* pipe() passes the backend's FIN to the client; this only notes it. */
 	private readonly backOnEnd = (): void => {
 		this.sideEnded('back');
+		this.front.end();
 	};
 
 	/* ---- deadlines ---- */
 
-	private readonly touch = (): void => {
-		this.lastActivityMs = this.host.wheel.nowMs;
-	};
+	private progress(): void {
+		this.lastProgress = this.host.wheel.nowMs;
+		this.host.progressed(this);
+	}
+
+	/* A query has begun and not ended: it has TCP_MESSAGE_DEADLINE_SECS from its first byte. */
+	private watchMessage(): void {
+		if (!this.queries.midMessage) {
+			this.messageDeadline.clear();
+			return;
+		}
+		const count = this.queries.messages;
+		if (this.messageArmedAt !== count || this.messageDeadline.expiresAt === null) {
+			this.messageArmedAt = count;
+			this.messageDeadline.set(TCP_MESSAGE_DEADLINE_SECS);
+		}
+	}
+
+	/* Never after release(), which clears it. */
+	private messageDeadlineDue(): void {
+		this.host.stats.messageTimeouts++;
+		this.host.messageDeadlineLog.report(this.log, { deadline_secs: TCP_MESSAGE_DEADLINE_SECS });
+		this.teardown();
+	}
 
 	private deadlineDue(): void {
 		const name = this.current.name;
@@ -388,10 +529,10 @@ export class TcpProxy {
 		if (name === 'closed') {
 			return;
 		}
-		const idleSecs = (this.host.wheel.nowMs - this.lastActivityMs) / 1000;
+		const idleSecs = (this.host.wheel.nowMs - this.lastProgress) / 1000;
 		const limit = this.host.idleTimeoutSecs;
 		if (idleSecs < limit) {
-			/* Activity since arming: wait for the rest of the period. */
+			/* A whole message since arming: wait for the rest of the period. */
 			this.deadline.set(Math.max(1, Math.ceil(limit - idleSecs)));
 			return;
 		}
@@ -440,6 +581,7 @@ export class TcpProxy {
 		}
 		this.advance({ name: 'closed' });
 		this.deadline.clear();
+		this.messageDeadline.clear();
 		this.front.on('error', ignoreError);
 		this.back.on('error', ignoreError);
 		this.host.released(this);
