@@ -29,7 +29,9 @@
  *
  * Connecting: INBOUND_TCP goes out once the back is connected.  Awaiting
  * OK: INBOUND_TCP_OK is due within 10 s, or the backend is faulted (one that
- * cannot take a TCP session in ten seconds is not healthy).
+ * cannot take a TCP session in ten seconds is not healthy) -- unless its
+ * control session has been replaced since this proxy began
+ * (Backend.sessionGeneration): the new session is not to blame for the old.
  * Any other first frame closes this proxy without faulting the backend.
  * Meanwhile the client is read into a small buffer (at most one maximal
  * message, or the query cap), passed on in order once the session flows.
@@ -171,6 +173,8 @@ export class TcpProxy {
 	private readonly okReader = new FrameReader(this.firstFrame, 0);
 	private readonly queries: MessageFollower;
 	private readonly answers = new MessageFollower(TCP_MAX_MESSAGE_BYTES, false);
+	/* The control session this proxy began under (see Awaiting OK). */
+	private readonly backendSession: number;
 	/* The last whole query or answer, or the accept: where the idle deadline counts from. */
 	private lastProgress: number;
 	/* The number of whole queries when the message deadline was armed for the next one. */
@@ -189,6 +193,7 @@ export class TcpProxy {
 	) {
 		this.log = backend.log.child({ conn_id: id, remote_ip: remote.ip, remote_port: remotePort });
 		this.queries = new MessageFollower(host.maxMessageBytes);
+		this.backendSession = backend.sessionGeneration;
 		const wheel = host.wheel;
 		this.lastProgress = wheel.nowMs;
 		this.deadline = wheel.create(`tcp ${id} deadline`, () => this.deadlineDue());
@@ -521,8 +526,13 @@ export class TcpProxy {
 		const name = this.current.name;
 		if (name === 'connecting' || name === 'awaiting OK') {
 			this.host.stats.okTimeouts++;
-			this.host.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS });
-			this.backend.fault('TCP session: no INBOUND_TCP_OK in time', { conn_id: this.id });
+			if (this.backend.sessionGeneration === this.backendSession) {
+				this.host.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS });
+				this.backend.fault('TCP session: no INBOUND_TCP_OK in time', { conn_id: this.id });
+			} else {
+				/* The backend has reconnected since: its new session is not to blame. */
+				this.host.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS, session_replaced: true });
+			}
 			this.teardown();
 			return;
 		}

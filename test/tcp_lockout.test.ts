@@ -6,7 +6,8 @@
  * long a message might take, nor how many connections one source might
  * hold, and the cap refused newcomers instead of making room.  Each test
  * here failed on the code before the fix (4dc3c32).  Also: an address
- * outside --allow evicts nobody.
+ * outside --allow evicts nobody, and a missed INBOUND_TCP_OK does not
+ * fault a backend whose control session was replaced meanwhile.
  */
 
 import type net from 'node:net';
@@ -118,3 +119,22 @@ t.test('at the cap, a source outside --allow is refused before anything else: it
 		t.notOk(gone.closed, 'which is still open');
 		t.equal(env.remotes.size, remotesBefore, 'no remote made for the outsider');
 	});
+
+t.test('a missed INBOUND_TCP_OK does not fault a backend whose control session was replaced since', async (t) => {
+	const env = await fakeRig(t, neverAnswers);
+	const { be, fake } = env;
+	const client = await connect(t, env.port, '127.0.0.51');
+	await waitFor(() => fake.inboundTcp.length === 1, 2000, 10, 'INBOUND_TCP at the backend');
+	for (const s of fake.controlSessions) {
+		s.destroy();
+	}
+	await waitFor(() => be.state === 'waiting', 2000, 10, 'the backend faulted by its control session\'s EOF');
+	const faultsBefore = be.stats.faults;
+	env.advance(1);
+	await waitFor(() => be.ok, 2000, 10, 'reconnected: a new control session');
+	env.advance(9);
+	await closed(client);
+	t.equal(env.tcp.stats.okTimeouts, 1, 'the TCP session still times out and is closed');
+	t.ok(be.ok, 'but the new control session is not faulted for it');
+	t.equal(be.stats.faults, faultsBefore, 'no fault counted');
+});
