@@ -9,6 +9,12 @@
  *   node dist/bench/stalls.js flood [BBAL_JS] a healthy mname's answer times through bbal while
  *                                             another backend floods OUTBOUND_UDP (BBAL_JS: another
  *                                             build's bin/bbal.js, for a before figure)
+ *   node dist/bench/stalls.js tcp-lockout [ROOT] [-- FLAGS]
+ *                                             512 connections from 127.0.0.2 trickling a byte of a
+ *                                             query every 4 s; dig +tcp from 127.0.0.3 every 4 s
+ *   node dist/bench/stalls.js tcp-unread [ROOT] [-- FLAGS]
+ *                                             200 clients (127.0.2.1-200) pipelining 300 queries for a
+ *                                             big answer each and never reading: the mname's RSS and CPU over 18 s
  *
  * Not part of `npm run bench` or `npm test`: a small driver that reproduces
  * the figures of the hardening issue (remote expiry and rebalance done in one
@@ -26,6 +32,13 @@
  * until the pass is over, beside the same loop's with nothing to do just
  * before (what the machine itself adds), and the longest tick in wall and
  * CPU time (all threads: V8's compiler and GC helpers count).
+ *
+ * tcp-lockout and tcp-unread run the built CLI of the bbal checkout at ROOT
+ * (this one by default, so an older checkout's can be measured the same
+ * way; FLAGS are passed on to it) in front of one real mname, the tests'
+ * fixture (test/fixtures/mname_backend.cjs of this checkout: `huge.` names
+ * get 64 TXT records, about 16 KB over TCP, so that 300 answers are more than
+ * the kernel's socket buffers hold).  Each runs 15-20 s.
  *
  * stats and metrics run the built CLI (bin/bbal.js, with the launcher's
  * --max-semi-space-size=4) in front of the
@@ -263,6 +276,12 @@ function rssMb(pid: number): number {
 	return Number(m?.[1] ?? NaN) / 1024;
 }
 
+/* User and system CPU seconds a process has used (clock ticks of 1/100 s). */
+function cpuSecs(pid: number): number {
+	const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').split(' ');
+	return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
 function fds(pid: number): number {
 	return readdirSync(`/proc/${pid}/fd`).length;
 }
@@ -489,6 +508,157 @@ async function flood(bbalJs: string): Promise<void> {
 	}
 }
 
+/* ---- the CLI over TCP: lockout and unread answers ---- */
+
+interface TcpFleet {
+	dir: string;
+	port: number;
+	bbal: ChildProcess;
+	mname: ChildProcess;
+}
+
+async function startTcpFleet(root: string, flags: string[]): Promise<TcpFleet> {
+	const dir = mkdtempSync('/tmp/bbal-stalls-');
+	const sockets = path.join(dir, 'sockets');
+	execFileSync('mkdir', [sockets]);
+	const mname = spawn(process.execPath, [path.join(ROOT, 'test', 'fixtures', 'mname_backend.cjs'),
+		path.join(sockets, '5301'), '5301'], { stdio: 'ignore' });
+	for (let i = 0; i < 200 && !readdirSync(sockets).includes('5301'); i++) {
+		await sleep(20);
+	}
+	const port = await freePort();
+	const bbal = spawn(process.execPath, ['--max-semi-space-size=4', path.join(root, 'bin', 'bbal.js'), '-b', '127.0.0.1',
+		'-p', String(port), '-s', sockets, '-S', path.join(dir, 'stats.sock'), '-l', 'error', ...flags], { stdio: 'ignore' });
+	/* Ready once a TCP query is answered. */
+	for (let i = 0; i < 200; i++) {
+		await sleep(25);
+		if ((await digTcp(port, '127.0.0.9', 'ready.example')).ok) {
+			break;
+		}
+	}
+	return { dir, port, bbal, mname };
+}
+
+function stopTcpFleet(f: TcpFleet): void {
+	f.bbal.kill('SIGKILL');
+	f.mname.kill('SIGKILL');
+	rmSync(f.dir, { recursive: true, force: true });
+}
+
+/* One dig +tcp from `source`, one try, 1-s timeout: whether it got an answer, how long it took, what dig said. */
+function digTcp(port: number, source: string, name: string): Promise<{ ok: boolean; ms: number; said: string }> {
+	const t0 = performance.now();
+	return new Promise((resolve) => {
+		execFile('dig', ['+tcp', '+tries=1', '+time=1', '-b', source, '-p', String(port), '@127.0.0.1', name, 'A'],
+			(err, stdout) => {
+				const ms = performance.now() - t0;
+				const status = /status: (\w+)/.exec(stdout)?.[1];
+				const said = status ?? (stdout.split('\n').find((l) => l.includes(';;') && !l.startsWith(';; global')) ?? err?.message ?? '?').trim();
+				resolve({ ok: status === 'NOERROR', ms, said });
+			});
+	});
+}
+
+function tcpClient(port: number, source: string): net.Socket {
+	const c = net.createConnection({ host: '127.0.0.1', port, localAddress: source });
+	c.on('error', () => {});
+	return c;
+}
+
+async function tcpLockout(root: string, flags: string[]): Promise<void> {
+	const f = await startTcpFleet(root, flags);
+	try {
+		const q = dnsPacket.encode({ type: 'query', id: 7, flags: dnsPacket.RECURSION_DESIRED,
+			questions: [{ type: 'A', name: 'trickle.example' }] });
+		const stream = Buffer.concat([Buffer.from([q.length >> 8, q.length & 255]), q]);
+		const conns: Array<{ sock: net.Socket; closed: boolean }> = [];
+		for (let i = 0; i < 512; i++) {
+			const c = { sock: tcpClient(f.port, '127.0.0.2'), closed: false };
+			c.sock.on('close', () => { c.closed = true; });
+			conns.push(c);
+		}
+		let sent = 0;
+		/* A byte of the query every 4 s on each connection (all of it takes 4 * 35 s). */
+		const trickle = (): void => {
+			for (const c of conns) {
+				if (!c.closed && sent < stream.length) {
+					c.sock.write(stream.subarray(sent, sent + 1));
+				}
+			}
+			sent++;
+		};
+		await sleep(500);
+		trickle();
+		const timer = setInterval(trickle, 4000);
+		const row: string[] = [];
+		const t0 = performance.now();
+		for (const at of [1, 4, 8, 12]) {
+			await sleep(at * 1000 - (performance.now() - t0));
+			const open = conns.filter((c) => !c.closed).length;
+			const d = await digTcp(f.port, '127.0.0.3', 'probe.example');
+			row.push(`${at} s: ${open} trickling connections open, dig +tcp from 127.0.0.3 ${d.ok ? 'answered' : 'failed'} `
+				+ `in ${d.ms.toFixed(0)} ms (${d.said})`);
+		}
+		clearInterval(timer);
+		console.log(`tcp-lockout (${root}${flags.length > 0 ? `, ${flags.join(' ')}` : ''}):\n  ${row.join('\n  ')}`);
+		for (const c of conns) {
+			c.sock.destroy();
+		}
+	} finally {
+		stopTcpFleet(f);
+	}
+}
+
+async function tcpUnread(root: string, flags: string[]): Promise<void> {
+	const f = await startTcpFleet(root, flags);
+	try {
+		/* The issue's 200 x 300 by default; BBAL_UNREAD_CONNS and BBAL_UNREAD_QUERIES change them. */
+		const nConns = Number(process.env.BBAL_UNREAD_CONNS ?? 200);
+		const nQueries = Number(process.env.BBAL_UNREAD_QUERIES ?? 300);
+		const queries = Buffer.concat(Array.from({ length: nQueries }, (_, i) => {
+			const q = dnsPacket.encode({ type: 'query', id: i, questions: [{ type: 'TXT', name: 'huge.example' }] });
+			return Buffer.concat([Buffer.from([q.length >> 8, q.length & 255]), q]);
+		}));
+		const mnamePid = f.mname.pid as number;
+		const bbalPid = f.bbal.pid as number;
+		await sleep(500);
+		const mname0 = rssMb(mnamePid);
+		const bbal0 = rssMb(bbalPid);
+		const conns: net.Socket[] = [];
+		for (let i = 1; i <= nConns; i++) {
+			const c = tcpClient(f.port, `127.0.${2 + (i >> 8)}.${i & 255}`);
+			c.pause(); /* never reads */
+			c.write(queries);
+			conns.push(c);
+		}
+		let mnamePeak = mname0;
+		let bbalPeak = bbal0;
+		const samples: string[] = [];
+		let cpu = cpuSecs(mnamePid);
+		for (let i = 1; i <= 36; i++) {
+			await sleep(500);
+			const m = rssMb(mnamePid);
+			mnamePeak = Math.max(mnamePeak, m);
+			bbalPeak = Math.max(bbalPeak, rssMb(bbalPid));
+			if (i % 6 === 0) {
+				const c = cpuSecs(mnamePid);
+				samples.push(`${i / 2} s: ${m.toFixed(0)} MB, ${Math.round((c - cpu) / 3 * 100)}% CPU`);
+				cpu = c;
+			}
+		}
+		const open = conns.filter((c) => !c.destroyed && c.readyState === 'open').length;
+		console.log(`tcp-unread (${root}${flags.length > 0 ? `, ${flags.join(' ')}` : ''}): ${nConns} connections x ${nQueries} queries `
+			+ `for huge.example (16 KB answers), never read: mname RSS ${mname0.toFixed(1)} MB before, peak ${mnamePeak.toFixed(1)} MB over 18 s; `
+			+ `every 3 s (RSS, CPU over the 3 s): ${samples.join('; ')}; bbal RSS ${bbal0.toFixed(1)} -> peak `
+			+ `${bbalPeak.toFixed(1)} MB; ${open} client connections still open at 18 s`);
+		for (const c of conns) {
+			c.destroy();
+		}
+	} finally {
+		stopTcpFleet(f);
+	}
+}
+
 const [what, arg] = process.argv.slice(2);
 switch (what) {
 case 'expiry':
@@ -506,7 +676,17 @@ case 'metrics':
 case 'flood':
 	await flood(path.resolve(arg ?? path.join(ROOT, 'bin', 'bbal.js')));
 	break;
+case 'tcp-lockout':
+case 'tcp-unread': {
+	/* [ROOT] [-- FLAGS]: another checkout's bbal, and flags for it. */
+	const rest = process.argv.slice(3);
+	const dash = rest.indexOf('--');
+	const root = path.resolve((dash === 0 ? undefined : rest[0]) ?? ROOT);
+	const flags = dash < 0 ? [] : rest.slice(dash + 1);
+	await (what === 'tcp-lockout' ? tcpLockout(root, flags) : tcpUnread(root, flags));
+	break;
+}
 default:
-	console.error('usage: node dist/bench/stalls.js expiry|rebalance [N] | stats | metrics | flood [BBAL_JS]');
+	console.error('usage: node dist/bench/stalls.js expiry|rebalance [N] | stats | metrics | flood [BBAL_JS] | tcp-lockout|tcp-unread [ROOT] [-- FLAGS]');
 	process.exit(2);
 }

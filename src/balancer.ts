@@ -62,7 +62,7 @@ import type { Metrics } from './metrics.js';
 import type { Options } from './options.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { logSnapshot, StatsServer, type StatsSources } from './stats.js';
-import { TcpListener } from './tcp_proxy.js';
+import { TcpListener } from './tcp_listener.js';
 import { type Clock, monotonicClock, type Timeout, TimeoutWheel } from './timeouts.js';
 import { UdpProxy } from './udp_proxy.js';
 import { createUdpTransport, type UdpTransport } from './udp_socket.js';
@@ -154,6 +154,8 @@ export class Balancer {
 			wheel: this.wheel,
 			log: this.log,
 			maxConnections: opts.maxTcpConnections,
+			maxPerRemote: opts.maxTcpPerRemote,
+			maxQueriesPerConn: opts.maxTcpQueriesPerConn,
 			idleTimeoutSecs: opts.tcpIdleTimeoutSecs,
 			maxMessageBytes: opts.maxTcpMessageBytes,
 			acl,

@@ -66,7 +66,11 @@ export function formatSnapshot(snap: Snapshot): string {
 		+ `bbal answered SERVFAIL ${u.servfail}, REFUSED ${u.refused}`);
 	out.push(`tcp: open ${c.open}, accepted ${c.accepted}, established ${c.established}; `
 		+ `closed: over cap ${c.overCap}, outside --allow ${c.aclDropped}, no backend ${c.noBackend}, `
-		+ `not DNS ${c.invalid}, idle ${c.idleClosed}, client gone before the backend ${c.abandoned}`);
+		+ `not DNS ${c.invalid}, idle ${c.idleClosed}, client gone before the backend ${c.abandoned}, `
+		+ `over the per-source cap ${c.overRemoteCap ?? 0}, query too slow ${c.messageTimeouts ?? 0}, `
+		+ `evicted idle ${c.evictedIdle ?? 0}, evicted busy ${c.evictedBusy ?? 0}; paused: client not reading `
+		+ `${c.pausedClientNotReading ?? 0}, backend not reading ${c.pausedBackendNotReading ?? 0}, `
+		+ `query cap ${c.pausedQueryCap ?? 0}`);
 	const ss = snap.statsSocket;
 	if (ss !== undefined) {
 		out.push(`stats socket: open ${ss.open}, served ${ss.served}; closed: over cap ${ss.overCap}, too slow ${ss.timedOut}`);

@@ -178,7 +178,13 @@ export class Metrics {
 			'reason', () => ({
 				over_cap: tcp.overCap, no_backend: tcp.noBackend, idle: tcp.idleClosed, bad_first_frame: tcp.badFirstFrame,
 				ok_timeout: tcp.okTimeouts, acl: tcp.aclDropped, invalid: tcp.invalid, abandoned: tcp.abandoned,
+				over_remote_cap: tcp.overRemoteCap, evicted_idle: tcp.evictedIdle, evicted_busy: tcp.evictedBusy,
+				message_deadline: tcp.messageTimeouts,
 			}));
+		byLabel('bbal_tcp_paused_total', 'Times bbal stopped reading a TCP client, by reason.', 'reason', () => ({
+			client_not_reading: tcp.pausedClientNotReading, backend_not_reading: tcp.pausedBackendNotReading,
+			query_cap: tcp.pausedQueryCap,
+		}));
 		new Gauge({
 			name: 'bbal_tcp_open', help: 'TCP connections open now.', registers,
 			collect() {

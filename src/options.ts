@@ -41,7 +41,10 @@ import { Acl } from './dns.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_MAX_REMOTES } from './remotes.js';
 import { DEFAULT_STATS_SOCKET, isInside } from './stats.js';
-import { DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_TCP_IDLE_TIMEOUT_SECS } from './tcp_proxy.js';
+import {
+	DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_MAX_TCP_PER_REMOTE, DEFAULT_MAX_TCP_QUERIES_PER_CONN,
+	DEFAULT_TCP_IDLE_TIMEOUT_SECS,
+} from './tcp_listener.js';
 import type { NoBackendAction, RateLimitAction } from './udp_proxy.js';
 
 export interface Options {
@@ -51,6 +54,10 @@ export interface Options {
 	socketDir: string;
 	logLevel: LogLevel;
 	maxTcpConnections: number;
+	/** --max-tcp-per-remote: TCP connections one source address may hold. */
+	maxTcpPerRemote: number;
+	/** --max-tcp-queries-per-conn: queries outstanding on one TCP connection before it is paused. */
+	maxTcpQueriesPerConn: number;
 	tcpIdleTimeoutSecs: number;
 	statsSocket: string;
 	/** -S was given: failing to open it is fatal rather than a warning. */
@@ -146,7 +153,15 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		})
 		.option('max-tcp-connections', {
 			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_TCP_CONNECTIONS),
-			describe: 'TCP connections open at once; more are closed at accept',
+			describe: 'TCP connections open at once; at the cap the idlest is closed to make room',
+		})
+		.option('max-tcp-per-remote', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_TCP_PER_REMOTE),
+			describe: 'TCP connections one source address may hold; more are closed at accept',
+		})
+		.option('max-tcp-queries-per-conn', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_TCP_QUERIES_PER_CONN),
+			describe: 'queries a TCP connection may have unanswered; beyond, bbal stops reading it until answers return',
 		})
 		.option('tcp-idle-timeout', {
 			type: 'string', requiresArg: true, default: String(DEFAULT_TCP_IDLE_TIMEOUT_SECS),
@@ -201,6 +216,8 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			+ `use one of ${LOG_LEVELS.join(', ')}`);
 	}
 	const maxTcpConnections = positiveInt(lastOf(args['max-tcp-connections']), '--max-tcp-connections');
+	const maxTcpPerRemote = positiveInt(lastOf(args['max-tcp-per-remote']), '--max-tcp-per-remote');
+	const maxTcpQueriesPerConn = positiveInt(lastOf(args['max-tcp-queries-per-conn']), '--max-tcp-queries-per-conn');
 	const tcpIdleTimeoutSecs = positiveInt(lastOf(args['tcp-idle-timeout']), '--tcp-idle-timeout');
 	const statsSocketExplicit = args['stats-socket'] !== undefined;
 	const statsSocket = statsSocketExplicit ? lastOf(args['stats-socket'] as string | string[]) : DEFAULT_STATS_SOCKET;
@@ -223,7 +240,8 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 	}
 	const allow = parseAllow((args.allow as unknown[]).map(String));
 	return {
-		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, tcpIdleTimeoutSecs,
+		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, maxTcpPerRemote, maxTcpQueriesPerConn,
+		tcpIdleTimeoutSecs,
 		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
 		maxTcpMessageBytes, watchDir: args['no-watch'] !== true,
 	};

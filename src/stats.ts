@@ -65,7 +65,7 @@ import type { Logger } from 'pino';
 import type { Backends, BackendView } from './backends.js';
 import { GatedLog, ignoreError } from './log.js';
 import { ADDR_END, type Remote, type Remotes } from './remotes.js';
-import type { TcpListener, TcpListenerStats } from './tcp_proxy.js';
+import type { TcpListener, TcpListenerStats } from './tcp_listener.js';
 import type { Timeout, TimeoutInfo, TimeoutWheel } from './timeouts.js';
 import type { UdpProxy, UdpProxyStats } from './udp_proxy.js';
 

@@ -58,12 +58,23 @@
  * TCP proxy reads it when a client hangs up before its backend has
  * accepted: with no whole message, there is nothing to answer and the
  * connection can be closed at once; with one, the client may be waiting.
+ * The proxy follows the answers too, with a second follower that checks
+ * nothing but the upper bound (a backend is trusted to speak DNS; only its
+ * message boundaries are wanted), so that queries forwarded minus answers returned
+ * is what the backend still owes the connection.  `midMessage` says that a
+ * message has begun and not ended, which starts the proxy's deadline for
+ * the whole message.
  *
- * What it does not do: decode names, match answers to queries, or look at
- * the backend-to-client direction at all (a backend is trusted to speak DNS,
- * and its answers pass through by pipe()).
+ * STOPPING AT A COUNT.  feed() may be told to stop once `messages` reaches
+ * a number: it then follows the chunk only up to the end of that message
+ * and says how far it went (`consumed`), so that the caller can forward
+ * exactly that much and hand the rest back to the socket for later.  This
+ * is how a connection's queries in flight are capped even when a client
+ * pipelines hundreds of them into one read.
  *
- * Who calls it: tcp_proxy.ts, one follower per client connection, from the
+ * What it does not do: decode names or match answers to queries.
+ *
+ * Who calls it: tcp_proxy.ts, two followers per client connection, from the
  * moment the connection is accepted until it closes.
  */
 
@@ -71,6 +82,9 @@ import { checkQueryHeader, DNS_HEADER_BYTES, HEADER_OK, HEADER_PROBLEMS } from '
 
 /** The default for --max-tcp-message: far above any real query. */
 export const DEFAULT_MAX_TCP_MESSAGE_BYTES = 16 * 1024;
+
+/** The most a length prefix can say: the answers' direction is followed with this limit. */
+export const TCP_MAX_MESSAGE_BYTES = 0xffff;
 
 /** Bytes of the length prefix in front of every DNS message over TCP. */
 export const TCP_LENGTH_PREFIX_BYTES = 2;
@@ -109,26 +123,51 @@ export class MessageFollower {
 	private headerSeen = 0;
 	private headerBytes: Buffer | null = null;
 	private problem: StreamProblem | null = null;
+	private followed = 0;
 
-	constructor(readonly maxMessageBytes: number = DEFAULT_MAX_TCP_MESSAGE_BYTES) {}
+	/*
+	 * checksQueries false: the answers' direction, where only the boundaries
+	 * matter -- no header check, no lower bound on a length.
+	 */
+	constructor(readonly maxMessageBytes: number = DEFAULT_MAX_TCP_MESSAGE_BYTES, readonly checksQueries = true) {
+		if (!checksQueries) {
+			this.headerSeen = -1;
+		}
+	}
 
 	/** Whole messages seen so far. */
 	get messages(): number {
 		return this.count;
 	}
 
+	/** A message has begun (some of its prefix or body has gone by) and not ended. */
+	get midMessage(): boolean {
+		return this.remaining > 0 || this.prefixHi >= 0;
+	}
+
+	/** Bytes of the last chunk fed that were followed: all of it, unless feed() stopped at its count. */
+	get consumed(): number {
+		return this.followed;
+	}
+
 	/**
 	 * Follow one chunk of the client's stream.  Null while the stream is
 	 * well formed so far; otherwise the problem, now and on every later
-	 * call.  The chunk is only read.
+	 * call.  The chunk is only read.  With stopAt, stop at the end of the
+	 * message that makes `messages` reach it (see `consumed`).
 	 */
-	feed(chunk: Uint8Array): StreamProblem | null {
+	feed(chunk: Uint8Array, stopAt = Infinity): StreamProblem | null {
 		if (this.problem !== null) {
 			return this.problem;
 		}
 		const n = chunk.length;
 		let off = 0;
+		this.followed = n;
 		while (off < n) {
+			if (this.count >= stopAt && this.remaining === 0 && this.prefixHi < 0) {
+				this.followed = off;
+				return null;
+			}
 			if (this.remaining === 0) {
 				let len: number;
 				if (this.prefixHi >= 0) {
@@ -142,8 +181,12 @@ export class MessageFollower {
 					this.prefixHi = chunk[off];
 					return null;
 				}
-				if (len < DNS_HEADER_BYTES) {
+				if (len < DNS_HEADER_BYTES && this.checksQueries) {
 					return this.fail({ code: 'short', length: len });
+				}
+				if (len === 0) {
+					this.count++; /* only when not checking: nothing to wait for */
+					continue;
 				}
 				if (len > this.maxMessageBytes) {
 					return this.fail({ code: 'long', length: len, max: this.maxMessageBytes });

@@ -5,112 +5,116 @@
  * after a truncated UDP answer reach Binder.  bbal proxies it at layer 4:
  * every client connection gets its own AF_UNIX connection to the backend
  * that serves the client's address -- the same sticky primary/backup choice
- * as UDP, so `dig +tcp` from a host lands where the host's UDP does.
- *
- * A TcpProxy object owns one client connection (the front) and its backend
- * session (the back).  Its lifecycle is one explicit state, changed only by
- * advance(), which logs each step at trace:
+ * as UDP, so `dig +tcp` from a host lands where the host's UDP does.  The
+ * listener (tcp_listener.ts) decides who gets a connection; a TcpProxy
+ * owns one connection from then on: the client's socket (the front) and
+ * its backend session (the back).  Its lifecycle is one explicit state,
+ * changed only by advance(), which logs each step at trace:
  *
  *              back connected       INBOUND_TCP_OK       a socket closed
  *   connecting -------------> awaiting OK ----------> flowing ------------> closing
- *    {client}                  {client}              {front, back}          {open}
+ *    {client}                  {client}         {front, back, paused}       {open}
  *       |                         |                       |                    | the other
  *       |                         |                       |                    | closes too
  *       +-------------------------+-----------------------+--------------------+--> closed
  *         teardown(), from any state, once: error, a deadline, a wrong first
  *         frame, not DNS, the client gone, evicted, shutdown
  *
- *   client       reading --a maximal message held---> paused
+ *   client       reading --a maximal message, or the query cap, held---> paused
  *   (before OK)  reading --FIN after a whole query--> ended (kept, but evictable)
  *                reading --FIN before one-----------> closed (abandoned)
  *   front, back  open --FIN seen and passed on--> ended
+ *   paused       null (reading the client) or why not: see BACKPRESSURE
  *   open         the side still open once the other has closed
  *
- * Connecting: INBOUND_TCP (client address and port) goes out as soon as the
- * back is connected.  Awaiting OK: the backend must answer INBOUND_TCP_OK
- * within 10 seconds; missing that faults the backend, for one that cannot
- * take a TCP session in ten seconds is not healthy.  Any other first frame
- * (protocol.ts's FrameReader, stopped by a FirstFrameSink after one frame)
- * tears this proxy down but does not fault the backend, whose control
- * session may be perfectly fine.  Meanwhile the client is read into a small
- * buffer, at most one maximal message (beyond that it is paused and the rest
- * waits in the kernel), which goes to the backend, in order, the moment the
- * session flows; bytes that follow the OK in the same read are the start of
- * the answer and reach the client before anything else.  Flowing: bytes pass
- * both ways verbatim with backpressure (pipe), so a slow reader on either
- * side pauses the other and bbal never buffers an unbounded answer; a FIN is
- * passed on once the bytes before it have gone.  Closing: nothing more can
- * reach the closed side, so the other is ended gently, and the idle deadline
- * cuts it if its peer never closes.
+ * Connecting: INBOUND_TCP goes out once the back is connected.  Awaiting
+ * OK: INBOUND_TCP_OK is due within 10 s, or the backend is faulted (one that
+ * cannot take a TCP session in ten seconds is not healthy) -- unless its
+ * control session has been replaced since this proxy began
+ * (Backend.sessionGeneration): the new session is not to blame for the old.
+ * Any other first frame closes this proxy without faulting the backend.
+ * Meanwhile the client is read into a small buffer (at most one maximal
+ * message, or the query cap), passed on in order once the session flows.
+ * Flowing: bytes pass both ways verbatim; a FIN is passed on after the bytes
+ * before it.  Closing: the other side is ended gently, and the idle
+ * deadline cuts it if its peer never closes.
  *
- * A CLIENT THAT HANGS UP FIRST.  Reading early is what lets bbal see a client
- * leave while its backend is slow to accept: resolvers give up on a TCP
- * query within a second or two, and a stalled backend (whose 10-s OK deadline
- * has not yet run out) would otherwise keep every such dead connection and
- * fill --max-tcp-connections, so that remotes of healthy backends were
- * refused.  A client that ends its stream before sending one whole message
- * can never be answered: the connection is closed at once.  One that sent a
- * whole query and then half-closed may be a legitimate client waiting for
- * its answer, or one that gave up; TCP cannot tell the two apart, so it is
- * kept, but marked: when the cap is reached, the oldest such connection is
- * closed to make room rather than refusing the newcomer.  Both count as
- * `abandoned`; neither faults the backend (the deadline still does).
+ * A CLIENT THAT HANGS UP FIRST before the OK: with no whole query, closed at
+ * once; after one, it may be waiting or may have given up, so it is kept
+ * but goes first at the cap.  Both count as `abandoned`.
  *
- * WATCHING THE CLIENT.  The client's bytes pass through unchanged, but a
- * MessageFollower (tcp_messages.ts) follows its message boundaries as they
- * go, which costs a few comparisons per chunk: the first message must pass
- * the same header check as a datagram, and no message may be shorter than a
- * DNS header or longer than --max-tcp-message.  A violator's connection is
- * closed and counted.  Connections from outside --allow are closed at accept.
+ * WATCHING BOTH DIRECTIONS.  Two MessageFollowers (tcp_messages.ts) follow
+ * message boundaries as the bytes go by.  The client's: the first message
+ * gets a datagram's header check, and every one must be 12 bytes to
+ * --max-tcp-message (a violator is closed and counted).  The backend's: its
+ * boundaries only, so queries in minus answers out (`outstanding`) is what
+ * the backend still owes this client.
  *
- * BOUNDS.  A connection with no bytes in either direction for the idle
- * deadline (10 s by default, `--tcp-idle-timeout`; RFC 7766 6.2.3 asks for
- * seconds, not minutes) is closed, which also disposes of clients that send
- * half a length prefix and stall.  At most `--max-tcp-connections` (512 by
- * default) are open at once; over the cap a new connection is closed at once
- * and counted.  Every condition stays local to its connection: UDP and the
- * other TCP clients never notice.
+ * BACKPRESSURE.  Nothing is read faster than it can be passed on, and a
+ * client cannot make its backend hold more than a few answers for it: mname
+ * buffers every answer it cannot write, without bound.  The client is not
+ * read (`paused`, counted per reason) while any of these holds, and resumes
+ * where it stopped when none does; nothing is dropped:
  *
- * LOGS.  A proxy logs through a child of its backend's logger, so every line
- * carries be_id and be_path as the backend's own lines do, plus conn_id,
- * remote_ip and remote_port.  Conditions that can repeat per connection
- * (over the cap, outside --allow, no backend, not DNS, no OK in time) each
- * have a GatedLog of their own on the listener.
+ *   client not reading    its socket is over its high-water mark (write()
+ *                         said false, no 'drain' yet): it is not reading its
+ *                         answers.  The backend is not read either meanwhile.
+ *   backend not reading   the backend's socket is over its high-water mark.
+ *   query cap             `outstanding` is --max-tcp-queries-per-conn (32 by
+ *                         default: RFC 7766 6.2.1.1 lets a client pipeline, a
+ *                         stub resolver has a handful in flight).  The follower
+ *                         stops at the query that reaches the cap even inside
+ *                         one read; the rest goes back to the socket (unshift).
+ *
+ * DEADLINES.  The idle deadline (10 s by default, `--tcp-idle-timeout`;
+ * RFC 7766 6.2.3 asks for seconds, not minutes) counts from the last whole
+ * message either way, or from accept, never from a stray byte: a client
+ * that trickles a byte every few seconds is idle.  Once a query's first
+ * byte is in, the whole query must be within TCP_MESSAGE_DEADLINE_SECS (5;
+ * a constant: no real client takes seconds to write a few hundred bytes),
+ * counted only while bbal reads the client.  Both close the connection,
+ * counted; neither faults the backend.
+ *
+ * LOGS.  A child of the backend's logger (be_id, be_path) with conn_id,
+ * remote_ip and remote_port; repeated conditions use the listener's gates.
  */
 
 import type net from 'node:net';
-import { createServer } from 'node:net';
 import type { Logger } from 'pino';
 import type { Backend, Backends } from './backends.js';
-import type { Acl } from './dns.js';
-import { encodeInboundTcp, FirstFrameSink, FRAME_INBOUND_TCP_OK, FRAME_NAMES, FrameReader, ipv4ToU32 } from './protocol.js';
-import type { Remote, Remotes } from './remotes.js';
-import { GatedLog, ignoreError } from './log.js';
-import { DEFAULT_MAX_TCP_MESSAGE_BYTES, describeProblem, MessageFollower, TCP_LENGTH_PREFIX_BYTES } from './tcp_messages.js';
+import { encodeInboundTcp, FirstFrameSink, FRAME_INBOUND_TCP_OK, FRAME_NAMES, FrameReader } from './protocol.js';
+import type { Remote } from './remotes.js';
+import { type GatedLog, ignoreError } from './log.js';
+import { describeProblem, MessageFollower, TCP_LENGTH_PREFIX_BYTES, TCP_MAX_MESSAGE_BYTES } from './tcp_messages.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
 
-export { DEFAULT_MAX_TCP_MESSAGE_BYTES } from './tcp_messages.js';
-export const TCP_BACKLOG = 1000;
 export const TCP_OK_DEADLINE_SECS = 10;
 export const DEFAULT_TCP_IDLE_TIMEOUT_SECS = 10;
-export const DEFAULT_MAX_TCP_CONNECTIONS = 512;
-/* How long close() lets flowing sessions finish before cutting them. */
-export const TCP_DRAIN_MS = 3000;
+/** Once a query's first byte is in, the whole of it must be within this (see DEADLINES). */
+export const TCP_MESSAGE_DEADLINE_SECS = 5;
+/** The default for --max-tcp-queries-per-conn (see BACKPRESSURE). */
+export const DEFAULT_MAX_TCP_QUERIES_PER_CONN = 32;
 
 /** The client's side before the session flows; see the file comment. */
 export type EarlyClient = 'reading' | 'paused' | 'ended';
 /** One socket's side while flowing: open, or its FIN seen and passed on. */
 export type FlowSide = 'open' | 'ended';
 type Side = 'front' | 'back';
+/** Why the client is not being read while flowing (see BACKPRESSURE). */
+export type PauseReason = 'client not reading' | 'backend not reading' | 'query cap';
+const PAUSE_COUNTERS = {
+	'client not reading': 'pausedClientNotReading', 'backend not reading': 'pausedBackendNotReading', 'query cap': 'pausedQueryCap',
+} as const;
 
 export type TcpProxyState =
 	| { readonly name: 'connecting'; readonly client: EarlyClient }
 	| { readonly name: 'awaiting OK'; readonly client: EarlyClient }
-	| { readonly name: 'flowing'; readonly front: FlowSide; readonly back: FlowSide }
+	| { readonly name: 'flowing'; readonly front: FlowSide; readonly back: FlowSide; readonly paused: PauseReason | null }
 	| { readonly name: 'closing'; readonly open: Side }
 	| { readonly name: 'closed' };
 
-export interface TcpListenerStats {
+/** The TCP path's counters: the listener's totals, counted by it and by its proxies. */
+export interface TcpStats {
 	accepted: number; /* connections accepted */
 	overCap: number; /* closed at once: over --max-tcp-connections */
 	noBackend: number; /* closed at once: no backend ok */
@@ -121,35 +125,66 @@ export interface TcpListenerStats {
 	abandoned: number; /* the client hung up before the backend's INBOUND_TCP_OK */
 	aclDropped: number; /* closed at accept: source outside --allow */
 	invalid: number; /* not a DNS query first, or a message too short or too long */
+	overRemoteCap: number; /* closed at once: the source holds --max-tcp-per-remote */
+	evictedIdle: number; /* closed to make room at the cap: nothing outstanding, idle longest */
+	evictedBusy: number; /* closed to make room at the cap: none idle, this one slowest */
+	messageTimeouts: number; /* a query not whole within TCP_MESSAGE_DEADLINE_SECS of its first byte */
+	pausedClientNotReading: number; /* times the client was paused: it was not reading its answers */
+	pausedBackendNotReading: number; /* times the client was paused: the backend was not reading */
+	pausedQueryCap: number; /* times the client was paused: --max-tcp-queries-per-conn outstanding */
 }
 
-export interface TcpOptions {
-	remotes: Remotes;
-	backends: Backends;
-	wheel: TimeoutWheel;
-	log: Logger;
-	idleTimeoutSecs?: number;
-	maxConnections?: number;
-	maxMessageBytes?: number;
-	acl?: Acl;
+/**
+ * What a proxy needs from the listener that accepted it (tcp_listener.ts),
+ * so that the arrow goes one way: the listener knows proxies, a proxy knows
+ * only this.
+ */
+export interface TcpSessionHost {
+	readonly stats: TcpStats;
+	readonly wheel: TimeoutWheel;
+	readonly backends: Backends;
+	readonly idleTimeoutSecs: number;
+	readonly maxMessageBytes: number;
+	readonly maxQueriesPerConn: number;
+	/* One gate per condition, so that a frequent one cannot silence another. */
+	readonly okTimeoutLog: GatedLog;
+	readonly invalidLog: GatedLog;
+	readonly messageDeadlineLog: GatedLog;
+	/** The client half-closed after a whole query, before the OK: the first to go at the cap. */
+	clientGone(proxy: TcpProxy): void;
+	/** The session flows: it is no longer one to close first. */
+	flowing(proxy: TcpProxy): void;
+	/** A whole query or answer went by: `outstanding` and `lastProgressMs` may have changed. */
+	progressed(proxy: TcpProxy): void;
+	/** The proxy has closed both sockets (or is closed). */
+	released(proxy: TcpProxy): void;
 }
 
 export class TcpProxy {
 	readonly log: Logger;
 	private current: TcpProxyState = { name: 'connecting', client: 'reading' };
 	private readonly back: net.Socket;
+	/* The INBOUND_TCP_OK deadline, then the idle deadline. */
 	private readonly deadline: Timeout;
+	/* A query begun must be whole in time. */
+	private readonly messageDeadline: Timeout;
 	private readonly firstFrame = new FirstFrameSink(FRAME_INBOUND_TCP_OK);
 	/* No frame on a TCP session has a payload: a UDP frame is refused on its header. */
 	private readonly okReader = new FrameReader(this.firstFrame, 0);
-	private readonly follower: MessageFollower;
-	private lastActivityMs: number;
+	private readonly queries: MessageFollower;
+	private readonly answers = new MessageFollower(TCP_MAX_MESSAGE_BYTES, false);
+	/* The control session this proxy began under (see Awaiting OK). */
+	private readonly backendSession: number;
+	/* The last whole query or answer, or the accept: where the idle deadline counts from. */
+	private lastProgress: number;
+	/* The number of whole queries when the message deadline was armed for the next one. */
+	private messageArmedAt = -1;
 	/* What the client sent before the session flowed. */
 	private early: Buffer[] = [];
 	private earlyBytes = 0;
 
 	constructor(
-		private readonly listener: TcpListener,
+		private readonly host: TcpSessionHost,
 		readonly id: number,
 		private readonly front: net.Socket,
 		readonly remote: Remote,
@@ -157,10 +192,12 @@ export class TcpProxy {
 		private readonly remotePort: number,
 	) {
 		this.log = backend.log.child({ conn_id: id, remote_ip: remote.ip, remote_port: remotePort });
-		this.follower = new MessageFollower(listener.maxMessageBytes);
-		const wheel = listener.wheel;
-		this.lastActivityMs = wheel.nowMs;
+		this.queries = new MessageFollower(host.maxMessageBytes);
+		this.backendSession = backend.sessionGeneration;
+		const wheel = host.wheel;
+		this.lastProgress = wheel.nowMs;
 		this.deadline = wheel.create(`tcp ${id} deadline`, () => this.deadlineDue());
+		this.messageDeadline = wheel.create(`tcp ${id} message deadline`, () => this.messageDeadlineDue());
 		this.deadline.set(TCP_OK_DEADLINE_SECS);
 
 		front.on('error', this.frontOnError);
@@ -170,7 +207,7 @@ export class TcpProxy {
 		front.setNoDelay(true);
 		front.resume();
 
-		this.back = listener.backends.connector(backend.path);
+		this.back = host.backends.connector(backend.path);
 		this.back.on('error', this.backOnError);
 		this.back.on('close', this.backOnClose);
 		this.back.on('connect', this.backOnConnect);
@@ -181,6 +218,11 @@ export class TcpProxy {
 
 	get state(): TcpProxyState {
 		return this.current;
+	}
+
+	/** Queries forwarded (or held for the backend) that it has not answered yet. */
+	get outstanding(): number {
+		return this.queries.messages - this.answers.messages;
 	}
 
 	/* ---- transitions ---- */
@@ -212,10 +254,12 @@ export class TcpProxy {
 	private socketClosed(side: Side): void {
 		const name = this.current.name;
 		if (name === 'flowing') {
-			/* Nothing more can reach the closed side: end the other gently. */
+			/* Nothing more can reach the closed side: end the other gently, and read it to its end. */
 			const open = side === 'front' ? 'back' : 'front';
 			this.advance({ name: 'closing', open });
+			this.messageDeadline.clear();
 			const other = open === 'front' ? this.front : this.back;
+			other.resume();
 			/* Already ended or closing: end() again would only build an error. */
 			if (!other.writableEnded && !other.destroyed) {
 				other.end();
@@ -245,7 +289,7 @@ export class TcpProxy {
 			return;
 		}
 		if (first.verdict === 'bad') {
-			this.listener.stats.badFirstFrame++;
+			this.host.stats.badFirstFrame++;
 			this.log.warn({ frame_type: first.type, frame_name: FRAME_NAMES[first.type], frame_error: first.error },
 				'backend answered INBOUND_TCP with the wrong frame (closing connection)');
 			this.teardown();
@@ -260,32 +304,32 @@ export class TcpProxy {
 	};
 
 	private readonly frontOnEarlyData = (chunk: Buffer): void => {
-		if (!this.followClient(chunk)) {
+		const taken = this.followClient(chunk);
+		if (taken === null) {
 			return;
 		}
-		this.early.push(chunk);
-		this.earlyBytes += chunk.length;
-		if (this.earlyBytes >= this.listener.maxMessageBytes + TCP_LENGTH_PREFIX_BYTES) {
-			this.front.pause();
+		this.early.push(taken);
+		this.earlyBytes += taken.length;
+		if (taken !== chunk || this.earlyBytes >= this.host.maxMessageBytes + TCP_LENGTH_PREFIX_BYTES) {
+			this.pauseClient();
 			this.clientNow('paused');
 		}
 	};
 
 	private readonly frontOnEarlyEnd = (): void => {
-		if (this.follower.messages === 0) {
+		if (this.queries.messages === 0) {
 			this.log.debug('client hung up before sending a whole query');
-			this.listener.stats.abandoned++;
+			this.host.stats.abandoned++;
 			this.teardown();
 			return;
 		}
 		this.clientNow('ended');
-		this.listener.evictable.add(this);
+		this.host.clientGone(this);
 	};
 
-	/** Closed to make room: the client half-closed before the session flowed. */
+	/** Closed to make room at the cap (the listener counts why). */
 	evict(): void {
-		this.log.debug('closing connection whose client hung up before INBOUND_TCP_OK (making room)');
-		this.listener.stats.abandoned++;
+		this.log.debug('closing tcp connection to make room');
 		this.teardown();
 	}
 
@@ -297,100 +341,212 @@ export class TcpProxy {
 		back.removeListener('end', this.backOnEarlyEnd);
 		front.removeListener('data', this.frontOnEarlyData);
 		front.removeListener('end', this.frontOnEarlyEnd);
-		this.listener.evictable.delete(this);
-		this.advance({ name: 'flowing', front: clientEnded ? 'ended' : 'open', back: 'open' });
+		this.host.flowing(this);
+		this.advance({ name: 'flowing', front: clientEnded ? 'ended' : 'open', back: 'open', paused: null });
 		this.backend.stats.tcp++;
-		this.listener.stats.established++;
-		this.touch();
-		this.deadline.set(this.listener.idleTimeoutSecs);
-		if (rest.length > 0) {
-			front.write(rest);
-		}
-		/* Backend to client: pipe() carries backpressure and the FIN. */
-		back.on('data', this.touch);
+		this.host.stats.established++;
+		this.deadline.set(this.host.idleTimeoutSecs);
+		back.on('data', this.backOnData);
 		back.on('end', this.backOnEnd);
-		back.pipe(front);
-		/* Client to backend: by hand, the same way, following messages. */
-		let more = true;
+		back.on('drain', this.backOnDrain);
+		front.on('drain', this.frontOnDrain);
+		if (rest.length > 0) {
+			this.backOnData(rest);
+		}
 		for (const chunk of this.early) {
-			more = back.write(chunk);
+			back.write(chunk);
 		}
 		this.early = [];
 		if (clientEnded) {
 			back.end();
-			return;
-		}
-		front.on('data', this.frontOnData);
-		front.on('end', this.frontOnEnd);
-		back.on('drain', this.backOnDrain);
-		if (more) {
-			front.resume();
 		} else {
-			front.pause();
+			front.on('data', this.frontOnData);
+			front.on('end', this.frontOnEnd);
 		}
+		this.regulate();
 	}
 
 	/* ---- flowing ---- */
 
-	/* Follow a chunk from the client; false when the connection was closed for it. */
-	private followClient(chunk: Buffer): boolean {
-		this.touch();
-		const problem = this.follower.feed(chunk);
-		if (problem === null) {
-			return true;
+	/*
+	 * Follow a chunk from the client: the part of it to pass on (all of it
+	 * unless the query cap fell inside it, the rest then handed back to the
+	 * socket), or null when the connection was closed for it.
+	 */
+	private followClient(chunk: Buffer): Buffer | null {
+		const before = this.queries.messages;
+		const problem = this.queries.feed(chunk, this.answers.messages + this.host.maxQueriesPerConn);
+		if (problem !== null) {
+			this.host.stats.invalid++;
+			this.host.invalidLog.report(this.log, () => ({ problem: describeProblem(problem) }));
+			this.teardown();
+			return null;
 		}
-		this.listener.stats.invalid++;
-		this.listener.invalidLog.report(this.log, () => ({ problem: describeProblem(problem) }));
-		this.teardown();
-		return false;
+		let taken = chunk;
+		const used = this.queries.consumed;
+		if (used < chunk.length) {
+			taken = chunk.subarray(0, used);
+			this.pauseClient();
+			this.front.unshift(chunk.subarray(used));
+		}
+		if (this.queries.messages !== before) {
+			this.progress();
+		}
+		this.watchMessage();
+		return taken;
 	}
 
 	private readonly frontOnData = (chunk: Buffer): void => {
-		if (this.followClient(chunk) && !this.back.write(chunk)) {
-			this.front.pause();
+		if (this.current.name !== 'flowing') {
+			return; /* closing: the backend is gone, nothing to pass on */
 		}
+		const taken = this.followClient(chunk);
+		if (taken === null) {
+			return;
+		}
+		if (taken.length > 0) {
+			this.back.write(taken);
+		}
+		this.regulate();
 	};
 
-	private readonly backOnDrain = (): void => {
-		this.front.resume();
+	private readonly backOnData = (chunk: Buffer): void => {
+		if (this.current.name !== 'flowing') {
+			return; /* closing: the client is gone */
+		}
+		const before = this.answers.messages;
+		const problem = this.answers.feed(chunk);
+		if (problem !== null) {
+			this.log.warn({ problem: describeProblem(problem) }, 'backend answer stream is not DNS (closing connection)');
+			this.teardown();
+			return;
+		}
+		this.front.write(chunk);
+		if (this.answers.messages !== before) {
+			this.progress();
+		}
+		this.regulate();
 	};
+
+	private readonly backOnDrain = (): void => this.regulate();
+	private readonly frontOnDrain = (): void => this.regulate();
+
+	/*
+	 * Read the client only while it reads its answers, the backend reads
+	 * its queries, and fewer than the cap are outstanding; read the backend
+	 * only while the client reads (see BACKPRESSURE).
+	 */
+	private regulate(): void {
+		const s = this.current;
+		if (s.name !== 'flowing') {
+			return;
+		}
+		const clientNotReading = this.front.writableNeedDrain;
+		if (clientNotReading !== this.back.isPaused()) {
+			if (clientNotReading) {
+				this.back.pause();
+			} else {
+				this.back.resume();
+			}
+		}
+		if (s.front === 'ended') {
+			return;
+		}
+		let why: PauseReason | null = null;
+		if (clientNotReading) {
+			why = 'client not reading';
+		} else if (this.back.writableNeedDrain) {
+			why = 'backend not reading';
+		} else if (this.outstanding >= this.host.maxQueriesPerConn) {
+			why = 'query cap';
+		}
+		if (why === s.paused) {
+			return;
+		}
+		this.advance({ ...s, paused: why });
+		if (why === null) {
+			this.resumeClient();
+		} else {
+			this.host.stats[PAUSE_COUNTERS[why]]++;
+			this.pauseClient();
+		}
+	}
+
+	/* The message deadline counts only while bbal reads the client. */
+	private pauseClient(): void {
+		this.front.pause();
+		this.messageDeadline.clear();
+	}
+
+	private resumeClient(): void {
+		this.front.resume();
+		this.messageArmedAt = -1;
+		this.watchMessage();
+	}
 
 	private readonly frontOnEnd = (): void => {
 		this.sideEnded('front');
+		this.messageDeadline.clear();
 		this.back.end();
 	};
 
-	/* pipe() passes the backend's FIN to the client; this only notes it. */
 	private readonly backOnEnd = (): void => {
 		this.sideEnded('back');
+		this.front.end();
 	};
 
 	/* ---- deadlines ---- */
 
-	private readonly touch = (): void => {
-		this.lastActivityMs = this.listener.wheel.nowMs;
-	};
+	private progress(): void {
+		this.lastProgress = this.host.wheel.nowMs;
+		this.host.progressed(this);
+	}
+
+	/* A query has begun and not ended: it has TCP_MESSAGE_DEADLINE_SECS from its first byte. */
+	private watchMessage(): void {
+		if (!this.queries.midMessage) {
+			this.messageDeadline.clear();
+			return;
+		}
+		const count = this.queries.messages;
+		if (this.messageArmedAt !== count || this.messageDeadline.expiresAt === null) {
+			this.messageArmedAt = count;
+			this.messageDeadline.set(TCP_MESSAGE_DEADLINE_SECS);
+		}
+	}
+
+	/* Never after release(), which clears it. */
+	private messageDeadlineDue(): void {
+		this.host.stats.messageTimeouts++;
+		this.host.messageDeadlineLog.report(this.log, { deadline_secs: TCP_MESSAGE_DEADLINE_SECS });
+		this.teardown();
+	}
 
 	private deadlineDue(): void {
 		const name = this.current.name;
 		if (name === 'connecting' || name === 'awaiting OK') {
-			this.listener.stats.okTimeouts++;
-			this.listener.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS });
-			this.backend.fault('TCP session: no INBOUND_TCP_OK in time', { conn_id: this.id });
+			this.host.stats.okTimeouts++;
+			if (this.backend.sessionGeneration === this.backendSession) {
+				this.host.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS });
+				this.backend.fault('TCP session: no INBOUND_TCP_OK in time', { conn_id: this.id });
+			} else {
+				/* The backend has reconnected since: its new session is not to blame. */
+				this.host.okTimeoutLog.report(this.log, { deadline_secs: TCP_OK_DEADLINE_SECS, session_replaced: true });
+			}
 			this.teardown();
 			return;
 		}
 		if (name === 'closed') {
 			return;
 		}
-		const idleSecs = (this.listener.wheel.nowMs - this.lastActivityMs) / 1000;
-		const limit = this.listener.idleTimeoutSecs;
+		const idleSecs = (this.host.wheel.nowMs - this.lastProgress) / 1000;
+		const limit = this.host.idleTimeoutSecs;
 		if (idleSecs < limit) {
-			/* Activity since arming: wait for the rest of the period. */
+			/* A whole message since arming: wait for the rest of the period. */
 			this.deadline.set(Math.max(1, Math.ceil(limit - idleSecs)));
 			return;
 		}
-		this.listener.stats.idleClosed++;
+		this.host.stats.idleClosed++;
 		this.log.info({ idle_secs: limit }, 'closing idle tcp connection');
 		this.teardown();
 	}
@@ -435,161 +591,10 @@ export class TcpProxy {
 		}
 		this.advance({ name: 'closed' });
 		this.deadline.clear();
+		this.messageDeadline.clear();
 		this.front.on('error', ignoreError);
 		this.back.on('error', ignoreError);
-		this.listener.released(this);
+		this.host.released(this);
 		this.log.debug('tcp connection closed');
-	}
-}
-
-export class TcpListener {
-	readonly stats: TcpListenerStats = {
-		accepted: 0, overCap: 0, noBackend: 0, established: 0, idleClosed: 0, badFirstFrame: 0, okTimeouts: 0,
-		abandoned: 0, aclDropped: 0, invalid: 0,
-	};
-	readonly log: Logger;
-	readonly wheel: TimeoutWheel;
-	readonly backends: Backends;
-	readonly idleTimeoutSecs: number;
-	readonly maxConnections: number;
-	readonly maxMessageBytes: number;
-	/* One gate per condition, so that a frequent one cannot silence another. */
-	readonly okTimeoutLog: GatedLog;
-	readonly invalidLog: GatedLog;
-	private readonly overCapLog: GatedLog;
-	private readonly noBackendLog: GatedLog;
-	private readonly aclLog: GatedLog;
-	private readonly acl: Acl | null;
-	private readonly remotes: Remotes;
-	private readonly server: net.Server;
-	private readonly proxies = new Set<TcpProxy>();
-	/* Proxies whose client half-closed after a whole query, before the OK; oldest first. */
-	readonly evictable = new Set<TcpProxy>();
-	private nextConnId = 1;
-	private state: 'new' | 'listening' | 'closing' | 'closed' = 'new';
-	private whenEmpty: (() => void) | null = null;
-
-	constructor(opts: TcpOptions) {
-		this.remotes = opts.remotes;
-		this.backends = opts.backends;
-		this.wheel = opts.wheel;
-		this.log = opts.log;
-		this.idleTimeoutSecs = opts.idleTimeoutSecs ?? DEFAULT_TCP_IDLE_TIMEOUT_SECS;
-		this.maxConnections = opts.maxConnections ?? DEFAULT_MAX_TCP_CONNECTIONS;
-		this.maxMessageBytes = opts.maxMessageBytes ?? DEFAULT_MAX_TCP_MESSAGE_BYTES;
-		this.acl = opts.acl === undefined || opts.acl.open ? null : opts.acl;
-		const wheel = opts.wheel;
-		this.okTimeoutLog = new GatedLog(wheel, 'error', 'no INBOUND_TCP_OK from backend');
-		this.invalidLog = new GatedLog(wheel, 'warn', 'closing tcp connection that is not DNS');
-		this.overCapLog = new GatedLog(wheel, 'warn', 'too many tcp connections (closing new connection)');
-		this.noBackendLog = new GatedLog(wheel, 'warn', 'no backend for remote (closing tcp connection)');
-		this.aclLog = new GatedLog(wheel, 'warn', 'tcp connection from outside --allow (closed)');
-		this.server = createServer({ allowHalfOpen: true, pauseOnConnect: true });
-		this.server.on('connection', this.serverOnConnection);
-	}
-
-	/** Open TCP connections right now. */
-	get size(): number {
-		return this.proxies.size;
-	}
-
-	listen(host: string, port: number): Promise<void> {
-		return new Promise((resolve, reject) => {
-			const onError = (err: Error): void => {
-				this.state = 'closed';
-				reject(err);
-			};
-			this.server.once('error', onError);
-			this.server.listen({ host, port, backlog: TCP_BACKLOG, exclusive: true }, () => {
-				this.server.removeListener('error', onError);
-				this.server.on('error', this.serverOnError);
-				this.state = 'listening';
-				resolve();
-			});
-		});
-	}
-
-	private readonly serverOnConnection = (front: net.Socket): void => {
-		front.on('error', ignoreError);
-		this.stats.accepted++;
-		if (this.proxies.size >= this.maxConnections) {
-			/* Room taken by a client that has already gone is given back first. */
-			const oldest = this.evictable.values().next();
-			if (!oldest.done) {
-				oldest.value.evict();
-			}
-		}
-		if (this.state !== 'listening' || this.proxies.size >= this.maxConnections) {
-			this.stats.overCap++;
-			this.overCapLog.report(this.log, { max: this.maxConnections });
-			front.destroy();
-			return;
-		}
-		const addr = ipv4ToU32(front.remoteAddress ?? '');
-		if (addr < 0) {
-			front.destroy();
-			return;
-		}
-		if (this.acl !== null && !this.acl.allows(addr)) {
-			this.stats.aclDropped++;
-			this.aclLog.report(this.log, () => ({ remote_ip: front.remoteAddress }));
-			front.destroy();
-			return;
-		}
-		const rem = this.remotes.lookup(addr);
-		const be = rem.chooseBackend();
-		if (be === null) {
-			rem.tcpDrop++;
-			this.stats.noBackend++;
-			this.noBackendLog.report(rem.log);
-			front.destroy();
-			return;
-		}
-		front.removeListener('error', ignoreError);
-		rem.tcp++;
-		const proxy = new TcpProxy(this, this.nextConnId++, front, rem, be, front.remotePort ?? 0);
-		this.proxies.add(proxy);
-	};
-
-	private readonly serverOnError = (err: Error): void => {
-		this.log.error({ err }, 'tcp listener error');
-	};
-
-	/** A proxy has closed both sockets. */
-	released(proxy: TcpProxy): void {
-		this.proxies.delete(proxy);
-		this.evictable.delete(proxy);
-		if (this.proxies.size === 0 && this.whenEmpty !== null) {
-			this.whenEmpty();
-		}
-	}
-
-	/**
-	 * Stop accepting; let flowing sessions finish (the client's FIN ends
-	 * each) for up to drainMs, then cut whatever is left.
-	 */
-	async close(drainMs = TCP_DRAIN_MS): Promise<void> {
-		if (this.state === 'closing' || this.state === 'closed') {
-			return;
-		}
-		const wasListening = this.state === 'listening';
-		this.state = 'closing';
-		const closed = wasListening
-			? new Promise<void>((resolve) => this.server.close(() => resolve()))
-			: Promise.resolve();
-		if (this.proxies.size > 0) {
-			const empty = new Promise<void>((resolve) => {
-				this.whenEmpty = resolve;
-			});
-			const timer = setTimeout(() => {
-				for (const p of [...this.proxies]) {
-					p.teardown();
-				}
-			}, drainMs);
-			await empty;
-			clearTimeout(timer);
-		}
-		await closed;
-		this.state = 'closed';
 	}
 }

@@ -28,7 +28,7 @@ import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { parseArgs } from '../src/options.js';
 import { isInside } from '../src/stats.js';
-import { DEFAULT_MAX_TCP_CONNECTIONS, TCP_DRAIN_MS } from '../src/tcp_proxy.js';
+import { DEFAULT_MAX_TCP_CONNECTIONS, TCP_DRAIN_MS } from '../src/tcp_listener.js';
 
 /* This file runs as dist/test/service_files.test.js: the repository is two up. */
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');

@@ -146,3 +146,44 @@ t.test('describeProblem gives the phrases the log carries', async (t) => {
 	t.equal(describeProblem({ code: 'not_query', header: HEADER_OPCODE }), 'first message is unsupported opcode');
 	t.equal(describeProblem({ code: 'not_query', header: HEADER_QDCOUNT }), 'first message is QDCOUNT is not 1');
 });
+
+t.test('feed() with stopAt stops at the end of the message that reaches the count, at any split', async (t) => {
+	const stream = Buffer.concat([framed(query()), framed(query()), framed(query()), framed(query())]);
+	const one = framed(query()).length;
+	for (let cut = 0; cut <= stream.length; cut++) {
+		const f = new MessageFollower();
+		t.equal(f.feed(stream.subarray(0, cut), 2), null);
+		const firstUsed = f.consumed;
+		if (cut < 2 * one) {
+			t.equal(firstUsed, cut, `cut ${cut}: the whole first chunk followed`);
+			f.feed(stream.subarray(cut), 2);
+			t.equal(f.consumed, 2 * one - cut, `cut ${cut}: the second stops at the second message's end`);
+		} else {
+			t.equal(firstUsed, 2 * one, `cut ${cut}: stopped at the second message's end`);
+		}
+		t.equal(f.messages, 2, `cut ${cut}: two messages`);
+		t.notOk(f.midMessage, `cut ${cut}: between messages`);
+		t.equal(f.feed(stream.subarray(2 * one)), null, 'the rest, fed later, follows on');
+		t.equal(f.messages, 4);
+	}
+});
+
+t.test('midMessage: from the first byte of a prefix to the last byte of the message', async (t) => {
+	const m = framed(query());
+	const f = new MessageFollower();
+	t.notOk(f.midMessage, 'not before anything');
+	f.feed(m.subarray(0, 1));
+	t.ok(f.midMessage, 'half a prefix');
+	f.feed(m.subarray(1, m.length - 1));
+	t.ok(f.midMessage, 'all but the last byte');
+	f.feed(m.subarray(m.length - 1));
+	t.notOk(f.midMessage, 'whole');
+});
+
+t.test('the answers\' follower checks only the upper bound, and counts empty messages', async (t) => {
+	const f = new MessageFollower(0xffff, false);
+	const response = query(0x8180);
+	t.equal(f.feed(Buffer.concat([framed(response), framed(Buffer.from([1, 2])), Buffer.from([0, 0])])), null,
+		'a response first, a 2-byte message, an empty one: all fine');
+	t.equal(f.messages, 3);
+});

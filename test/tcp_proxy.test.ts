@@ -6,80 +6,19 @@
  * timeout, no handle and no heap growth behind.
  */
 
-import net from 'node:net';
-import path from 'node:path';
+import type net from 'node:net';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import t, { type Test } from 'tap';
-import pino, { type Logger } from 'pino';
-import { type Backend, Backends } from '../src/backends.js';
+import t from 'tap';
 import { FRAME_OUTBOUND_UDP } from '../src/protocol.js';
 import { makeLogger } from '../src/log.js';
-import { Remotes } from '../src/remotes.js';
-import { TcpListener, TCP_OK_DEADLINE_SECS } from '../src/tcp_proxy.js';
-import { TimeoutWheel } from '../src/timeouts.js';
+import { TCP_OK_DEADLINE_SECS } from '../src/tcp_listener.js';
 import { INBOUND_TCP_OK_FRAME, SERVER_HEARTBEAT_FRAME } from './support/backend_frames.js';
-import { TcpDnsClient, tcpQuery } from './support/dns_client.js';
+import { tcpQuery } from './support/dns_client.js';
 import { encodeAnswer, encodeQuery, framed } from './support/dns_messages.js';
-import { FakeBackend } from './support/fake_backend.js';
 import { makeSocketDir, startBackend } from './support/fleet.js';
-import { freePort } from './support/ports.js';
+import { closed, connect, fakeRig, neverAnswers, rig, settle } from './support/tcp_rig.js';
 import { waitFor } from './support/wait.js';
-
-interface RigOptions {
-	idleTimeoutSecs?: number;
-	maxConnections?: number;
-	log?: Logger;
-}
-
-/*
- * Backends, remotes and a TCP listener on 127.0.0.1, driven by `now`, in
- * front of the backend directory `dir`; backend 5301, listening there, is
- * connected and ok.
- */
-async function rig(t: Test, dir: string, o: RigOptions = {}) {
-	const { idleTimeoutSecs = 10, maxConnections = 512, log = pino({ level: 'silent' }) } = o;
-	const clock = { now: 10_000_000 };
-	const wheel = new TimeoutWheel(() => clock.now);
-	const backends = new Backends({ socketDir: dir, log, wheel, onOutboundUdp: () => {} });
-	const remotes = new Remotes({ log, backends, wheel });
-	const tcp = new TcpListener({ remotes, backends, wheel, log, idleTimeoutSecs, maxConnections });
-	const port = await freePort();
-	await tcp.listen('127.0.0.1', port);
-	t.teardown(async () => {
-		await tcp.close(0);
-		backends.close();
-	});
-	const be = backends.trackAndConnect('5301') as Backend;
-	await waitFor(() => be.ok, 3000, 10, 'backend ok');
-	return {
-		wheel, backends, remotes, tcp, port, be,
-		advance(secs: number): void {
-			clock.now += secs * 1000;
-			wheel.run(clock.now);
-		},
-	};
-}
-
-/*
- * rig() in front of a fake backend 5301 that says hello and answers
- * heartbeats on its control session, and treats INBOUND_TCP as `onTcp`
- * says.  Half-open, so a session can answer after the client's FIN.
- */
-async function fakeRig(t: Test, onTcp: (sock: net.Socket) => void, o: RigOptions = {}) {
-	const dir = await makeSocketDir(t);
-	const sockPath = path.join(dir, '5301');
-	const fake = await FakeBackend.listen(t, sockPath, { allowHalfOpen: true, onTcpSession: onTcp });
-	return { ...await rig(t, dir, o), fake, sockPath };
-}
-
-const neverAnswers = (): void => {};
-
-/* A client from `source`, released on teardown. */
-const connect = (t: Test, port: number, source: string): Promise<TcpDnsClient> => TcpDnsClient.connect(t, port, source);
-
-/* The proxy closes a connection at once or not at all; the deadline is for a loaded machine. */
-const closed = (c: TcpDnsClient): Promise<void> => c.closedByPeer(10_000);
 
 t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faulted', async (t) => {
 	const env = await fakeRig(t, neverAnswers);
@@ -98,8 +37,6 @@ t.test('no INBOUND_TCP_OK within 10 s: the client is closed and the backend faul
 	await closed(client);
 	t.equal(env.tcp.size, 0, 'the proxy is released');
 });
-
-const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
 
 t.test('a client that hangs up before a whole query is closed at once; the backend is not faulted', async (t) => {
 	const env = await fakeRig(t, neverAnswers);
@@ -149,28 +86,28 @@ t.test('at the cap, a connection whose client half-closed before the OK makes ro
 	gone.sock.end(framed(encodeQuery('gone.example', 'A', 7)));
 	await waitFor(() => env.tcp.size === 2, 2000, 10, 'two connections held');
 	await settle();
-	await connect(t, env.port, '127.0.0.157');
+	const newcomer = await connect(t, env.port, '127.0.0.157');
 	await closed(gone);
 	await settle();
 	t.equal(env.tcp.size, 2, 'the newcomer took the place of the one whose client had gone');
 	t.equal(env.tcp.stats.overCap, 0, 'nobody refused');
 	t.equal(env.tcp.stats.abandoned, 1);
 	t.notOk(waiting.sock.destroyed, 'the client still waiting keeps its connection');
-	const refused = await connect(t, env.port, '127.0.0.158');
-	await closed(refused);
-	t.equal(env.tcp.stats.overCap, 1, 'with nobody gone, the cap refuses as before');
+	await connect(t, env.port, '127.0.0.158');
+	await closed(newcomer);
+	t.equal(env.tcp.stats.evictedIdle, 1, 'with nobody gone, the idle connection (no query) makes room next');
+	t.equal(env.tcp.stats.overCap, 0, 'and still nobody is refused');
+	t.notOk(waiting.sock.destroyed, 'the one with a query outstanding is kept');
 });
 
-t.test('the idle deadline closes a silent connection; activity postpones it', async (t) => {
+t.test('the idle deadline counts from the last whole message; a whole query postpones it', async (t) => {
 	const env = await fakeRig(t, (sock) => sock.write(INBOUND_TCP_OK_FRAME));
 	const { be } = env;
 	const quiet = await connect(t, env.port, '127.0.0.151');
 	const chatty = await connect(t, env.port, '127.0.0.152');
 	await waitFor(() => env.tcp.stats.established === 2, 2000, 10, 'both sessions flowing');
-	quiet.sock.write(Buffer.from([0x00])); /* half a length prefix, then nothing */
-	await settle();
 	env.advance(5);
-	chatty.sock.write(Buffer.from([0x00, 0x20])); /* a length prefix: still a well-formed stream */
+	chatty.send('chatty.example', 'A', 52); /* a whole query at 5 s (never answered) */
 	/* Let the bytes reach the proxy before the clock moves on. */
 	await settle();
 	env.advance(4);
@@ -178,10 +115,10 @@ t.test('the idle deadline closes a silent connection; activity postpones it', as
 	env.advance(1);
 	await closed(quiet);
 	t.equal(env.tcp.stats.idleClosed, 1, 'the silent one closed at 10 s');
-	t.notOk(chatty.sock.destroyed, 'the one that spoke at 5 s is still open');
+	t.notOk(chatty.sock.destroyed, 'the one that sent a query at 5 s is still open');
 	env.advance(5);
 	await closed(chatty);
-	t.equal(env.tcp.stats.idleClosed, 2, 'closed 10 s after its last byte');
+	t.equal(env.tcp.stats.idleClosed, 2, 'closed 10 s after its last whole message');
 	t.ok(be.ok, 'idle clients never fault the backend');
 	t.equal(env.tcp.size, 0);
 });
@@ -256,13 +193,13 @@ t.test('TCP log lines name the backend by be_id and be_path; trace shows the lif
 	t.same(tcpLines.filter((r) => r.be_id !== 5301 || r.be_path !== sockPath || 'backend' in r), [],
 		'every one of them names the backend the same way, and none under the old `backend` key');
 
-	type State = { name: string; client?: string; front?: string; back?: string; open?: string };
+	type State = { name: string; client?: string; front?: string; back?: string; open?: string; paused?: string | null };
 	const steps = tcpLines.filter((r) => r.msg === 'tcp proxy state').map((r) => r.to as State);
 	t.same(tcpLines.find((r) => r.msg === 'tcp proxy state')?.from,
 		{ name: 'connecting', client: 'reading' }, 'born connecting, reading the client');
 	const names = steps.map((s) => s.name).filter((n, i, all) => i === 0 || all[i - 1] !== n);
 	t.same(names, ['awaiting OK', 'flowing', 'closing', 'closed'], 'then each state in turn');
-	t.same(steps.filter((s) => s.name === 'flowing').at(-1), { name: 'flowing', front: 'ended', back: 'ended' },
+	t.same(steps.filter((s) => s.name === 'flowing').at(-1), { name: 'flowing', front: 'ended', back: 'ended', paused: null },
 		'both FINs passed on before a socket closed');
 });
 
