@@ -278,10 +278,8 @@ export class Backend {
 		return this.heartbeatRttMs;
 	}
 
-	/** Which control session this is: one more per connect, so a TCP session can tell it was replaced. */
-	get sessionGeneration(): number {
-		return this.stats.connStart;
-	}
+	/** Which control session this is (one more per connect): a TCP session can tell it was replaced. */
+	get sessionGeneration(): number { return this.stats.connStart; }
 
 	/** One more remote has this backend as its primary (remotes.ts keeps the count). */
 	addRemote(): void {
