@@ -128,10 +128,11 @@ export async function heapSample(
 	try {
 		const text = await (await fetch(metricsUrl, { signal: AbortSignal.timeout(2000) })).text();
 		const get = (k: string): number => Number(new RegExp(`^${k} (\\S+)`, 'm').exec(text)?.[1] ?? NaN) / 1024;
+		/* prom-client's standard names, without bbal's prefix (metrics.ts). */
 		return {
-			used: get('bbal_nodejs_heap_size_used_bytes'), total: get('bbal_nodejs_heap_size_total_bytes'),
-			newSpace: get('bbal_nodejs_heap_space_size_total_bytes\\{space="new"\\}'),
-			external: get('bbal_nodejs_external_memory_bytes'),
+			used: get('nodejs_heap_size_used_bytes'), total: get('nodejs_heap_size_total_bytes'),
+			newSpace: get('nodejs_heap_space_size_total_bytes\\{space="new"\\}'),
+			external: get('nodejs_external_memory_bytes'),
 		};
 	} catch {
 		return { used: NaN, total: NaN, newSpace: NaN, external: NaN };
