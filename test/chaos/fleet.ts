@@ -7,7 +7,8 @@
  * (fake_backend.ts), plus the means to hurt them -- signals, a removed
  * socket file, commands to a fake -- and to watch bbal: its log lines
  * (every bbal started so far, for the moment it noticed a fault), its
- * resident set size and its open file descriptors.
+ * resident set size, its open file descriptors and, from its /metrics, its
+ * heap and its event loop's longest delay.
  *
  * Everything started is registered with a Cleanup (tap's Test under
  * `npm test`, our own list under `npm run chaos`), so every process is
@@ -38,6 +39,13 @@ const FAKE_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fak
 export const YOUNG_GENERATION_MAX_KB = 2 * 1024 * Number(
 	/^--max-semi-space-size=(\d+)$/.exec(LAUNCHER_V8_FLAGS.find((f) => f.startsWith('--max-semi-space-size=')) ?? '')?.[1]
 	?? 16);
+
+/*
+ * bbal's cap on TCP connections open at once, given explicitly (it is also
+ * bbal's default, README) so that the hostile scenario knows how many a
+ * lockout must hold.
+ */
+export const FLEET_MAX_TCP_CONNECTIONS = 512;
 
 export interface ProcSample {
 	rssKb: number;
@@ -136,6 +144,23 @@ export async function heapSample(
 		};
 	} catch {
 		return { used: NaN, total: NaN, newSpace: NaN, external: NaN };
+	}
+}
+
+/*
+ * The longest event-loop delay bbal saw since the previous scrape of its
+ * /metrics, in ms: prom-client's nodejs_eventloop_lag_max_seconds, which
+ * perf_hooks.monitorEventLoopDelay feeds and every scrape resets (metrics.ts).
+ * Whoever wants the longest over a stretch scrapes every second and keeps the
+ * maximum; any other scrape meanwhile (heapSample) takes its share away.
+ * NaN when the scrape failed.
+ */
+export async function eventLoopMaxMs(metricsUrl: string): Promise<number> {
+	try {
+		const text = await (await fetch(metricsUrl, { signal: AbortSignal.timeout(2000) })).text();
+		return Number(/^nodejs_eventloop_lag_max_seconds (\S+)/m.exec(text)?.[1] ?? NaN) * 1000;
+	} catch {
+		return NaN;
 	}
 }
 
@@ -365,7 +390,8 @@ export class ChaosFleet {
 		 */
 		const bbal = await startBbal(this.t, {
 			/* info, not startBbal's debug: two lines per TCP query would be most of the log. */
-			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info'],
+			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info',
+				'--max-tcp-connections', String(FLEET_MAX_TCP_CONNECTIONS)],
 			env: { NODE_OPTIONS: [...LAUNCHER_V8_FLAGS, `--inspect=127.0.0.1:${this.inspectPort}`].join(' ') },
 			onUnexpectedExit: (child) => this.unexpectedExits.push({
 				at: Date.now(), code: child.status?.code ?? null, signal: child.status?.signal ?? null,
