@@ -485,8 +485,11 @@ export class ChaosFleet {
 	 * tell a quiet machine from one that another workload saturates.
 	 */
 	get pids(): number[] {
-		return [process.pid, this.bbalPid, ...[...this.backends.values()].map((b) => b.pid)];
+		return [process.pid, this.bbalPid, ...[...this.backends.values()].map((b) => b.pid), ...this.helperPids];
 	}
+
+	/** Other processes of the run while they live (the hostile scenario's attackers): not a foreign workload. */
+	readonly helperPids = new Set<number>();
 
 	get bbalInstances(): number {
 		return this.bbals.length;
