@@ -1,7 +1,10 @@
 /*
  * HOSTILE CLIENTS, A PROCESS OF THEIR OWN
  *
- * Usage: node dist/test/chaos/hostile_clients.js <port> <statsSocket> <maxTcpConnections>
+ * Usage: node dist/test/chaos/hostile_clients.js <port> <statsSocket> <maxTcpConnections> [ATTACKS]
+ *
+ * ATTACKS is a comma-separated subset of lockout,unread,stats,junk (all
+ * four by default), to tell which one hurts when the scenario fails.
  *
  * The attackers of the hostile chaos scenario (hostile.ts has the plan and
  * the verdict).  They run in a process of their own, as the fake backend
@@ -20,10 +23,12 @@
  *   unread    128 clients from 8 sources (127.201.0.1-8, 16 each) pipeline
  *             200 queries each for `big.` (sixty A records, about 1 KB an
  *             answer, from every backend of the fleet) and never read a
- *             byte: 25,600 answers, 26 MB, that nobody takes.  Closed ones
- *             are opened again, as above.
+ *             byte: 25,600 answers, 26 MB, that nobody takes; then one more
+ *             query every 3 s.  Closed ones are opened again, as above.
  *   stats     20 connections to bbal's stats socket that never read (bbal
- *             serves 8 at once); closed ones opened again.
+ *             serves 8 at once), each writing a newline every 3 s; closed
+ *             ones opened again.  (A socket that never reads notices its
+ *             close only when it writes: hence the writes.)
  *   junk      200 new source addresses a second (127.202.0.1 upwards, one
  *             UDP socket bound to each, then closed), each sending four
  *             datagrams: 3 bytes, a response (QR set), a query with no
@@ -45,11 +50,13 @@ import readline from 'node:readline';
 import { encodeQuery, framed } from '../support/dns_messages.js';
 import { sleep } from '../support/wait.js';
 
-const [portArg, statsSocket, maxTcpArg] = process.argv.slice(2);
+const ATTACKS = ['lockout', 'unread', 'stats', 'junk'];
+const [portArg, statsSocket, maxTcpArg, attacksArg = ATTACKS.join(',')] = process.argv.slice(2);
 const port = Number(portArg);
 const maxTcp = Number(maxTcpArg);
-if (!(port > 0) || statsSocket === undefined || !(maxTcp > 0)) {
-	process.stderr.write('usage: hostile_clients.js <port> <statsSocket> <maxTcpConnections>\n');
+const attacks = new Set(attacksArg.split(',').filter((a) => a !== ''));
+if (!(port > 0) || statsSocket === undefined || !(maxTcp > 0) || [...attacks].some((a) => !ATTACKS.includes(a))) {
+	process.stderr.write('usage: hostile_clients.js <port> <statsSocket> <maxTcpConnections> [lockout,unread,stats,junk]\n');
 	process.exit(2);
 }
 
@@ -247,6 +254,7 @@ class HostileClients {
 	/** Unread queries the kernel took (their write callbacks). */
 	unreadQueriesFlushed = 0;
 	private readonly lockoutQuery: Buffer;
+	private readonly unreadPoke: Buffer;
 	private trickleTimer: NodeJS.Timeout | null = null;
 	private readonly trickled = new WeakMap<net.Socket, number>();
 	private stopped: Promise<void> | null = null;
@@ -276,6 +284,7 @@ class HostileClients {
 		this.stats = new ConnectionPool(STATS_HOGS, () => net.connect({ path: statsSocket }), (sock) => sock.pause());
 		this.junk = new JunkFlood(port);
 		this.lockoutQuery = lockoutQuery;
+		this.unreadPoke = framed(encodeQuery('big.unread.chaos.example', 'A', UNREAD_QUERIES + 1));
 	}
 
 	/* One more byte of the query on a lockout connection; never the last, so it is never whole. */
@@ -288,15 +297,45 @@ class HostileClients {
 		}
 	}
 
-	start(): void {
-		this.lockout.start();
-		this.unread.start();
-		this.stats.start();
-		this.junk.start();
+	start(which: Set<string>): void {
+		if (which.has('lockout')) {
+			this.lockout.start();
+		}
+		if (which.has('unread')) {
+			this.unread.start();
+		}
+		if (which.has('stats')) {
+			this.stats.start();
+		}
+		if (which.has('junk')) {
+			this.junk.start();
+		}
+		/*
+		 * Every 3 s each connection writes: the lockout its next byte, the
+		 * unread clients one more query, the stats hogs a newline (bbal reads
+		 * nothing there).  A socket we never read notices that bbal closed it
+		 * only when it writes, so this is also how a closed one is found and
+		 * opened again.
+		 */
 		this.trickleTimer = setInterval(() => {
 			for (const sock of this.lockout.sockets()) {
 				if (this.trickled.has(sock)) {
 					this.trickle(sock, this.lockoutQuery);
+				}
+			}
+			for (const sock of this.unread.sockets()) {
+				if (!sock.connecting && !sock.destroyed) {
+					this.unread.counts.written++;
+					sock.write(this.unreadPoke, (err) => {
+						if (!err) {
+							this.unreadQueriesFlushed++;
+						}
+					});
+				}
+			}
+			for (const sock of this.stats.sockets()) {
+				if (!sock.connecting && !sock.destroyed) {
+					sock.write('\n');
 				}
 			}
 		}, LOCKOUT_TRICKLE_MS);
@@ -323,6 +362,8 @@ export interface HostilePlan {
 	unreadQueries: number;
 	statsHogs: number;
 	junkSourcesPerSec: number;
+	/** The attacks that run: all four unless told otherwise (a diagnostic run). */
+	attacks: string[];
 }
 
 export interface HostileCounts {
@@ -335,7 +376,7 @@ export interface HostileCounts {
 const plan: HostilePlan = {
 	lockoutSource: LOCKOUT_SOURCE, lockoutConnections: LOCKOUT_CONNECTIONS, unreadSources: UNREAD_SOURCES,
 	unreadConnections: UNREAD_SOURCES * UNREAD_PER_SOURCE, unreadQueries: UNREAD_QUERIES, statsHogs: STATS_HOGS,
-	junkSourcesPerSec: JUNK_SOURCES_PER_SEC,
+	junkSourcesPerSec: JUNK_SOURCES_PER_SEC, attacks: [...attacks],
 };
 
 const clients = new HostileClients(port, statsSocket);
@@ -354,7 +395,7 @@ async function stop(): Promise<HostileCounts> {
 function command(line: string): void {
 	const cmd = line.trim();
 	if (cmd === 'start') {
-		clients.start();
+		clients.start(attacks);
 		process.stdout.write(`done start ${Date.now()}\n`);
 	} else if (cmd === 'stop') {
 		void stop().then((counts) => process.stdout.write(`done stop ${JSON.stringify(counts)}\n`));
