@@ -28,7 +28,7 @@ import { runSuite } from './suite.js';
 
 const SHORT_TIMING: Timing = {
 	beforeMs: 2000, afterMs: 2000, killDownMs: 2000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 1000,
-	orphanMs: 8000, returnWaitMs: 12_000, balanceWaitMs: 0,
+	orphanMs: 8000, returnWaitMs: 12_000, balanceWaitMs: 0, hostileMs: 15_000,
 };
 
 t.test('chaos, short form: faults under load lose nothing outside their windows', async (t) => {

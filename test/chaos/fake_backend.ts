@@ -8,8 +8,9 @@
  * serves like the mname fixture (test/fixtures/mname_backend.cjs) until it
  * is told to misbehave: it says SERVER_HELLO to CLIENT_HELLO, answers every
  * heartbeat, answers every INBOUND_UDP with an OUTBOUND_UDP whose DNS answer
- * carries the TXT record `be=<label>` (so the load driver sees who answered),
- * and serves TCP sessions (INBOUND_TCP_OK, then 2-byte length-prefixed DNS
+ * carries the TXT record `be=<label>` (so the load driver sees who answered;
+ * a name starting with `big.` also gets sixty A records, about 1 KB, as from
+ * the fixture), and serves TCP sessions (INBOUND_TCP_OK, then 2-byte length-prefixed DNS
  * both ways).  It runs as its own process, so its work does not disturb the
  * load driver's timing and a fault in it is a fault of another process, as
  * in production.
@@ -52,6 +53,9 @@ if (socketPath === undefined || label === undefined) {
 	process.exit(2);
 }
 
+/* As many A records as the fixture gives a `big.` name. */
+const BIG_A_RECORDS = 60;
+
 /* The DNS answer to one query, or null when it is not worth answering. */
 function answerTo(msg: Buffer): Buffer | null {
 	let q: dnsPacket.Packet;
@@ -64,7 +68,16 @@ function answerTo(msg: Buffer): Buffer | null {
 	if (question === undefined) {
 		return null;
 	}
-	return encodeAnswer(q.id ?? 0, question, label, ((q.flags ?? 0) & dnsPacket.RECURSION_DESIRED) !== 0);
+	const rd = ((q.flags ?? 0) & dnsPacket.RECURSION_DESIRED) !== 0;
+	if (!question.name.toLowerCase().startsWith('big.')) {
+		return encodeAnswer(q.id ?? 0, question, label, rd);
+	}
+	/* The fixture's big answer (test/fixtures/mname_backend.cjs): what the hostile scenario asks for and never reads. */
+	const answer = dnsPacket.decode(encodeAnswer(q.id ?? 0, question, label, rd));
+	for (let i = 1; i <= BIG_A_RECORDS; i++) {
+		answer.answers?.push({ type: 'A', name: question.name, ttl: 0, class: 'IN', data: `192.0.2.${i}` });
+	}
+	return dnsPacket.encode(answer);
 }
 
 /* What a flood sends: 28 bytes that are not an answer to anything. */

@@ -7,7 +7,8 @@
  * (fake_backend.ts), plus the means to hurt them -- signals, a removed
  * socket file, commands to a fake -- and to watch bbal: its log lines
  * (every bbal started so far, for the moment it noticed a fault), its
- * resident set size and its open file descriptors.
+ * resident set size, its open file descriptors and, from its /metrics, its
+ * heap and its event loop's longest delay.
  *
  * Everything started is registered with a Cleanup (tap's Test under
  * `npm test`, our own list under `npm run chaos`), so every process is
@@ -38,6 +39,13 @@ const FAKE_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fak
 export const YOUNG_GENERATION_MAX_KB = 2 * 1024 * Number(
 	/^--max-semi-space-size=(\d+)$/.exec(LAUNCHER_V8_FLAGS.find((f) => f.startsWith('--max-semi-space-size=')) ?? '')?.[1]
 	?? 16);
+
+/*
+ * bbal's cap on TCP connections open at once, given explicitly (it is also
+ * bbal's default, README) so that the hostile scenario knows how many a
+ * lockout must hold.
+ */
+export const FLEET_MAX_TCP_CONNECTIONS = 512;
 
 export interface ProcSample {
 	rssKb: number;
@@ -128,13 +136,31 @@ export async function heapSample(
 	try {
 		const text = await (await fetch(metricsUrl, { signal: AbortSignal.timeout(2000) })).text();
 		const get = (k: string): number => Number(new RegExp(`^${k} (\\S+)`, 'm').exec(text)?.[1] ?? NaN) / 1024;
+		/* prom-client's standard names, without bbal's prefix (metrics.ts). */
 		return {
-			used: get('bbal_nodejs_heap_size_used_bytes'), total: get('bbal_nodejs_heap_size_total_bytes'),
-			newSpace: get('bbal_nodejs_heap_space_size_total_bytes\\{space="new"\\}'),
-			external: get('bbal_nodejs_external_memory_bytes'),
+			used: get('nodejs_heap_size_used_bytes'), total: get('nodejs_heap_size_total_bytes'),
+			newSpace: get('nodejs_heap_space_size_total_bytes\\{space="new"\\}'),
+			external: get('nodejs_external_memory_bytes'),
 		};
 	} catch {
 		return { used: NaN, total: NaN, newSpace: NaN, external: NaN };
+	}
+}
+
+/*
+ * The longest event-loop delay bbal saw since the previous scrape of its
+ * /metrics, in ms: prom-client's nodejs_eventloop_lag_max_seconds, which
+ * perf_hooks.monitorEventLoopDelay feeds and every scrape resets (metrics.ts).
+ * Whoever wants the longest over a stretch scrapes every second and keeps the
+ * maximum; any other scrape meanwhile (heapSample) takes its share away.
+ * NaN when the scrape failed.
+ */
+export async function eventLoopMaxMs(metricsUrl: string): Promise<number> {
+	try {
+		const text = await (await fetch(metricsUrl, { signal: AbortSignal.timeout(2000) })).text();
+		return Number(/^nodejs_eventloop_lag_max_seconds (\S+)/m.exec(text)?.[1] ?? NaN) * 1000;
+	} catch {
+		return NaN;
 	}
 }
 
@@ -364,7 +390,8 @@ export class ChaosFleet {
 		 */
 		const bbal = await startBbal(this.t, {
 			/* info, not startBbal's debug: two lines per TCP query would be most of the log. */
-			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info'],
+			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info',
+				'--max-tcp-connections', String(FLEET_MAX_TCP_CONNECTIONS)],
 			env: { NODE_OPTIONS: [...LAUNCHER_V8_FLAGS, `--inspect=127.0.0.1:${this.inspectPort}`].join(' ') },
 			onUnexpectedExit: (child) => this.unexpectedExits.push({
 				at: Date.now(), code: child.status?.code ?? null, signal: child.status?.signal ?? null,
@@ -458,8 +485,11 @@ export class ChaosFleet {
 	 * tell a quiet machine from one that another workload saturates.
 	 */
 	get pids(): number[] {
-		return [process.pid, this.bbalPid, ...[...this.backends.values()].map((b) => b.pid)];
+		return [process.pid, this.bbalPid, ...[...this.backends.values()].map((b) => b.pid), ...this.helperPids];
 	}
+
+	/** Other processes of the run while they live (the hostile scenario's attackers): not a foreign workload. */
+	readonly helperPids = new Set<number>();
 
 	get bbalInstances(): number {
 		return this.bbals.length;

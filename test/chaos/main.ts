@@ -23,7 +23,7 @@ import { childEnv, Cleanup } from '../support/process.js';
 import { FULL_TIMING } from './scenarios.js';
 import { runSuite } from './suite.js';
 
-const FULL_PLAN = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart'];
+const FULL_PLAN = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart', 'hostile'];
 
 function parse(argv: string[]): { mode: string; flags: Map<string, string> } {
 	const [mode = 'chaos', ...rest] = argv;

@@ -50,6 +50,9 @@
  *             its backends have connected (before that nothing listens on
  *             the port).  No bound: the gap is the operator's.  Every remote
  *             is concerned.
+ *   hostile   four attacks at once from sources of their own (hostile.ts).
+ *             No window: nothing bbal does about them may cost a
+ *             well-behaved client a query, so every loss is outside.
  *
  * Recovery, for the 10-s return criterion, is the moment the primary could
  * serve again: listening after its restart, SIGCONT, resumed, and for a
@@ -60,7 +63,8 @@ import { readFileSync } from 'node:fs';
 import { sleep } from '../support/wait.js';
 import { cpuSample, cpuShare } from '../support/procfs.js';
 import type { ChaosBackend, ChaosFleet } from './fleet.js';
-import type { LoadDriver } from './load.js';
+import { injectHostile } from './hostile.js';
+import type { LoadDriver, QueryRecord } from './load.js';
 import {
 	type Analysis, analyze, type FaultWindow, formatScenario, primaries, type ScenarioRun,
 } from './report.js';
@@ -79,11 +83,13 @@ export interface Timing {
 	returnWaitMs: number;
 	/** Longest wait for bbal's rebalance to even the spread out after a reassignment; 0: don't wait. */
 	balanceWaitMs: number;
+	/** How long the hostile scenario's attacks last. */
+	hostileMs: number;
 }
 
 export const FULL_TIMING: Timing = {
 	beforeMs: 5000, afterMs: 5000, killDownMs: 5000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 8000,
-	orphanMs: 16_000, returnWaitMs: 12_000, balanceWaitMs: 65_000,
+	orphanMs: 16_000, returnWaitMs: 12_000, balanceWaitMs: 65_000, hostileMs: 30_000,
 };
 
 export interface Ctx {
@@ -110,14 +116,18 @@ interface PendingWindow {
 	definition: string;
 }
 
-interface Injected {
+export interface Injected {
+	/** Empty when nothing may be lost (hostile): then attackAt is the moment the scenario began to hurt. */
 	windows: PendingWindow[];
+	attackAt?: number;
 	recovery: { target: string; recoveredAt: number } | null;
 	rehome: boolean;
 	bbalReplaced?: boolean;
 	expectedFdDelta?: number;
 	failures?: string[];
 	notes?: string[];
+	/** Failures of the scenario's own, judged on every load record of the scenario. */
+	judge?: (recs: QueryRecord[]) => string[];
 }
 
 export interface Scenario {
@@ -315,6 +325,14 @@ export const SCENARIOS: Scenario[] = [
 			};
 		},
 	},
+	{
+		name: 'hostile',
+		needs: 'bbal',
+		describe: (_b, t) => `four attacks at once for ${t.hostileMs / 1000} s (hostile.ts): a TCP lockout trickling `
+			+ 'bytes, clients that pipeline big queries and never read, stats-socket hogs, junk datagrams from new '
+			+ 'sources; nothing may be lost',
+		inject: (ctx) => injectHostile(ctx),
+	},
 ];
 
 export function scenario(name: string): Scenario {
@@ -387,7 +405,7 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 	const cpuBefore = cpuSample(fleet.pids);
 	ctx.log(`chaos: ${sc.name} ${target}`);
 	const inj = await sc.inject(ctx, target);
-	const faultAt = Math.min(...inj.windows.map((w) => w.faultAt));
+	const faultAt = Math.min(inj.attackAt ?? Infinity, ...inj.windows.map((w) => w.faultAt));
 	const notes = [...(inj.notes ?? [])];
 	if (inj.recovery !== null) {
 		await waitReturn(ctx, start, faultAt, inj.recovery.target, inj.recovery.recoveredAt + timing.returnWaitMs);
@@ -412,6 +430,7 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 		+ `${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')} after`);
 	await driver.settled(end);
 	const recs = driver.take(end).filter((r) => r.sentAt >= start);
+	const failures = [...(inj.failures ?? []), ...(inj.judge?.(recs) ?? [])];
 
 	const windows: FaultWindow[] = inj.windows.map((w) => {
 		const closing = fleet.findLog(w.faultAt, w.close);
@@ -462,7 +481,7 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 		bbalReplaced: inj.bbalReplaced ?? false,
 		expectedFdDelta: inj.expectedFdDelta ?? 0,
 		unexpectedExits: fleet.unexpectedExits.slice(exitsBefore),
-		failures: inj.failures ?? [],
+		failures,
 		notes,
 		bbalSaid: said,
 		driverStalls: stalls,
