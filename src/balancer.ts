@@ -65,7 +65,8 @@ import { logSnapshot, StatsServer, type StatsSources } from './stats.js';
 import { TcpListener } from './tcp_listener.js';
 import { type Clock, monotonicClock, type Timeout, TimeoutWheel } from './timeouts.js';
 import { UdpProxy } from './udp_proxy.js';
-import { createUdpTransport, type UdpTransport } from './udp_socket.js';
+import { createUdpTransport } from './udp_socket.js';
+import type { UdpTransport } from './udp_transport.js';
 
 export const TICK_MS = 1000;
 /* How long start() waits for the backends it finds to connect before it opens the DNS ports. */

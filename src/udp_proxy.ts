@@ -28,7 +28,7 @@
  * address and port, so an answer needs no lookup at all on its way out --
  * except for the address to answer from.  Bound to 0.0.0.0, bbal must
  * answer from the address the query was sent to (a client discards an
- * answer from any other; see WILDCARD BINDS in udp_socket.ts), and the
+ * answer from any other; see WILDCARD BINDS in udp_transport.ts), and the
  * backend protocol carries only the client's address and port, not ours.
  * So each remote keeps the local address it last queried (Remote.localAddr,
  * set on every query that reaches a remote), and an answer on its way out
@@ -49,7 +49,7 @@
  * is logged), the remote is a hash lookup, the frame is written straight
  * into the backend's outgoing buffer, and a log object is built only when a
  * line will really be written.  The socket itself is a UdpTransport
- * (udp_socket.ts), handed in by whoever builds the proxy: the balancer
+ * (udp_transport.ts), handed in by whoever builds the proxy: the balancer
  * passes createUdpTransport()'s (the native recvmmsg/sendmmsg batches when
  * the addon is built, Node's dgram otherwise), a test may pass a fake that
  * it feeds datagrams by hand.  From then on the proxy owns it: listen()
@@ -82,7 +82,7 @@ import { MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
 import { GatedLog } from './log.js';
 import type { TimeoutWheel } from './timeouts.js';
-import type { UdpTransport, UdpTransportError } from './udp_socket.js';
+import type { UdpTransport, UdpTransportError } from './udp_transport.js';
 
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */
 export const SYNTH_ANSWERS_PER_SEC = 10;

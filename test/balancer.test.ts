@@ -22,7 +22,7 @@ import { ipv4ToU32, MAX_UDP_PAYLOAD_BYTES } from '../src/protocol.js';
 import { REMOTE_IDLE_EXPIRY_SECS } from '../src/remotes.js';
 import { takeSnapshot } from '../src/stats.js';
 import { SYNTH_ANSWERS_PER_SEC } from '../src/udp_proxy.js';
-import type { UdpTransport } from '../src/udp_socket.js';
+import type { UdpTransport } from '../src/udp_transport.js';
 import { RESCAN_INTERVAL_SECS } from '../src/backends.js';
 import { type LogRecord } from './support/bbal.js';
 import { backendOf, encodeQuery } from './support/dns_messages.js';

@@ -402,7 +402,7 @@ t.test('systemd unit', async (t) => {
 		`the stats socket ${statsSocket} is in the unit's RuntimeDirectory (${runtimeDirs.join(' ')})`);
 	/*
 	 * dgram's wildcard bind reads the host's addresses with getifaddrs(),
-	 * over netlink (udp_socket.ts): a unit that denies AF_NETLINK breaks it.
+	 * over netlink (udp_dgram.ts): a unit that denies AF_NETLINK breaks it.
 	 */
 	const families = list(unit, 'Service', 'RestrictAddressFamilies');
 	for (const family of ['AF_UNIX', 'AF_INET', 'AF_NETLINK']) {

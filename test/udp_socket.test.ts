@@ -1,5 +1,5 @@
 /*
- * The UDP transports (src/udp_socket.ts) on real loopback sockets, each
+ * The UDP transports (src/udp_socket.ts, src/udp_dgram.ts) on real loopback sockets, each
  * kind that is available in this build: the native batching addon and
  * dgram.  Clients are plain dgram sockets bound to 127.0.9.x, with large
  * receive buffers: they run in this same process, so a burst of answers
@@ -12,10 +12,9 @@ import { createRequire } from 'node:module';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { ipv4ToU32 } from '../src/protocol.js';
-import {
-	createUdpTransport, DGRAM_SEND_QUEUE_MAX_ANSWERS, DGRAM_SEND_QUEUE_MAX_BYTES, type UdpTransport, type UdpTransportError,
-	type UdpTransportKind,
-} from '../src/udp_socket.js';
+import { DGRAM_SEND_QUEUE_MAX_ANSWERS, DGRAM_SEND_QUEUE_MAX_BYTES } from '../src/udp_dgram.js';
+import { createUdpTransport } from '../src/udp_socket.js';
+import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../src/udp_transport.js';
 import { freePort } from './support/ports.js';
 import { projectRoot } from './support/process.js';
 import { sleep, waitFor } from './support/wait.js';
@@ -387,7 +386,7 @@ t.test('native: a datagram read between poll errors starts the count again', nat
 /*
  * Bound to 0.0.0.0, each datagram comes with the address it was sent to,
  * and an answer given that address leaves from it (WILDCARD BINDS in
- * udp_socket.ts).  dgram listens on the addresses its lister gives, here
+ * udp_transport.ts and udp_dgram.ts).  dgram listens on the addresses its lister gives, here
  * 127.0.0.x addresses that Linux's loopback answers to though
  * os.networkInterfaces() lists only 127.0.0.1.
  */

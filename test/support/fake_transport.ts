@@ -11,7 +11,7 @@
 
 import dnsPacket from 'dns-packet';
 import { MAX_UDP_PAYLOAD_BYTES } from '../../src/protocol.js';
-import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../../src/udp_socket.js';
+import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../../src/udp_transport.js';
 
 export interface Sent {
 	bytes: Buffer;
