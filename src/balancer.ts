@@ -157,6 +157,7 @@ export class Balancer {
 			maxConnections: opts.maxTcpConnections,
 			maxPerRemote: opts.maxTcpPerRemote,
 			maxQueriesPerConn: opts.maxTcpQueriesPerConn,
+			maxQueriesPerRemote: opts.maxTcpQueriesPerRemote,
 			idleTimeoutSecs: opts.tcpIdleTimeoutSecs,
 			maxMessageBytes: opts.maxTcpMessageBytes,
 			acl,

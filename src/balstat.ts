@@ -70,7 +70,7 @@ export function formatSnapshot(snap: Snapshot): string {
 		+ `over the per-source cap ${c.overRemoteCap ?? 0}, query too slow ${c.messageTimeouts ?? 0}, `
 		+ `evicted idle ${c.evictedIdle ?? 0}, evicted busy ${c.evictedBusy ?? 0}; paused: client not reading `
 		+ `${c.pausedClientNotReading ?? 0}, backend not reading ${c.pausedBackendNotReading ?? 0}, `
-		+ `query cap ${c.pausedQueryCap ?? 0}`);
+		+ `query cap ${c.pausedQueryCap ?? 0}, source query cap ${c.pausedSourceQueryCap ?? 0}`);
 	const ss = snap.statsSocket;
 	if (ss !== undefined) {
 		out.push(`stats socket: open ${ss.open}, served ${ss.served}; closed: over cap ${ss.overCap}, too slow ${ss.timedOut}`);

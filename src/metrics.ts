@@ -184,6 +184,7 @@ export class Metrics {
 		byLabel('bbal_tcp_paused_total', 'Times bbal stopped reading a TCP client, by reason.', 'reason', () => ({
 			client_not_reading: tcp.pausedClientNotReading, backend_not_reading: tcp.pausedBackendNotReading,
 			query_cap: tcp.pausedQueryCap,
+			source_query_cap: tcp.pausedSourceQueryCap,
 		}));
 		new Gauge({
 			name: 'bbal_tcp_open', help: 'TCP connections open now.', registers,

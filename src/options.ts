@@ -43,7 +43,7 @@ import { DEFAULT_MAX_REMOTES } from './remotes.js';
 import { DEFAULT_STATS_SOCKET, isInside } from './stats.js';
 import {
 	DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_MAX_TCP_PER_REMOTE, DEFAULT_MAX_TCP_QUERIES_PER_CONN,
-	DEFAULT_TCP_IDLE_TIMEOUT_SECS,
+	DEFAULT_MAX_TCP_QUERIES_PER_REMOTE, DEFAULT_TCP_IDLE_TIMEOUT_SECS,
 } from './tcp_listener.js';
 import type { NoBackendAction, RateLimitAction } from './udp_proxy.js';
 
@@ -58,6 +58,8 @@ export interface Options {
 	maxTcpPerRemote: number;
 	/** --max-tcp-queries-per-conn: queries outstanding on one TCP connection before it is paused. */
 	maxTcpQueriesPerConn: number;
+	/** --max-tcp-queries-per-remote: the same over all of one source's connections. */
+	maxTcpQueriesPerRemote: number;
 	tcpIdleTimeoutSecs: number;
 	statsSocket: string;
 	/** -S was given: failing to open it is fatal rather than a warning. */
@@ -163,6 +165,10 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_TCP_QUERIES_PER_CONN),
 			describe: 'queries a TCP connection may have unanswered; beyond, bbal stops reading it until answers return',
 		})
+		.option('max-tcp-queries-per-remote', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_TCP_QUERIES_PER_REMOTE),
+			describe: 'the same, all of one source address\'s connections together',
+		})
 		.option('tcp-idle-timeout', {
 			type: 'string', requiresArg: true, default: String(DEFAULT_TCP_IDLE_TIMEOUT_SECS),
 			describe: 'seconds a TCP connection may pass no bytes before it is closed',
@@ -218,6 +224,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 	const maxTcpConnections = positiveInt(lastOf(args['max-tcp-connections']), '--max-tcp-connections');
 	const maxTcpPerRemote = positiveInt(lastOf(args['max-tcp-per-remote']), '--max-tcp-per-remote');
 	const maxTcpQueriesPerConn = positiveInt(lastOf(args['max-tcp-queries-per-conn']), '--max-tcp-queries-per-conn');
+	const maxTcpQueriesPerRemote = positiveInt(lastOf(args['max-tcp-queries-per-remote']), '--max-tcp-queries-per-remote');
 	const tcpIdleTimeoutSecs = positiveInt(lastOf(args['tcp-idle-timeout']), '--tcp-idle-timeout');
 	const statsSocketExplicit = args['stats-socket'] !== undefined;
 	const statsSocket = statsSocketExplicit ? lastOf(args['stats-socket'] as string | string[]) : DEFAULT_STATS_SOCKET;
@@ -241,7 +248,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 	const allow = parseAllow((args.allow as unknown[]).map(String));
 	return {
 		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, maxTcpPerRemote, maxTcpQueriesPerConn,
-		tcpIdleTimeoutSecs,
+		maxTcpQueriesPerRemote, tcpIdleTimeoutSecs,
 		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
 		maxTcpMessageBytes, watchDir: args['no-watch'] !== true,
 	};

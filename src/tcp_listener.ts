@@ -65,7 +65,7 @@ import { ipv4ToU32 } from './protocol.js';
 import type { Remotes } from './remotes.js';
 import { DEFAULT_MAX_TCP_MESSAGE_BYTES } from './tcp_messages.js';
 import {
-	DEFAULT_MAX_TCP_QUERIES_PER_CONN, DEFAULT_TCP_IDLE_TIMEOUT_SECS, TcpProxy, type TcpSessionHost, type TcpStats,
+	DEFAULT_MAX_TCP_QUERIES_PER_CONN, DEFAULT_TCP_IDLE_TIMEOUT_SECS, TcpProxy, type TcpSessionHost,
 } from './tcp_proxy.js';
 import type { TimeoutWheel } from './timeouts.js';
 
@@ -77,10 +77,32 @@ export const TCP_BACKLOG = 1000;
 export const DEFAULT_MAX_TCP_CONNECTIONS = 512;
 /** The default for --max-tcp-per-remote (see ADMISSION). */
 export const DEFAULT_MAX_TCP_PER_REMOTE = 16;
+/** The default for --max-tcp-queries-per-remote (BACKPRESSURE in tcp_proxy.ts). */
+export const DEFAULT_MAX_TCP_QUERIES_PER_REMOTE = 32;
 /* How long close() lets flowing sessions finish before cutting them. */
 export const TCP_DRAIN_MS = 3000;
 
-export type TcpListenerStats = TcpStats;
+/** The TCP path's counters: the listener's totals, counted by it and by its proxies. */
+export interface TcpListenerStats {
+	accepted: number; /* connections accepted */
+	overCap: number; /* closed at once: over --max-tcp-connections */
+	noBackend: number; /* closed at once: no backend ok */
+	established: number; /* sessions that reached the flowing state */
+	idleClosed: number; /* closed by the idle deadline */
+	badFirstFrame: number; /* the backend's first frame was not INBOUND_TCP_OK */
+	okTimeouts: number; /* the backend missed the INBOUND_TCP_OK deadline */
+	abandoned: number; /* the client hung up before the backend's INBOUND_TCP_OK */
+	aclDropped: number; /* closed at accept: source outside --allow */
+	invalid: number; /* not a DNS query first, or a message too short or too long */
+	overRemoteCap: number; /* closed at once: the source holds --max-tcp-per-remote */
+	evictedIdle: number; /* closed to make room at the cap: nothing outstanding, idle longest */
+	evictedBusy: number; /* closed to make room at the cap: none idle, this one slowest */
+	messageTimeouts: number; /* a query not whole within TCP_MESSAGE_DEADLINE_SECS of its first byte */
+	pausedClientNotReading: number; /* times the client was paused: it was not reading its answers */
+	pausedBackendNotReading: number; /* times the client was paused: the backend was not reading */
+	pausedQueryCap: number; /* times the client was paused: --max-tcp-queries-per-conn outstanding */
+	pausedSourceQueryCap: number; /* ... its source's connections had --max-tcp-queries-per-remote outstanding */
+}
 
 export interface TcpOptions {
 	remotes: Remotes;
@@ -92,14 +114,22 @@ export interface TcpOptions {
 	maxMessageBytes?: number;
 	maxPerRemote?: number;
 	maxQueriesPerConn?: number;
+	maxQueriesPerRemote?: number;
 	acl?: Acl;
 }
 
+/* One source address's open connections and what the backends owe them all. */
+interface Source {
+	readonly proxies: Set<TcpProxy>;
+	outstanding: number;
+}
+
 export class TcpListener implements TcpSessionHost {
-	readonly stats: TcpStats = {
+	readonly stats: TcpListenerStats = {
 		accepted: 0, overCap: 0, noBackend: 0, established: 0, idleClosed: 0, badFirstFrame: 0, okTimeouts: 0,
 		abandoned: 0, aclDropped: 0, invalid: 0, overRemoteCap: 0, evictedIdle: 0, evictedBusy: 0, messageTimeouts: 0,
 		pausedClientNotReading: 0, pausedBackendNotReading: 0, pausedQueryCap: 0,
+		pausedSourceQueryCap: 0,
 	};
 	readonly log: Logger;
 	readonly wheel: TimeoutWheel;
@@ -109,6 +139,7 @@ export class TcpListener implements TcpSessionHost {
 	readonly maxMessageBytes: number;
 	readonly maxPerRemote: number;
 	readonly maxQueriesPerConn: number;
+	readonly maxQueriesPerRemote: number;
 	/* One gate per condition, so that a frequent one cannot silence another. */
 	readonly okTimeoutLog: GatedLog;
 	readonly invalidLog: GatedLog;
@@ -125,8 +156,8 @@ export class TcpListener implements TcpSessionHost {
 	private readonly abandoned = new Set<TcpProxy>();
 	private readonly idle = new Set<TcpProxy>();
 	private readonly busy = new Set<TcpProxy>();
-	/* Open connections per source address (u32); a source with none has no entry. */
-	private readonly perSource = new Map<number, number>();
+	/* The open connections of each source address (u32); a source with none has no entry. */
+	private readonly perSource = new Map<number, Source>();
 	private nextConnId = 1;
 	private state: 'new' | 'listening' | 'closing' | 'closed' = 'new';
 	private whenEmpty: (() => void) | null = null;
@@ -141,6 +172,7 @@ export class TcpListener implements TcpSessionHost {
 		this.maxMessageBytes = opts.maxMessageBytes ?? DEFAULT_MAX_TCP_MESSAGE_BYTES;
 		this.maxPerRemote = opts.maxPerRemote ?? DEFAULT_MAX_TCP_PER_REMOTE;
 		this.maxQueriesPerConn = opts.maxQueriesPerConn ?? DEFAULT_MAX_TCP_QUERIES_PER_CONN;
+		this.maxQueriesPerRemote = opts.maxQueriesPerRemote ?? DEFAULT_MAX_TCP_QUERIES_PER_REMOTE;
 		this.acl = opts.acl === undefined || opts.acl.open ? null : opts.acl;
 		const wheel = opts.wheel;
 		this.okTimeoutLog = new GatedLog(wheel, 'error', 'no INBOUND_TCP_OK from backend');
@@ -189,7 +221,7 @@ export class TcpListener implements TcpSessionHost {
 			front.destroy();
 			return;
 		}
-		const held = this.perSource.get(addr) ?? 0;
+		const held = this.perSource.get(addr)?.proxies.size ?? 0;
 		if (held >= this.maxPerRemote) {
 			this.stats.overRemoteCap++;
 			this.overRemoteCapLog.report(this.log, () => ({ remote_ip: front.remoteAddress, max: this.maxPerRemote }));
@@ -213,8 +245,13 @@ export class TcpListener implements TcpSessionHost {
 		}
 		front.removeListener('error', ignoreError);
 		rem.tcp++;
-		this.perSource.set(addr, held + 1);
 		const proxy = new TcpProxy(this, this.nextConnId++, front, rem, be, front.remotePort ?? 0);
+		let source = this.perSource.get(addr);
+		if (source === undefined) {
+			source = { proxies: new Set(), outstanding: 0 };
+			this.perSource.set(addr, source);
+		}
+		source.proxies.add(proxy);
 		this.proxies.add(proxy);
 		if (proxy.state.name !== 'closed') {
 			this.idle.add(proxy);
@@ -256,8 +293,16 @@ export class TcpListener implements TcpSessionHost {
 		}
 	}
 
+	sourceRoom(proxy: TcpProxy): number {
+		return this.maxQueriesPerRemote - (this.perSource.get(proxy.remote.addr)?.outstanding ?? 0);
+	}
+
 	progressed(proxy: TcpProxy): void {
-		if (this.abandoned.has(proxy) || !this.proxies.has(proxy)) {
+		if (!this.proxies.has(proxy)) {
+			return;
+		}
+		this.countOutstanding(proxy, proxy.outstanding);
+		if (this.abandoned.has(proxy)) {
 			return;
 		}
 		/* To the tail of its queue: the queues stay in order of last progress. */
@@ -273,15 +318,38 @@ export class TcpListener implements TcpSessionHost {
 		this.abandoned.delete(proxy);
 		this.idle.delete(proxy);
 		this.busy.delete(proxy);
+		this.countOutstanding(proxy, 0);
 		const addr = proxy.remote.addr;
-		const held = (this.perSource.get(addr) ?? 0) - 1;
-		if (held > 0) {
-			this.perSource.set(addr, held);
-		} else {
+		const source = this.perSource.get(addr);
+		source?.proxies.delete(proxy);
+		if (source?.proxies.size === 0) {
 			this.perSource.delete(addr);
 		}
 		if (this.proxies.size === 0 && this.whenEmpty !== null) {
 			this.whenEmpty();
+		}
+	}
+
+	/*
+	 * Count what the proxy's source is owed (BACKPRESSURE in
+	 * tcp_proxy.ts): the proxy's share is now `now`.  When that makes room
+	 * at a source that had none, its other connections may read again.
+	 */
+	private countOutstanding(proxy: TcpProxy, now: number): void {
+		const source = this.perSource.get(proxy.remote.addr);
+		const delta = now - proxy.sourceCounted;
+		if (source === undefined || delta === 0) {
+			return;
+		}
+		const wasFull = source.outstanding >= this.maxQueriesPerRemote;
+		source.outstanding += delta;
+		proxy.sourceCounted = now;
+		if (wasFull && source.outstanding < this.maxQueriesPerRemote) {
+			for (const other of source.proxies) {
+				if (other !== proxy) {
+					other.regulate();
+				}
+			}
 		}
 	}
 

@@ -65,6 +65,13 @@
  *                         stub resolver has a handful in flight).  The follower
  *                         stops at the query that reaches the cap even inside
  *                         one read; the rest goes back to the socket (unshift).
+ *   source query cap      the source's connections together have
+ *                         --max-tcp-queries-per-remote outstanding (32): the
+ *                         listener counts them and wakes the others when one
+ *                         is answered.  What a backend takes from one host's
+ *                         burst is what it owes that host, not per connection
+ *                         times connections: a newcomer's query waits behind
+ *                         that much, not behind thousands.
  *
  * DEADLINES.  The idle deadline (10 s by default, `--tcp-idle-timeout`;
  * RFC 7766 6.2.3 asks for seconds, not minutes) counts from the last whole
@@ -101,9 +108,10 @@ export type EarlyClient = 'reading' | 'paused' | 'ended';
 export type FlowSide = 'open' | 'ended';
 type Side = 'front' | 'back';
 /** Why the client is not being read while flowing (see BACKPRESSURE). */
-export type PauseReason = 'client not reading' | 'backend not reading' | 'query cap';
+export type PauseReason = 'client not reading' | 'backend not reading' | 'query cap' | 'source query cap';
 const PAUSE_COUNTERS = {
 	'client not reading': 'pausedClientNotReading', 'backend not reading': 'pausedBackendNotReading', 'query cap': 'pausedQueryCap',
+	'source query cap': 'pausedSourceQueryCap',
 } as const;
 
 export type TcpProxyState =
@@ -113,26 +121,9 @@ export type TcpProxyState =
 	| { readonly name: 'closing'; readonly open: Side }
 	| { readonly name: 'closed' };
 
-/** The TCP path's counters: the listener's totals, counted by it and by its proxies. */
-export interface TcpStats {
-	accepted: number; /* connections accepted */
-	overCap: number; /* closed at once: over --max-tcp-connections */
-	noBackend: number; /* closed at once: no backend ok */
-	established: number; /* sessions that reached the flowing state */
-	idleClosed: number; /* closed by the idle deadline */
-	badFirstFrame: number; /* the backend's first frame was not INBOUND_TCP_OK */
-	okTimeouts: number; /* the backend missed the INBOUND_TCP_OK deadline */
-	abandoned: number; /* the client hung up before the backend's INBOUND_TCP_OK */
-	aclDropped: number; /* closed at accept: source outside --allow */
-	invalid: number; /* not a DNS query first, or a message too short or too long */
-	overRemoteCap: number; /* closed at once: the source holds --max-tcp-per-remote */
-	evictedIdle: number; /* closed to make room at the cap: nothing outstanding, idle longest */
-	evictedBusy: number; /* closed to make room at the cap: none idle, this one slowest */
-	messageTimeouts: number; /* a query not whole within TCP_MESSAGE_DEADLINE_SECS of its first byte */
-	pausedClientNotReading: number; /* times the client was paused: it was not reading its answers */
-	pausedBackendNotReading: number; /* times the client was paused: the backend was not reading */
-	pausedQueryCap: number; /* times the client was paused: --max-tcp-queries-per-conn outstanding */
-}
+/** The counters a proxy adds to (the listener's TcpListenerStats, which says what each counts). */
+export type TcpProxyCounter = 'established' | 'idleClosed' | 'badFirstFrame' | 'okTimeouts' | 'abandoned' | 'invalid'
+	| 'messageTimeouts' | (typeof PAUSE_COUNTERS)[PauseReason];
 
 /**
  * What a proxy needs from the listener that accepted it (tcp_listener.ts),
@@ -140,12 +131,14 @@ export interface TcpStats {
  * only this.
  */
 export interface TcpSessionHost {
-	readonly stats: TcpStats;
+	readonly stats: Record<TcpProxyCounter, number>;
 	readonly wheel: TimeoutWheel;
 	readonly backends: Backends;
 	readonly idleTimeoutSecs: number;
 	readonly maxMessageBytes: number;
 	readonly maxQueriesPerConn: number;
+	/** How many more queries the proxy's source may have outstanding, all its connections together. */
+	sourceRoom(proxy: TcpProxy): number;
 	/* One gate per condition, so that a frequent one cannot silence another. */
 	readonly okTimeoutLog: GatedLog;
 	readonly invalidLog: GatedLog;
@@ -175,6 +168,8 @@ export class TcpProxy {
 	private readonly answers = new MessageFollower(TCP_MAX_MESSAGE_BYTES, false);
 	/* The control session this proxy began under (see Awaiting OK). */
 	private readonly backendSession: number;
+	/** Of `outstanding`, what the listener has counted for the source (the listener owns it). */
+	sourceCounted = 0;
 	/* The last whole query or answer, or the accept: where the idle deadline counts from. */
 	private lastProgress: number;
 	/* The number of whole queries when the message deadline was armed for the next one. */
@@ -375,7 +370,9 @@ export class TcpProxy {
 	 */
 	private followClient(chunk: Buffer): Buffer | null {
 		const before = this.queries.messages;
-		const problem = this.queries.feed(chunk, this.answers.messages + this.host.maxQueriesPerConn);
+		const stopAt = Math.min(this.answers.messages + this.host.maxQueriesPerConn,
+			this.queries.messages + this.host.sourceRoom(this));
+		const problem = this.queries.feed(chunk, stopAt);
 		if (problem !== null) {
 			this.host.stats.invalid++;
 			this.host.invalidLog.report(this.log, () => ({ problem: describeProblem(problem) }));
@@ -431,12 +428,13 @@ export class TcpProxy {
 	private readonly backOnDrain = (): void => this.regulate();
 	private readonly frontOnDrain = (): void => this.regulate();
 
-	/*
+	/**
 	 * Read the client only while it reads its answers, the backend reads
-	 * its queries, and fewer than the cap are outstanding; read the backend
-	 * only while the client reads (see BACKPRESSURE).
+	 * its queries, and fewer than the caps are outstanding; read the backend
+	 * only while the client reads (see BACKPRESSURE).  The listener calls it
+	 * when the source has room again.
 	 */
-	private regulate(): void {
+	regulate(): void {
 		const s = this.current;
 		if (s.name !== 'flowing') {
 			return;
@@ -459,6 +457,8 @@ export class TcpProxy {
 			why = 'backend not reading';
 		} else if (this.outstanding >= this.host.maxQueriesPerConn) {
 			why = 'query cap';
+		} else if (this.host.sourceRoom(this) <= 0) {
+			why = 'source query cap';
 		}
 		if (why === s.paused) {
 			return;

@@ -43,7 +43,7 @@ function usageError(argv: string[], env: NodeJS.ProcessEnv = {}): UsageError {
 t.test('defaults: what the README says', async (t) => {
 	t.same(parse([]), {
 		bind: '0.0.0.0', port: 53, socketDir: DIR, logLevel: 'info', maxTcpConnections: 512, maxTcpPerRemote: 16,
-		maxTcpQueriesPerConn: 32, tcpIdleTimeoutSecs: 10,
+		maxTcpQueriesPerConn: 32, maxTcpQueriesPerRemote: 32, tcpIdleTimeoutSecs: 10,
 		statsSocket: DEFAULT_STATS_SOCKET, statsSocketExplicit: false, metrics: null, noBackend: 'servfail',
 		maxRemotes: 100_000, maxQpsPerRemote: 0, rateLimitAction: 'refuse', allow: [], maxTcpMessageBytes: 16384,
 		watchDir: true,
@@ -54,10 +54,10 @@ t.test('every flag, long and short, lands in its field; a repeated flag counts o
 	const o = parse(['-b', '127.0.0.1', '-p', '5353', '-l', 'debug', '-S', '/tmp/x.sock', '--metrics', '127.0.0.1:9153',
 		'--no-backend', 'drop', '--max-remotes', '1', '--max-qps-per-remote', '20', '--rate-limit-action', 'drop',
 		'--max-tcp-message', '512', '--max-tcp-connections', '3', '--tcp-idle-timeout', '4', '--no-watch',
-		'--max-tcp-per-remote', '2', '--max-tcp-queries-per-conn', '5', '-p', '5354', '-s', '/tmp/other']);
+		'--max-tcp-per-remote', '2', '--max-tcp-queries-per-conn', '5', '--max-tcp-queries-per-remote', '7', '-p', '5354', '-s', '/tmp/other']);
 	t.same(o, {
 		bind: '127.0.0.1', port: 5354, socketDir: '/tmp/other', logLevel: 'debug', maxTcpConnections: 3,
-		maxTcpPerRemote: 2, maxTcpQueriesPerConn: 5,
+		maxTcpPerRemote: 2, maxTcpQueriesPerConn: 5, maxTcpQueriesPerRemote: 7,
 		tcpIdleTimeoutSecs: 4, statsSocket: '/tmp/x.sock', statsSocketExplicit: true,
 		metrics: { host: '127.0.0.1', port: 9153 }, noBackend: 'drop', maxRemotes: 1, maxQpsPerRemote: 20,
 		rateLimitAction: 'drop', allow: [], maxTcpMessageBytes: 512, watchDir: false,
@@ -135,6 +135,7 @@ const BAD: Array<[string[], RegExp]> = [
 	[['--max-tcp-connections', '0'], /^--max-tcp-connections "0" is not a whole number of at least 1$/],
 	[['--max-tcp-per-remote', '0'], /^--max-tcp-per-remote "0" is not a whole number of at least 1$/],
 	[['--max-tcp-queries-per-conn', 'x'], /^--max-tcp-queries-per-conn "x" is not a whole number of at least 1$/],
+	[['--max-tcp-queries-per-remote', '0'], /^--max-tcp-queries-per-remote "0" is not a whole number of at least 1$/],
 	[['--tcp-idle-timeout', '0'], /^--tcp-idle-timeout "0" is not a whole number of at least 1$/],
 	[['--tcp-idle-timeout', '2.5'], /^--tcp-idle-timeout "2\.5" is not a whole number of at least 1$/],
 	[['--allow', 'x'], /^--allow: "x" is not an IPv4 address or CIDR prefix/],
@@ -147,7 +148,8 @@ const BAD: Array<[string[], RegExp]> = [
 /* Every flag that takes a value, as a user may type it. */
 const VALUED = ['-b', '--bind', '-p', '--port', '-s', '--sockets', '-l', '--log-level', '-S', '--stats-socket', '--metrics',
 	'--no-backend', '--max-remotes', '--max-qps-per-remote', '--rate-limit-action', '--allow', '--max-tcp-message',
-	'--max-tcp-connections', '--tcp-idle-timeout', '--max-tcp-per-remote', '--max-tcp-queries-per-conn'];
+	'--max-tcp-connections', '--tcp-idle-timeout', '--max-tcp-per-remote', '--max-tcp-queries-per-conn',
+	'--max-tcp-queries-per-remote'];
 
 t.test('every flag\'s bad value is one line naming it, a UsageError, exit status 2', async (t) => {
 	for (const [args, want] of BAD) {

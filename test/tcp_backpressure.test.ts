@@ -74,6 +74,46 @@ t.test('no more than --max-tcp-queries-per-conn unanswered queries reach the bac
 		t.same(got.map((q) => q.readUInt16BE(0)), Array.from({ length: 20 }, (_, i) => i), 'in order, none dropped');
 	});
 
+t.test('one source\'s connections together have no more than --max-tcp-queries-per-remote unanswered; another source is not held',
+	async (t) => {
+		const got: Buffer[] = [];
+		const held: Array<[net.Socket, Buffer]> = [];
+		const env = await fakeRig(t, session(got, (sock, q) => held.push([sock, q])),
+			{ maxQueriesPerConn: 4, maxQueriesPerRemote: 6 });
+		const a = await connect(t, env.port, '127.0.0.62');
+		const b = await connect(t, env.port, '127.0.0.62');
+		a.sock.write(pipelined(10));
+		await waitFor(() => got.length >= 4, 2000, 10, 'the first connection\'s four');
+		b.sock.write(pipelined(10, 'other.example'));
+		await waitFor(() => got.length >= 6, 2000, 10, 'two of the second\'s');
+		await settle(100);
+		t.equal(got.length, 6, 'six from the source in all, not eight');
+		t.ok(env.tcp.stats.pausedSourceQueryCap >= 1, 'counted as paused at the source\'s cap');
+		const c = await connect(t, env.port, '127.0.0.63');
+		c.sock.write(pipelined(1, 'c.example'));
+		await waitFor(() => got.length === 7, 2000, 10, 'another source\'s query goes at once');
+		/* One of the first connection's answered: the second, paused by the source's cap, takes the room. */
+		const first = held.findIndex(([, q]) => q.includes(Buffer.from('pipe')));
+		const [[sock, q]] = held.splice(first, 1);
+		sock.write(reply(q, 40));
+		await waitFor(() => got.length === 8, 2000, 10, 'one more from the source');
+		await settle(100);
+		t.equal(got.length, 8, 'exactly one more');
+		t.ok(got.at(-1)?.includes(Buffer.from('other')), 'from the connection the source\'s cap held');
+		const answerAll = (): void => {
+			for (const [s, m] of held.splice(0)) {
+				s.write(reply(m, 40));
+			}
+		};
+		await waitFor(() => {
+			answerAll();
+			return a.messages.length === 10 && b.messages.length === 10;
+		}, 5000, 10, 'everything answered in the end');
+		a.sock.destroy();
+		await waitFor(() => got.length === 21, 2000, 10, 'all forwarded');
+		t.equal(env.tcp.sourceRoom({ remote: { addr: 0x7f00003e } } as never), 6, 'what a source is owed is counted down to zero');
+	});
+
 t.test('a client that does not read its answers is not read either, until it does', async (t) => {
 	const got: Buffer[] = [];
 	const env = await fakeRig(t, session(got, (sock, q) => sock.write(reply(q, 2000))), { maxQueriesPerConn: 1_000_000 });

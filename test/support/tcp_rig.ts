@@ -34,6 +34,7 @@ export interface RigOptions {
 	maxConnections?: number;
 	maxPerRemote?: number;
 	maxQueriesPerConn?: number;
+	maxQueriesPerRemote?: number;
 	/* --allow prefixes; everyone when absent. */
 	allow?: string[];
 	log?: Logger;
@@ -48,14 +49,15 @@ export type Rig = Awaited<ReturnType<typeof rig>>;
  */
 export async function rig(t: Test, dir: string, o: RigOptions = {}) {
 	const { idleTimeoutSecs = 10, maxConnections = 512, maxPerRemote = 512, maxQueriesPerConn,
-		log = pino({ level: 'silent' }) } = o;
+		maxQueriesPerRemote = 1_000_000, log = pino({ level: 'silent' }) } = o;
 	const clock = { now: 10_000_000 };
 	const wheel = new TimeoutWheel(() => clock.now);
 	const backends = new Backends({ socketDir: dir, log, wheel, onOutboundUdp: () => {} });
 	const remotes = new Remotes({ log, backends, wheel });
 	const acl = o.allow === undefined ? undefined : new Acl(o.allow);
 	const tcp = new TcpListener({
-		remotes, backends, wheel, log, idleTimeoutSecs, maxConnections, maxPerRemote, maxQueriesPerConn, acl,
+		remotes, backends, wheel, log, idleTimeoutSecs, maxConnections, maxPerRemote, maxQueriesPerConn, maxQueriesPerRemote,
+		acl,
 	});
 	const port = await freePort();
 	await tcp.listen('127.0.0.1', port);
