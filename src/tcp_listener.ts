@@ -78,7 +78,7 @@ export const DEFAULT_MAX_TCP_CONNECTIONS = 512;
 /** The default for --max-tcp-per-remote (see ADMISSION). */
 export const DEFAULT_MAX_TCP_PER_REMOTE = 16;
 /** The default for --max-tcp-queries-per-remote (BACKPRESSURE in tcp_proxy.ts). */
-export const DEFAULT_MAX_TCP_QUERIES_PER_REMOTE = 32;
+export const DEFAULT_MAX_TCP_QUERIES_PER_REMOTE = 8;
 /* How long close() lets flowing sessions finish before cutting them. */
 export const TCP_DRAIN_MS = 3000;
 

@@ -66,12 +66,11 @@
  *                         stops at the query that reaches the cap even inside
  *                         one read; the rest goes back to the socket (unshift).
  *   source query cap      the source's connections together have
- *                         --max-tcp-queries-per-remote outstanding (32): the
+ *                         --max-tcp-queries-per-remote outstanding (8): the
  *                         listener counts them and wakes the others when one
- *                         is answered.  What a backend takes from one host's
- *                         burst is what it owes that host, not per connection
- *                         times connections: a newcomer's query waits behind
- *                         that much, not behind thousands.
+ *                         is answered.  A backend then owes one host's burst
+ *                         8 answers, not 16 connections times 32: a
+ *                         newcomer's query waits behind that, not hundreds.
  *
  * DEADLINES.  The idle deadline (10 s by default, `--tcp-idle-timeout`;
  * RFC 7766 6.2.3 asks for seconds, not minutes) counts from the last whole

@@ -43,7 +43,7 @@ function usageError(argv: string[], env: NodeJS.ProcessEnv = {}): UsageError {
 t.test('defaults: what the README says', async (t) => {
 	t.same(parse([]), {
 		bind: '0.0.0.0', port: 53, socketDir: DIR, logLevel: 'info', maxTcpConnections: 512, maxTcpPerRemote: 16,
-		maxTcpQueriesPerConn: 32, maxTcpQueriesPerRemote: 32, tcpIdleTimeoutSecs: 10,
+		maxTcpQueriesPerConn: 32, maxTcpQueriesPerRemote: 8, tcpIdleTimeoutSecs: 10,
 		statsSocket: DEFAULT_STATS_SOCKET, statsSocketExplicit: false, metrics: null, noBackend: 'servfail',
 		maxRemotes: 100_000, maxQpsPerRemote: 0, rateLimitAction: 'refuse', allow: [], maxTcpMessageBytes: 16384,
 		watchDir: true,
