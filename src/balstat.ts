@@ -63,7 +63,8 @@ export function formatSnapshot(snap: Snapshot): string {
 	out.push(`udp: received ${u.received}, forwarded ${u.forwarded}, answers sent ${u.sent}; `
 		+ `dropped: oversize ${u.oversize}, not DNS ${u.invalid}, outside --allow ${u.aclDropped}, `
 		+ `no backend ${u.noBackend}, stuck ${u.stuck}; rate limited ${u.rateLimited}; `
-		+ `bbal answered SERVFAIL ${u.servfail}, REFUSED ${u.refused}`);
+		+ `bbal answered SERVFAIL ${u.servfail}, REFUSED ${u.refused}; socket errors: receiving `
+		+ `${u.receiveErrors ?? 0}, sending ${u.sendErrors} (${u.sendQueueFull ?? 0} with the send queue full)`);
 	out.push(`tcp: open ${c.open}, accepted ${c.accepted}, established ${c.established}; `
 		+ `closed: over cap ${c.overCap}, outside --allow ${c.aclDropped}, no backend ${c.noBackend}, `
 		+ `not DNS ${c.invalid}, idle ${c.idleClosed}, client gone before the backend ${c.abandoned}, `

@@ -99,6 +99,8 @@ t.test('balstat tables list every backend path and every remote, in address orde
 		lines.findIndex((l, i) => i > rIdx && l.split(/\s+/)[0] === a));
 	t.ok(order.every((i) => i > rIdx), `every remote listed: ${order}`);
 	t.same([...order].sort((a, b) => a - b), order, '127.0.1.9 before 127.0.1.10 before 127.0.1.100');
+	t.match(lines.find((l) => l.startsWith('udp: ')), /; socket errors: receiving 0, sending 0 \(0 with the send queue full\)$/,
+		'the UDP socket\'s errors on the udp line');
 });
 
 t.test('bbal --version and balstat --version print the package version and exit 0', async (t) => {
