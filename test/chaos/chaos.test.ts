@@ -24,7 +24,7 @@
 
 import t from 'tap';
 import type { Timing } from './scenarios.js';
-import { runSuite } from './suite.js';
+import { FIGURES_UNDER_COVERAGE, runSuite } from './suite.js';
 
 const SHORT_TIMING: Timing = {
 	beforeMs: 2000, afterMs: 2000, killDownMs: 2000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 1000,
@@ -45,11 +45,11 @@ t.test('chaos, short form: faults under load lose nothing outside their windows'
 	});
 	t.comment(`summary (${(res.elapsedMs / 1000).toFixed(1)} s):\n${res.summary}`);
 	for (const { run, a } of res.results) {
-		t.equal(a.outside, 0, `${run.name}: no query lost outside the fault windows (${a.inside} inside)`);
+		t.equal(a.outside, 0, `${run.name}: no query lost outside the fault windows (${a.inside} inside)`, FIGURES_UNDER_COVERAGE);
 		t.same(a.notReturned, [], `${run.name}: every moved remote back on its primary`);
 		t.same(a.lateReturns, [], `${run.name}: ... within 10 s of the primary's recovery`);
 		t.equal(run.unexpectedExits.length, 0, `${run.name}: bbal never exited untold`);
-		t.ok(a.pass, `${run.name}: ${a.pass ? 'PASS' : a.failures.join('; ')}`);
+		t.ok(a.pass, `${run.name}: ${a.pass ? 'PASS' : a.failures.join('; ')}`, FIGURES_UNDER_COVERAGE);
 	}
 	/* The budget is a design figure, not an assertion: a busy machine makes everything slower. */
 	t.comment(`the short form took ${(res.elapsedMs / 1000).toFixed(1)} s (budget 60 s; about 45 s on an idle 2-core machine)`);

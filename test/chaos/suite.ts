@@ -34,6 +34,17 @@ import { chaosSources, LoadDriver } from './load.js';
 import { formatSummary } from './report.js';
 import { type Ctx, runScenario, scenario, type ScenarioResult, type Timing, targetFor } from './scenarios.js';
 
+/**
+ * Under `npm run coverage` bbal runs with V8's coverage on (c8 hands
+ * NODE_V8_COVERAGE down): slower, and its heap holds the counters, so the
+ * suite's losses and memory bounds measure the instrumentation, not bbal.
+ * The tap files then report those verdicts as todo rather than failures.
+ */
+const UNDER_COVERAGE = process.env['NODE_V8_COVERAGE'] !== undefined;
+export const FIGURES_UNDER_COVERAGE = UNDER_COVERAGE
+	? { todo: 'bbal runs under V8 coverage: its timings and memory are not its own' }
+	: {};
+
 export interface SuiteOptions {
 	rate: number;
 	sources: number;
