@@ -13,23 +13,11 @@
  */
 
 import t from 'tap';
-import type { Timing } from './scenarios.js';
-import { FIGURES_UNDER_COVERAGE, runSuite } from './suite.js';
-
-const HOSTILE_TIMING: Timing = {
-	beforeMs: 2000, afterMs: 2000, killDownMs: 2000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 1000,
-	orphanMs: 8000, returnWaitMs: 12_000, balanceWaitMs: 0, hostileMs: 15_000,
-};
+import { FIGURES_UNDER_COVERAGE, runSuite, SHORT_FORM } from './suite.js';
 
 t.test('chaos, hostile: four attacks at once cost well-behaved clients nothing', async (t) => {
 	const res = await runSuite(t, {
-		rate: 2000,
-		sources: 50,
-		tcpEvery: 20,
-		timeoutMs: 1000,
-		warmupMs: 1500,
-		burstMs: 8000,
-		timing: HOSTILE_TIMING,
+		...SHORT_FORM,
 		plan: ['hostile'],
 		log: (line) => t.comment(line),
 	});

@@ -62,6 +62,23 @@ export interface SuiteOptions {
 	log: (line: string) => void;
 }
 
+/**
+ * The short form's load and phases, shared by the tap files inside `npm test`
+ * (chaos.test.ts, hostile.test.ts): the full load, shorter phases.
+ */
+export const SHORT_FORM: Omit<SuiteOptions, 'plan' | 'log'> = {
+	rate: 2000,
+	sources: 50,
+	tcpEvery: 20,
+	timeoutMs: 1000,
+	warmupMs: 1500,
+	burstMs: 8000,
+	timing: {
+		beforeMs: 2000, afterMs: 2000, killDownMs: 2000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 1000,
+		orphanMs: 8000, returnWaitMs: 12_000, balanceWaitMs: 0, hostileMs: 15_000,
+	},
+};
+
 /* A small seeded PRNG (mulberry32): the soak's order is reproducible from its seed. */
 export function prng(seed: number): () => number {
 	let a = seed >>> 0;
