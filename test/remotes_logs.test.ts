@@ -14,37 +14,16 @@
  */
 
 import t from 'tap';
-import pino from 'pino';
-import { type Backend, Backends } from '../src/backends.js';
-import { ADDR_END, Remotes, REMOTES_SWEEP_VISITS } from '../src/remotes.js';
-import { TimeoutWheel } from '../src/timeouts.js';
-import { FakeConnector } from './support/fake_socket.js';
+import { ADDR_END, REMOTES_SWEEP_VISITS } from '../src/remotes.js';
+import { fakeTable } from './support/fake_socket.js';
 
 function setup(maxRemotes = 1_000_000) {
-	let now = 5_000_000;
-	const wheel = new TimeoutWheel(() => now);
-	const logs: Array<Record<string, unknown>> = [];
-	const log = pino({ level: 'debug' }, { write: (line: string) => { logs.push(JSON.parse(line) as Record<string, unknown>); } });
-	const connector = new FakeConnector();
-	const backends = new Backends({ socketDir: '/s', log, wheel, onOutboundUdp: () => {}, connector: connector.connect });
-	const remotes = new Remotes({ log, backends, wheel, maxRemotes });
-	/* Bring a backend (back) to ok: its socket found bound afresh, then hello. */
-	let generation = 0;
-	const up = (name: string): Backend => {
-		const be = backends.trackAndConnect(name, `1/${++generation}`) as Backend;
-		connector.last().establish();
-		return be;
-	};
+	const env = fakeTable(maxRemotes);
 	return {
-		wheel, remotes, logs, up,
-		tick(secs = 1): void {
-			now += secs * 1000;
-			wheel.run(now);
-		},
+		...env,
 		serve(addr: number): number {
-			return remotes.lookup(addr).chooseBackend()?.id ?? 0;
+			return env.remotes.lookup(addr).chooseBackend()?.id ?? 0;
 		},
-		logged: (msg: string) => logs.filter((r) => r.msg === msg),
 	};
 }
 

@@ -118,8 +118,10 @@ export class FakeConnector {
 export function fakeRegistry(log: Logger, wheel: TimeoutWheel): { backends: Backends; up: (name: string) => Backend } {
 	const connector = new FakeConnector();
 	const backends = new Backends({ socketDir: '/s', log, wheel, onOutboundUdp: () => {}, connector: connector.connect });
+	/* Bring a backend (back) to ok: its socket found bound afresh (a restart connects at once), then hello. */
+	let generation = 0;
 	const up = (name: string): Backend => {
-		const be = backends.trackAndConnect(name, `1/${name}`) as Backend;
+		const be = backends.trackAndConnect(name, `1/${++generation}`) as Backend;
 		connector.last().establish();
 		return be;
 	};
