@@ -330,7 +330,8 @@ export class TcpProxy {
 	/* The OK is in: join the two sockets; `rest` is the start of the answer. */
 	private flow(rest: Buffer): void {
 		const { front, back } = this;
-		const clientEnded = this.current.name === 'awaiting OK' && this.current.client === 'ended';
+		const early = this.current.name === 'awaiting OK' ? this.current.client : 'reading';
+		const clientEnded = early === 'ended';
 		back.removeListener('data', this.backOnFirstData);
 		back.removeListener('end', this.backOnEarlyEnd);
 		front.removeListener('data', this.frontOnEarlyData);
@@ -356,6 +357,10 @@ export class TcpProxy {
 		} else {
 			front.on('data', this.frontOnData);
 			front.on('end', this.frontOnEnd);
+			if (early === 'paused') {
+				/* The state says unpaused, so must the socket: regulate() pauses it again if a cap still holds. */
+				this.resumeClient();
+			}
 		}
 		this.regulate();
 	}
@@ -566,13 +571,8 @@ export class TcpProxy {
 		this.teardown();
 	};
 
-	private readonly frontOnClose = (): void => {
-		this.socketClosed('front');
-	};
-
-	private readonly backOnClose = (): void => {
-		this.socketClosed('back');
-	};
+	private readonly frontOnClose = (): void => this.socketClosed('front');
+	private readonly backOnClose = (): void => this.socketClosed('back');
 
 	/** Destroy both sockets at once (errors, deadlines, shutdown); idempotent. */
 	teardown(): void {

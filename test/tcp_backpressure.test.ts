@@ -114,13 +114,69 @@ t.test('one source\'s connections together have no more than --max-tcp-queries-p
 		t.equal(env.tcp.sourceRoom({ remote: { addr: 0x7f00003e } } as never), 6, 'what a source is owed is counted down to zero');
 	});
 
+t.test('a query held at the source\'s cap before the backend\'s OK goes once there is room, even when the room came first',
+	async (t) => {
+		/* The first connection's session answers OK at once; the second's only when the test says. */
+		const got: Buffer[] = [];
+		const held: Array<[net.Socket, Buffer]> = [];
+		let sendOk = (): void => {};
+		let sessions = 0;
+		const env = await fakeRig(t, (sock) => {
+			const reader = new LengthPrefixReader();
+			const ok = (): void => {
+				sock.write(INBOUND_TCP_OK_FRAME);
+			};
+			if (sessions++ === 0) {
+				ok();
+			} else {
+				sendOk = ok;
+			}
+			sock.on('data', (d: Buffer) => {
+				for (const q of reader.feed(d)) {
+					got.push(q);
+					held.push([sock, q]);
+				}
+			});
+		}, { maxQueriesPerConn: 4, maxQueriesPerRemote: 4 });
+		const a = await connect(t, env.port, '127.0.0.64');
+		a.sock.write(pipelined(4));
+		await waitFor(() => got.length === 4, 2000, 10, 'the source\'s four at the backend');
+		const b = await connect(t, env.port, '127.0.0.64');
+		b.sock.write(pipelined(1, 'late.example'));
+		await waitFor(() => env.tcp.stats.accepted === 2 && held.length === 4, 2000, 10, 'the second connection accepted');
+		await settle(100);
+		/* Room first: one of the first connection's queries answered while the second still awaits its OK. */
+		const [[sock, q]] = held.splice(0, 1);
+		sock.write(reply(q, 40));
+		await a.until(() => a.messages.length === 1, 2000, 'the answer');
+		sendOk();
+		await waitFor(() => got.length === 5, 2000, 10, 'the held query reaches the backend once its session flows');
+		t.ok(got[4].includes(Buffer.from('late')), 'it is the second connection\'s query');
+		const [[s2, q2]] = held.splice(-1, 1);
+		s2.write(reply(q2, 40));
+		await b.until(() => b.messages.length === 1, 2000, 'and its answer reaches the client');
+	});
+
 t.test('a client that does not read its answers is not read either, until it does', async (t) => {
 	const got: Buffer[] = [];
-	const env = await fakeRig(t, session(got, (sock, q) => sock.write(reply(q, 2000))), { maxQueriesPerConn: 1_000_000 });
+	const env = await fakeRig(t, session(got, (sock, q) => sock.write(reply(q, 4000))), { maxQueriesPerConn: 1_000_000 });
 	const client = await connect(t, env.port, '127.0.0.61');
+	await waitFor(() => env.tcp.stats.established === 1, 2000, 10, 'flowing');
 	client.sock.pause();
-	const n = 5000; /* 10 MB of answers if all were asked for */
-	client.sock.write(pipelined(n));
+	/*
+	 * 40 MB of answers if all were asked for.  The queries go out 50 every
+	 * 2 ms, as a resolver that keeps asking would send them: bbal reads them
+	 * as they come until the answers it cannot hand over back up (one write
+	 * bbal reads at once would tell nothing: it is in before any answer).
+	 */
+	const n = 10_000;
+	const batch = 50;
+	const queries = pipelined(n);
+	const per = queries.length / n;
+	for (let i = 0; i < n; i += batch) {
+		client.sock.write(queries.subarray(i * per, (i + batch) * per));
+		await settle(2);
+	}
 	/* Until nothing more reaches the backend for 300 ms. */
 	let forwarded = -1;
 	await waitFor(async () => {

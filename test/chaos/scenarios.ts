@@ -400,7 +400,8 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 	driver.stalls = [];
 	const skippedBefore = driver.skipped;
 	const procBefore = await driver.quiesce(() => fleet.sample());
-	await sleep(Math.max(0, timing.beforeMs - (Date.now() - start)));
+	/* The load's own beforeMs, however long the quiet sample took: it tells each source's primary. */
+	await sleep(timing.beforeMs);
 	const loadBefore = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 	const cpuBefore = cpuSample(fleet.pids);
 	ctx.log(`chaos: ${sc.name} ${target}`);
