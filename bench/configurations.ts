@@ -86,7 +86,8 @@ export async function startConfigurations(session: BenchSession, opts: BenchOpti
 	const stubFramed = wants(opts, 'sat-stub', 'rate-stub', 'rss')
 		? await startStubFramed(session, path.join(stubDir(session), '5301')) : null;
 	if (stubFramed !== null && wants(opts, 'sat-stub', 'rate-stub')) {
-		const [stubPort, ddPort, bbalPort] = [await session.uniquePort(), await session.uniquePort(), await session.uniquePort()];
+		const [stubPort, ddPort, bbalPort, plainPort] = [await session.uniquePort(), await session.uniquePort(),
+			await session.uniquePort(), await session.uniquePort()];
 		const stubUdp = startStubUdp(session, stubPort);
 		await probe('stub', stubPort);
 		const dnsdist = await startDnsdist(session, ddPort, stubPort);
@@ -102,6 +103,14 @@ export async function startConfigurations(session: BenchSession, opts: BenchOpti
 				(s) => dnsperf(session, { port: ddPort, seconds: s, qps }));
 			add(scenario, `${pre}-bbal`, `${what}: bbal → framed stub`, bbal, [stubFramed],
 				(s) => dnsperf(session, { port: bbalPort, seconds: s, qps }));
+		}
+		if (wants(opts, 'sat-stub')) {
+			/* Issue 13's bar: the same build with answer accounting and probes off, the same stub behind it. */
+			const plain = await startBbal(session, 'bbal → stub, no accounting',
+				{ port: plainPort, dir: stubDir(session), backends: 1, stats: `${stubDir(session)}.plain.sock`,
+					extraArgs: ['--no-answer-accounting', '--no-health-check'] }, false);
+			add('sat-stub', 'sat-bbal-plain', 'saturation: bbal → framed stub, accounting and probes off', plain, [stubFramed],
+				(s) => dnsperf(session, { port: plainPort, seconds: s }));
 		}
 	}
 	if (wants(opts, 'mname', 'tcp-qps', 'tcp-conns')) {

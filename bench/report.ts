@@ -125,6 +125,12 @@ export function ratiosAndTargets(configs: Record<string, Configuration>, rss: Re
 		target('saturation, framed stub: bbal CPU/query vs dnsdist', `${fmt(cpu, 2)}×`, '≤ 0.75×', cpu !== null && cpu <= 0.75);
 		target('saturation, framed stub: bbal qps vs dnsdist', `${fmt(qps, 2)}×`, '≥ 1.3×', qps !== null && qps >= 1.3);
 	}
+	const satPlain = a('sat-bbal-plain');
+	if (satBbal && satPlain) {
+		const cpu = ratio('saturation: bbal / bbal without answer accounting and probes, CPU per query', satBbal.proxyUsPerQuery,
+			satPlain.proxyUsPerQuery, ['sat-bbal', 'sat-bbal-plain', 'cpu']);
+		target('saturation: CPU/query with accounting and probes vs without', `${fmt(cpu, 2)}×`, '≤ 1.10×', cpu !== null && cpu <= 1.10);
+	}
 	const rateBbal = a('rate-bbal');
 	const rateDnsdist = a('rate-dnsdist');
 	const rateDirect = a('rate-direct');
@@ -224,7 +230,8 @@ export function report(res: BenchResult, kind: string): string {
 			+ `interrupt time (mostly loopback packet processing, charged to no process) ${fmt(quiet.irqCorePct, 1)}%.`
 			+ (quiet.maxCorePct > NOISY_CORE_PCT ? ' **The machine was not quiet: treat these figures with care.**' : ''));
 	}
-	scenarioTable(L, configs, 'UDP at saturation, fast C stub (dnsperf -c 4 -q 200)', ['sat-direct', 'sat-dnsdist', 'sat-bbal']);
+	scenarioTable(L, configs, 'UDP at saturation, fast C stub (dnsperf -c 4 -q 200)', ['sat-direct', 'sat-dnsdist', 'sat-bbal',
+		'sat-bbal-plain']);
 	scenarioTable(L, configs, 'UDP at 5,000 qps, fast C stub (dnsperf -Q 5000)', ['rate-direct', 'rate-dnsdist', 'rate-bbal']);
 	scenarioTable(L, configs, 'UDP at saturation, real mname backends', ['mname-udp', 'mname-bbal1', 'mname-bbal2']);
 	scenarioTable(L, configs, 'TCP, queries over 4 persistent connections (dnsperf -m tcp -c 4 -q 200)',

@@ -138,6 +138,8 @@ export interface BbalOptions {
 	/** Under --profile, run this one under the profiler, into this file name. */
 	profileName?: string;
 	stats?: string;
+	/** More flags (the accounting-off comparison). */
+	extraArgs?: string[];
 }
 
 /** bbal in front of `dir`, ready when every backend is ok and it answers. */
@@ -145,7 +147,7 @@ export async function startBbal(session: BenchSession, name: string, opts: BbalO
 	const stats = opts.stats ?? `${opts.dir}.stats.sock`;
 	const env = { ...process.env };
 	delete env['LOG_LEVEL'];
-	const args = ['-b', '127.0.0.1', '-p', String(opts.port), '-s', opts.dir, '-S', stats, '-l', 'warn'];
+	const args = ['-b', '127.0.0.1', '-p', String(opts.port), '-s', opts.dir, '-S', stats, '-l', 'warn', ...(opts.extraArgs ?? [])];
 	let child: Child;
 	if (profile && opts.profileName !== undefined) {
 		mkdirSync(PROFILE_DIR, { recursive: true });
