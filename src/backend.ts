@@ -114,6 +114,7 @@ import {
 	CLIENT_HEARTBEAT_FRAME, CLIENT_HELLO_FRAME, FRAME_INBOUND_UDP, UDP_FRAME_HEADER_BYTES, writeUdpFrame,
 } from './protocol.js';
 import { ignoreError } from './log.js';
+import type { BackendHealth } from './health.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
 import { WriteQueue } from './write_queue.js';
 
@@ -193,11 +194,15 @@ export interface BackendContext {
 	/** Call `fn` once, at the end of this event-loop turn: the write flush, the read budget's renewal. */
 	readonly flushSoon: (fn: () => void) => void;
 	readonly log: Logger;
+	/** Its health (health.ts), made once; told when the session comes up or goes. */
+	readonly health: (be: Backend) => BackendHealth;
+	readonly onSessionChange: (be: Backend) => void;
 }
 
 export class Backend {
 	readonly stats: BackendStats = { connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0, throttled: 0 };
 	readonly log: Logger;
+	readonly health: BackendHealth;
 
 	private lifecycle: BackendLifecycle = NEW;
 	/* Ok and not stuck: the one test sendUdp makes per query, kept by enter(). */
@@ -227,6 +232,7 @@ export class Backend {
 		readonly path: string,
 	) {
 		this.log = ctx.log.child({ be_id: id, be_path: path });
+		this.health = ctx.health(this);
 		const wheel = ctx.wheel;
 		this.connectTimeout = wheel.create(`backend ${id} connect deadline`, () => this.fault('timed out connecting to backend'));
 		this.reconnectTimeout = wheel.create(`backend ${id} reconnect`, () => this.connect());
@@ -237,46 +243,31 @@ export class Backend {
 
 	/* ---- what operators read (BackendView in backends.ts) ---- */
 
-	get state(): BackendState {
-		return this.lifecycle.name;
-	}
+	get state(): BackendState { return this.lifecycle.name; }
 
-	get ok(): boolean {
-		return this.lifecycle.name === 'ok';
-	}
+	get ok(): boolean { return this.lifecycle.name === 'ok'; }
 
-	get removed(): boolean {
-		return this.lifecycle.name === 'removed';
-	}
+	/** Ok, and healthy or failing open: what remotes and selection ask (health.ts). */
+	get usable(): boolean { return this.lifecycle.name === 'ok' && this.health.serving; }
 
-	get stuck(): boolean {
-		return this.lifecycle.name === 'ok' && this.lifecycle.stuck;
-	}
+	get removed(): boolean { return this.lifecycle.name === 'removed'; }
+
+	get stuck(): boolean { return this.lifecycle.name === 'ok' && this.lifecycle.stuck; }
 
 	get heartbeatOutstanding(): boolean {
 		return this.lifecycle.name === 'ok' && this.lifecycle.heartbeat.name === 'outstanding';
 	}
 
-	get remoteCount(): number {
-		return this.remotes;
-	}
+	get remoteCount(): number { return this.remotes; }
 
-	get backupCount(): number {
-		return this.backups;
-	}
+	get backupCount(): number { return this.backups; }
 
 	/** The clock (ms) when it was removed, or -1 when it is not (backends.ts forgets it a while after). */
-	get removedSinceMs(): number {
-		return this.lifecycle.name === 'removed' ? this.lifecycle.sinceMs : -1;
-	}
+	get removedSinceMs(): number { return this.lifecycle.name === 'removed' ? this.lifecycle.sinceMs : -1; }
 
-	get reconnectDelaySecs(): number {
-		return this.backoffSecs;
-	}
+	get reconnectDelaySecs(): number { return this.backoffSecs; }
 
-	get lastHeartbeatRttMs(): number {
-		return this.heartbeatRttMs;
-	}
+	get lastHeartbeatRttMs(): number { return this.heartbeatRttMs; }
 
 	/** Which control session this is (one more per connect): a TCP session can tell it was replaced. */
 	get sessionGeneration(): number { return this.stats.connStart; }
@@ -446,6 +437,9 @@ export class Backend {
 		const prev = this.lifecycle;
 		this.lifecycle = next;
 		this.acceptsUdp = next.name === 'ok' && !next.stuck;
+		if ((prev.name === 'ok') !== (next.name === 'ok')) {
+			this.ctx.onSessionChange(this);
+		}
 		if (this.log.isLevelEnabled('trace')) {
 			this.log.trace({ from: describeState(prev), to: describeState(next) }, 'backend state');
 		}

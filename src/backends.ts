@@ -78,6 +78,7 @@ import {
 	Backend, type BackendContext, type BackendState, type BackendStats, type HeartbeatRttHandler,
 	type OutboundUdpHandler,
 } from './backend.js';
+import { DEFAULT_HEALTH_OPTIONS, HealthMonitor } from './health.js';
 import { GatedLog } from './log.js';
 import type { TimeoutWheel } from './timeouts.js';
 
@@ -149,6 +150,8 @@ export interface BackendsOptions {
 	onForget?: (be: BackendView) => void;
 	/** How backends are reached; connectUnix unless a test passes its own. */
 	connector?: Connector;
+	/** Every backend's health (health.ts): the balancer's, made with this registry's list; by default one with the defaults. */
+	health?: Pick<HealthMonitor, 'attach' | 'sessionChanged'>;
 }
 
 export interface RebalancePlan {
@@ -185,6 +188,7 @@ export class Backends {
 		this.connector = opts.connector ?? connectUnix;
 		this.wheel = opts.wheel;
 		this.onForget = opts.onForget;
+		const health = opts.health ?? new HealthMonitor(DEFAULT_HEALTH_OPTIONS, opts.log, () => this.list());
 		this.context = {
 			wheel: opts.wheel,
 			connector: this.connector,
@@ -192,6 +196,8 @@ export class Backends {
 			onHeartbeatRtt: opts.onHeartbeatRtt,
 			flushSoon: this.flushSoon,
 			log: opts.log,
+			health: health.attach,
+			onSessionChange: health.sessionChanged,
 		};
 		this.dirReadError = new GatedLog(opts.wheel, 'error', 'error reading socket directory');
 		this.noBackend = new GatedLog(opts.wheel, 'error', 'no backends available');
@@ -386,7 +392,7 @@ export class Backends {
 				node = this.byId.minNode();
 			}
 			const be = (node as { data?: Backend }).data as Backend;
-			if (be.ok) {
+			if (be.usable) {
 				this.lastAssignedId = be.id;
 				return be;
 			}
@@ -409,7 +415,7 @@ export class Backends {
 		let nOk = 0;
 		this.byId.forEach((node) => {
 			const be = node.data as Backend;
-			if (!be.ok) {
+			if (!be.usable) {
 				return;
 			}
 			nOk++;

@@ -58,6 +58,7 @@ import {
 	Backends, REBALANCE_INTERVAL_SECS, RESCAN_INTERVAL_SECS,
 } from './backends.js';
 import { Acl } from './dns.js';
+import { DEFAULT_HEALTH_OPTIONS, HEALTH_RUN_MS, HealthMonitor } from './health.js';
 import type { Metrics } from './metrics.js';
 import type { Options } from './options.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
@@ -107,6 +108,8 @@ export type BalancerState = 'new' | 'starting' | 'running' | 'closing' | 'closed
 
 export class Balancer {
 	readonly wheel: TimeoutWheel;
+	/** Every backend's answers and health (health.ts); run() every HEALTH_RUN_MS. */
+	readonly health: HealthMonitor;
 	readonly backends: Backends;
 	readonly remotes: Remotes;
 	readonly udp: UdpProxy;
@@ -117,6 +120,8 @@ export class Balancer {
 	private stats: StatsServer | null = null;
 	private metrics: Metrics | null = null;
 	private tick: NodeJS.Timeout | null = null;
+	private healthTick: NodeJS.Timeout | null = null;
+	private readonly clock: Clock;
 	private closing: Promise<void> | null = null;
 	private readonly rescanTimeout: Timeout;
 	private readonly rebalanceTimeout: Timeout;
@@ -124,8 +129,17 @@ export class Balancer {
 
 	constructor(private readonly opts: BalancerOptions) {
 		this.log = opts.log;
-		this.wheel = new TimeoutWheel(opts.clock ?? monotonicClock);
+		this.clock = opts.clock ?? monotonicClock;
+		this.wheel = new TimeoutWheel(this.clock);
+		const ho = DEFAULT_HEALTH_OPTIONS;
+		this.health = new HealthMonitor({
+			queryTimeoutMs: opts.queryTimeoutMs ?? ho.queryTimeoutMs, maxInflight: opts.maxInflightPerBackend ?? ho.maxInflight,
+			probes: opts.healthCheck ?? ho.probes, intervalSecs: opts.healthIntervalSecs ?? ho.intervalSecs,
+			timeoutMs: opts.healthTimeoutMs ?? ho.timeoutMs, rise: opts.healthRise ?? ho.rise, fall: opts.healthFall ?? ho.fall,
+			queryName: opts.healthQuery?.name ?? ho.queryName, queryType: opts.healthQuery?.type ?? ho.queryType,
+		}, this.log, () => this.backends.list());
 		this.backends = new Backends({
+			health: this.health,
 			socketDir: opts.socketDir,
 			log: this.log,
 			wheel: this.wheel,
@@ -148,6 +162,8 @@ export class Balancer {
 			maxQpsPerRemote: opts.maxQpsPerRemote,
 			rateLimitAction: opts.rateLimitAction,
 			onFatal: opts.onFatal ?? this.udpFailed,
+			health: opts.answerAccounting === false ? null : this.health,
+			clock: this.clock,
 		});
 		this.tcp = new TcpListener({
 			remotes: this.remotes,
@@ -253,6 +269,8 @@ export class Balancer {
 		this.lifecycle = 'running';
 		this.tick = setInterval(this.tickOnInterval, TICK_MS);
 		this.tick.unref();
+		this.healthTick = setInterval(() => this.health.run(this.clock()), HEALTH_RUN_MS);
+		this.healthTick.unref();
 		this.log.info({
 			address: this.opts.bind, port: this.opts.port, socket_dir: this.opts.socketDir,
 			allow: this.opts.allow?.length ? this.opts.allow : 'everyone',
@@ -340,10 +358,10 @@ export class Balancer {
 
 	private async closeAll(): Promise<void> {
 		this.lifecycle = 'closing';
-		if (this.tick !== null) {
-			clearInterval(this.tick);
-			this.tick = null;
-		}
+		clearInterval(this.tick ?? undefined);
+		clearInterval(this.healthTick ?? undefined);
+		this.tick = null;
+		this.healthTick = null;
 		this.rescanTimeout.clear();
 		this.rebalanceTimeout.clear();
 		this.expiryTimeout.clear();

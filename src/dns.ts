@@ -190,3 +190,36 @@ export class Acl {
 		return false;
 	}
 }
+
+/** Query types a --health-query may name. */
+export const QTYPES: Readonly<Record<string, number>> = {
+	A: 1, NS: 2, CNAME: 5, SOA: 6, PTR: 12, MX: 15, TXT: 16, AAAA: 28, SRV: 33,
+};
+
+/**
+ * A query of our own (health.ts's probe): one question, RD clear, no EDNS.
+ * Null for a name no DNS message can carry (a label over 63 bytes, the
+ * whole over 255, an empty label inside).
+ */
+export function encodeQuestion(name: string, qtype: number, id: number): Buffer | null {
+	const labels = name.replace(/\.$/, '').split('.');
+	const parts: Buffer[] = [];
+	for (const label of labels) {
+		const b = Buffer.from(label, 'ascii');
+		if (b.length === 0 || b.length > 63) {
+			return null;
+		}
+		parts.push(Buffer.from([b.length]), b);
+	}
+	const qname = Buffer.concat([...parts, Buffer.from([0])]);
+	if (qname.length > 255) {
+		return null;
+	}
+	const msg = Buffer.alloc(DNS_HEADER_BYTES + qname.length + 4);
+	msg.writeUInt16BE(id, 0);
+	msg.writeUInt16BE(1, 4);
+	qname.copy(msg, DNS_HEADER_BYTES);
+	msg.writeUInt16BE(qtype, DNS_HEADER_BYTES + qname.length);
+	msg.writeUInt16BE(1, DNS_HEADER_BYTES + qname.length + 2);
+	return msg;
+}

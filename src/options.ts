@@ -37,7 +37,11 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
-import { Acl } from './dns.js';
+import { DEFAULT_MAX_INFLIGHT_PER_BACKEND, DEFAULT_QUERY_TIMEOUT_MS } from './answers.js';
+import { Acl, encodeQuestion, QTYPES } from './dns.js';
+import {
+	DEFAULT_HEALTH_FALL, DEFAULT_HEALTH_INTERVAL_SECS, DEFAULT_HEALTH_QUERY, DEFAULT_HEALTH_RISE, DEFAULT_HEALTH_TIMEOUT_MS,
+} from './health.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_MAX_REMOTES } from './remotes.js';
 import { DEFAULT_STATS_SOCKET, isInside } from './stats.js';
@@ -76,6 +80,18 @@ export interface Options {
 	maxTcpMessageBytes: number;
 	/** Watch the socket directory for changes (off with --no-watch). */
 	watchDir: boolean;
+	/** --query-timeout: a UDP query with no answer after this is counted unanswered (health.ts). */
+	queryTimeoutMs: number;
+	maxInflightPerBackend: number;
+	/** Off with --no-answer-accounting: no matching, every answer sent, no passive health. */
+	answerAccounting: boolean;
+	/** Probes (off with --no-health-check) and their settings. */
+	healthCheck: boolean;
+	healthIntervalSecs: number;
+	healthTimeoutMs: number;
+	healthRise: number;
+	healthFall: number;
+	healthQuery: { name: string; type: number };
 }
 
 /** A problem with how bbal was invoked: reported in one line, exit 2. */
@@ -177,6 +193,36 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			type: 'boolean', default: false,
 			describe: 'do not watch the socket directory; find changes by the 5-s rescan and SIGHUP only',
 		})
+		.option('query-timeout', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_QUERY_TIMEOUT_MS / 1000),
+			describe: 'seconds after which a UDP query a backend has not answered counts as unanswered',
+		})
+		.option('max-inflight-per-backend', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_MAX_INFLIGHT_PER_BACKEND),
+			describe: 'UDP queries followed per backend for answer accounting; beyond, the oldest is dropped',
+		})
+		.option('no-answer-accounting', {
+			type: 'boolean', default: false,
+			describe: 'do not match answers to queries: send every answer, judge backends by probes only',
+		})
+		.option('no-health-check', { type: 'boolean', default: false, describe: 'send no health probes (answers still judge backends)' })
+		.option('health-interval', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_HEALTH_INTERVAL_SECS), describe: 'seconds between health probes',
+		})
+		.option('health-timeout', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_HEALTH_TIMEOUT_MS / 1000),
+			describe: 'seconds a health probe may take before it fails',
+		})
+		.option('health-query', {
+			type: 'string', requiresArg: true, default: `${DEFAULT_HEALTH_QUERY}:A`,
+			describe: 'NAME[:TYPE] the probes ask; SERVFAIL or no answer fails, any other rcode passes',
+		})
+		.option('health-rise', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_HEALTH_RISE), describe: 'passing probes in a row that make a sick backend healthy',
+		})
+		.option('health-fall', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_HEALTH_FALL), describe: 'failed probes in a row that make a healthy backend sick',
+		})
 		.option('version', { type: 'boolean', describe: 'print the version and exit' })
 		/* --no-backend is an option of its own, not "backend = false". */
 		.parserConfiguration({ 'boolean-negation': false })
@@ -246,7 +292,17 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		throw new UsageError(`--max-tcp-message ${maxTcpMessageBytes} is outside 12-65535 (a DNS message's size)`);
 	}
 	const allow = parseAllow((args.allow as unknown[]).map(String));
+	const queryTimeoutMs = secondsAsMs(lastOf(args['query-timeout']), '--query-timeout', 0.1, 60);
+	const healthIntervalSecs = secondsAsMs(lastOf(args['health-interval']), '--health-interval', 0.5, 3600) / 1000;
+	const healthTimeoutMs = secondsAsMs(lastOf(args['health-timeout']), '--health-timeout', 0.1, 60);
+	const health = {
+		queryTimeoutMs, maxInflightPerBackend: positiveInt(lastOf(args['max-inflight-per-backend']), '--max-inflight-per-backend'),
+		answerAccounting: args['no-answer-accounting'] !== true, healthCheck: args['no-health-check'] !== true, healthIntervalSecs,
+		healthTimeoutMs, healthRise: positiveInt(lastOf(args['health-rise']), '--health-rise'),
+		healthFall: positiveInt(lastOf(args['health-fall']), '--health-fall'), healthQuery: parseHealthQuery(lastOf(args['health-query'])),
+	};
 	return {
+		...health,
 		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, maxTcpPerRemote, maxTcpQueriesPerConn,
 		maxTcpQueriesPerRemote, tcpIdleTimeoutSecs,
 		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
@@ -305,6 +361,28 @@ function parseHostPort(text: string): { host: string; port: number } {
 		throw new UsageError(`--metrics "${text}" is not HOST:PORT with an IPv4 HOST (e.g. 127.0.0.1:9153)`);
 	}
 	return { host: m[1], port };
+}
+
+/* A number of seconds (decimals allowed) from min to max, in ms. */
+function secondsAsMs(text: string, flag: string, min: number, max: number): number {
+	const secs = /^\d{1,6}(\.\d{1,3})?$/.test(text) ? Number(text) : NaN;
+	if (!(secs >= min && secs <= max)) {
+		throw new UsageError(`${flag} "${text}" is not a number of seconds from ${min} to ${max}`);
+	}
+	return Math.round(secs * 1000);
+}
+
+/* --health-query NAME[:TYPE]: a name a DNS message can carry, and a type of QTYPES (A when left out). */
+function parseHealthQuery(text: string): { name: string; type: number } {
+	const [name, typeText = 'A'] = text.split(':');
+	const type = QTYPES[typeText.toUpperCase()];
+	if (type === undefined || text.split(':').length > 2) {
+		throw new UsageError(`--health-query "${text}": the type is not one of ${Object.keys(QTYPES).join(', ')}`);
+	}
+	if (!/^[\x21-\x7e]+$/.test(name) || encodeQuestion(name, type, 0) === null) {
+		throw new UsageError(`--health-query "${text}": "${name}" is not a DNS name (labels of 1-63 bytes, 255 in all)`);
+	}
+	return { name, type };
 }
 
 function positiveInt(text: string, flag: string): number {

@@ -164,7 +164,7 @@ export class Remote implements RemoteStats {
 	chooseBackend(): Backend | null {
 		const p = this.primary;
 		if (p !== null) {
-			if (p.ok) {
+			if (p.usable) {
 				if (this.backup !== null) {
 					this.setBackup(null);
 					this.table.logAssignment(this, p, 'returned');
@@ -189,7 +189,7 @@ export class Remote implements RemoteStats {
 
 	private backupBackend(): Backend | null {
 		const b = this.backup;
-		if (b !== null && b.ok) {
+		if (b !== null && b.usable) {
 			return b;
 		}
 		const be = this.table.backends.select();

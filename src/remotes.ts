@@ -383,7 +383,7 @@ export class Remotes {
 		let visited = 0;
 		let moved = 0;
 		let node: AVLNode<number, Remote> | null = null;
-		if (pass.be.ok) {
+		if (pass.be.usable) {
 			node = this.firstAtOrAfter(pass.cursor);
 			while (node !== null && visited < left.visits && moved < left.changes && pass.moved + moved < pass.count) {
 				const rem = node.data as Remote;
@@ -405,7 +405,7 @@ export class Remotes {
 			this.rebalancePass = null;
 			this.log.info({
 				be_id: pass.be.id, remotes: pass.moved, planned: pass.count, visited: pass.visited, ticks: pass.ticks,
-				ended: pass.moved >= pass.count ? 'done' : pass.be.ok ? 'end of table' : 'backend not ok',
+				ended: pass.moved >= pass.count ? 'done' : pass.be.usable ? 'end of table' : 'backend not ok',
 			}, 'rebalanced remotes');
 		}
 	}

@@ -24,9 +24,15 @@
  * (or is dropped, with --rate-limit-action=drop) under the same per-remote
  * limit on synthesized answers.
  *
- * It keeps no state per query: the backend's answer carries the destination
- * address and port, so an answer needs no lookup at all on its way out --
- * except for the address to answer from.  Bound to 0.0.0.0, bbal must
+ * ANSWERS.  The backend's answer carries the destination address and port.
+ * Each query forwarded is recorded in its backend's in-flight table and
+ * each answer matched against it (answers.ts): that is how bbal counts how
+ * each backend answers and judges its health (health.ts), and it decides
+ * which answers go out at all -- one a backend sends to an address, port
+ * and id nobody asked it about is dropped (`unsolicited`).  An answer to
+ * 0.0.0.0 port 0 is a health probe's and is handed to the monitor, never
+ * sent.  With --no-answer-accounting none of this happens: every answer
+ * goes out as it comes.  One more lookup: the address to answer from.  Bound to 0.0.0.0, bbal must
  * answer from the address the query was sent to (a client discards an
  * answer from any other; see WILDCARD BINDS in udp_transport.ts), and the
  * backend protocol carries only the client's address and port, not ours.
@@ -81,7 +87,9 @@ import {
 import { MAX_UDP_PAYLOAD_BYTES, u32ToIpv4 } from './protocol.js';
 import type { Remote, Remotes } from './remotes.js';
 import { GatedLog } from './log.js';
-import type { TimeoutWheel } from './timeouts.js';
+import { ANSWER_DROP } from './answers.js';
+import type { HealthMonitor } from './health.js';
+import { type Clock, monotonicClock, type TimeoutWheel } from './timeouts.js';
 import type { UdpTransport, UdpTransportError } from './udp_transport.js';
 
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */
@@ -131,6 +139,10 @@ export interface UdpProxyStats {
 	servfail: number;
 	/** REFUSED answers bbal sent itself (rate limit). */
 	refused: number;
+	/** Answers dropped: they matched no query bbal forwarded (answers.ts: WHICH ANSWERS GO OUT). */
+	unsolicited: number;
+	/** Answers to health probes, taken by bbal (health.ts), never sent. */
+	probeAnswers: number;
 }
 
 export interface UdpProxyOptions extends UdpEdgeOptions {
@@ -145,12 +157,16 @@ export interface UdpProxyOptions extends UdpEdgeOptions {
 	 * default the error is only logged.
 	 */
 	onFatal?: (err: UdpTransportError) => void;
+	/** Answer accounting and probes (health.ts); null turns accounting off (--no-answer-accounting). */
+	health?: HealthMonitor | null;
+	/** The clock answer latencies are measured with (the balancer's). */
+	clock?: Clock;
 }
 
 export class UdpProxy {
 	readonly stats: UdpProxyStats = {
 		received: 0, forwarded: 0, oversize: 0, noBackend: 0, stuck: 0, sent: 0, receiveErrors: 0, sendErrors: 0,
-		sendQueueFull: 0, invalid: 0, aclDropped: 0, rateLimited: 0, servfail: 0, refused: 0,
+		sendQueueFull: 0, invalid: 0, aclDropped: 0, rateLimited: 0, servfail: 0, refused: 0, unsolicited: 0, probeAnswers: 0,
 	};
 	private readonly transport: UdpTransport;
 	private readonly remotes: Remotes;
@@ -168,6 +184,9 @@ export class UdpProxy {
 	private readonly maxQps: number;
 	private readonly refuseOverRate: boolean;
 	private readonly onFatal: (err: UdpTransportError) => void;
+	private readonly health: HealthMonitor | null;
+	private readonly clock: Clock;
+	private readonly unsolicitedLog: GatedLog;
 	/* Bound to 0.0.0.0: answers go from the address their query was sent to. */
 	private wildcard = false;
 	/* Read once: the level is fixed for the life of the process. */
@@ -191,7 +210,10 @@ export class UdpProxy {
 		this.stuckLog = new GatedLog(w, 'warn', 'stuck backend write queue (dropping UDP packet)');
 		this.outboundErrorLog = new GatedLog(w, 'warn', 'outbound UDP packet error');
 		this.socketErrorLog = new GatedLog(w, 'warn', 'UDP socket error');
+		this.unsolicitedLog = new GatedLog(w, 'warn', 'answer from backend matches no query (dropped)');
 		this.transport = opts.transport;
+		this.health = opts.health ?? null;
+		this.clock = opts.clock ?? monotonicClock;
 		this.onFatal = opts.onFatal ?? ((err) => this.log.fatal({ err }, 'UDP socket failed'));
 	}
 
@@ -244,6 +266,21 @@ export class UdpProxy {
 	sendOutbound(addr: number, port: number, payload: Buffer, from: Backend): void {
 		if (this.state !== 'listening') {
 			return;
+		}
+		const health = this.health;
+		if (health !== null) {
+			if (addr === 0 && port === 0) {
+				this.stats.probeAnswers++;
+				health.probeAnswer(from, payload, this.clock());
+				return;
+			}
+			/* A payload too short to carry an id and an rcode matches nothing. */
+			const id = payload.length >= 4 ? payload.readUInt16BE(0) : -1;
+			if (id < 0 || from.health.book.answer(addr, port, id, payload[3] & 0x0f, this.clock()) === ANSWER_DROP) {
+				this.stats.unsolicited++;
+				this.unsolicitedLog.report(from.log, () => ({ dest_ip: u32ToIpv4(addr), dest_port: port, len: payload.length }));
+				return;
+			}
 		}
 		let local = 0;
 		if (this.wildcard) {
@@ -332,6 +369,9 @@ export class UdpProxy {
 		}
 		rem.udp++;
 		this.stats.forwarded++;
+		if (this.health !== null) {
+			be.health.book.query(addr, port, (msg[0] << 8) | msg[1], this.clock());
+		}
 		if (this.trace) {
 			rem.log.trace({ be_id: be.id, remote_port: port, query: describeQuery(msg) }, 'forwarded UDP query');
 		}

@@ -46,7 +46,9 @@ t.test('defaults: what the README says', async (t) => {
 		maxTcpQueriesPerConn: 32, maxTcpQueriesPerRemote: 8, tcpIdleTimeoutSecs: 10,
 		statsSocket: DEFAULT_STATS_SOCKET, statsSocketExplicit: false, metrics: null, noBackend: 'servfail',
 		maxRemotes: 100_000, maxQpsPerRemote: 0, rateLimitAction: 'refuse', allow: [], maxTcpMessageBytes: 16384,
-		watchDir: true,
+		watchDir: true, queryTimeoutMs: 2000, maxInflightPerBackend: 65_536, answerAccounting: true, healthCheck: true,
+		healthIntervalSecs: 1, healthTimeoutMs: 1000, healthRise: 2, healthFall: 2,
+		healthQuery: { name: 'bbal-health-check.invalid', type: 1 },
 	});
 });
 
@@ -54,14 +56,21 @@ t.test('every flag, long and short, lands in its field; a repeated flag counts o
 	const o = parse(['-b', '127.0.0.1', '-p', '5353', '-l', 'debug', '-S', '/tmp/x.sock', '--metrics', '127.0.0.1:9153',
 		'--no-backend', 'drop', '--max-remotes', '1', '--max-qps-per-remote', '20', '--rate-limit-action', 'drop',
 		'--max-tcp-message', '512', '--max-tcp-connections', '3', '--tcp-idle-timeout', '4', '--no-watch',
-		'--max-tcp-per-remote', '2', '--max-tcp-queries-per-conn', '5', '--max-tcp-queries-per-remote', '7', '-p', '5354', '-s', '/tmp/other']);
+		'--max-tcp-per-remote', '2', '--max-tcp-queries-per-conn', '5', '--max-tcp-queries-per-remote', '7', '-p', '5354', '-s', '/tmp/other',
+		'--query-timeout', '1.5', '--max-inflight-per-backend', '100', '--no-answer-accounting', '--no-health-check',
+		'--health-interval', '2', '--health-timeout', '0.25', '--health-rise', '3', '--health-fall', '4',
+		'--health-query', 'probe.example.com:txt']);
 	t.same(o, {
 		bind: '127.0.0.1', port: 5354, socketDir: '/tmp/other', logLevel: 'debug', maxTcpConnections: 3,
 		maxTcpPerRemote: 2, maxTcpQueriesPerConn: 5, maxTcpQueriesPerRemote: 7,
 		tcpIdleTimeoutSecs: 4, statsSocket: '/tmp/x.sock', statsSocketExplicit: true,
 		metrics: { host: '127.0.0.1', port: 9153 }, noBackend: 'drop', maxRemotes: 1, maxQpsPerRemote: 20,
 		rateLimitAction: 'drop', allow: [], maxTcpMessageBytes: 512, watchDir: false,
+		queryTimeoutMs: 1500, maxInflightPerBackend: 100, answerAccounting: false, healthCheck: false,
+		healthIntervalSecs: 2, healthTimeoutMs: 250, healthRise: 3, healthFall: 4,
+		healthQuery: { name: 'probe.example.com', type: 16 },
 	});
+	t.same(parse(['--health-query', 'up.example']).healthQuery, { name: 'up.example', type: 1 }, 'type A when left out');
 	t.equal(parse(['-l', 'info'], { LOG_LEVEL: 'warn' }).logLevel, 'warn', 'LOG_LEVEL overrides -l');
 	t.equal(parse(['-l', 'warn'], { LOG_LEVEL: '' }).logLevel, 'warn', 'an empty LOG_LEVEL does not');
 	t.same(parse(['--metrics', 'localhost:9153']).metrics, { host: 'localhost', port: 9153 }, 'localhost as the host');
@@ -139,6 +148,16 @@ const BAD: Array<[string[], RegExp]> = [
 	[['--tcp-idle-timeout', '0'], /^--tcp-idle-timeout "0" is not a whole number of at least 1$/],
 	[['--tcp-idle-timeout', '2.5'], /^--tcp-idle-timeout "2\.5" is not a whole number of at least 1$/],
 	[['--allow', 'x'], /^--allow: "x" is not an IPv4 address or CIDR prefix/],
+	[['--query-timeout', '0'], /^--query-timeout "0" is not a number of seconds from 0\.1 to 60$/],
+	[['--query-timeout', '2s'], /^--query-timeout "2s" is not a number of seconds from 0\.1 to 60$/],
+	[['--health-interval', '0.1'], /^--health-interval "0\.1" is not a number of seconds from 0\.5 to 3600$/],
+	[['--health-timeout', '61'], /^--health-timeout "61" is not a number of seconds from 0\.1 to 60$/],
+	[['--health-rise', '0'], /^--health-rise "0" is not a whole number of at least 1$/],
+	[['--health-fall', 'x'], /^--health-fall "x" is not a whole number of at least 1$/],
+	[['--max-inflight-per-backend', '0'], /^--max-inflight-per-backend "0" is not a whole number of at least 1$/],
+	[['--health-query', 'a..b'], /^--health-query "a\.\.b": "a\.\.b" is not a DNS name/],
+	[['--health-query', 'ok.example:BOGUS'], /^--health-query "ok\.example:BOGUS": the type is not one of A, NS/],
+	[['--health-query', `${'x'.repeat(64)}.example`], /is not a DNS name/],
 	[['--no-such-flag'], /^unknown flag --no-such-flag \(see --help\)$/],
 	[['--no-such-flag=3'], /^unknown flag --no-such-flag \(see --help\)$/],
 	[['-Z'], /^unknown flag -Z \(see --help\)$/],
@@ -149,7 +168,8 @@ const BAD: Array<[string[], RegExp]> = [
 const VALUED = ['-b', '--bind', '-p', '--port', '-s', '--sockets', '-l', '--log-level', '-S', '--stats-socket', '--metrics',
 	'--no-backend', '--max-remotes', '--max-qps-per-remote', '--rate-limit-action', '--allow', '--max-tcp-message',
 	'--max-tcp-connections', '--tcp-idle-timeout', '--max-tcp-per-remote', '--max-tcp-queries-per-conn',
-	'--max-tcp-queries-per-remote'];
+	'--max-tcp-queries-per-remote', '--query-timeout', '--max-inflight-per-backend', '--health-interval', '--health-timeout',
+	'--health-query', '--health-rise', '--health-fall'];
 
 t.test('every flag\'s bad value is one line naming it, a UsageError, exit status 2', async (t) => {
 	for (const [args, want] of BAD) {
