@@ -393,7 +393,8 @@ export function formatScenario(run: ScenarioRun, a: Analysis): string {
 	const ca = run.procAfter.counters;
 	if (cb !== undefined && ca !== undefined && !run.bbalReplaced) {
 		const moved = Object.keys(ca).filter((k) => k !== 'tcp.open' && k !== 'udp.received' && k !== 'udp.forwarded'
-			&& k !== 'udp.sent' && k !== 'tcp.accepted' && k !== 'tcp.established' && (ca[k] ?? 0) !== (cb[k] ?? 0));
+			&& k !== 'udp.sent' && k !== 'tcp.accepted' && k !== 'tcp.established' && k !== 'udp.probeAnswers'
+			&& (ca[k] ?? 0) !== (cb[k] ?? 0));
 		rows.push(['', `bbal's own counts of what it refused or dropped meanwhile: ${moved.length === 0 ? 'none'
 			: moved.map((k) => `${k} +${(ca[k] ?? 0) - (cb[k] ?? 0)}`).join(', ')}`]);
 	}

@@ -57,13 +57,15 @@
  *             additional section, so the load driver tells it from bbal's
  *             own) for servfailMs, then normally again.  The session stays
  *             up and heartbeats pass: only bbal's DNS-aware health can tell,
- *             from the answers or from its probes (one a second, sick after
- *             two failures).  Ends at bbal's "backend health changed" line
- *             for it with health sick; at most 3 s.  A SERVFAIL from the
- *             backend counts as not served.
+ *             from the answers (half SERVFAIL in its 2-s window, judged
+ *             every 500 ms) or from its probes (one a second, sick after two
+ *             failures).  Ends at bbal's "backend health changed" line for
+ *             it with health sick; at most 3 s.  A SERVFAIL from the backend
+ *             counts as not served.
  *   blackhole the same with an mname that answers nothing (heartbeats still
- *             pass) for blackholeMs; bbal must find it sick from unanswered
- *             queries or probes.  Same window, same 3-s bound.
+ *             pass) for blackholeMs; bbal must find it sick from queries
+ *             unanswered past its 2-s query timeout, or from probes.  Same
+ *             window, same 3-s bound.
  *   allservfail
  *             every mname answers SERVFAIL for allServfailMs.  The fake
  *             cannot answer SERVFAIL, and while it is healthy bbal rightly
@@ -311,7 +313,9 @@ async function injectSick(ctx: Ctx, name: string, mode: 'servfail' | 'blackhole'
 		windows: [{
 			label: `${mode} ${name}`, target: name, faultAt, close: healthOf(be.path, 'sick'), boundMs: SICK_BOUND_MS,
 			definition: `DNS health: from the switch to ${mode} until bbal logs the backend sick; at most `
-				+ `${SICK_BOUND_MS / 1000} s (two failed probes a second apart, or its answers, and a tick)`,
+				+ `${SICK_BOUND_MS / 1000} s: ${mode === 'servfail' ? 'its SERVFAILs are half of bbal\'s 2-s window '
+					+ 'within about a second' : 'its queries go unanswered past bbal\'s 2-s query timeout'}, and a `
+				+ '500-ms health run counts them; or two probes, a second apart, fail',
 		}],
 		recovery: { target: name, recoveredAt },
 		rehome: false,
