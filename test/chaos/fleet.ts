@@ -5,7 +5,8 @@
  * socket directory holding real mname backends (the test fixture, through
  * test/support/fleet.ts) and fake backends, each a process of its own
  * (fake_backend.ts), plus the means to hurt them -- signals, a removed
- * socket file, commands to a fake -- and to watch bbal: its log lines
+ * socket file, commands to a fake, answering modes of an mname (SERVFAIL
+ * for everything, no answer at all) -- and to watch bbal: its log lines
  * (every bbal started so far, for the moment it noticed a fault), its
  * resident set size, its open file descriptors and, from its /metrics, its
  * heap and its event loop's longest delay.
@@ -26,7 +27,7 @@ import { fileURLToPath } from 'node:url';
 import {
 	type Bbal, counters, LAUNCHER_V8_FLAGS, type LogRecord, type Snapshot, startBbal, statsSnapshot, statsSocketFor,
 } from '../support/bbal.js';
-import { type Backend, makeSocketDir, startBackend } from '../support/fleet.js';
+import { type Backend, type BackendMode, makeSocketDir, startBackend } from '../support/fleet.js';
 import { freePort } from '../support/ports.js';
 import { type Child, childEnv, startChild, type Teardowns } from '../support/process.js';
 import { openFds, statusKb } from '../support/procfs.js';
@@ -213,9 +214,14 @@ export interface ChaosBackend {
 	kill(): Promise<void>;
 	/** A fresh process at the same path; resolves with the time it was ready. */
 	restart(): Promise<number>;
-	/** A fake's command (stuck, resume, violate); resolves with when it took effect. */
+	/**
+	 * A fake's command (stuck, resume, violate, ...) or an mname's answering
+	 * mode (servfail, blackhole, ..., normal); resolves with when it took effect.
+	 */
 	command(cmd: string): Promise<number>;
 }
+
+const MNAME_MODES: BackendMode[] = ['normal', 'servfail', 'blackhole', 'refused', 'nxdomain'];
 
 class MnameBackend implements ChaosBackend {
 	readonly kind = 'mname';
@@ -236,8 +242,13 @@ class MnameBackend implements ChaosBackend {
 		await this.be.restart();
 		return Date.now();
 	}
+	/* An answering mode (test/fixtures/mname_backend.cjs): normal, servfail, refused, nxdomain, blackhole. */
 	command(cmd: string): Promise<number> {
-		throw new Error(`mname backend ${this.name} takes no command (${cmd})`);
+		if (!MNAME_MODES.includes(cmd as BackendMode)) {
+			return Promise.reject(new Error(`mname backend ${this.name} takes no command ${cmd} `
+				+ `(only ${MNAME_MODES.join(', ')})`));
+		}
+		return this.be.command(cmd as BackendMode);
 	}
 }
 

@@ -28,6 +28,10 @@
  * A query is:
  *   ok        answered by a backend: the answer carries the fixture's
  *             `be=<label>` TXT record, and we keep the label;
+ *   backend servfail
+ *             answered SERVFAIL by a backend: the fixture in its servfail
+ *             mode puts its `be=<label>` in the additional section (answerLabel
+ *             reads both sections), and we keep the label;
  *   servfail  answered SERVFAIL without a label: bbal's own answer when no
  *             backend is ok;
  *   lost      no answer within timeoutMs (an answer after that is ignored:
@@ -55,7 +59,7 @@ import dnsPacket from 'dns-packet';
 import { TcpDnsClient } from '../support/dns_client.js';
 import { backendOf, encodeQuery, framed } from '../support/dns_messages.js';
 
-export type Fate = 'ok' | 'servfail' | 'lost';
+export type Fate = 'ok' | 'backend servfail' | 'servfail' | 'lost';
 
 export interface QueryRecord {
 	seq: number;
@@ -67,7 +71,7 @@ export interface QueryRecord {
 	/** Milliseconds to the answer; -1 when lost. */
 	latencyMs: number;
 	fate: Fate;
-	/** The answering backend's label (fate ok), else null. */
+	/** The answering backend's label (fate ok or backend servfail), else null. */
 	backend: string | null;
 	/** Why a query was lost, when something said so (ECONNREFUSED, closed). */
 	error: string | null;
@@ -335,13 +339,16 @@ export class LoadDriver {
 			this.strayAnswers++;
 			return;
 		}
+		const rcode = (pkt.flags ?? 0) & 0x0f;
 		const be = backendOf(pkt);
+		const erredBy = be === null ? answerLabel(pkt) : null;
 		if (be !== null) {
 			this.finish(p, 'ok', be, null);
-		} else if (((pkt.flags ?? 0) & 0x0f) === RCODE_SERVFAIL) {
-			this.finish(p, 'servfail', null, null);
+		} else if (rcode === RCODE_SERVFAIL) {
+			this.finish(p, erredBy !== null ? 'backend servfail' : 'servfail', erredBy, null);
 		} else {
-			this.finish(p, 'lost', null, `answer without a backend label (rcode ${(pkt.flags ?? 0) & 0x0f})`);
+			this.finish(p, 'lost', null, erredBy !== null ? `an error from ${erredBy} (rcode ${rcode})`
+				: `answer without a backend label (rcode ${rcode})`);
 		}
 	}
 
@@ -406,6 +413,16 @@ export class LoadDriver {
 		}
 		this.inflightHead = h;
 	};
+}
+
+/*
+ * The label of the backend that wrote an answer: the fixture's `be=<label>`
+ * TXT record, in the answer section of an answer and in the additional
+ * section of an error (its servfail, refused and nxdomain modes), or null
+ * when neither has one (an answer bbal made up).
+ */
+export function answerLabel(pkt: dnsPacket.Packet): string | null {
+	return backendOf(pkt) ?? backendOf({ answers: pkt.additionals ?? [] });
 }
 
 function bindUdp(address: string): Promise<dgram.Socket> {

@@ -5,8 +5,9 @@
  * (scenarios.ts) into the figures the issue asks for, the pass/fail verdict
  * and a printed table.
  *
- * WHICH LOSSES A FAULT EXCUSES.  A query that got no real answer (lost, or a
- * SERVFAIL that bbal made up) is "inside" a fault window only when both hold:
+ * WHICH LOSSES A FAULT EXCUSES.  A query that got no real answer (lost, a
+ * SERVFAIL that bbal made up, or a SERVFAIL from a backend told to give
+ * them) is "inside" a fault window only when both hold:
  *
  *   1. it was in flight at some moment of the window: sent no later than the
  *      window's end, and not given up (timeoutMs) before the fault began.
@@ -25,6 +26,11 @@
  * later than that bound, or never, the queries after the bound count as
  * outside, which is the point.
  *
+ * A backend's SERVFAIL is a failure to serve everywhere but in the
+ * scenario where every backend gives them (allservfail): there nothing
+ * better exists, bbal must fail open and pass them on, and the run says so
+ * (backendServfailAnswers) -- a SERVFAIL bbal made up is still a loss.
+ *
  * MOVES.  A source's primary is the backend that answered most of its
  * queries before the fault.  It "moved" when another backend answered it
  * after the fault began; it "returned" at the send time of the first answer
@@ -32,9 +38,11 @@
  * return delay is counted from the primary's recovery (the moment the
  * backend could serve again: restarted and listening, SIGCONT, resumed, or
  * for a protocol violation the violation itself, since the backend serves a
- * new session at once), and must be at most 10 s.  Where the primary is gone
- * for good (its socket removed) or bbal was restarted (it forgets every
- * assignment), moves are reassignments and are only counted.
+ * new session at once, or back to answering normally), and must be at most
+ * 10 s (RETURN_LIMIT_MS; 5 s where the scenario asks for less: a backend
+ * that was only sick is probed back to health in about 2 s).  Where the
+ * primary is gone for good (its socket removed) or bbal was restarted (it
+ * forgets every assignment), moves are reassignments and are only counted.
  */
 
 import { percentile } from '../support/quantiles.js';
@@ -42,6 +50,8 @@ import type { ProcSample, UnexpectedExit } from './fleet.js';
 import type { QueryRecord } from './load.js';
 
 export const RETURN_LIMIT_MS = 10_000;
+/** For a backend that was sick and never disconnected: two passing probes, a second apart, and the move back. */
+export const SICK_RETURN_LIMIT_MS = 5000;
 export const PROC_TOLERANCE = 0.10;
 
 export interface FaultWindow {
@@ -72,6 +82,10 @@ export interface ScenarioRun {
 	recovery: { target: string; recoveredAt: number } | null;
 	/** The primary is gone for good, or bbal forgot every assignment. */
 	rehome: boolean;
+	/** How soon after its recovery a primary must have its remotes back (RETURN_LIMIT_MS unless less). */
+	returnLimitMs: number;
+	/** A backend's SERVFAIL counts as an answer (every backend gives them, bbal fails open). */
+	backendServfailAnswers: boolean;
 	procBefore: ProcSample;
 	procAfter: ProcSample;
 	/** A new bbal process serves "after" (the restart scenario). */
@@ -97,10 +111,15 @@ export interface Analysis {
 	sent: number;
 	tcp: number;
 	ok: number;
+	/** SERVFAIL made up by bbal (no backend label). */
 	servfail: number;
+	/** SERVFAIL from a backend (its label in the additional section). */
+	backendServfail: number;
 	lost: number;
 	inside: number;
 	insideInFlightAtFault: number;
+	/** Inside losses by transport and cause. */
+	insideKinds: Array<[string, number]>;
 	outside: number;
 	/** Of those, how many were in flight while the load driver itself stalled 250 ms or more. */
 	outsideDuringStalls: number;
@@ -159,10 +178,11 @@ export function analyze(run: ScenarioRun, all: QueryRecord[]): Analysis {
 	const lastLabel = [...primary];
 	let inside = 0;
 	let insideInFlight = 0;
+	const insideRecs: QueryRecord[] = [];
 	const outsideRecs: QueryRecord[] = [];
 	const routes = new Map<QueryRecord, string | null>();
 	for (const r of recs) {
-		if (r.fate === 'ok') {
+		if (r.fate === 'ok' || (run.backendServfailAnswers && r.fate === 'backend servfail')) {
 			lastLabel[r.src] = r.backend;
 			continue;
 		}
@@ -174,6 +194,7 @@ export function analyze(run: ScenarioRun, all: QueryRecord[]): Analysis {
 			routes.set(r, route ?? null);
 		} else {
 			inside++;
+			insideRecs.push(r);
 			if (r.sentAt < w.faultAt) {
 				insideInFlight++;
 			}
@@ -226,7 +247,7 @@ export function analyze(run: ScenarioRun, all: QueryRecord[]): Analysis {
 		returned++;
 		const delay = Math.max(0, back.sentAt - run.recovery.recoveredAt);
 		maxReturnMs = Math.max(maxReturnMs ?? 0, delay);
-		if (delay > RETURN_LIMIT_MS) {
+		if (delay > run.returnLimitMs) {
 			lateReturns.push(`${ip} (${(delay / 1000).toFixed(1)} s)`);
 		}
 	}
@@ -239,7 +260,7 @@ export function analyze(run: ScenarioRun, all: QueryRecord[]): Analysis {
 		failures.push(`remotes never back on their primary: ${notReturned.join(', ')}`);
 	}
 	if (lateReturns.length > 0) {
-		failures.push(`remotes back on their primary more than ${RETURN_LIMIT_MS / 1000} s after its recovery: `
+		failures.push(`remotes back on their primary more than ${run.returnLimitMs / 1000} s after its recovery: `
 			+ lateReturns.join(', '));
 	}
 	const { procBefore: pb, procAfter: pa } = run;
@@ -255,22 +276,25 @@ export function analyze(run: ScenarioRun, all: QueryRecord[]): Analysis {
 		failures.push(`bbal exited untold (code ${x.code}, signal ${x.signal}): ${x.stderr.trim().split('\n').pop() ?? ''}`);
 	}
 	const count = (f: string): number => recs.filter((r) => r.fate === f).length;
+	const kinds = (rs: QueryRecord[]): Array<[string, number]> => [...rs.reduce((m, r) => {
+		const k = `${r.tcp ? 'TCP' : 'UDP'} ${r.fate === 'lost' ? (r.error ?? 'timeout') : r.fate}`;
+		return m.set(k, (m.get(k) ?? 0) + 1);
+	}, new Map<string, number>())].sort((x, y) => y[1] - x[1]);
 	return {
 		sent: recs.length,
 		tcp: recs.filter((r) => r.tcp).length,
 		ok: count('ok'),
 		servfail: count('servfail'),
+		backendServfail: count('backend servfail'),
 		lost: count('lost'),
 		inside,
 		insideInFlightAtFault: insideInFlight,
+		insideKinds: kinds(insideRecs),
 		outside: outsideRecs.length,
 		outsideDuringStalls: outsideRecs.filter((r) => run.driverStalls.some(([a, b]) =>
 			r.sentAt <= b && r.sentAt + run.timeoutMs >= a)).length,
 		outsideExamples: outsideRecs.slice(0, 3).map((r) => ({ ...r, route: routes.get(r) ?? null })),
-		outsideKinds: [...outsideRecs.reduce((m, r) => {
-			const k = `${r.tcp ? 'TCP' : 'UDP'} ${r.fate === 'lost' ? (r.error ?? 'timeout') : r.fate}`;
-			return m.set(k, (m.get(k) ?? 0) + 1);
-		}, new Map<string, number>())].sort((x, y) => y[1] - x[1]),
+		outsideKinds: kinds(outsideRecs),
 		latency: {
 			before: phaseLatency(recs, run.start, run.faultAt),
 			during: phaseLatency(recs, run.faultAt, run.settledAt),
@@ -325,11 +349,15 @@ export function formatScenario(run: ScenarioRun, a: Analysis): string {
 		rows.push(['', `  = ${w.definition}`]);
 	}
 	rows.push(['queries', `sent ${a.sent} (${a.tcp} over TCP), answered ${a.ok}, SERVFAIL by bbal ${a.servfail}, `
+		+ `SERVFAIL by a backend ${a.backendServfail}${run.backendServfailAnswers ? ' (counted as answered)' : ''}, `
 		+ `lost ${a.lost}`]);
 	rows.push(['not served', `inside fault windows ${a.inside + 0} (${a.insideInFlightAtFault} of them in flight `
 		+ `when the fault began), outside ${a.outside}`
 		+ (a.outsideDuringStalls > 0 ? ` (${a.outsideDuringStalls} of them in flight while the load driver itself `
 			+ 'stalled 250 ms or more: the machine was overloaded)' : '')]);
+	if (a.insideKinds.length > 0) {
+		rows.push(['', `  inside by kind: ${a.insideKinds.map(([k, n]) => `${k} ${n}`).join(', ')}`]);
+	}
 	if (a.outsideKinds.length > 0) {
 		rows.push(['', `  outside by kind: ${a.outsideKinds.map(([k, n]) => `${k} ${n}`).join(', ')}`]);
 	}
@@ -365,7 +393,8 @@ export function formatScenario(run: ScenarioRun, a: Analysis): string {
 	const ca = run.procAfter.counters;
 	if (cb !== undefined && ca !== undefined && !run.bbalReplaced) {
 		const moved = Object.keys(ca).filter((k) => k !== 'tcp.open' && k !== 'udp.received' && k !== 'udp.forwarded'
-			&& k !== 'udp.sent' && k !== 'tcp.accepted' && k !== 'tcp.established' && (ca[k] ?? 0) !== (cb[k] ?? 0));
+			&& k !== 'udp.sent' && k !== 'tcp.accepted' && k !== 'tcp.established' && k !== 'udp.probeAnswers'
+			&& (ca[k] ?? 0) !== (cb[k] ?? 0));
 		rows.push(['', `bbal's own counts of what it refused or dropped meanwhile: ${moved.length === 0 ? 'none'
 			: moved.map((k) => `${k} +${(ca[k] ?? 0) - (cb[k] ?? 0)}`).join(', ')}`]);
 	}
@@ -388,7 +417,7 @@ export function formatSummary(results: Array<{ run: ScenarioRun; a: Analysis }>)
 	const rows = results.map(({ run, a }) => [
 		run.name,
 		String(a.sent),
-		String(a.ok),
+		String(a.ok + (run.backendServfailAnswers ? a.backendServfail : 0)),
 		String(a.inside),
 		String(a.outside),
 		[a.latency.before, a.latency.during, a.latency.after].map((p) => (p.n === 0 ? '-' : p.p99.toFixed(1))).join('/'),

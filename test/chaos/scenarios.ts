@@ -53,10 +53,38 @@
  *   hostile   four attacks at once from sources of their own (hostile.ts).
  *             No window: nothing bbal does about them may cost a
  *             well-behaved client a query, so every loss is outside.
+ *   servfail  an mname answers every query SERVFAIL (its `be=` label in the
+ *             additional section, so the load driver tells it from bbal's
+ *             own) for servfailMs, then normally again.  The session stays
+ *             up and heartbeats pass: only bbal's DNS-aware health can tell,
+ *             from the answers (half SERVFAIL in its 2-s window, judged
+ *             every 500 ms) or from its probes (one a second, sick after two
+ *             failures).  Ends at bbal's "backend health changed" line for
+ *             it with health sick; at most 3 s.  A SERVFAIL from the backend
+ *             counts as not served.
+ *   blackhole the same with an mname that answers nothing (heartbeats still
+ *             pass) for blackholeMs; bbal must find it sick from queries
+ *             unanswered past its 2-s query timeout, or from probes.  Same
+ *             window, same 3-s bound.
+ *   allservfail
+ *             every mname answers SERVFAIL for allServfailMs.  The fake
+ *             cannot answer SERVFAIL, and while it is healthy bbal rightly
+ *             sends everything to it, so it is SIGKILLed first (a kill
+ *             window for its own remotes, as in `kill`) and restarted after
+ *             the mnames are back to normal.  Every connected backend is then
+ *             sick and bbal must fail open: no window, a backend's SERVFAIL
+ *             counts as an answer, a SERVFAIL bbal makes up does not, and no
+ *             remote of an mname may move while bbal fails open.  While the
+ *             mnames turn sick (or healthy) one by one, the first ones'
+ *             remotes rightly go to the others for a moment: those moves
+ *             are reported, not failed.
  *
  * Recovery, for the 10-s return criterion, is the moment the primary could
  * serve again: listening after its restart, SIGCONT, resumed, and for a
  * protocol violation the violation itself (new sessions are served at once).
+ * For servfail and blackhole it is the backend's acknowledgement of
+ * `normal`, and the criterion is 5 s: it never disconnected, and two passing
+ * probes a second apart are all bbal needs to find it healthy again.
  */
 
 import { readFileSync } from 'node:fs';
@@ -66,7 +94,8 @@ import type { ChaosBackend, ChaosFleet } from './fleet.js';
 import { injectHostile } from './hostile.js';
 import type { LoadDriver, QueryRecord } from './load.js';
 import {
-	type Analysis, analyze, type FaultWindow, formatScenario, primaries, type ScenarioRun,
+	type Analysis, analyze, type FaultWindow, formatScenario, primaries, RETURN_LIMIT_MS, type ScenarioRun,
+	SICK_RETURN_LIMIT_MS,
 } from './report.js';
 
 export interface Timing {
@@ -85,11 +114,16 @@ export interface Timing {
 	balanceWaitMs: number;
 	/** How long the hostile scenario's attacks last. */
 	hostileMs: number;
+	/** How long an mname answers SERVFAIL (servfail), nothing (blackhole), all of them SERVFAIL (allservfail). */
+	servfailMs: number;
+	blackholeMs: number;
+	allServfailMs: number;
 }
 
 export const FULL_TIMING: Timing = {
 	beforeMs: 5000, afterMs: 5000, killDownMs: 5000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 8000,
-	orphanMs: 16_000, returnWaitMs: 12_000, balanceWaitMs: 65_000, hostileMs: 30_000,
+	orphanMs: 16_000, returnWaitMs: 12_000, balanceWaitMs: 65_000, hostileMs: 30_000, servfailMs: 15_000,
+	blackholeMs: 15_000, allServfailMs: 10_000,
 };
 
 export interface Ctx {
@@ -102,7 +136,9 @@ export interface Ctx {
 	log: (line: string) => void;
 }
 
-type LogPred = (r: { msg?: string; reason?: unknown; be_path?: unknown; instance: number }) => boolean;
+type LogPred = (r: {
+	msg?: string; reason?: unknown; be_path?: unknown; health?: unknown; instance: number;
+}) => boolean;
 
 interface PendingWindow {
 	label: string;
@@ -126,25 +162,50 @@ export interface Injected {
 	expectedFdDelta?: number;
 	failures?: string[];
 	notes?: string[];
-	/** Failures of the scenario's own, judged on every load record of the scenario. */
-	judge?: (recs: QueryRecord[]) => string[];
+	/** Failures of the scenario's own, judged on every load record of the scenario; it may add notes. */
+	judge?: (recs: QueryRecord[], notes: string[]) => string[];
+	/** How soon a recovered primary must have its remotes back (RETURN_LIMIT_MS unless given). */
+	returnLimitMs?: number;
+	/** A backend's SERVFAIL counts as an answer (allservfail). */
+	backendServfailAnswers?: boolean;
 }
 
 export interface Scenario {
 	name: string;
-	/** What it hurts: an mname backend, the fake, or bbal. */
-	needs: 'mname' | 'fake' | 'bbal';
+	/** What it hurts: an mname backend, the fake, bbal, or every backend at once. */
+	needs: 'mname' | 'fake' | 'bbal' | 'fleet';
 	describe(target: string, t: Timing): string;
 	inject(ctx: Ctx, target: string): Promise<Injected>;
 }
 
 const FAULTED = 'backend faulted (reset and reconnect)';
+/* bbal's DNS-aware health (issue 13): a backend turns sick or healthy; every backend sick, and back. */
+const HEALTH_CHANGED = 'backend health changed';
+const FAILING_OPEN = 'every backend is sick: failing open';
+const FAILING_OPEN_NO_MORE = 'failing open no more';
+const HEALTH_LINES = new Set([HEALTH_CHANGED, FAILING_OPEN, FAILING_OPEN_NO_MORE]);
+/*
+ * How soon bbal must find a backend sick: two probes a second apart, or the
+ * answers it passes on, each up to a 1-s tick late.
+ */
+const SICK_BOUND_MS = 3000;
+/* How long bbal may take to find a backend healthy again after it answers normally (two passing probes). */
+const HEALTHY_WAIT_MS = 5000;
 
 function faultOf(path: string): LogPred {
 	return (r) => r.be_path === path && (r.msg === FAULTED || r.msg === 'backend socket removed');
 }
 
-function describeLog(r: { msg?: string; reason?: unknown }): string {
+function healthOf(path: string, health: 'sick' | 'healthy'): LogPred {
+	return (r) => r.be_path === path && r.msg === HEALTH_CHANGED && r.health === health;
+}
+
+function describeLog(r: { msg?: string; reason?: unknown; be_path?: unknown; health?: unknown;
+	health_reason?: unknown; }): string {
+	if (r.msg === HEALTH_CHANGED) {
+		return `${r.msg}: ${String(r.be_path).split('/').pop()} ${JSON.stringify(r.health)}`
+			+ (typeof r.health_reason === 'string' ? ` (${r.health_reason})` : '');
+	}
 	return r.reason !== undefined ? `${r.msg}: ${JSON.stringify(r.reason)}` : String(r.msg);
 }
 
@@ -154,6 +215,252 @@ function backend(ctx: Ctx, name: string): ChaosBackend {
 		throw new Error(`no backend ${name}`);
 	}
 	return be;
+}
+
+function secs(ms: number): string {
+	return `${(ms / 1000).toFixed(3)} s`;
+}
+
+/*
+ * What bbal's stats socket says of these backends now, for a note, and what
+ * is wrong with it: a backend that answers badly but still heartbeats must
+ * be connected (ok) and, when `sick` is asked for, sick.  A snapshot that
+ * cannot be had is a note, not a failure: a busy bbal may be slow on its
+ * stats socket.
+ */
+async function healthSnapshot(ctx: Ctx, bes: ChaosBackend[], what: string, since: number, sick: boolean):
+Promise<{ note: string; failures: string[] }> {
+	let snap;
+	try {
+		snap = await ctx.fleet.snapshot();
+	} catch (err) {
+		return { note: `no stats snapshot ${secs(Date.now() - since)} into the ${what}: ${String(err)}`, failures: [] };
+	}
+	const failures: string[] = [];
+	const seen = bes.map((be) => {
+		/* health and healthReason come with issue 13's accounting; older snapshots have neither. */
+		const b: (typeof snap.backends[number] & { health?: unknown; healthReason?: unknown }) | undefined =
+			snap.backends.find((x) => x.path === be.path);
+		if (b === undefined) {
+			failures.push(`bbal's snapshot does not list ${be.name}`);
+			return `${be.name} not listed`;
+		}
+		if (!b.ok) {
+			failures.push(`bbal's snapshot shows ${be.name} not ok (${b.state}), though it answers heartbeats`);
+		}
+		/* Absent: a bbal whose snapshot does not carry health yet; the log lines judge it then. */
+		if (sick && b.health !== undefined && b.health !== 'sick') {
+			failures.push(`bbal's snapshot shows ${be.name} with health ${JSON.stringify(b.health)} during the ${what}`);
+		}
+		return `${be.name} ${b.state}, health ${JSON.stringify(b.health)}`
+			+ (typeof b.healthReason === 'string' ? ` (${b.healthReason})` : '')
+			+ `, ${b.remotes} remotes`;
+	});
+	return { note: `bbal's stats snapshot ${secs(Date.now() - since)} into the ${what}: ${seen.join('; ')}`, failures };
+}
+
+/*
+ * servfail and blackhole: an mname answers badly for `ms`, then normally
+ * again.  Its session to bbal stays up and its heartbeats pass, so the fault
+ * window ends only when bbal's DNS-aware health finds it sick.
+ */
+async function injectSick(ctx: Ctx, name: string, mode: 'servfail' | 'blackhole', ms: number): Promise<Injected> {
+	const { fleet } = ctx;
+	const be = backend(ctx, name);
+	const failures: string[] = [];
+	const notes: string[] = [];
+	const faultAt = await be.command(mode);
+	let since = 0;
+	let recoveredAt = 0;
+	try {
+		/* Once bbal has had its time to tell, ask what it thinks. */
+		await sleep(Math.min(ms, SICK_BOUND_MS + 1000) - (Date.now() - faultAt));
+		const seen = await healthSnapshot(ctx, [be], mode, faultAt, true);
+		notes.push(seen.note);
+		failures.push(...seen.failures);
+		await sleep(ms - (Date.now() - faultAt));
+	} finally {
+		since = fleet.bbal.logs.length;
+		recoveredAt = await be.command('normal');
+	}
+	const healthy = await fleet.bbal.waitForLog((r) => r.be_path === be.path && r.msg === HEALTH_CHANGED
+		&& r.health === 'healthy', HEALTHY_WAIT_MS, since).catch(() => null);
+	const sick = fleet.findLog(faultAt, healthOf(be.path, 'sick'));
+	if (sick === null || sick.t > recoveredAt) {
+		failures.push(`bbal never found ${name} sick in the ${ms / 1000} s it answered ${mode === 'servfail'
+			? 'SERVFAIL' : 'nothing'}`);
+	} else {
+		notes.push(`bbal found ${name} sick ${secs(sick.t - faultAt)} after the switch to ${mode} `
+			+ `(${describeLog(sick)})`);
+		if (sick.t - faultAt > SICK_BOUND_MS) {
+			failures.push(`bbal found ${name} sick only ${secs(sick.t - faultAt)} after the switch `
+				+ `(bound ${SICK_BOUND_MS / 1000} s)`);
+		}
+		const flaps = [...fleet.logs()].filter((r) => r.t > sick.t && r.t < recoveredAt
+			&& healthOf(be.path, 'healthy')(r)).length;
+		if (flaps > 0) {
+			notes.push(`bbal found ${name} healthy ${flaps} time(s) while it still answered ${mode}`);
+		}
+	}
+	if (healthy === null) {
+		failures.push(`bbal did not find ${name} healthy within ${HEALTHY_WAIT_MS / 1000} s of its answering `
+			+ 'normally again');
+	} else {
+		notes.push(`bbal found ${name} healthy ${secs(Date.parse(String(healthy.time)) - recoveredAt)} after it `
+			+ 'answered normally again');
+	}
+	return {
+		windows: [{
+			label: `${mode} ${name}`, target: name, faultAt, close: healthOf(be.path, 'sick'), boundMs: SICK_BOUND_MS,
+			definition: `DNS health: from the switch to ${mode} until bbal logs the backend sick; at most `
+				+ `${SICK_BOUND_MS / 1000} s: ${mode === 'servfail' ? 'its SERVFAILs are half of bbal\'s 2-s window '
+					+ 'within about a second' : 'its queries go unanswered past bbal\'s 2-s query timeout'}, and a `
+				+ '500-ms health run counts them; or two probes, a second apart, fail',
+		}],
+		recovery: { target: name, recoveredAt },
+		rehome: false,
+		returnLimitMs: SICK_RETURN_LIMIT_MS,
+		failures,
+		notes,
+	};
+}
+
+/*
+ * allservfail: every mname answers SERVFAIL; the fake, which cannot, is
+ * killed first and restarted last (scenarios header).  The judge looks at
+ * each mname remote's answers in four stretches: from the kill to the
+ * switch and while bbal fails open no remote may move; while the mnames
+ * turn sick, or healthy again, one by one, moves are rightly made and only
+ * reported.  By the end every one must be back on its primary.
+ */
+async function injectAllServfail(ctx: Ctx): Promise<Injected> {
+	const { fleet, timing } = ctx;
+	const all = [...fleet.backends.values()].sort((a, b) => a.name.localeCompare(b.name));
+	const mnames = all.filter((b) => b.kind === 'mname');
+	const fakes = all.filter((b) => b.kind === 'fake');
+	const failures: string[] = [];
+	const notes: string[] = [];
+	const windows: PendingWindow[] = [];
+	const killAt = Date.now();
+	for (const fake of fakes) {
+		const since = fleet.bbal.logs.length;
+		const at = Date.now();
+		await fake.kill();
+		windows.push({
+			label: `SIGKILL ${fake.name}`, target: fake.name, faultAt: at, close: faultOf(fake.path), boundMs: 1000,
+			definition: 'EOF: from the SIGKILL of the fake (it cannot answer SERVFAIL) until bbal logs it faulted; '
+				+ 'at most 1 s',
+		});
+		/* Not connected any more, before the mnames turn sick: bbal is to fail open, not send all to the fake. */
+		await fleet.bbal.waitForLog((r) => r.be_path === fake.path && r.msg === FAULTED, 2000, since).catch(() => {
+			failures.push(`bbal did not find the killed fake ${fake.name} faulted within 2 s`);
+		});
+	}
+	const switchAt = Math.min(...await Promise.all(mnames.map((b) => b.command('servfail'))));
+	let normalAt = 0;
+	try {
+		await sleep(Math.min(timing.allServfailMs, SICK_BOUND_MS + 1000) - (Date.now() - switchAt));
+		/* Failing open, bbal treats none as sick; whether it still calls them sick is its own affair. */
+		const seen = await healthSnapshot(ctx, mnames, 'SERVFAIL', switchAt, false);
+		notes.push(seen.note);
+		failures.push(...seen.failures);
+		await sleep(timing.allServfailMs - (Date.now() - switchAt));
+	} finally {
+		normalAt = Math.max(...await Promise.all(mnames.map((b) => b.command('normal'))));
+	}
+	/* Every mname healthy before the fake returns, or the fake, healthy among sick ones, would take all. */
+	const healthyBy = Date.now() + HEALTHY_WAIT_MS;
+	while (Date.now() < healthyBy && !mnames.every((b) => fleet.findLog(switchAt, healthOf(b.path, 'healthy')) !== null)) {
+		await sleep(100);
+	}
+	const unhealthy = mnames.filter((b) => fleet.findLog(switchAt, healthOf(b.path, 'healthy')) === null);
+	if (unhealthy.length > 0) {
+		failures.push(`bbal did not find ${unhealthy.map((b) => b.name).join(', ')} healthy within `
+			+ `${HEALTHY_WAIT_MS / 1000} s of their answering normally again`);
+	}
+	let recoveredAt = Date.now();
+	for (const fake of fakes) {
+		recoveredAt = await fake.restart();
+	}
+	const judge = (recs: QueryRecord[], judgeNotes: string[]): string[] => {
+		const out: string[] = [];
+		const open = fleet.findLog(switchAt, (r) => r.msg === FAILING_OPEN);
+		const openAt = open === null || open.t > normalAt ? Infinity : open.t;
+		if (openAt === Infinity) {
+			out.push('bbal never failed open while every connected backend answered SERVFAIL');
+		} else {
+			judgeNotes.push(`bbal failed open ${secs(openAt - switchAt)} after the switch to servfail`);
+			if (openAt - switchAt > SICK_BOUND_MS) {
+				out.push(`bbal failed open only ${secs(openAt - switchAt)} after the switch (bound `
+					+ `${SICK_BOUND_MS / 1000} s)`);
+			}
+			const closed = fleet.findLog(openAt, (r) => r.msg === FAILING_OPEN_NO_MORE);
+			if (closed === null) {
+				out.push('bbal never logged that it stopped failing open');
+			} else {
+				judgeNotes.push(`bbal stopped failing open ${secs(closed.t - normalAt)} after the backends answered `
+					+ 'normally again');
+			}
+		}
+		const made = recs.filter((r) => r.fate === 'servfail' && r.sentAt >= killAt).length;
+		if (made > 0) {
+			out.push(`bbal made up ${made} SERVFAIL answers`);
+		}
+		const n = ctx.driver.sources.length;
+		const prim = primaries(recs, 0, killAt, n);
+		const isMname = new Set(mnames.map((b) => b.name));
+		const stretches: Array<[string, number, number, boolean]> = [
+			['between the kill of the fake and the switch', killAt, switchAt, true],
+			['while the backends turned sick', switchAt, openAt, false],
+			['while bbal failed open', openAt, normalAt, true],
+			['while the backends turned healthy again', normalAt, Infinity, false],
+		];
+		const moved = stretches.map(() => new Set<string>());
+		const last: Array<string | null> = [...prim];
+		for (const r of recs) {
+			if (r.fate !== 'ok' && r.fate !== 'backend servfail') {
+				continue;
+			}
+			last[r.src] = r.backend;
+			const p = prim[r.src];
+			if (p === null || !isMname.has(p) || r.backend === p) {
+				continue;
+			}
+			const i = stretches.findIndex(([, from, to]) => r.sentAt >= from && r.sentAt < to);
+			if (i >= 0) {
+				moved[i].add(ctx.driver.sources[r.src]);
+			}
+		}
+		stretches.forEach(([what, , , fail], i) => {
+			if (moved[i].size === 0) {
+				return;
+			}
+			const line = `${moved[i].size} remotes of an mname answered by another backend ${what}: `
+				+ [...moved[i]].slice(0, 5).join(', ') + (moved[i].size > 5 ? ', ...' : '');
+			if (fail) {
+				out.push(line);
+			} else {
+				judgeNotes.push(`${line} (rightly: some backends were healthy, others sick)`);
+			}
+		});
+		const away = prim.flatMap((p, src) => (p !== null && isMname.has(p) && last[src] !== p
+			? [`${ctx.driver.sources[src]} (on ${last[src] ?? '?'}, not ${p})`] : []));
+		if (away.length > 0) {
+			out.push(`remotes of an mname not back on their primary by the end: ${away.slice(0, 5).join(', ')}`
+				+ (away.length > 5 ? `, ... (${away.length})` : ''));
+		}
+		return out;
+	};
+	return {
+		windows,
+		attackAt: killAt,
+		recovery: fakes.length > 0 ? { target: fakes[0].name, recoveredAt } : null,
+		rehome: false,
+		backendServfailAnswers: true,
+		failures,
+		notes,
+		judge,
+	};
 }
 
 export const SCENARIOS: Scenario[] = [
@@ -326,6 +633,27 @@ export const SCENARIOS: Scenario[] = [
 		},
 	},
 	{
+		name: 'servfail',
+		needs: 'mname',
+		describe: (b, t) => `backend ${b} answers every query SERVFAIL for ${t.servfailMs / 1000} s (its session and `
+			+ 'heartbeats fine), then normally',
+		inject: (ctx, name) => injectSick(ctx, name, 'servfail', ctx.timing.servfailMs),
+	},
+	{
+		name: 'blackhole',
+		needs: 'mname',
+		describe: (b, t) => `backend ${b} answers no query for ${t.blackholeMs / 1000} s (its session and heartbeats `
+			+ 'fine), then normally',
+		inject: (ctx, name) => injectSick(ctx, name, 'blackhole', ctx.timing.blackholeMs),
+	},
+	{
+		name: 'allservfail',
+		needs: 'fleet',
+		describe: (_b, t) => `every mname backend answers SERVFAIL for ${t.allServfailMs / 1000} s, the fake (which `
+			+ 'cannot) SIGKILLed for the while and restarted after; bbal must fail open',
+		inject: (ctx) => injectAllServfail(ctx),
+	},
+	{
 		name: 'hostile',
 		needs: 'bbal',
 		describe: (_b, t) => `four attacks at once for ${t.hostileMs / 1000} s (hostile.ts): a TCP lockout trickling `
@@ -431,7 +759,7 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 		+ `${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')} after`);
 	await driver.settled(end);
 	const recs = driver.take(end).filter((r) => r.sentAt >= start);
-	const failures = [...(inj.failures ?? []), ...(inj.judge?.(recs) ?? [])];
+	const failures = [...(inj.failures ?? []), ...(inj.judge?.(recs, notes) ?? [])];
 
 	const windows: FaultWindow[] = inj.windows.map((w) => {
 		const closing = fleet.findLog(w.faultAt, w.close);
@@ -457,8 +785,9 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 		if (r.t < faultAt - 100 || r.t > end || said.length >= 14) {
 			continue;
 		}
-		const mine = paths.has(null) ? ['shutting down', 'exiting', 'listening', 'backend socket established'].includes(String(r.msg))
-			: (paths.has(r.be_path as string) && r.remote_ip === undefined);
+		const mine = HEALTH_LINES.has(String(r.msg)) || (paths.has(null)
+			? ['shutting down', 'exiting', 'listening', 'backend socket established'].includes(String(r.msg))
+			: (paths.has(r.be_path as string) && r.remote_ip === undefined));
 		if (mine) {
 			const errCode = (r.err as { code?: string } | undefined)?.code;
 			said.push(`${r.t >= faultAt ? '+' : ''}${((r.t - faultAt) / 1000).toFixed(3)} s  ${describeLog(r)}`
@@ -477,6 +806,8 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 		windows,
 		recovery: inj.recovery,
 		rehome: inj.rehome,
+		returnLimitMs: inj.returnLimitMs ?? RETURN_LIMIT_MS,
+		backendServfailAnswers: inj.backendServfailAnswers ?? false,
 		procBefore,
 		procAfter,
 		bbalReplaced: inj.bbalReplaced ?? false,
@@ -494,7 +825,7 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 
 /** A backend of the kind a scenario needs, chosen by `pick` (index into the candidates). */
 export function targetFor(ctx: Ctx, sc: Scenario, pick = 0): string {
-	if (sc.needs === 'bbal') {
+	if (sc.needs === 'bbal' || sc.needs === 'fleet') {
 		return '';
 	}
 	const names = [...ctx.fleet.backends.values()].filter((b) => b.kind === sc.needs).map((b) => b.name).sort();

@@ -75,7 +75,8 @@ export const SHORT_FORM: Omit<SuiteOptions, 'plan' | 'log'> = {
 	burstMs: 8000,
 	timing: {
 		beforeMs: 2000, afterMs: 2000, killDownMs: 2000, stopMs: 25_000, stuckMs: 14_000, addAfterMs: 1000,
-		orphanMs: 8000, returnWaitMs: 12_000, balanceWaitMs: 0, hostileMs: 15_000,
+		orphanMs: 8000, returnWaitMs: 12_000, balanceWaitMs: 0, hostileMs: 15_000, servfailMs: 8000,
+		blackholeMs: 8000, allServfailMs: 10_000,
 	},
 };
 
@@ -166,7 +167,8 @@ export async function runSuite(t: Teardowns, opts: SuiteOptions): Promise<SuiteR
 		}
 	} else {
 		const rand = prng(opts.seed ?? 1);
-		const names = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart', 'hostile'];
+		const names = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart', 'hostile', 'servfail', 'blackhole',
+			'allservfail'];
 		const until = Date.now() + (opts.soakMs ?? 60_000);
 		while (Date.now() < until) {
 			const sc = scenario(names[Math.floor(rand() * names.length)]);

@@ -17,6 +17,15 @@
  * behind so connects are refused; SIGTERM lets mname close the listener,
  * which removes the file), restart() starts a fresh process at the same
  * path.  Every backend is killed on teardown.
+ *
+ * ANSWERING MODES.  Every backend is started with an IPC channel, and
+ * command() switches how it answers (normal, servfail, refused, nxdomain,
+ * blackhole: the fixture's header says what each does), resolving with the
+ * moment the backend says the mode took effect.  A restarted backend is a
+ * new process with a new channel, and starts normal.  The channel is
+ * unref()ed on our side, so a backend never keeps a test process alive;
+ * the fixture exits when the channel closes, so a test process that dies
+ * leaves no backend behind.
  */
 
 import fs from 'node:fs/promises';
@@ -30,6 +39,11 @@ export const backendFixture = path.join(projectRoot, 'test', 'fixtures', 'mname_
 
 /** How long a backend has to print "ready". */
 const READY_TIMEOUT_MS = 10_000;
+/** How long a backend has to acknowledge a command. */
+const COMMAND_TIMEOUT_MS = 5000;
+
+/** How a backend answers (test/fixtures/mname_backend.cjs, ANSWERING MODES). */
+export type BackendMode = 'normal' | 'servfail' | 'blackhole' | 'refused' | 'nxdomain';
 
 /** A private socket directory under /tmp, removed (with its stats socket) on teardown. */
 export async function makeSocketDir(t: Teardowns): Promise<string> {
@@ -52,13 +66,16 @@ export interface Backend {
 	 * SIGTERM lets mname close the listener, which removes the file.
 	 */
 	kill(signal?: NodeJS.Signals): Promise<void>;
-	/* Start a fresh process at the same path (killing the old one first). */
+	/* Start a fresh process at the same path (killing the old one first); it answers normally. */
 	restart(): Promise<void>;
+	/* Switch how it answers; resolves with the backend's Date.now() when the mode took effect. */
+	command(cmd: BackendMode): Promise<number>;
 }
 
 async function spawnBackend(socketPath: string, label: string): Promise<Child> {
 	const child = startChild(`backend ${label} at ${socketPath}`, process.execPath, [backendFixture, socketPath, label],
-		{ env: childEnv() });
+		{ env: childEnv(), ipc: true });
+	child.proc.channel?.unref();
 	try {
 		await child.waitOutput((out) => out.includes('ready\n'), READY_TIMEOUT_MS, 'ready');
 	} catch (err) {
@@ -66,6 +83,49 @@ async function spawnBackend(socketPath: string, label: string): Promise<Child> {
 		throw new Error(`${(err as Error).message}\nstderr: ${child.stderr}`);
 	}
 	return child;
+}
+
+/*
+ * Send a command on the child's IPC channel and wait for its acknowledgement
+ * `{ done: cmd, at }`.  Rejects when the backend refuses the command, exits
+ * first, or says nothing for 5 s.
+ */
+function commandChild(child: Child, label: string, cmd: BackendMode): Promise<number> {
+	const proc = child.proc;
+	return new Promise((resolve, reject) => {
+		const finish = (err: Error | null, at = NaN): void => {
+			clearTimeout(timer);
+			proc.off('message', procOnMessage);
+			proc.off('exit', procOnExit);
+			if (err !== null) {
+				reject(err);
+			} else {
+				resolve(at);
+			}
+		};
+		const procOnMessage = (msg: unknown): void => {
+			const m = msg as { done?: unknown; at?: unknown; error?: unknown };
+			if (typeof m.error === 'string') {
+				finish(new Error(`backend ${label}: ${m.error}`));
+			} else if (m.done === cmd && typeof m.at === 'number') {
+				finish(null, m.at);
+			}
+		};
+		const procOnExit = (): void => finish(new Error(`backend ${label}: exited before acknowledging ${cmd}`));
+		const timer = setTimeout(() => finish(new Error(`backend ${label}: ${cmd} not acknowledged within `
+			+ `${COMMAND_TIMEOUT_MS / 1000} s`)), COMMAND_TIMEOUT_MS);
+		if (child.exited || !proc.connected) {
+			finish(new Error(`backend ${label}: not running, cannot take ${cmd}`));
+			return;
+		}
+		proc.on('message', procOnMessage);
+		proc.once('exit', procOnExit);
+		proc.send({ cmd }, (err) => {
+			if (err !== null) {
+				finish(err);
+			}
+		});
+	});
 }
 
 /** A real mname backend at dir/name, answering with TXT `be=<label>`; killed on teardown. */
@@ -83,6 +143,9 @@ export async function startBackend(t: Teardowns, dir: string, name: string,
 		async restart(): Promise<void> {
 			await child.stop('SIGKILL');
 			child = await spawnBackend(socketPath, label);
+		},
+		command(cmd: BackendMode): Promise<number> {
+			return commandChild(child, label, cmd);
 		},
 	};
 	t.teardown(() => backend.kill('SIGKILL'));

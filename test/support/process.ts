@@ -121,6 +121,8 @@ export interface ChildOptions {
 	/** 'pipe' (the default) keeps the output; a file descriptor sends it there instead. */
 	stdout?: 'pipe' | 'inherit' | number;
 	stderr?: 'pipe' | 'inherit' | number;
+	/** Open an IPC channel as well (proc.send, 'message'): the mname fixture takes its commands there. */
+	ipc?: boolean;
 	env?: NodeJS.ProcessEnv;
 	/** projectRoot unless given. */
 	cwd?: string;
@@ -156,7 +158,7 @@ export class Child {
 	constructor(readonly name: string, cmd: string, args: string[], private readonly opts: ChildOptions = {}) {
 		this.proc = spawn(cmd, args, {
 			cwd: opts.cwd ?? projectRoot, env: opts.env ?? process.env,
-			stdio: [opts.stdin ?? 'ignore', opts.stdout ?? 'pipe', opts.stderr ?? 'pipe'],
+			stdio: [opts.stdin ?? 'ignore', opts.stdout ?? 'pipe', opts.stderr ?? 'pipe', ...(opts.ipc ? ['ipc' as const] : [])],
 		});
 		this.proc.stdout?.setEncoding('utf8').on('data', this.stdoutOnData);
 		this.proc.stderr?.setEncoding('utf8').on('data', this.stderrOnData);
