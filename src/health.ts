@@ -24,7 +24,7 @@
  * answers (Binder refuses names outside its domain on purpose).  The window
  * is no longer than the query timeout, so a backend that stops answering
  * at t is judged on its timeouts alone from t + timeout on: it turns sick
- * within half a second of its first queries timing out.
+ * within a quarter of a second of its first queries timing out.
  *
  * PROBES.  Every --health-interval seconds bbal sends each connected
  * backend a query for --health-query in an INBOUND_UDP frame from 0.0.0.0
@@ -58,7 +58,7 @@ import { AnswerBook, type AnswerEvent } from './answers.js';
 import type { Backend } from './backend.js';
 import { DNS_HEADER_BYTES, encodeQuestion, RCODE_SERVFAIL } from './dns.js';
 
-export const HEALTH_RUN_MS = 500;
+export const HEALTH_RUN_MS = 250;
 export const PASSIVE_WINDOW_MS = 2000;
 export const PASSIVE_BUCKETS = 8;
 export const PASSIVE_MIN_SAMPLES = 20;
