@@ -78,7 +78,8 @@ import {
 	Backend, type BackendContext, type BackendState, type BackendStats, type HeartbeatRttHandler,
 	type OutboundUdpHandler,
 } from './backend.js';
-import { DEFAULT_HEALTH_OPTIONS, HealthMonitor } from './health.js';
+import type { AnswerCounts } from './answers.js';
+import { DEFAULT_HEALTH_OPTIONS, HealthMonitor, type HealthState, type ProbeOutcome } from './health.js';
 import { GatedLog } from './log.js';
 import type { TimeoutWheel } from './timeouts.js';
 
@@ -122,6 +123,31 @@ export interface BackendView {
 	/** Round trip of the last answered heartbeat, or -1 before the first. */
 	readonly lastHeartbeatRttMs: number;
 	readonly stats: Readonly<BackendStats>;
+	/** How it answers and whether it is healthy (answers.ts, health.ts). */
+	readonly health: BackendHealthView;
+}
+
+/**
+ * What operators' views may read of a backend's health and answer book:
+ * every BackendHealth is one.  Nothing here can record, judge or clear;
+ * latencyQuantileMs only moves the book's one-minute window on to `nowMs`,
+ * as the next answer would.
+ */
+export interface BackendHealthView {
+	readonly state: HealthState;
+	readonly transitions: number;
+	readonly lastProbe: Readonly<ProbeOutcome> | null;
+	readonly book: {
+		readonly answers: Readonly<AnswerCounts>;
+		readonly outstanding: number;
+		readonly unanswered: number;
+		readonly late: number;
+		readonly unsolicited: number;
+		readonly dropped: number;
+		readonly latencyCounts: ArrayLike<number>;
+		readonly latencySumMs: number;
+		latencyQuantileMs(q: number, nowMs: number): number | null;
+	};
 }
 
 /**

@@ -334,6 +334,7 @@ export class Balancer {
 			udp: this.udp,
 			tcp: this.tcp,
 			wheel: this.wheel,
+			health: this.health,
 			listen: { address: this.opts.bind, port: this.opts.port },
 			socketDir: this.opts.socketDir,
 			startedAt: this.startedAt,

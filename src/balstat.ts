@@ -6,6 +6,13 @@
  * backends, then every remote peer and the backend serving it -- or, with
  * --json, the snapshot exactly as bbal sent it, for scripts and jq.
  *
+ * Between the two, BACKEND HEALTH is what bbal adds to the original: per
+ * backend, whether it is healthy (or sick, and why), how many answers it
+ * gave and what share of them were SERVFAIL, its p50 and p99 latency over
+ * the last minute, its queries outstanding and unanswered, and its last
+ * probe.  It is a table of its own, keyed by ID, so that neither table
+ * grows past a hundred columns.
+ *
  *   balstat [-S PATH] [--json]
  *   balstat --version    (bbal's version: the two come from one package)
  *
@@ -22,11 +29,19 @@ import { packageVersion } from './options.js';
 import { ipv4ToU32 } from './protocol.js';
 import { DEFAULT_STATS_SOCKET, type Snapshot } from './stats.js';
 
-/* A fixed-width text table; numbers right-aligned, text left-aligned. */
+/* A cell with no value. */
+const NONE = '-';
+
+/*
+ * A fixed-width text table; numbers right-aligned, text left-aligned.  A
+ * column of numbers may have '-' where there is none (no latency yet): it
+ * is still a column of numbers.
+ */
 export function table(header: string[], rows: Array<Array<string | number>>): string {
 	const cells = [header, ...rows.map((r) => r.map(String))];
 	const widths = header.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
-	const numeric = header.map((_, i) => rows.length > 0 && rows.every((r) => typeof r[i] === 'number'));
+	const numeric = header.map((_, i) => rows.some((r) => typeof r[i] === 'number')
+		&& rows.every((r) => typeof r[i] === 'number' || r[i] === NONE));
 	return cells.map((r) => r.map((c, i) => {
 		const w = widths[i];
 		if (i === r.length - 1) {
@@ -34,6 +49,40 @@ export function table(header: string[], rows: Array<Array<string | number>>): st
 		}
 		return numeric[i] ? c.padStart(w) : c.padEnd(w);
 	}).join('  ').trimEnd()).join('\n');
+}
+
+type BackendSnapshot = Snapshot['backends'][number];
+
+/* healthy, or sick:REASON. */
+function healthCell(b: BackendSnapshot): string {
+	return b.health === 'sick' ? `sick:${b.healthReason ?? '?'}` : b.health;
+}
+
+/* Milliseconds to two significant digits: the latencies are bucket bounds about 19% apart. */
+function msCell(ms: number | null): number | string {
+	return ms === null ? NONE : Number(ms.toPrecision(2));
+}
+
+/* Its answers, every rcode. */
+const answered = (b: BackendSnapshot): number =>
+	b.answers.noerror + b.answers.nxdomain + b.answers.servfail + b.answers.refused + b.answers.other;
+
+/* The share of its answers that were SERVFAIL, in percent to a tenth. */
+function servfailCell(b: BackendSnapshot): number | string {
+	const n = answered(b);
+	return n === 0 ? NONE : Number((100 * b.answers.servfail / n).toFixed(1));
+}
+
+/* ok 0.4ms; fail:servfail, fail:timeout (no answer in time) or fail:slow (an answer, after the timeout). */
+function probeCell(b: BackendSnapshot): string {
+	const p = b.probe;
+	if (p === null) {
+		return NONE;
+	}
+	if (p.ok) {
+		return p.ms === null ? 'ok' : `ok ${Number(p.ms.toPrecision(2))}ms`;
+	}
+	return p.rcode === null ? 'fail:timeout' : p.rcode === 2 ? 'fail:servfail' : 'fail:slow';
 }
 
 export function formatSnapshot(snap: Snapshot): string {
@@ -47,6 +96,19 @@ export function formatSnapshot(snap: Snapshot): string {
 			b.stats.stuck, b.stats.connError, b.stats.faults, b.path]),
 	));
 	out.push('');
+	/* A bbal from before answer accounting sends none of this. */
+	if (snap.backends.every((b) => b.answers !== undefined)) {
+		out.push('BACKEND HEALTH');
+		out.push(table(
+			['ID', 'HEALTH', 'ANSWERS', 'SERVFAIL%', 'P50MS', 'P99MS', 'OUTSTANDING', 'UNANSWERED', 'PROBE'],
+			snap.backends.map((b) => [b.id, healthCell(b), answered(b), servfailCell(b), msCell(b.latencyMs.p50),
+				msCell(b.latencyMs.p99), b.outstanding, b.unanswered, probeCell(b)]),
+		));
+		if (snap.failOpen) {
+			out.push('every connected backend is sick: failing open (each serves its remotes as if healthy)');
+		}
+		out.push('');
+	}
 	out.push('REMOTE PEERS');
 	const remotes = [...snap.remotes].sort((a, b) => ipv4ToU32(a.ip) - ipv4ToU32(b.ip));
 	out.push(table(
@@ -63,7 +125,8 @@ export function formatSnapshot(snap: Snapshot): string {
 	out.push(`udp: received ${u.received}, forwarded ${u.forwarded}, answers sent ${u.sent}; `
 		+ `dropped: oversize ${u.oversize}, not DNS ${u.invalid}, outside --allow ${u.aclDropped}, `
 		+ `no backend ${u.noBackend}, stuck ${u.stuck}; rate limited ${u.rateLimited}; `
-		+ `bbal answered SERVFAIL ${u.servfail}, REFUSED ${u.refused}; socket errors: receiving `
+		+ `bbal answered SERVFAIL ${u.servfail}, REFUSED ${u.refused}; backend answers matching no query (dropped) `
+		+ `${u.unsolicited ?? 0}; socket errors: receiving `
 		+ `${u.receiveErrors ?? 0}, sending ${u.sendErrors} (${u.sendQueueFull ?? 0} with the send queue full)`);
 	out.push(`tcp: open ${c.open}, accepted ${c.accepted}, established ${c.established}; `
 		+ `closed: over cap ${c.overCap}, outside --allow ${c.aclDropped}, no backend ${c.noBackend}, `

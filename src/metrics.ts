@@ -12,6 +12,11 @@
  * exception is the heartbeat round-trip histogram, which must see each
  * sample: backend.ts reports every answered heartbeat (one per backend
  * every five seconds) through a callback that the balancer wires here.
+ * The answer latency histogram is not one: a sample per answer would be
+ * work per packet, so each backend's answer book keeps its own counts
+ * (answers.ts) and bbal_backend_answer_latency_seconds is written from
+ * them at scrape time, its buckets the book's power-of-two bounds
+ * (latencyHistogram, ScrapedHistogram).
  *
  * Names follow Prometheus conventions: a `bbal_` prefix, `_total` on
  * counters, seconds for durations, and a `backend` label carrying the
@@ -50,11 +55,81 @@
 import http from 'node:http';
 import type net from 'node:net';
 import type { Logger } from 'pino';
-import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, type Metric, Registry } from 'prom-client';
+import { type AnswerCounts, LATENCY_BUCKETS, latencyBoundMs } from './answers.js';
 import type { BackendView } from './backends.js';
 import type { StatsSources } from './stats.js';
 
 type BackendCounter = 'connStart' | 'connError' | 'udp' | 'tcp' | 'stuck' | 'faults' | 'throttled';
+
+/* Each answer class of the book, as its rcode label. */
+const RCODE_LABELS: ReadonlyArray<keyof AnswerCounts> = ['noerror', 'nxdomain', 'servfail', 'refused', 'other'];
+
+/** One series of a histogram as Prometheus shows it: counts at or under each bound (seconds), all, and their sum. */
+export interface PromHistogram {
+	buckets: Array<{ le: number; count: number }>;
+	count: number;
+	sumSecs: number;
+}
+
+/**
+ * An answer book's latency histogram (answers.ts: bucket k holds latencies
+ * over latencyBoundMs(k - 1) and at most latencyBoundMs(k)) as Prometheus
+ * buckets.  Every other bound, the even k, is a power of two of a
+ * millisecond; Prometheus gets those, in seconds, each counting every
+ * bucket up to it, so a bucket of the book is never split.  The last
+ * bucket of the book has no upper bound (it takes everything slower), so
+ * it is counted under +Inf alone.
+ */
+export function latencyHistogram(counts: ArrayLike<number>, sumMs: number): PromHistogram {
+	const buckets: PromHistogram['buckets'] = [];
+	let acc = 0;
+	for (let k = 0; k < LATENCY_BUCKETS; k++) {
+		acc += counts[k];
+		if (k % 2 === 0 && k < LATENCY_BUCKETS - 1) {
+			buckets.push({ le: latencyBoundMs(k) / 1000, count: acc });
+		}
+	}
+	return { buckets, count: acc, sumSecs: sumMs / 1000 };
+}
+
+type HistogramValue = { metricName: string; labels: Record<string, string | number>; value: number };
+
+/*
+ * A histogram whose series are made at scrape time from counts kept
+ * elsewhere.  prom-client's Histogram takes samples one observe() at a
+ * time, which for answers would be work per packet; its registry takes
+ * any object with a name, a help, a type and get() (registry.js reads no
+ * more), so this is one, and writes the _bucket, _sum and _count lines
+ * itself.  Series go when read() stops listing them.
+ */
+class ScrapedHistogram {
+	readonly type = 'histogram';
+	readonly aggregator = 'sum';
+
+	constructor(
+		readonly name: string,
+		readonly help: string,
+		private readonly read: () => Array<{ labels: Record<string, string | number>; hist: PromHistogram }>,
+	) {}
+
+	get(): Promise<{ name: string; help: string; type: string; aggregator: string; values: HistogramValue[] }> {
+		const values: HistogramValue[] = [];
+		const bucket = `${this.name}_bucket`;
+		for (const { labels, hist } of this.read()) {
+			for (const b of hist.buckets) {
+				values.push({ metricName: bucket, labels: { ...labels, le: b.le }, value: b.count });
+			}
+			values.push({ metricName: bucket, labels: { ...labels, le: '+Inf' }, value: hist.count });
+			values.push({ metricName: `${this.name}_sum`, labels, value: hist.sumSecs });
+			values.push({ metricName: `${this.name}_count`, labels, value: hist.count });
+		}
+		return Promise.resolve({ name: this.name, help: this.help, type: this.type, aggregator: this.aggregator, values });
+	}
+
+	/* Registry.resetMetrics(): nothing is kept here to reset. */
+	reset(): void {}
+}
 
 /** Connections to /metrics open at once. */
 export const METRICS_MAX_CONNECTIONS = 16;
@@ -130,6 +205,62 @@ export class Metrics {
 		perBackend('bbal_backend_throttled_turns_total',
 			'Event-loop turns in which the control session used up its frame budget and was paused.', 'throttled');
 
+		/*
+		 * Answers and health (answers.ts, health.ts), read from each
+		 * backend's book at scrape time like the counters above; with the
+		 * path beside the id, as on bbal_backend_up.
+		 */
+		const ids = (be: BackendView): { backend: number; path: string } => ({ backend: be.id, path: be.path });
+		const backendGauge = (name: string, help: string, read: (be: BackendView) => number): void => {
+			new Gauge({
+				name, help, labelNames: ['backend', 'path'], registers,
+				collect() {
+					this.reset();
+					for (const be of backends()) {
+						this.set(ids(be), read(be));
+					}
+				},
+			});
+		};
+		const backendCounter = (name: string, help: string, read: (be: BackendView) => number): void => {
+			new Counter({
+				name, help, labelNames: ['backend', 'path'], registers,
+				collect() {
+					this.reset();
+					for (const be of backends()) {
+						this.inc(ids(be), read(be));
+					}
+				},
+			});
+		};
+		backendGauge('bbal_backend_healthy', 'Whether the backend is healthy (1) or sick (0), apart from its session.',
+			(be) => (be.health.state.name === 'healthy' ? 1 : 0));
+		backendGauge('bbal_backend_outstanding', 'UDP queries forwarded to the backend and neither answered nor timed out.',
+			(be) => be.health.book.outstanding);
+		backendCounter('bbal_backend_unanswered_total', 'UDP queries the backend did not answer within --query-timeout.',
+			(be) => be.health.book.unanswered);
+		backendCounter('bbal_backend_health_transitions_total', 'Times the backend turned sick or healthy.',
+			(be) => be.health.transitions);
+		new Counter({
+			name: 'bbal_backend_answers_total', help: 'UDP answers from the backend matched to a query, by rcode.',
+			labelNames: ['backend', 'path', 'rcode'], registers,
+			collect() {
+				this.reset();
+				for (const be of backends()) {
+					const a = be.health.book.answers;
+					for (const rcode of RCODE_LABELS) {
+						this.inc({ ...ids(be), rcode }, a[rcode]);
+					}
+				}
+			},
+		});
+		this.registry.registerMetric(new ScrapedHistogram('bbal_backend_answer_latency_seconds',
+			'Time from forwarding a UDP query to the backend\'s answer (late answers included).',
+			() => backends().map((be) => ({
+				labels: ids(be),
+				hist: latencyHistogram(be.health.book.latencyCounts, be.health.book.latencySumMs),
+			}))) as unknown as Metric);
+
 		this.heartbeatRtt = new Histogram({
 			name: 'bbal_backend_heartbeat_rtt_seconds', help: 'Heartbeat round trip per backend.',
 			labelNames: ['backend'], registers,
@@ -169,6 +300,16 @@ export class Metrics {
 			oversize: udp.oversize, invalid: udp.invalid, acl: udp.aclDropped, no_backend: udp.noBackend, stuck: udp.stuck,
 		}));
 		total('bbal_udp_rate_limited_total', 'UDP queries over --max-qps-per-remote.', () => udp.rateLimited);
+		total('bbal_udp_unsolicited_answers_total', 'Backend answers dropped because they matched no query forwarded.',
+			() => udp.unsolicited);
+		const health = src.health;
+		new Gauge({
+			name: 'bbal_health_fail_open', help: 'Whether every connected backend is sick, so none is treated as sick (1).',
+			registers,
+			collect() {
+				this.set(health.failOpen ? 1 : 0);
+			},
+		});
 		byLabel('bbal_synthesized_answers_total', 'Answers bbal sent itself instead of a backend, by rcode.', 'rcode',
 			() => ({ SERVFAIL: udp.servfail, REFUSED: udp.refused }));
 		const tcp = src.tcp.stats;
@@ -220,8 +361,9 @@ export class Metrics {
 
 	/*
 	 * A forgotten backend's series go too.  The per-backend gauges and
-	 * counters are rebuilt from the registry at every scrape, so only the
-	 * histogram, fed sample by sample, keeps series of its own.
+	 * counters and the answer latency histogram are rebuilt from the
+	 * registry at every scrape, so only the heartbeat histogram, fed sample
+	 * by sample, keeps series of its own.
 	 */
 	forgetBackend(be: BackendView): void {
 		this.heartbeatRtt.remove({ backend: be.id });

@@ -16,6 +16,18 @@
  * be added, never renamed.  Times are ISO strings; counters are the
  * original's, in camelCase (conn_start -> connStart, udp_drop -> udpDrop).
  *
+ * ANSWERS AND HEALTH.  Each backend also carries what its answer book
+ * (answers.ts) and its health (health.ts) hold, read and never changed:
+ * `health` and `healthReason` (null when healthy), `answers` by rcode
+ * class, `outstanding` (in flight now), `unanswered`, `late`,
+ * `unsolicited` (its answers that matched no query), `droppedInflight` (in
+ * flight when the table's cap pushed them out), `latencyMs` p50 and p99
+ * over the last minute (a bucket's upper bound; null with no answer in
+ * it), the last `probe` and `healthTransitions`.  The latencies are read
+ * at the balancer's clock, the one the UDP proxy stamps queries with.
+ * `failOpen` sits beside the backends it describes.  All of it is added to
+ * version 1: fields may be added, and none was renamed.
+ *
  * STREAMING.  With a hundred thousand remotes the document is 20 MB, and
  * building and serialising it in one go stalled every query for a quarter
  * of a second or more -- per reader.  So a connection is written in parts:
@@ -62,7 +74,9 @@ import { chmod, lstat, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
+import type { AnswerCounts } from './answers.js';
 import type { Backends, BackendView } from './backends.js';
+import type { HealthMonitor, SickReason } from './health.js';
 import { GatedLog, ignoreError } from './log.js';
 import { ADDR_END, type Remote, type Remotes } from './remotes.js';
 import type { TcpListener, TcpListenerStats } from './tcp_listener.js';
@@ -93,6 +107,18 @@ export interface BackendSnapshot {
 	stuck: boolean;
 	lastHeartbeatRttMs: number | null;
 	stats: { connStart: number; connError: number; udp: number; tcp: number; stuck: number; faults: number; throttled: number };
+	/* How it answers (answers.ts) and whether it is healthy (health.ts); see ANSWERS AND HEALTH. */
+	health: 'healthy' | 'sick';
+	healthReason: SickReason | null;
+	answers: AnswerCounts;
+	outstanding: number;
+	unanswered: number;
+	late: number;
+	unsolicited: number;
+	droppedInflight: number;
+	latencyMs: { p50: number | null; p99: number | null };
+	probe: { ok: boolean; rcode: number | null; ms: number | null; at: string } | null;
+	healthTransitions: number;
 }
 
 export interface RemoteSnapshot {
@@ -112,6 +138,8 @@ export interface Snapshot {
 	listen: { address: string; port: number };
 	socketDir: string;
 	backends: BackendSnapshot[];
+	/** Every connected backend is sick, so none is treated as sick (health.ts, FAIL OPEN). */
+	failOpen: boolean;
 	remotes: RemoteSnapshot[];
 	remotesExpired: number;
 	remotesEvicted: number;
@@ -136,7 +164,7 @@ export interface StatsSocketStats {
 }
 
 /* The snapshot around its remotes: what comes before them, and after. */
-type SnapshotHead = Pick<Snapshot, 'version' | 'pid' | 'time' | 'startedAt' | 'listen' | 'socketDir' | 'backends'>;
+type SnapshotHead = Pick<Snapshot, 'version' | 'pid' | 'time' | 'startedAt' | 'listen' | 'socketDir' | 'backends' | 'failOpen'>;
 type SnapshotTail = Omit<Snapshot, keyof SnapshotHead | 'remotes'>;
 
 /** What the snapshot is taken from: the balancer hands over its live objects (Balancer.statsSources). */
@@ -146,6 +174,8 @@ export interface StatsSources {
 	udp: UdpProxy;
 	tcp: TcpListener;
 	wheel: TimeoutWheel;
+	/** Fail-open, read only (the monitor's state is health.ts's alone). */
+	health: Readonly<Pick<HealthMonitor, 'failOpen'>>;
 	listen: { address: string; port: number };
 	socketDir: string;
 	startedAt: Date;
@@ -153,7 +183,16 @@ export interface StatsSources {
 	statsServer?: { readonly stats: StatsSocketStats; readonly size: number } | null;
 }
 
-function backendSnapshot(be: BackendView): BackendSnapshot {
+/* Milliseconds to the microsecond, as the heartbeat's round trip is given. */
+const roundMs = (ms: number): number => Math.round(ms * 1000) / 1000;
+
+/* nowMs: the balancer's clock (the wheel's), the one the answer book's latencies are on. */
+function backendSnapshot(be: BackendView, nowMs: number): BackendSnapshot {
+	const h = be.health;
+	const book = h.book;
+	const p50 = book.latencyQuantileMs(0.5, nowMs);
+	const p99 = book.latencyQuantileMs(0.99, nowMs);
+	const probe = h.lastProbe;
 	return {
 		id: be.id,
 		path: be.path,
@@ -164,8 +203,22 @@ function backendSnapshot(be: BackendView): BackendSnapshot {
 		heartbeatOutstanding: be.heartbeatOutstanding,
 		reconnectDelay: be.reconnectDelaySecs,
 		stuck: be.stuck,
-		lastHeartbeatRttMs: be.lastHeartbeatRttMs < 0 ? null : Math.round(be.lastHeartbeatRttMs * 1000) / 1000,
+		lastHeartbeatRttMs: be.lastHeartbeatRttMs < 0 ? null : roundMs(be.lastHeartbeatRttMs),
 		stats: { ...be.stats },
+		health: h.state.name,
+		healthReason: h.state.name === 'sick' ? h.state.reason : null,
+		answers: { ...book.answers },
+		outstanding: book.outstanding,
+		unanswered: book.unanswered,
+		late: book.late,
+		unsolicited: book.unsolicited,
+		droppedInflight: book.dropped,
+		latencyMs: { p50: p50 === null ? null : roundMs(p50), p99: p99 === null ? null : roundMs(p99) },
+		probe: probe === null ? null : {
+			ok: probe.ok, rcode: probe.rcode, ms: probe.ms === null ? null : roundMs(probe.ms),
+			at: new Date(probe.at).toISOString(),
+		},
+		healthTransitions: h.transitions,
 	};
 }
 
@@ -201,6 +254,7 @@ function remoteSnapshot(rem: Remote): RemoteSnapshot {
  * takeSnapshot()'s would be.
  */
 function snapshotHead(src: StatsSources): SnapshotHead {
+	const nowMs = src.wheel.clock();
 	return {
 		version: 1,
 		pid: process.pid,
@@ -208,7 +262,8 @@ function snapshotHead(src: StatsSources): SnapshotHead {
 		startedAt: src.startedAt.toISOString(),
 		listen: src.listen,
 		socketDir: src.socketDir,
-		backends: src.backends.views().map(backendSnapshot),
+		backends: src.backends.views().map((be) => backendSnapshot(be, nowMs)),
+		failOpen: src.health.failOpen,
 	};
 }
 

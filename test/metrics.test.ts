@@ -5,62 +5,14 @@
  */
 
 import { existsSync } from 'node:fs';
-import http from 'node:http';
 import net from 'node:net';
 import t from 'tap';
 import { runBbal, startBbal } from './support/bbal.js';
 import { tcpQuery, udpQuery, udpSendRaw } from './support/dns_client.js';
 import { makeSocketDir, startBackend } from './support/fleet.js';
 import { freePort } from './support/ports.js';
+import { get, parseMetrics, value } from './support/prom_text.js';
 import { waitFor } from './support/wait.js';
-
-interface Sample {
-	name: string;
-	labels: Record<string, string>;
-	value: number;
-}
-
-/* The Prometheus text format, strictly enough to catch a malformed page. */
-function parseMetrics(text: string): Sample[] {
-	const samples: Sample[] = [];
-	for (const line of text.split('\n')) {
-		if (line === '' || line.startsWith('# HELP ') || line.startsWith('# TYPE ')) {
-			continue;
-		}
-		/* Values as Go's ParseFloat reads them: NaN and Inf in any case. */
-		const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (-?[0-9.eE+-]+|[nN][aA][nN]|[+-]?[iI][nN][fF])$/.exec(line);
-		if (m === null) {
-			throw new Error(`not Prometheus text: ${JSON.stringify(line)}`);
-		}
-		const labels: Record<string, string> = {};
-		for (const l of (m[3] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) {
-			labels[l[1]] = l[2];
-		}
-		samples.push({ name: m[1], labels, value: Number(m[4]) });
-	}
-	return samples;
-}
-
-function get(port: number, path: string): Promise<{ status: number; type: string; body: string }> {
-	return new Promise((resolve, reject) => {
-		http.get({ host: '127.0.0.1', port, path }, (res) => {
-			let body = '';
-			res.setEncoding('utf8');
-			res.on('data', (d: string) => {
-				body += d;
-			});
-			res.on('end', () => resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body }));
-		}).on('error', reject);
-	});
-}
-
-function value(samples: Sample[], name: string, labels: Record<string, string> = {}): number {
-	const s = samples.find((x) => x.name === name && Object.entries(labels).every(([k, v]) => x.labels[k] === v));
-	if (s === undefined) {
-		throw new Error(`no sample ${name} ${JSON.stringify(labels)}`);
-	}
-	return s.value;
-}
 
 t.test('/metrics parses as Prometheus text and its counters move with traffic', async (t) => {
 	const dir = await makeSocketDir(t);
