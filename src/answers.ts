@@ -63,9 +63,10 @@ export const DEFAULT_MAX_INFLIGHT_PER_BACKEND = 65_536;
 export const INFLIGHT_INITIAL_SLOTS = 1024;
 
 /*
- * Latency buckets: upper bounds 2^(k/2) / 16 ms (k = 0 .. 35), about 19%
- * apart, from 1/16 ms to 16 s.  Fine enough for p50/p99 to within a bucket;
- * Prometheus is given every other bound, the powers of two.
+ * Latency buckets: upper bounds 2^(k/2) / 16 ms (k = 0 .. 35), about 41%
+ * apart, from 1/16 ms to 11.6 s, the last one open-ended.  Fine enough for
+ * p50/p99 to within a bucket; Prometheus is given every other bound, the
+ * powers of two.
  */
 export const LATENCY_BUCKETS = 36;
 export const latencyBoundMs = (k: number): number => 2 ** (k / 2) / 16;
@@ -219,6 +220,12 @@ export class AnswerBook {
 		this.live--;
 		this.onEvent(rcode === 2 ? 'servfail' : 'answer', nowMs);
 		return ANSWER_SEND;
+	}
+
+	/** An answer too short to name its query: counted as nobody's. */
+	nothingAsked(): number {
+		this.unsolicited++;
+		return ANSWER_DROP;
 	}
 
 	/** Expire what has waited a timeout, forget what has waited two (see the diagram). */

@@ -162,7 +162,8 @@ export class Balancer {
 			maxQpsPerRemote: opts.maxQpsPerRemote,
 			rateLimitAction: opts.rateLimitAction,
 			onFatal: opts.onFatal ?? this.udpFailed,
-			health: opts.answerAccounting === false ? null : this.health,
+			health: this.health,
+			accounting: opts.answerAccounting !== false,
 			clock: this.clock,
 		});
 		this.tcp = new TcpListener({

@@ -125,7 +125,7 @@ export class BackendHealth {
 	private bucket = -1;
 	/* The probe out, if any: its id and when it went. */
 	probeId = -1;
-	probeSentAt = 0;
+	probeSentAt = -Infinity;
 	passes = 0;
 	failures = 0;
 	/* No flapping: when it last came back, and the hold-down it last served. */
@@ -243,7 +243,6 @@ export class HealthMonitor {
 	failOpen = false;
 	/** Probe answers that were not the probe out (a wrong id, or none out). */
 	strayProbeAnswers = 0;
-	private lastProbeRunMs = -Infinity;
 	private nextProbeId = 1;
 
 	constructor(
@@ -258,10 +257,8 @@ export class HealthMonitor {
 
 	/** Every HEALTH_RUN_MS: sweep every table, judge every healthy window, send and judge probes, then fail-open. */
 	run(nowMs: number): void {
-		const probeNow = this.opts.probes && nowMs - this.lastProbeRunMs >= this.opts.intervalSecs * 1000 - HEALTH_RUN_MS / 2;
-		if (probeNow) {
-			this.lastProbeRunMs = nowMs;
-		}
+		/* Each backend on its own schedule: one that has just connected is probed at once. */
+		const probeDue = nowMs - (this.opts.intervalSecs * 1000 - HEALTH_RUN_MS / 2);
 		let changed = false;
 		for (const be of this.backends()) {
 			const h = be.health;
@@ -280,7 +277,8 @@ export class HealthMonitor {
 			} else if (!this.opts.probes && nowMs >= h.state.holdUntilMs) {
 				changed = this.rise(h, nowMs) || changed;
 			}
-			if (probeNow && h.probeId < 0) {
+			/* A stuck session would drop it (and count a client's drop): it is faulted within seconds anyway. */
+			if (this.opts.probes && h.probeId < 0 && h.probeSentAt <= probeDue && !be.stuck) {
 				this.sendProbe(h, nowMs);
 			}
 		}

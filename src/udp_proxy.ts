@@ -157,8 +157,10 @@ export interface UdpProxyOptions extends UdpEdgeOptions {
 	 * default the error is only logged.
 	 */
 	onFatal?: (err: UdpTransportError) => void;
-	/** Answer accounting and probes (health.ts); null turns accounting off (--no-answer-accounting). */
+	/** Probes and answer accounting (health.ts); none in tests that need neither. */
 	health?: HealthMonitor | null;
+	/** False: --no-answer-accounting (answers are not matched; probe answers are still taken). */
+	accounting?: boolean;
 	/** The clock answer latencies are measured with (the balancer's). */
 	clock?: Clock;
 }
@@ -185,6 +187,7 @@ export class UdpProxy {
 	private readonly refuseOverRate: boolean;
 	private readonly onFatal: (err: UdpTransportError) => void;
 	private readonly health: HealthMonitor | null;
+	private readonly accounting: boolean;
 	private readonly clock: Clock;
 	private readonly unsolicitedLog: GatedLog;
 	/* Bound to 0.0.0.0: answers go from the address their query was sent to. */
@@ -213,6 +216,7 @@ export class UdpProxy {
 		this.unsolicitedLog = new GatedLog(w, 'warn', 'answer from backend matches no query (dropped)');
 		this.transport = opts.transport;
 		this.health = opts.health ?? null;
+		this.accounting = this.health !== null && opts.accounting !== false;
 		this.clock = opts.clock ?? monotonicClock;
 		this.onFatal = opts.onFatal ?? ((err) => this.log.fatal({ err }, 'UDP socket failed'));
 	}
@@ -267,16 +271,17 @@ export class UdpProxy {
 		if (this.state !== 'listening') {
 			return;
 		}
-		const health = this.health;
-		if (health !== null) {
-			if (addr === 0 && port === 0) {
-				this.stats.probeAnswers++;
-				health.probeAnswer(from, payload, this.clock());
-				return;
-			}
+		if (addr === 0 && port === 0 && this.health !== null) {
+			this.stats.probeAnswers++;
+			this.health.probeAnswer(from, payload, this.clock());
+			return;
+		}
+		if (this.accounting) {
 			/* A payload too short to carry an id and an rcode matches nothing. */
-			const id = payload.length >= 4 ? payload.readUInt16BE(0) : -1;
-			if (id < 0 || from.health.book.answer(addr, port, id, payload[3] & 0x0f, this.clock()) === ANSWER_DROP) {
+			const book = from.health.book;
+			const verdict = payload.length < 4 ? book.nothingAsked()
+				: book.answer(addr, port, payload.readUInt16BE(0), payload[3] & 0x0f, this.clock());
+			if (verdict === ANSWER_DROP) {
 				this.stats.unsolicited++;
 				this.unsolicitedLog.report(from.log, () => ({ dest_ip: u32ToIpv4(addr), dest_port: port, len: payload.length }));
 				return;
@@ -369,7 +374,7 @@ export class UdpProxy {
 		}
 		rem.udp++;
 		this.stats.forwarded++;
-		if (this.health !== null) {
+		if (this.accounting) {
 			be.health.book.query(addr, port, (msg[0] << 8) | msg[1], this.clock());
 		}
 		if (this.trace) {

@@ -30,6 +30,8 @@ interface Seen {
 	at: number;
 }
 
+const RCODES: Record<number, string> = { 0: 'NOERROR', 2: 'SERVFAIL', 3: 'NXDOMAIN', 5: 'REFUSED' };
+
 function labelOf(p: dnsPacket.Packet): string | null {
 	for (const rr of [...(p.answers ?? []), ...(p.additionals ?? [])]) {
 		if (rr.type === 'TXT') {
@@ -57,7 +59,7 @@ class Traffic {
 				let s: Seen;
 				try {
 					const r = await udpQuery({ port, source: src, name: `h${n}-${src}.example`, timeoutMs: 600 });
-					s = { backend: labelOf(r.packet), rcode: r.packet.rcode ?? null, at: Date.now() };
+					s = { backend: labelOf(r.packet), rcode: RCODES[(r.packet.flags ?? 0) & 0x0f] ?? 'other', at: Date.now() };
 				} catch {
 					s = { backend: null, rcode: null, at: Date.now() };
 				}
@@ -182,7 +184,12 @@ t.test('every backend SERVFAIL: bbal fails open, the backends\' own answers, eac
 
 t.test('a blackholed backend is caught by its unanswered queries (no probes), tried again after its hold-down', async (t) => {
 	const fleet = await startFleet(t, ['5301', '5302'], ['--no-health-check']);
-	const srcs = sources(8, 11);
+	/*
+	 * Each source waits for its answer (600 ms at most), so a blackholed
+	 * backend hears from each of its hosts under twice a second: 24 hosts give
+	 * it the 20 samples in 2 s that a passive verdict needs.
+	 */
+	const srcs = sources(24, 11);
 	const tr = await withTraffic(t, fleet, srcs);
 	const mine = tr.on('5301');
 	const since = fleet.bbal.logs.length;
@@ -220,6 +227,11 @@ t.test('a backend\'s answers to addresses nobody asked about are dropped and cou
 			t.ok(snap.udp.unsolicited > 5000, `${snap.udp.unsolicited} counted unsolicited`);
 		} else {
 			t.ok(hits > 0, `with --no-answer-accounting, as before: ${hits} sent`);
+			/* Probes still run, and their answers are still bbal's, not datagrams to 0.0.0.0. */
+			await waitFor(async () => (await statsSnapshot(fleet.sock)).udp.probeAnswers >= 3, 5000, 100, 'probe answers');
+			const after = await statsSnapshot(fleet.sock);
+			t.equal(after.udp.sendErrors, 0, 'no probe answer was sent');
+			t.equal(after.backends.find((b) => b.id === 5301)?.health, 'healthy', 'the mname is healthy by its probes');
 		}
 	}
 });
