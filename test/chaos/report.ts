@@ -53,6 +53,7 @@ export const RETURN_LIMIT_MS = 10_000;
 /** For a backend that was sick and never disconnected: two passing probes, a second apart, and the move back. */
 export const SICK_RETURN_LIMIT_MS = 5000;
 export const PROC_TOLERANCE = 0.10;
+export const PROC_TOLERANCE_NEW_PROCESS = 0.25;
 
 export interface FaultWindow {
 	label: string;
@@ -264,8 +265,15 @@ export function analyze(run: ScenarioRun, all: QueryRecord[]): Analysis {
 			+ lateReturns.join(', '));
 	}
 	const { procBefore: pb, procAfter: pa } = run;
-	if (pa.rssKb > pb.rssKb * (1 + PROC_TOLERANCE)) {
-		failures.push(`bbal RSS grew more than ${PROC_TOLERANCE * 100}%: ${pb.rssKb} kB -> ${pa.rssKb} kB`);
+	/*
+	 * A leak shows in one process.  After a restart "after" is another
+	 * process, which has not yet been through the old one's bursts (its JIT
+	 * code and malloc arenas differ by megabytes either way: +3% to +12% in
+	 * runs that lost nothing), so it is held only to a looser bound.
+	 */
+	const rssTolerance = run.bbalReplaced ? PROC_TOLERANCE_NEW_PROCESS : PROC_TOLERANCE;
+	if (pa.rssKb > pb.rssKb * (1 + rssTolerance)) {
+		failures.push(`bbal RSS grew more than ${rssTolerance * 100}%: ${pb.rssKb} kB -> ${pa.rssKb} kB`);
 	}
 	const fdWant = pb.fds + run.expectedFdDelta;
 	if (Math.abs(pa.fds - fdWant) > Math.max(1, pb.fds * PROC_TOLERANCE)) {
