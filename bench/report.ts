@@ -79,6 +79,8 @@ export interface BenchResult {
 	machine: MachineInfo;
 	configs: Record<string, Configuration>;
 	rss: RemotesResult | null;
+	/** The in-flight tables of the saturation bbal after its runs (issue 13). */
+	inflight: { tableBytes: number; backends: number; outstanding: number; answered: number } | null;
 	ratios: Ratio[];
 	targets: Target[];
 	quiet: QuietSummary | null;
@@ -209,7 +211,7 @@ function scenarioTable(L: string[], configs: Record<string, Configuration>, titl
 
 /** The Markdown report; `kind` says what sort of run it was (full, partial, quick). */
 export function report(res: BenchResult, kind: string): string {
-	const { machine, configs, ratios, targets, rss, quiet } = res;
+	const { machine, configs, ratios, targets, rss, quiet, inflight } = res;
 	const L: string[] = [];
 	L.push(`# bbal benchmark, ${res.startedAt.slice(0, 16).replace('T', ' ')} UTC (${kind})`);
 	L.push('');
@@ -246,6 +248,11 @@ export function report(res: BenchResult, kind: string): string {
 		L.push('|---:|---:|---:|---:|---:|');
 		L.push(`| ${fmtInt(rss.remotesHeld)} | ${fmt((rss.rssBeforeKb ?? NaN) / 1024)} MB | ${fmt((rss.rssAfterKb ?? NaN) / 1024)} MB | `
 			+ `${fmt((rss.hwmKb ?? NaN) / 1024)} MB | ${fmtInt(rss.sent)} / ${fmtInt(rss.answered)} / ${fmt(rss.sprayMs / 1000, 2)} s |`);
+	}
+	if (inflight) {
+		L.push('');
+		L.push(`In-flight tables of \`bbal → framed stub\` after its saturation runs: ${fmt(inflight.tableBytes / 1024, 1)} KiB `
+			+ `over ${inflight.backends} backend(s), ${fmtInt(inflight.answered)} answers matched, ${inflight.outstanding} outstanding.`);
 	}
 	if (ratios.length) {
 		L.push('');

@@ -48,6 +48,7 @@ import { type BenchOptions, parseOptions, wants } from './options.js';
 import { summarizeRunProfiles } from './profile_summary.js';
 import { type BenchResult, fmt, fmtInt, ratiosAndTargets, report } from './report.js';
 import { PROFILE_DIR } from './servers.js';
+import { statsSnapshot } from '../test/support/bbal.js';
 import { BenchSession, log } from './session.js';
 import { buildBbal, buildStub, installTools, machineInfo, RESULTS_DIR, type Tool } from './tools.js';
 
@@ -139,6 +140,20 @@ function writeResults(res: BenchResult): void {
 		+ `(${fmt(res.durationSec, 0)} s)`);
 }
 
+/* The saturation bbal's in-flight tables, from its snapshot, once its runs are over. */
+async function inflightTables(configs: Configuration[]): Promise<BenchResult['inflight']> {
+	const sock = configs.find((c) => c.id === 'sat-bbal')?.proxy?.statsSocket;
+	if (sock === undefined || sock === null) {
+		return null;
+	}
+	const snap = await statsSnapshot(sock);
+	const sum = (f: (b: (typeof snap.backends)[number]) => number): number => snap.backends.reduce((a, b) => a + f(b), 0);
+	return {
+		tableBytes: sum((b) => b.inflightTableBytes), backends: snap.backends.length, outstanding: sum((b) => b.outstanding),
+		answered: sum(({ answers: a }) => a.noerror + a.nxdomain + a.servfail + a.refused + a.other),
+	};
+}
+
 async function main(): Promise<void> {
 	installTools(neededTools(opts), opts.install);
 	buildStub();
@@ -151,6 +166,7 @@ async function main(): Promise<void> {
 	/* Servers, all up for the whole measured part (idle ones cost nothing). */
 	const configs = await startConfigurations(session, opts);
 	await runRounds(configs);
+	const inflight = await inflightTables(configs);
 	const rss: RemotesResult | null = wants(opts, 'rss') ? await measureRemotes(session) : null;
 	/* Every bbal exits here, which is when --cpu-prof writes its profile. */
 	await session.children.stopAll();
@@ -173,6 +189,7 @@ async function main(): Promise<void> {
 		machine,
 		configs: byId,
 		rss,
+		inflight,
 		ratios,
 		targets,
 		quiet: quietSummary(configs.flatMap((c) => c.samples)),

@@ -144,6 +144,7 @@ export interface BackendHealthView {
 		readonly late: number;
 		readonly unsolicited: number;
 		readonly dropped: number;
+		readonly tableBytes: number;
 		readonly latencyCounts: ArrayLike<number>;
 		readonly latencySumMs: number;
 		latencyQuantileMs(q: number, nowMs: number): number | null;

@@ -116,6 +116,8 @@ export interface BackendSnapshot {
 	late: number;
 	unsolicited: number;
 	droppedInflight: number;
+	/** Bytes held by its in-flight table's arrays (it grows by doubling up to --max-inflight-per-backend). */
+	inflightTableBytes: number;
 	latencyMs: { p50: number | null; p99: number | null };
 	probe: { ok: boolean; rcode: number | null; ms: number | null; at: string } | null;
 	healthTransitions: number;
@@ -213,6 +215,7 @@ function backendSnapshot(be: BackendView, nowMs: number): BackendSnapshot {
 		late: book.late,
 		unsolicited: book.unsolicited,
 		droppedInflight: book.dropped,
+		inflightTableBytes: book.tableBytes,
 		latencyMs: { p50: p50 === null ? null : roundMs(p50), p99: p99 === null ? null : roundMs(p99) },
 		probe: probe === null ? null : {
 			ok: probe.ok, rcode: probe.rcode, ms: probe.ms === null ? null : roundMs(probe.ms),

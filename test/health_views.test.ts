@@ -95,7 +95,8 @@ function backendSnap(id: number, over: Partial<BackendSnapshot> = {}): BackendSn
 		stats: { connStart: 1, connError: 0, udp: 1_234_567, tcp: 12, stuck: 0, faults: 0, throttled: 0 },
 		health: 'healthy', healthReason: null,
 		answers: { noerror: 1_200_000, nxdomain: 30_000, servfail: 4_567, refused: 0, other: 0 },
-		outstanding: 3, unanswered: 0, late: 0, unsolicited: 0, droppedInflight: 0, latencyMs: { p50: 0.177, p99: 11.314 },
+		outstanding: 3, unanswered: 0, late: 0, unsolicited: 0, droppedInflight: 0, inflightTableBytes: 25_600,
+		latencyMs: { p50: 0.177, p99: 11.314 },
 		probe: { ok: true, rcode: 3, ms: 0.4123, at: '2030-01-02T03:04:05.000Z' }, healthTransitions: 0,
 		...over,
 	};
