@@ -58,7 +58,7 @@ function healthCell(b: BackendSnapshot): string {
 	return b.health === 'sick' ? `sick:${b.healthReason ?? '?'}` : b.health;
 }
 
-/* Milliseconds to two significant digits: the latencies are bucket bounds about 19% apart. */
+/* Milliseconds to two significant digits: the latencies are bucket bounds about 41% apart. */
 function msCell(ms: number | null): number | string {
 	return ms === null ? NONE : Number(ms.toPrecision(2));
 }
