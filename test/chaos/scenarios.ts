@@ -58,7 +58,7 @@
  *             own) for servfailMs, then normally again.  The session stays
  *             up and heartbeats pass: only bbal's DNS-aware health can tell,
  *             from the answers (half SERVFAIL in its 2-s window, judged
- *             every 500 ms) or from its probes (one a second, sick after two
+ *             every 250 ms) or from its probes (one a second, sick after two
  *             failures).  Ends at bbal's "backend health changed" line for
  *             it with health sick; at most 3 s.  A SERVFAIL from the backend
  *             counts as not served.
@@ -315,7 +315,7 @@ async function injectSick(ctx: Ctx, name: string, mode: 'servfail' | 'blackhole'
 			definition: `DNS health: from the switch to ${mode} until bbal logs the backend sick; at most `
 				+ `${SICK_BOUND_MS / 1000} s: ${mode === 'servfail' ? 'its SERVFAILs are half of bbal\'s 2-s window '
 					+ 'within about a second' : 'its queries go unanswered past bbal\'s 2-s query timeout'}, and a `
-				+ '500-ms health run counts them; or two probes, a second apart, fail',
+				+ '250-ms health run counts them; or two probes, a second apart, fail',
 		}],
 		recovery: { target: name, recoveredAt },
 		rehome: false,
