@@ -317,7 +317,7 @@ export class HealthMonitor {
 		const id = this.nextProbeId;
 		this.nextProbeId = id >= 0xffff ? 1 : id + 1;
 		const msg = encodeQuestion(this.opts.queryName, this.opts.queryType, id);
-		/* options.ts checked the name; a stuck session drops the probe, and the timeout judges it. */
+		/* options.ts checked the name. */
 		if (msg !== null && h.be.sendUdp(0, 0, msg)) {
 			/* Not a client's query: stats.udp counts those alone. */
 			h.be.stats.udp--;
