@@ -516,11 +516,12 @@ ub_open(napi_env env, napi_callback_info info)
 		goto fail;
 	}
 	u->fd = fd;
-	/* As dgram's reuseAddr: a restarted bbal can bind at once. */
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof (one)) != 0) {
-		ub_throw_errno(env, "setsockopt", errno);
-		goto fail;
-	}
+	/*
+	 * No SO_REUSEADDR: UDP has no TIME_WAIT for it to skip, and with it on
+	 * both, Linux lets a second socket bind the same port and hands it the
+	 * datagrams -- a second DNS server (or bbal) would take bbal's queries
+	 * silently instead of failing with EADDRINUSE.
+	 */
 	memset(&sin, 0, sizeof (sin));
 	sin.sin_family = AF_INET;
 	sin.sin_addr.s_addr = htonl(addr);

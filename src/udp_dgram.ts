@@ -154,7 +154,8 @@ export class DgramTransport implements UdpTransport {
 	 * was closed meanwhile.
 	 */
 	private open(address: string, port: number, local: number): Promise<Endpoint> {
-		const socket = dgram.createSocket({ type: 'udp4', reuseAddr: true, lookup: literalLookup });
+		/* No reuseAddr: with it, another socket asking for it too could bind this port and take its datagrams (udp_batch.c). */
+		const socket = dgram.createSocket({ type: 'udp4', lookup: literalLookup });
 		return new Promise((resolve, reject) => {
 			const onError = (err: Error): void => {
 				socket.close();

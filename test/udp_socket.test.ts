@@ -95,6 +95,26 @@ function numbered(n: number, size = 24): Buffer {
 }
 
 for (const kind of kinds) {
+	t.test(`${kind}: no other socket can bind the port, not even with SO_REUSEADDR, and a second bbal's bind fails`,
+		async (t) => {
+			const { port, seen } = await serve(t, kind);
+			/* With SO_REUSEADDR on both, Linux let the newcomer bind and gave it the datagrams: a silent thief. */
+			const thief = dgram.createSocket({ type: 'udp4', reuseAddr: true });
+			t.teardown(() => thief.close());
+			const err = await new Promise<NodeJS.ErrnoException | null>((resolve) => {
+				thief.once('error', resolve);
+				thief.bind({ address: '127.0.0.1', port }, () => resolve(null));
+			});
+			t.equal(err?.code, 'EADDRINUSE', 'the thief is refused');
+			const second = createUdpTransport(kind);
+			await t.rejects(second.bind('127.0.0.1', port), { code: 'EADDRINUSE' }, 'so is a second transport');
+			await second.close();
+			const c = await client(t, src(7));
+			c.sock.send(Buffer.from('still mine'), port, '127.0.0.1');
+			await waitFor(() => seen.length === 1, 2000);
+			t.equal(seen[0].bytes.toString(), 'still mine', 'the first still gets its datagrams');
+		});
+
 	t.test(`${kind}: datagrams arrive with their source address, port and bytes`, async (t) => {
 		const { port, seen } = await serve(t, kind);
 		const clients = await Promise.all([1, 2, 3].map((n) => client(t, src(n))));
