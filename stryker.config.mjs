@@ -30,6 +30,8 @@ const modules = [
 	['src/remotes.ts', 'dist/test/bounds.test.js'],
 	['src/write_queue.ts', 'dist/test/write_queue.test.js'],
 	['src/tcp_messages.ts', 'dist/test/tcp_messages.test.js'],
+	['src/answers.ts', 'dist/test/answers.test.js'],
+	['src/health.ts', 'dist/test/health.test.js'],
 ];
 
 /** Property tests over the same parsers (protocol, dns). */

@@ -11,7 +11,7 @@
 import fc from 'fast-check';
 import t from 'tap';
 import {
-	ANSWER_DROP, ANSWER_LATE, ANSWER_SEND, AnswerBook, type AnswerEvent, INFLIGHT_INITIAL_SLOTS, latencyBoundMs,
+	ANSWER_DROP, ANSWER_LATE, ANSWER_SEND, AnswerBook, type AnswerEvent, INFLIGHT_INITIAL_SLOTS, LATENCY_BUCKETS, latencyBoundMs,
 } from '../src/answers.js';
 
 const A = 0x7f000001;
@@ -257,4 +257,76 @@ t.test('any interleaving of queries, answers, duplicates, late answers and time:
 			&& b.latencyCounts.reduce((x, y) => x + y, 0) === byRcode;
 	}), { seed: 20261130, numRuns: 500 });
 	t.pass('held for every interleaving');
+});
+
+t.test('what the table costs, and its growth up to a cap that is not a power of two', async (t) => {
+	const { b } = book(2000, 1500);
+	t.equal(b.tableBytes, 0, 'nothing before the first query');
+	b.query(A, 1, 1, T0);
+	t.equal(b.tableBytes, 1024 * 25 + 2048 * 4, '1,024 slots of 25 bytes and a hash index twice as long');
+	for (let i = 2; i <= 1600; i++) {
+		b.query(A, 1, i, T0);
+	}
+	t.equal(b.size, 1500, 'grown to the cap, not past it');
+	t.equal(b.dropped, 100, 'then the oldest went');
+	t.equal(b.tableBytes, 1500 * 25 + 4096 * 4);
+	t.equal(b.answer(A, 1, 100, 0, T0 + 1), ANSWER_DROP, 'the 100th was dropped');
+	t.equal(b.answer(A, 1, 101, 0, T0 + 1), ANSWER_SEND, 'the 101st is held');
+});
+
+t.test('an answer too short to carry an id is nobody\'s; latencies past the last bound land in it', async (t) => {
+	const { b } = book(20_000);
+	t.equal(b.nothingAsked(), ANSWER_DROP);
+	t.equal(b.unsolicited, 1);
+	b.query(A, 1, 1, T0);
+	b.answer(A, 1, 1, 0, T0);
+	t.equal(b.latencyCounts[0], 1, 'no time at all: the first bucket');
+	b.query(A, 1, 2, T0);
+	b.answer(A, 1, 2, 0, T0 + 15_000);
+	t.equal(b.latencyCounts[LATENCY_BUCKETS - 1], 1, '15 s: the last, open-ended bucket');
+	t.equal(b.latencyQuantileMs(1, T0 + 15_000), latencyBoundMs(LATENCY_BUCKETS - 1));
+	t.equal(b.latencyQuantileMs(0.5, T0 + 15_000), latencyBoundMs(0), 'p50: the first');
+});
+
+t.test('the latency window keeps each of its sixty seconds and forgets each as it leaves', async (t) => {
+	const { b } = book();
+	b.query(A, 1, 1, T0);
+	b.answer(A, 1, 1, 0, T0 + 1);
+	b.query(A, 1, 2, T0 + 30_000);
+	b.answer(A, 1, 2, 0, T0 + 30_100);
+	t.equal(b.latencyQuantileMs(1, T0 + 59_000), latencyBoundMs(22), 'both seconds held: the slower (100 ms) is p100');
+	t.equal(b.latencyQuantileMs(0, T0 + 59_000), 1, 'and the faster is p0');
+	t.equal(b.latencyQuantileMs(0, T0 + 61_000), latencyBoundMs(22), 'a minute on, the first second is gone');
+	t.equal(b.latencyQuantileMs(0, T0 + 91_000), null, 'then the other');
+});
+
+t.test('every entry stays findable through removals that shift its probe run, and through growth past expired ones', async (t) => {
+	const { b } = book(2000, 8192);
+	const n = 3000;
+	for (let i = 0; i < n; i++) {
+		b.query(A + (i % 97), 1024 + (i % 13), i & 0xffff, T0);
+	}
+	let sent = 0;
+	for (let i = 0; i < n; i += 2) {
+		sent += b.answer(A + (i % 97), 1024 + (i % 13), i & 0xffff, 0, T0 + 1) === ANSWER_SEND ? 1 : 0;
+	}
+	for (let i = 1; i < n; i += 2) {
+		sent += b.answer(A + (i % 97), 1024 + (i % 13), i & 0xffff, 0, T0 + 1) === ANSWER_SEND ? 1 : 0;
+	}
+	t.equal(sent, n, 'all of them, in two sweeps of the index');
+	/* 1,024 queries expire; more arrive and the table grows while the expired ones are still held for late answers. */
+	const { b: c } = book(2000, 8192);
+	for (let i = 0; i < 1024; i++) {
+		c.query(B, 2000, i, T0);
+	}
+	for (let i = 0; i < 100; i++) {
+		c.query(B, 3000, i, T0 + 2100);
+	}
+	t.equal(c.unanswered, 1024);
+	t.equal(c.outstanding, 100);
+	t.equal(c.answer(B, 2000, 5, 0, T0 + 2200), ANSWER_LATE, 'an expired one, moved by the growth, still answers late');
+	t.equal(c.answer(B, 3000, 5, 0, T0 + 2200), ANSWER_SEND, 'a live one answers in time');
+	c.sweep(T0 + 4100);
+	t.equal(c.unanswered, 1024 + 99, 'the live ones expire in their turn after the growth');
+	t.equal(c.size, 99, 'the first thousand forgotten');
 });

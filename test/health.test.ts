@@ -227,3 +227,100 @@ t.test('a minute without relapse forgets the history: the next sickness has no h
 	t.ok(later.name === 'sick' && later.holdUntilMs - later.sinceMs === HOLD_DOWN_SECS * 1000,
 		'sick again over a minute later: the plain hold-down (no probes) again');
 });
+
+t.test('the thresholds exactly: 20 samples are enough, half is sick, one less than half is not', async (t) => {
+	const cases: Array<[string, number, number, number, string]> = [
+		/* label, answers ok, SERVFAIL, unanswered, health after */
+		['20 SERVFAILs alone', 0, 20, 0, 'sick'],
+		['10 SERVFAILs of 20', 10, 10, 0, 'sick'],
+		['9 SERVFAILs of 20', 11, 9, 0, 'healthy'],
+		['10 unanswered of 20', 10, 0, 10, 'sick'],
+		['9 unanswered of 20', 11, 0, 9, 'healthy'],
+		['19 unanswered alone', 0, 0, 19, 'healthy'],
+	];
+	for (const [label, ok, servfail, unanswered, want] of cases) {
+		const { monitor, stands: [a] } = fleet(2, { probes: false });
+		traffic(a.be, T0, ok, 0);
+		traffic(a.be, T0, servfail, 2);
+		for (let i = 0; i < unanswered; i++) {
+			a.be.health.book.query(0x0a000009, 4000 + i, i, T0 - 2000);
+		}
+		monitor.run(T0 + 10);
+		t.equal(a.be.health.state.name, want, label);
+	}
+});
+
+t.test('the window slides: what was judged 2 s ago is gone', async (t) => {
+	const { monitor, stands: [a] } = fleet(2, { probes: false });
+	traffic(a.be, T0, 10, 2);
+	traffic(a.be, T0 + 1000, 10, 2);
+	t.same(a.be.health.window(T0 + 1000), { events: 20, servfail: 20, unanswered: 0 }, 'both halves held');
+	t.same(a.be.health.window(T0 + 2100), { events: 10, servfail: 10, unanswered: 0 }, 'the first half gone');
+	t.same(a.be.health.window(T0 + 60_000), { events: 0, servfail: 0, unanswered: 0 }, 'all gone');
+	monitor.run(T0 + 60_000);
+	t.equal(a.be.health.state.name, 'healthy', 'nothing left to judge');
+});
+
+t.test('probes: one per interval, none while off, none to a stuck session; answers that are not the probe\'s', async (t) => {
+	const { monitor, stands: [a, b] } = fleet(2, { intervalSecs: 1 });
+	(b.be as { stuck: boolean }).stuck = true;
+	for (let ms = 0; ms < 3000; ms += HEALTH_RUN_MS) {
+		monitor.run(T0 + ms);
+		if (a.be.health.probeId >= 0) {
+			monitor.probeAnswer(a.be, probeAnswer(a, 0), T0 + ms + 1);
+		}
+	}
+	t.equal(a.probes.length, 3, 'three probes in three seconds, each answered at once');
+	t.equal(b.probes.length, 0, 'a stuck session is not probed');
+	monitor.probeAnswer(a.be, probeAnswer(a, 0), T0 + 3001);
+	t.equal(monitor.strayProbeAnswers, 1, 'an answer with no probe out is stray');
+	monitor.run(T0 + 3000);
+	monitor.probeAnswer(a.be, Buffer.alloc(11), T0 + 3002);
+	t.equal(monitor.strayProbeAnswers, 2, 'so is one shorter than a header');
+	const off = fleet(1, { probes: false });
+	for (let ms = 0; ms < 3000; ms += HEALTH_RUN_MS) {
+		off.monitor.run(T0 + ms);
+	}
+	t.equal(off.stands[0].probes.length, 0, '--no-health-check: none');
+});
+
+t.test('fail-open follows probes too, counts only connected backends, and says how many', async (t) => {
+	const { monitor, stands: [a, b], lines } = fleet(2, { timeoutMs: 500 });
+	/* Nobody answers a probe: both fall by their timeouts, and that alone must open. */
+	for (let ms = 0; ms <= 2500; ms += HEALTH_RUN_MS) {
+		monitor.run(T0 + ms);
+	}
+	t.ok(a.be.health.sick && b.be.health.sick, 'both sick by probe timeouts');
+	t.ok(monitor.failOpen, 'failing open');
+	t.match(lines.find((l) => l['msg'] === 'every backend is sick: failing open'), { backends: 2 });
+	/* Both answer SERVFAIL from now on; then b's session goes: a alone, sick, connected. */
+	(b.be as { ok: boolean }).ok = false;
+	monitor.sessionChanged(b.be);
+	t.ok(monitor.failOpen, 'still open: the one connected is sick');
+	(a.be as { ok: boolean }).ok = false;
+	monitor.sessionChanged(a.be);
+	t.notOk(monitor.failOpen, 'none connected: nothing to fail open to (bbal answers SERVFAIL itself)');
+	t.match(lines.find((l) => l['msg'] === 'failing open no more'), { backends: 0, healthy: 0 });
+	const two = fleet(2);
+	two.monitor.run(T0);
+	two.monitor.probeAnswer(two.stands[0].be, probeAnswer(two.stands[0], 2), T0 + 1);
+	two.monitor.probeAnswer(two.stands[1].be, probeAnswer(two.stands[1], 2), T0 + 1);
+	two.monitor.run(T0 + 1000);
+	two.monitor.probeAnswer(two.stands[0].be, probeAnswer(two.stands[0], 2), T0 + 1001);
+	two.monitor.probeAnswer(two.stands[1].be, probeAnswer(two.stands[1], 2), T0 + 1001);
+	t.ok(two.monitor.failOpen, 'two SERVFAIL probe answers each: open at the answer, not at the next run');
+});
+
+t.test('the lines say why: window figures and hold-down when sick, how long it was sick when back', async (t) => {
+	const { monitor, stands: [a], changes } = fleet(2, { probes: false });
+	traffic(a.be, T0, 15, 2);
+	traffic(a.be, T0, 5, 0);
+	monitor.run(T0);
+	monitor.run(T0 + HOLD_DOWN_SECS * 1000);
+	traffic(a.be, T0 + 6000, 30, 2);
+	monitor.run(T0 + 6000);
+	const [first, back, relapse] = changes();
+	t.match(first, { health: 'sick', window_answers: 20, window_servfail: 15, window_unanswered: 0, hold_secs: HOLD_DOWN_SECS });
+	t.match(back, { health: 'healthy', sick_secs: HOLD_DOWN_SECS });
+	t.match(relapse, { health: 'sick', hold_secs: 2 * HOLD_DOWN_SECS }, 'a relapse within the minute: twice the hold-down');
+});
