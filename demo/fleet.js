@@ -66,14 +66,24 @@ function startBackend(id) {
 
 await Promise.all([5301, 5302, 5303].map(startBackend));
 const bbalArgs = [path.join(root, 'bin', 'bbal.js'), '-b', '127.0.0.1', '-p', String(port), '-s', dir, '-S', statsSocket];
-/* The banner waits until every backend has said hello, so a dig run the
- * moment it appears is answered by a backend. */
+/* The banner waits until bbal listens and every backend has said hello, so
+ * a dig run the moment it appears is answered by a backend.  Both: bbal
+ * connects to its backends before it binds the DNS port (for up to 1 s), so
+ * the hellos alone come before a query could be heard. */
 let announced = false;
+/* Whole lines only: a chunk may end in the middle of one. */
+let partial = '';
 let established = 0;
+let listening = false;
 start(bbalArgs, 'bbal', (s) => {
 	process.stdout.write(s);
-	established += s.split('"msg":"backend socket established"').length - 1;
-	if (!announced && established >= 3) {
+	const lines = (partial + s).split('\n');
+	partial = lines.pop() ?? '';
+	for (const line of lines) {
+		established += line.includes('"msg":"backend socket established"') ? 1 : 0;
+		listening ||= line.includes('"msg":"listening"');
+	}
+	if (!announced && established >= 3 && listening) {
 		announced = true;
 		console.log([
 			'',

@@ -215,8 +215,9 @@ t.test('the npm start demo answers, and Ctrl-C leaves nothing behind', async (t)
 	t.ok(m, 'banner names the port and directory');
 	dir = m?.[2] ?? '';
 	t.equal(Number(m?.[1]), port, 'on BBAL_DEMO_PORT');
-	/* The banner comes at bbal's "listening", before the hellos (see report): wait for them. */
-	await demo.waitOutput((out) => (out.match(/backend socket established/g) ?? []).length >= 3, 5000, '3 backends up');
+	/* The banner comes once bbal listens and the three hellos are in: a query now is answered. */
+	t.ok((demo.stdout.match(/backend socket established/g) ?? []).length >= 3, '3 backends up before the banner');
+	t.match(demo.stdout, /"msg":"listening"/, 'and bbal listening');
 	const res = await udpQuery({ port, source: '127.0.0.250', name: 'demo.example' });
 	t.match(String(res.backend), /^530[123]$/, `answered by ${res.backend}`);
 	t.ok(existsSync(`${dir}.stats.sock`), 'stats socket beside the directory');
