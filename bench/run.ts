@@ -48,6 +48,7 @@ import { type BenchOptions, parseOptions, wants } from './options.js';
 import { summarizeRunProfiles } from './profile_summary.js';
 import { type BenchResult, fmt, fmtInt, ratiosAndTargets, report } from './report.js';
 import { PROFILE_DIR } from './servers.js';
+import { answerTotal } from '../src/answers.js';
 import { statsSnapshot } from '../test/support/bbal.js';
 import { BenchSession, log } from './session.js';
 import { buildBbal, buildStub, installTools, machineInfo, RESULTS_DIR, type Tool } from './tools.js';
@@ -150,7 +151,7 @@ async function inflightTables(configs: Configuration[]): Promise<BenchResult['in
 	const sum = (f: (b: (typeof snap.backends)[number]) => number): number => snap.backends.reduce((a, b) => a + f(b), 0);
 	return {
 		tableBytes: sum((b) => b.inflightTableBytes), backends: snap.backends.length, outstanding: sum((b) => b.outstanding),
-		answered: sum(({ answers: a }) => a.noerror + a.nxdomain + a.servfail + a.refused + a.other),
+		answered: sum((b) => answerTotal(b.answers)),
 	};
 }
 

@@ -58,6 +58,9 @@ export interface AnswerCounts {
 	other: number;
 }
 
+/** Every answer counted, whatever its rcode. */
+export const answerTotal = (a: Readonly<AnswerCounts>): number => a.noerror + a.nxdomain + a.servfail + a.refused + a.other;
+
 export const DEFAULT_QUERY_TIMEOUT_MS = 2000;
 export const DEFAULT_MAX_INFLIGHT_PER_BACKEND = 65_536;
 export const INFLIGHT_INITIAL_SLOTS = 1024;

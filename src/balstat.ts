@@ -25,6 +25,7 @@
 
 import net from 'node:net';
 import yargs from 'yargs';
+import { answerTotal } from './answers.js';
 import { packageVersion } from './options.js';
 import { ipv4ToU32 } from './protocol.js';
 import { DEFAULT_STATS_SOCKET, type Snapshot } from './stats.js';
@@ -64,8 +65,7 @@ function msCell(ms: number | null): number | string {
 }
 
 /* Its answers, every rcode. */
-const answered = (b: BackendSnapshot): number =>
-	b.answers.noerror + b.answers.nxdomain + b.answers.servfail + b.answers.refused + b.answers.other;
+const answered = (b: BackendSnapshot): number => answerTotal(b.answers);
 
 /* The share of its answers that were SERVFAIL, in percent to a tenth. */
 function servfailCell(b: BackendSnapshot): number | string {
