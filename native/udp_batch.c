@@ -72,6 +72,14 @@
  * here; when it does, something unknown is wrong, and the bound keeps a
  * persistent fault from becoming a busy loop.)
  *
+ * TAKEOVER (src/takeover.ts).  open() may be given the descriptor of a
+ * socket another bbal bound and passed over (fd_pass.c) instead of binding
+ * one: it is configured as if it had been bound here, the wildcard check
+ * read from getsockname().  fd() hands the descriptor to JavaScript for
+ * passing on; stopReading() stops the poll for good while sends still
+ * work, so that a bbal handing over keeps answering the queries it has
+ * already forwarded while the new one reads.
+ *
  * Lifecycle: open -> closing (uv_close() called, poll stopped) -> closed
  * (the poll handle's close callback ran: fd closed, references released,
  * the done callback called).  Once closing, no JavaScript callback but the
@@ -86,6 +94,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -96,6 +105,8 @@
 
 #include <node_api.h>
 #include <uv.h>
+
+#include "fd_pass.h"
 
 /* Keep in step with src/udp_socket.ts, which checks them at load. */
 #define UB_SLOTS 64
@@ -125,6 +136,8 @@ typedef struct ub_socket {
 	int poll_errors;
 	/* Bound to the wildcard address: IP_PKTINFO on (see WILDCARD BINDS). */
 	int pktinfo;
+	/* stopReading() was called: the poll is never started again. */
+	int reading_stopped;
 	napi_env env;
 	uv_poll_t poll;
 	napi_async_context async_ctx;
@@ -263,6 +276,9 @@ ub_poll_failed(ub_socket_t *u, int status)
 	int err = ub_take_error(u), rc = 0;
 	int32_t code = err != 0 ? -err : status;
 
+	if (u->reading_stopped) {
+		return;
+	}
 	if (++u->poll_errors > UB_MAX_POLL_ERRORS ||
 	    (rc = uv_poll_start(&u->poll, UV_READABLE, ub_on_poll)) != 0) {
 		ub_call_batch(u, rc != 0 ? rc : code, true);
@@ -468,16 +484,19 @@ ub_hold_arena(napi_env env, napi_value ab, size_t want, napi_ref *ref)
 }
 
 /*
- * open(addr u32, port, recvData, recvMeta, sendData, sendMeta, onBatch)
+ * open(addr u32, port, recvData, recvMeta, sendData, sendMeta, onBatch[, fd])
  *   -> handle.  Creates, configures and binds the socket and starts
  *   watching it; throws an Error with .code (EADDRINUSE ...) on failure.
+ *   Given fd (a bound UDP socket passed over by a bbal handing over; see
+ *   TAKEOVER), adopts it instead of binding: addr and port are ignored.
  */
 static napi_value
 ub_open(napi_env env, napi_callback_info info)
 {
-	napi_value argv[7], handle, resource, name;
-	size_t argc = 7;
+	napi_value argv[8], handle, resource, name;
+	size_t argc = 8;
 	uint32_t addr, port;
+	int32_t adopt = -1;
 	napi_valuetype t;
 	ub_socket_t *u;
 	struct sockaddr_in sin;
@@ -491,7 +510,11 @@ ub_open(napi_env env, napi_callback_info info)
 	    napi_get_value_uint32(env, argv[1], &port) != napi_ok || port > 65535 ||
 	    napi_typeof(env, argv[6], &t) != napi_ok || t != napi_function) {
 		napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE",
-		    "udp_batch: open(addr, port, recvData, recvMeta, sendData, sendMeta, onBatch)");
+		    "udp_batch: open(addr, port, recvData, recvMeta, sendData, sendMeta, onBatch[, fd])");
+		return NULL;
+	}
+	if (argc >= 8 && (napi_get_value_int32(env, argv[7], &adopt) != napi_ok || adopt < 0)) {
+		napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "udp_batch: open(): fd must be a descriptor");
 		return NULL;
 	}
 	NAPI_OK_OR_RETURN(env, napi_get_uv_event_loop(env, &loop));
@@ -510,25 +533,46 @@ ub_open(napi_env env, napi_callback_info info)
 		goto fail;
 	}
 
-	fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0) {
-		ub_throw_errno(env, "socket", errno);
-		goto fail;
-	}
-	u->fd = fd;
-	/*
-	 * No SO_REUSEADDR: UDP has no TIME_WAIT for it to skip, and with it on
-	 * both, Linux lets a second socket bind the same port and hands it the
-	 * datagrams -- a second DNS server (or bbal) would take bbal's queries
-	 * silently instead of failing with EADDRINUSE.
-	 */
-	memset(&sin, 0, sizeof (sin));
-	sin.sin_family = AF_INET;
-	sin.sin_addr.s_addr = htonl(addr);
-	sin.sin_port = htons((uint16_t) port);
-	if (bind(fd, (struct sockaddr *) &sin, sizeof (sin)) != 0) {
-		ub_throw_errno(env, "bind", errno);
-		goto fail;
+	if (adopt >= 0) {
+		struct sockaddr_in bound;
+		socklen_t blen = sizeof (bound);
+		int type = 0;
+		socklen_t tlen = sizeof (type);
+
+		if (getsockopt(adopt, SOL_SOCKET, SO_TYPE, &type, &tlen) != 0 ||
+		    getsockname(adopt, (struct sockaddr *) &bound, &blen) != 0) {
+			ub_throw_errno(env, "getsockname", errno);
+			goto fail;
+		}
+		if (type != SOCK_DGRAM || bound.sin_family != AF_INET) {
+			ub_throw_errno(env, "open", ENOTSOCK);
+			goto fail;
+		}
+		u->fd = fd = adopt;
+		addr = ntohl(bound.sin_addr.s_addr);
+		(void) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+		(void) fcntl(fd, F_SETFD, FD_CLOEXEC);
+	} else {
+		fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		if (fd < 0) {
+			ub_throw_errno(env, "socket", errno);
+			goto fail;
+		}
+		u->fd = fd;
+		/*
+		 * No SO_REUSEADDR: UDP has no TIME_WAIT for it to skip, and with
+		 * it on both, Linux lets a second socket bind the same port and
+		 * hands it the datagrams -- a second DNS server (or bbal) would
+		 * take bbal's queries silently instead of failing with EADDRINUSE.
+		 */
+		memset(&sin, 0, sizeof (sin));
+		sin.sin_family = AF_INET;
+		sin.sin_addr.s_addr = htonl(addr);
+		sin.sin_port = htons((uint16_t) port);
+		if (bind(fd, (struct sockaddr *) &sin, sizeof (sin)) != 0) {
+			ub_throw_errno(env, "bind", errno);
+			goto fail;
+		}
 	}
 	/* Room for bursts; best effort, capped by net.core.[rw]mem_max. */
 	(void) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof (size));
@@ -741,6 +785,44 @@ ub_local_port(napi_env env, napi_callback_info info)
 	return result;
 }
 
+/* fd(handle) -> the socket's descriptor, for passing on (TAKEOVER). */
+static napi_value
+ub_fd(napi_env env, napi_callback_info info)
+{
+	napi_value argv[1], result;
+	size_t argc = 1;
+	ub_socket_t *u;
+
+	NAPI_OK_OR_RETURN(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 1 || (u = ub_unwrap(env, argv[0])) == NULL) {
+		return NULL;
+	}
+	NAPI_OK_OR_RETURN(env, napi_create_int32(env, u->state == UB_OPEN ? u->fd : -1, &result));
+	return result;
+}
+
+/*
+ * stopReading(handle): stop the poll for good; send() still works (see
+ * TAKEOVER).  Datagrams then wait in the socket for whoever else reads it.
+ */
+static napi_value
+ub_stop_reading(napi_env env, napi_callback_info info)
+{
+	napi_value argv[1];
+	size_t argc = 1;
+	ub_socket_t *u;
+
+	NAPI_OK_OR_RETURN(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 1 || (u = ub_unwrap(env, argv[0])) == NULL) {
+		return NULL;
+	}
+	if (u->state == UB_OPEN && !u->reading_stopped) {
+		u->reading_stopped = 1;
+		uv_poll_stop(&u->poll);
+	}
+	return NULL;
+}
+
 /*
  * recvErr(handle): turn IP_RECVERR on.  A test seam, not used by bbal:
  * with it, an answer to a port nobody listens on comes back as an ICMP
@@ -807,6 +889,8 @@ ub_init(napi_env env, napi_value exports)
 		{ "localPort", NULL, ub_local_port, NULL, NULL, NULL, napi_enumerable, NULL },
 		{ "close", NULL, ub_close, NULL, NULL, NULL, napi_enumerable, NULL },
 		{ "recvErr", NULL, ub_recv_err, NULL, NULL, NULL, napi_enumerable, NULL },
+		{ "fd", NULL, ub_fd, NULL, NULL, NULL, napi_enumerable, NULL },
+		{ "stopReading", NULL, ub_stop_reading, NULL, NULL, NULL, napi_enumerable, NULL },
 	};
 	napi_value v;
 
@@ -822,6 +906,10 @@ ub_init(napi_env env, napi_value exports)
 	}
 	if (napi_create_uint32(env, UB_META_WORDS, &v) == napi_ok) {
 		napi_set_named_property(env, exports, "META_WORDS", v);
+	}
+	/* Passing descriptors and telling systemd (fd_pass.c), in the same addon. */
+	if (fp_init(env, exports) != 0) {
+		return NULL;
 	}
 	return exports;
 }

@@ -55,14 +55,19 @@
 
 import type { Logger } from 'pino';
 import {
-	Backends, REBALANCE_INTERVAL_SECS, RESCAN_INTERVAL_SECS,
+	type Backend, Backends, REBALANCE_INTERVAL_SECS, RESCAN_INTERVAL_SECS,
 } from './backends.js';
 import { Acl } from './dns.js';
+import { fdPass } from './fd_pass.js';
+import {
+	ControlServer, controlSocketPath, decodeRemote, type HandoverHost, type Running, type SocketSpec,
+} from './handover.js';
 import { DEFAULT_HEALTH_OPTIONS, HEALTH_RUN_MS, HealthMonitor } from './health.js';
 import type { Metrics } from './metrics.js';
 import type { Options } from './options.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { logSnapshot, StatsServer, type StatsSources } from './stats.js';
+import { type RemotesMessage, type Takeover, TakeoverError } from './takeover.js';
 import { TcpListener } from './tcp_listener.js';
 import { type Clock, monotonicClock, type Timeout, TimeoutWheel } from './timeouts.js';
 import { UdpProxy } from './udp_proxy.js';
@@ -74,6 +79,10 @@ export const TICK_MS = 1000;
 export const STARTUP_BACKEND_WAIT_MS = 1000;
 /* How often start() looks whether they have. */
 const STARTUP_POLL_MS = 5;
+/* How often a drain after a handover looks whether answers are still outstanding. */
+const DRAIN_POLL_MS = 50;
+/* How long a drain waits for a reload's client to be told how it went. */
+const CONTROL_SESSIONS_DONE_MS = 1000;
 
 /** A listener other than DNS could not start: reported in one line, exit 1. */
 export class StartupError extends Error {
@@ -102,11 +111,19 @@ export type BalancerOptions = Pick<Options, 'bind' | 'port' | 'socketDir'>
 		 * without it, the balancer logs the error and closes itself.
 		 */
 		onFatal?: (err: Error) => void;
+		/** The flags as given, for a takeover to compare (handover.ts); JSON. */
+		settings?: Record<string, unknown>;
+		/**
+		 * A takeover has handed everything over: drain() and exit, non-zero
+		 * if the new bbal vanished first.  Without it the balancer drains and
+		 * closes itself.
+		 */
+		onHandedOver?: (successorGone: boolean) => void;
 	};
 
-export type BalancerState = 'new' | 'starting' | 'running' | 'closing' | 'closed';
+export type BalancerState = 'new' | 'starting' | 'running' | 'handing over' | 'closing' | 'closed';
 
-export class Balancer {
+export class Balancer implements HandoverHost {
 	readonly wheel: TimeoutWheel;
 	/** Every backend's answers and health (health.ts); run() every HEALTH_RUN_MS. */
 	readonly health: HealthMonitor;
@@ -118,7 +135,10 @@ export class Balancer {
 	readonly startedAt = new Date();
 	private lifecycle: BalancerState = 'new';
 	private stats: StatsServer | null = null;
+	private control: ControlServer | null = null;
 	private metrics: Metrics | null = null;
+	/* The TCP listener's close() begun by a handover: its sessions drain meanwhile. */
+	private tcpDrained: Promise<void> | null = null;
 	private tick: NodeJS.Timeout | null = null;
 	private healthTick: NodeJS.Timeout | null = null;
 	private readonly clock: Clock;
@@ -239,7 +259,7 @@ export class Balancer {
 	 * hello -- on each restart, with healthy backends behind it; a resolver
 	 * retries a query that got no answer, while a SERVFAIL may be cached.
 	 */
-	async start(): Promise<void> {
+	async start(takeover?: Takeover): Promise<void> {
 		if (this.lifecycle === 'closing' || this.lifecycle === 'closed') {
 			return;
 		}
@@ -247,15 +267,15 @@ export class Balancer {
 			throw new Error(`Balancer.start() while ${this.lifecycle}`);
 		}
 		this.lifecycle = 'starting';
+		if (takeover !== undefined) {
+			await this.startFrom(takeover);
+			return;
+		}
 		await this.openStatsSocket();
 		if (this.opts.metrics) {
 			await this.openMetrics(this.opts.metrics);
 		}
-		await this.backends.rescan();
-		if (this.opts.watchDir !== false) {
-			this.backends.watch();
-		}
-		await this.backendsSettled(STARTUP_BACKEND_WAIT_MS);
+		await this.findBackends();
 		if (this.lifecycle !== 'starting') {
 			/* Told to stop while the backends were connecting. */
 			return;
@@ -267,6 +287,18 @@ export class Balancer {
 			await Promise.all([this.udp.close(), this.tcp.close()]);
 			return;
 		}
+		this.enterRunning();
+	}
+
+	private async findBackends(): Promise<void> {
+		await this.backends.rescan();
+		if (this.opts.watchDir !== false) {
+			this.backends.watch();
+		}
+		await this.backendsSettled(STARTUP_BACKEND_WAIT_MS);
+	}
+
+	private enterRunning(): void {
 		this.lifecycle = 'running';
 		this.tick = setInterval(this.tickOnInterval, TICK_MS);
 		this.tick.unref();
@@ -277,6 +309,86 @@ export class Balancer {
 			allow: this.opts.allow?.length ? this.opts.allow : 'everyone',
 		}, 'listening');
 	}
+
+	/*
+	 * TAKEOVER, the new bbal's part (takeover.ts draws it): backends first,
+	 * as at any start, then the remote table; then read the sockets passed
+	 * over and tell the old process to stop.  Until that last step a failure
+	 * is a TakeoverError and the old bbal serves on; the descriptors not yet
+	 * taken up are closed, the rest close with their owners.  The stats and
+	 * control files become ours (removed at our clean exit) only once the
+	 * old process has let go of them.
+	 */
+	private async startFrom(t: Takeover): Promise<void> {
+		const s = t.sockets;
+		const unused = new Set([...s.udp.map((u) => u.fd), s.tcp, s.stats, s.control, s.metrics]
+			.filter((fd): fd is number => fd !== undefined && fd >= 0));
+		const take = (fd: number): number => {
+			unused.delete(fd);
+			return fd;
+		};
+		let remotes = 0;
+		try {
+			for (const d of t.differences()) {
+				this.log.info(d, 'takeover: option differs from the running bbal');
+			}
+			await this.findBackends();
+			remotes = await t.fetchRemotes(this.restoreRemotes);
+			if (this.lifecycle !== 'starting') {
+				throw new TakeoverError(`stopped while taking over (${this.lifecycle})`);
+			}
+			/* From here this process reads the DNS sockets too. */
+			await this.udp.listen(this.opts.bind, this.opts.port, s.udp.map((u) => ({ fd: take(u.fd), address: u.address })));
+			await this.tcp.listen(this.opts.bind, this.opts.port, take(s.tcp));
+			const statsPath = this.opts.statsSocket;
+			if (statsPath !== undefined && s.stats !== undefined) {
+				const server = new StatsServer(statsPath, this.statsSources, this.log);
+				await server.listen(take(s.stats));
+				this.stats = server;
+			}
+			if (statsPath !== undefined && s.control !== undefined) {
+				const control = new ControlServer(controlSocketPath(statsPath), this);
+				await control.listen(take(s.control));
+				this.control = control;
+			}
+			if (this.opts.metrics) {
+				await this.openMetrics(this.opts.metrics, s.metrics === undefined ? undefined : take(s.metrics));
+			}
+		} catch (err) {
+			t.abandon([...unused]);
+			throw err instanceof TakeoverError ? err
+				: new TakeoverError(`takeover failed: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+		}
+		/* A socket the old bbal had and we do not want (--metrics dropped). */
+		for (const fd of unused) {
+			fdPass()?.closeFd(fd);
+		}
+		const changed = await t.handOver(this.restoreRemotes);
+		this.stats?.own();
+		this.control?.own();
+		this.enterRunning();
+		this.log.info({ old_pid: t.old.pid, old_version: t.old.version, remotes, remotes_changed: changed }, 'took over');
+	}
+
+	/* A `remotes` message of a takeover, applied at once: a thousand remotes at most. */
+	private readonly restoreRemotes = (m: RemotesMessage): void => {
+		const lookup = (p: string): Backend | null => {
+			const be = this.backends.lookupPath(p);
+			return be === undefined || be.removed ? null : be;
+		};
+		let bad = 0;
+		for (const rec of Array.isArray(m.remotes) ? m.remotes : []) {
+			const d = decodeRemote(rec, Array.isArray(m.backends) ? m.backends : [], lookup);
+			if (d === null) {
+				bad++;
+			} else {
+				this.remotes.restore(d.addr, d.remote);
+			}
+		}
+		if (bad > 0) {
+			this.log.warn({ bad }, 'takeover: remotes that could not be read (skipped)');
+		}
+	};
 
 	/* The one clock read per second: the wheel reads its clock in run(). */
 	private readonly tickOnInterval = (): void => {
@@ -311,14 +423,27 @@ export class Balancer {
 			}
 			this.log.warn({ stats_socket: p, reason: (err as Error).message },
 				'no stats socket (balstat will not reach this bbal; use -S PATH)');
+			return;
+		}
+		/* Beside it, the control socket a takeover connects to (handover.ts); only where sockets can be passed. */
+		if (fdPass() === null) {
+			return;
+		}
+		const control = new ControlServer(controlSocketPath(p), this);
+		try {
+			await control.listen();
+			this.control = control;
+		} catch (err) {
+			this.log.warn({ control_socket: control.socketPath, reason: (err as Error).message },
+				'no control socket (this bbal cannot be taken over)');
 		}
 	}
 
-	private async openMetrics({ host, port }: { host: string; port: number }): Promise<void> {
+	private async openMetrics({ host, port }: { host: string; port: number }, fd?: number): Promise<void> {
 		/* Loaded only when asked for: prom-client is ~10 MB of RSS. */
 		const { Metrics } = await import('./metrics.js');
 		const m = new Metrics(this.statsSources, this.log);
-		await m.listen(host, port).catch((err: NodeJS.ErrnoException) => {
+		await m.listen(host, port, fd).catch((err: NodeJS.ErrnoException) => {
 			throw new StartupError(`cannot serve metrics on ${host}:${port}: ${err.code ?? err.message}`);
 		});
 		this.metrics = m;
@@ -348,6 +473,70 @@ export class Balancer {
 		this.log.info({ snapshot: logSnapshot(this.statsSources) }, 'stats snapshot');
 	}
 
+	/* ---- TAKEOVER, the running bbal's part (handover.ts) ---- */
+
+	running(): Running & { options: Record<string, unknown> } {
+		const o = this.opts;
+		return { bind: o.bind, port: o.port, transport: this.udp.transportKind, options: o.settings ?? {} };
+	}
+
+	busy(): string | null {
+		return this.lifecycle === 'running' ? null : `it is ${this.lifecycle}`;
+	}
+
+	sockets(): Array<SocketSpec & { fd: number }> {
+		const out: Array<SocketSpec & { fd: number }> = this.udp.sockets().map((u) => ({ kind: 'udp', address: u.address, fd: u.fd }));
+		const add = (kind: SocketSpec['kind'], fd: number | undefined): void => {
+			if (fd !== undefined && fd >= 0) {
+				out.push({ kind, fd });
+			}
+		};
+		add('tcp', this.tcp.fd);
+		add('stats', this.stats?.fd);
+		add('control', this.control?.fd);
+		add('metrics', this.metrics?.fd);
+		return out;
+	}
+
+	/* The new bbal reads the sockets now: stop reading and accepting, let go of the listeners, keep the rest to drain. */
+	async handOver(): Promise<void> {
+		this.lifecycle = 'handing over';
+		this.rescanTimeout.clear();
+		this.rebalanceTimeout.clear();
+		this.expiryTimeout.clear();
+		this.udp.stopReading();
+		this.tcpDrained = this.tcp.close();
+		await Promise.all([this.stats?.release(), this.control?.close(true), this.metrics?.close()]);
+		this.log.info({ tcp_open: this.tcp.size }, 'handed over: no longer reading or accepting, draining');
+	}
+
+	handedOver(successorGone: boolean): void {
+		if (this.opts.onHandedOver !== undefined) {
+			this.opts.onHandedOver(successorGone);
+		} else {
+			void this.drain();
+		}
+	}
+
+	/**
+	 * After a handover: let the TCP sessions finish (up to the listener's
+	 * drain limit) and the answers to forwarded UDP queries come back (up to
+	 * --query-timeout; all of it when answers are not accounted), tell a
+	 * reload how it went, then close.
+	 */
+	async drain(): Promise<void> {
+		await this.tcpDrained;
+		const waitMs = this.opts.queryTimeoutMs ?? DEFAULT_HEALTH_OPTIONS.queryTimeoutMs;
+		const until = Date.now() + waitMs;
+		const accounted = this.opts.answerAccounting !== false;
+		const outstanding = (): number => this.backends.list().reduce((n, be) => n + be.health.book.outstanding, 0);
+		while (Date.now() < until && (!accounted || outstanding() > 0)) {
+			await new Promise((resolve) => setTimeout(resolve, DRAIN_POLL_MS));
+		}
+		await this.control?.sessionsDone(CONTROL_SESSIONS_DONE_MS);
+		await this.close();
+	}
+
 	/* ---- close ---- */
 
 	/** Stop everything (see LIFECYCLE); every call returns the same promise. */
@@ -368,7 +557,10 @@ export class Balancer {
 		this.rebalanceTimeout.clear();
 		this.expiryTimeout.clear();
 		this.remotes.close();
-		await Promise.all([this.udp.close(), this.tcp.close(), this.stats?.close(), this.metrics?.close()]);
+		this.control?.destroyAll();
+		await Promise.all([
+			this.udp.close(), this.tcp.close(), this.stats?.close(), this.control?.close(), this.metrics?.close(),
+		]);
 		this.backends.close();
 		this.lifecycle = 'closed';
 	}

@@ -41,9 +41,13 @@
 
 import { statSync } from 'node:fs';
 import { Balancer, StartupError } from './balancer.js';
+import { notifySystemd } from './fd_pass.js';
+import { controlSocketPath } from './handover.js';
 import { makeLogger } from './log.js';
-import { type Options, parseArgs, UsageError } from './options.js';
+import { type Options, packageVersion, parseArgs, UsageError } from './options.js';
 import { StatsSocketError } from './stats.js';
+import { reportStatus, requestReload, Takeover, TakeoverError } from './takeover.js';
+import { createUdpTransport } from './udp_socket.js';
 
 /** Exit statuses (see the header). */
 export const EXIT_USAGE = 2;
@@ -56,7 +60,10 @@ export function exitStatusFor(err: unknown): number {
 
 /** One line for an error from Balancer.start(). */
 export function describeStartError(err: unknown, opts: Pick<Options, 'bind' | 'port'>): string {
-	if (err instanceof StatsSocketError || err instanceof StartupError) {
+	if (err instanceof StatsSocketError && err.code === 'EINUSE') {
+		return `${err.message} (bbal --takeover replaces a running bbal)`;
+	}
+	if (err instanceof StatsSocketError || err instanceof StartupError || err instanceof TakeoverError) {
 		return err.message;
 	}
 	const e = err as NodeJS.ErrnoException & { address?: unknown };
@@ -103,6 +110,10 @@ export async function main(argv: string[]): Promise<void> {
 		/* --help or --version, printed. */
 		return;
 	}
+	if (opts.reload) {
+		await reload(opts, argv);
+		return;
+	}
 	checkSocketDir(opts.socketDir);
 
 	const log = makeLogger(opts.logLevel);
@@ -111,11 +122,42 @@ export async function main(argv: string[]): Promise<void> {
 		process.exit(EXIT_FAILURE);
 	});
 
+	let transport;
+	try {
+		transport = createUdpTransport();
+	} catch (err) {
+		die(`cannot make the UDP socket: ${(err as Error).message}`, EXIT_FAILURE);
+	}
+	const settings = JSON.parse(JSON.stringify({ ...opts, takeover: undefined, reload: undefined })) as Record<string, unknown>;
+	/* --takeover: the sockets first, before anything else is started (takeover.ts). */
+	let takeover: Takeover | undefined;
+	if (opts.takeover) {
+		try {
+			takeover = Takeover.connect({
+				controlPath: controlSocketPath(opts.statsSocket), version: packageVersion(), bind: opts.bind, port: opts.port,
+				transport: transport.kind, options: settings, timeoutMs: opts.takeoverTimeoutMs, log,
+			});
+		} catch (err) {
+			const msg = describeStartError(err, opts);
+			log.fatal({ err }, msg);
+			reportStatus(false, msg);
+			die(msg, EXIT_FAILURE);
+		}
+		log.info({ old_pid: takeover.old.pid, old_version: takeover.old.version, sockets: takeover.old.sockets.length },
+			'takeover: sockets received');
+	}
+
 	const bal = new Balancer({
-		...opts, log, statsSocketRequired: opts.statsSocketExplicit,
+		...opts, log, transport, settings, statsSocketRequired: opts.statsSocketExplicit,
 		onFatal: (err) => {
 			log.fatal({ err }, 'UDP socket failed (exiting)');
 			process.exit(EXIT_FAILURE);
+		},
+		onHandedOver: (successorGone) => {
+			void bal.drain().then(() => {
+				log.info({ successor_gone: successorGone }, 'exiting after handover');
+				process.exit(successorGone ? EXIT_FAILURE : 0);
+			});
 		},
 	});
 	const stop = (signal: string): void => {
@@ -136,11 +178,44 @@ export async function main(argv: string[]): Promise<void> {
 	process.on('SIGUSR2', () => bal.logSnapshot());
 
 	try {
-		await bal.start();
+		await bal.start(takeover);
 	} catch (err) {
 		const msg = describeStartError(err, opts);
 		log.fatal({ err }, msg);
+		reportStatus(false, msg);
 		await bal.close();
 		die(msg, exitStatusFor(err));
+	}
+	await announce(log, takeover);
+}
+
+/*
+ * Tell systemd (Type=notify) that bbal is ready; after a takeover, that
+ * this process is the service's main process now -- and only once systemd
+ * has taken that in may the old one exit (fd_pass.ts, SYSTEMD).  Then the
+ * reload that started us, if any, is told, and the old bbal let go.
+ */
+async function announce(log: ReturnType<typeof makeLogger>, takeover: Takeover | undefined): Promise<void> {
+	const text = takeover === undefined ? 'READY=1'
+		: `MAINPID=${process.pid}\nREADY=1\nSTATUS=took over from pid ${takeover.old.pid}`;
+	try {
+		await notifySystemd(text, takeover !== undefined);
+	} catch (err) {
+		log.error({ err }, 'could not notify systemd');
+	}
+	if (takeover !== undefined) {
+		reportStatus(true, `pid ${process.pid} took over from pid ${takeover.old.pid}`);
+		takeover.finish();
+	}
+}
+
+/* --reload: ask the running bbal for a successor with our flags (takeover.ts, RELOAD). */
+async function reload(opts: Options, argv: string[]): Promise<void> {
+	const args = argv.filter((a) => !/^--reload(=.*)?$/.test(a));
+	try {
+		const msg = await requestReload(controlSocketPath(opts.statsSocket), args, opts.takeoverTimeoutMs);
+		process.stdout.write(`bbal: reloaded: ${msg}\n`);
+	} catch (err) {
+		die(`reload failed: ${(err as Error).message}`, EXIT_FAILURE);
 	}
 }

@@ -58,6 +58,7 @@ import type { Logger } from 'pino';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, type Metric, Registry } from 'prom-client';
 import { type AnswerCounts, LATENCY_BUCKETS, latencyBoundMs } from './answers.js';
 import type { BackendView } from './backends.js';
+import { handleFd } from './fd_pass.js';
 import type { StatsSources } from './stats.js';
 
 type BackendCounter = 'connStart' | 'connError' | 'udp' | 'tcp' | 'stuck' | 'faults' | 'throttled';
@@ -374,8 +375,13 @@ export class Metrics {
 		return this.connections.size;
 	}
 
-	/** Serve /metrics; rejects with the listen error. */
-	listen(host: string, port: number): Promise<void> {
+	/** The listening socket's descriptor, for a takeover to pass on (-1 when not listening). */
+	get fd(): number {
+		return this.server === null ? -1 : handleFd(this.server);
+	}
+
+	/** Serve /metrics on host:port or, given `fd` (a takeover's), on that socket; rejects with the listen error. */
+	listen(host: string, port: number, fd?: number): Promise<void> {
 		const server = http.createServer({
 			headersTimeout: METRICS_HEADERS_TIMEOUT_MS,
 			requestTimeout: METRICS_REQUEST_TIMEOUT_MS,
@@ -385,7 +391,7 @@ export class Metrics {
 		server.on('connection', this.serverOnConnection);
 		return new Promise((resolve, reject) => {
 			server.once('error', reject);
-			server.listen({ host, port }, () => {
+			server.listen(fd === undefined ? { host, port } : { fd }, () => {
 				server.removeListener('error', reject);
 				server.on('error', (err) => this.log.error({ err }, 'metrics server error'));
 				this.server = server;

@@ -45,6 +45,7 @@ import {
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_MAX_REMOTES } from './remotes.js';
 import { DEFAULT_STATS_SOCKET, isInside } from './stats.js';
+import { DEFAULT_TAKEOVER_TIMEOUT_MS } from './takeover.js';
 import {
 	DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_MESSAGE_BYTES, DEFAULT_MAX_TCP_PER_REMOTE, DEFAULT_MAX_TCP_QUERIES_PER_CONN,
 	DEFAULT_MAX_TCP_QUERIES_PER_REMOTE, DEFAULT_TCP_IDLE_TIMEOUT_SECS,
@@ -92,6 +93,12 @@ export interface Options {
 	healthRise: number;
 	healthFall: number;
 	healthQuery: { name: string; type: number };
+	/** --takeover: take the sockets and remotes of the bbal running with the same -S (takeover.ts). */
+	takeover: boolean;
+	/** --reload: ask that bbal to start its successor (with these flags, --takeover added), and report. */
+	reload: boolean;
+	/** --takeover-timeout: how long either may take. */
+	takeoverTimeoutMs: number;
 }
 
 /** A problem with how bbal was invoked: reported in one line, exit 2. */
@@ -223,6 +230,18 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		.option('health-fall', {
 			type: 'string', requiresArg: true, default: String(DEFAULT_HEALTH_FALL), describe: 'failed probes in a row that make a healthy backend sick',
 		})
+		.option('takeover', {
+			type: 'boolean', default: false,
+			describe: 'take over the listening sockets and remotes of the bbal running with the same -S, then let it drain and exit',
+		})
+		.option('reload', {
+			type: 'boolean', default: false,
+			describe: 'ask the bbal running with the same -S to start a successor with these flags (--takeover); report how it went',
+		})
+		.option('takeover-timeout', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_TAKEOVER_TIMEOUT_MS / 1000),
+			describe: 'seconds a takeover (or a reload) may take before it is given up, leaving the running bbal as it was',
+		})
 		.option('version', { type: 'boolean', describe: 'print the version and exit' })
 		/* --no-backend is an option of its own, not "backend = false". */
 		.parserConfiguration({ 'boolean-negation': false })
@@ -301,8 +320,15 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		healthTimeoutMs, healthRise: positiveInt(lastOf(args['health-rise']), '--health-rise'),
 		healthFall: positiveInt(lastOf(args['health-fall']), '--health-fall'), healthQuery: parseHealthQuery(lastOf(args['health-query'])),
 	};
+	if (args.takeover === true && args.reload === true) {
+		throw new UsageError('--takeover and --reload do not go together: --reload starts a bbal with --takeover');
+	}
+	const takeover = {
+		takeover: args.takeover === true, reload: args.reload === true,
+		takeoverTimeoutMs: secondsAsMs(lastOf(args['takeover-timeout']), '--takeover-timeout', 0.1, 600),
+	};
 	return {
-		...health,
+		...health, ...takeover,
 		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, maxTcpPerRemote, maxTcpQueriesPerConn,
 		maxTcpQueriesPerRemote, tcpIdleTimeoutSecs,
 		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,

@@ -206,6 +206,20 @@ export class Remote implements RemoteStats {
 		be.addRemote();
 	}
 
+	/**
+	 * Serve this remote from the backends another bbal gave it (a takeover:
+	 * remotes.ts restore()); a backup only with a primary to stand in for.
+	 */
+	restoreBackends(primary: Backend | null, backup: Backend | null): void {
+		if (this.primary !== primary) {
+			this.clearPrimary();
+			if (primary !== null) {
+				this.setPrimary(primary);
+			}
+		}
+		this.setBackup(primary === null ? null : backup);
+	}
+
 	/** Forget the primary (and so the backup); the next query chooses afresh. */
 	clearPrimary(): void {
 		const p = this.primary;

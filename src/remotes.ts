@@ -95,10 +95,18 @@ import { type AVLNode, AVLTree } from 'avl';
 import type { Backend, Backends } from './backends.js';
 import { u32ToIpv4 } from './protocol.js';
 import { GatedLog } from './log.js';
-import { type Assignment, Remote } from './remote.js';
+import { type Assignment, Remote, type RemoteStats } from './remote.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
 
 export { type Assignment, Remote, type RemoteStats } from './remote.js';
+
+/** A remote as the bbal handing over held it (restore()): times as ages, in seconds before now. */
+export interface RestoredRemote extends RemoteStats {
+	primary: Backend | null;
+	backup: Backend | null;
+	firstSeenAgoSecs: number;
+	lastSeenAgoSecs: number;
+}
 
 export const REMOTE_IDLE_EXPIRY_SECS = 300;
 export const REMOTE_EXPIRY_CHECK_SECS = 30;
@@ -216,6 +224,39 @@ export class Remotes {
 			rem.referenced = true;
 		}
 		return rem;
+	}
+
+	/**
+	 * Take over a remote from the bbal handing over (takeover.ts), as it
+	 * was there: its backends, counters and times.  It is created without a
+	 * "new remote peer" line (it is not new) and counts against the cap like
+	 * any other.  If this table has it already (it sent a query here while
+	 * both processes read the socket), it is moved to the backends the old
+	 * process gave it, and keeps the larger of each counter.
+	 */
+	restore(addr: number, r: RestoredRemote): void {
+		const now = Math.floor((this.wheel.nowMs - this.epochMs) / 1000);
+		const lastSeenSec = now - Math.max(0, r.lastSeenAgoSecs);
+		let rem = this.byAddr.get(addr);
+		if (rem === undefined) {
+			if (this.byAddr.size >= this.maxRemotes) {
+				this.evictIdlest();
+			}
+			rem = new Remote(this, addr, now - Math.max(0, r.firstSeenAgoSecs));
+			rem.lastSeenSec = lastSeenSec;
+			this.byAddr.set(addr, rem);
+			this.ordered.insert(addr, rem);
+			this.enqueue(rem);
+		} else {
+			rem.lastSeenSec = Math.max(rem.lastSeenSec, lastSeenSec);
+		}
+		rem.udp = Math.max(rem.udp, r.udp);
+		rem.udpDrop = Math.max(rem.udpDrop, r.udpDrop);
+		rem.tcp = Math.max(rem.tcp, r.tcp);
+		rem.tcpDrop = Math.max(rem.tcpDrop, r.tcpDrop);
+		rem.udpInvalid = Math.max(rem.udpInvalid, r.udpInvalid);
+		rem.rateLimited = Math.max(rem.rateLimited, r.rateLimited);
+		rem.restoreBackends(r.primary, r.backup);
 	}
 
 	/** Every remote in address order (all at once: for tests and small tables; see slice()). */

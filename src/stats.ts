@@ -65,17 +65,22 @@
  * would take its own stats socket for a backend).  A file left behind by a
  * bbal that crashed is replaced; a socket that some live process still
  * listens on is not -- two balancers sharing a stats path is a mistake worth
- * stopping for.  On a clean exit the file is removed.  Its mode is set to
- * 0660 after listen, whatever the umask: connecting needs write permission,
- * so the owner and its group may read the snapshot and no one else.
+ * stopping for (bbal --takeover is the way to replace a running bbal).  On
+ * a clean exit the file is removed, unless a takeover passed the socket on
+ * (release()): the file is then the new process's, which goes on listening
+ * on the very same socket, so balstat never finds it missing (fd_pass.ts).
+ * Its mode is set to 0660 after listen, whatever the umask: connecting
+ * needs write permission, so the owner and its group may read the
+ * snapshot and no one else.
  */
 
-import { chmod, lstat, unlink } from 'node:fs/promises';
+import { unlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { AnswerCounts } from './answers.js';
 import type { Backends, BackendView } from './backends.js';
+import { handleFd, listenOnFd, listenUnixSocket } from './fd_pass.js';
 import type { HealthMonitor, SickReason } from './health.js';
 import { GatedLog, ignoreError } from './log.js';
 import { ADDR_END, type Remote, type Remotes } from './remotes.js';
@@ -409,6 +414,8 @@ export class StatsServer {
 	readonly sources: StatsSources;
 	private readonly server: net.Server;
 	private listening = false;
+	/* The socket file is another bbal's: it took over from us (release()), or we from it and it is not through (own()). */
+	private handedOver = false;
 	private readonly connections = new Set<StatsConnection>();
 	private nextId = 1;
 	private readonly overCapLog: GatedLog;
@@ -467,38 +474,43 @@ export class StatsServer {
 		}
 	}
 
-	/** Bind, replacing a stale socket file, and set its mode; rejects with StatsSocketError. */
-	async listen(): Promise<void> {
+	/**
+	 * Bind, replacing a stale socket file, and set its mode; rejects with
+	 * StatsSocketError.  Given `fd` (passed over by a takeover), listen on
+	 * that instead: the file is already there, the old process's until now.
+	 */
+	async listen(fd?: number): Promise<void> {
 		const p = this.socketPath;
-		const st = await lstat(p).catch(() => null);
-		if (st !== null) {
-			if (!st.isSocket()) {
-				throw new StatsSocketError('ENOTSOCK', `stats socket path ${p} exists and is not a socket`);
-			}
-			if (await someoneListens(p)) {
-				throw new StatsSocketError('EINUSE', `another process is listening on stats socket ${p}`);
-			}
-			await unlink(p);
-			this.log.info({ stats_socket: p }, 'replaced stale stats socket');
+		if (fd !== undefined) {
+			await listenOnFd(this.server, fd);
+			/* The file is the old process's until the takeover is through: own(). */
+			this.handedOver = true;
+		} else {
+			await listenUnixSocket(this.server, p, STATS_SOCKET_MODE, 'stats socket',
+				(code, message) => new StatsSocketError(code, message),
+				() => this.log.info({ stats_socket: p }, 'replaced stale stats socket'));
 		}
-		await new Promise<void>((resolve, reject) => {
-			const onError = (err: NodeJS.ErrnoException): void => {
-				reject(new StatsSocketError('ELISTEN', `cannot listen on stats socket ${p}: ${err.code ?? err.message}`));
-			};
-			this.server.once('error', onError);
-			this.server.listen(p, () => {
-				this.server.removeListener('error', onError);
-				resolve();
-			});
-		});
 		this.listening = true;
-		try {
-			await chmod(p, STATS_SOCKET_MODE);
-		} catch (err) {
-			await this.close();
-			const why = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
-			throw new StatsSocketError('ELISTEN', `cannot set the mode of stats socket ${p}: ${why}`);
-		}
+	}
+
+	/** The listening socket's descriptor, for a takeover to pass on (-1 when not listening). */
+	get fd(): number {
+		return this.listening ? handleFd(this.server) : -1;
+	}
+
+	/** A takeover is through: the socket file is ours, to remove at a clean exit. */
+	own(): void {
+		this.handedOver = false;
+	}
+
+	/**
+	 * A takeover has passed the socket on: stop accepting and cut the
+	 * connections being served, but leave the file, which is the new
+	 * process's now.
+	 */
+	release(): Promise<void> {
+		this.handedOver = true;
+		return this.close();
 	}
 
 	/** Stop listening and cut the connections being served; resolves once all are closed. */
@@ -512,23 +524,14 @@ export class StatsServer {
 			: new Promise<void>((resolve) => {
 				this.whenEmpty = resolve;
 			});
-		/* Closing a listening AF_UNIX server removes its file in Node. */
+		/* Node removes the file of a socket it bound by path (fd_pass.ts); the rest is ours to remove. */
 		const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
 		for (const conn of this.connections) {
 			conn.destroy();
 		}
 		await Promise.all([closed, drained]);
-		await unlink(this.socketPath).catch(() => {});
+		if (!this.handedOver) {
+			await unlink(this.socketPath).catch(() => {});
+		}
 	}
-}
-
-function someoneListens(p: string): Promise<boolean> {
-	return new Promise((resolve) => {
-		const s = net.createConnection({ path: p });
-		s.on('connect', () => {
-			s.destroy();
-			resolve(true);
-		});
-		s.on('error', () => resolve(false));
-	});
 }

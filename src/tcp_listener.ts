@@ -60,6 +60,7 @@ import { createServer } from 'node:net';
 import type { Logger } from 'pino';
 import type { Backends } from './backends.js';
 import type { Acl } from './dns.js';
+import { handleFd } from './fd_pass.js';
 import { GatedLog, ignoreError } from './log.js';
 import { ipv4ToU32 } from './protocol.js';
 import type { Remotes } from './remotes.js';
@@ -186,19 +187,26 @@ export class TcpListener implements TcpSessionHost {
 		this.server.on('connection', this.serverOnConnection);
 	}
 
+	/** The listening socket's descriptor, for a takeover to pass on (-1 when not listening). */
+	get fd(): number {
+		return this.state === 'listening' ? handleFd(this.server) : -1;
+	}
+
 	/** Open TCP connections right now. */
 	get size(): number {
 		return this.proxies.size;
 	}
 
-	listen(host: string, port: number): Promise<void> {
+	/** Listen on host:port or, given `fd` (a takeover's), on that listening socket. */
+	listen(host: string, port: number, fd?: number): Promise<void> {
 		return new Promise((resolve, reject) => {
 			const onError = (err: Error): void => {
 				this.state = 'closed';
 				reject(err);
 			};
 			this.server.once('error', onError);
-			this.server.listen({ host, port, backlog: TCP_BACKLOG, exclusive: true }, () => {
+			const where = fd === undefined ? { host, port, backlog: TCP_BACKLOG, exclusive: true } : { fd, backlog: TCP_BACKLOG };
+			this.server.listen(where, () => {
 				this.server.removeListener('error', onError);
 				this.server.on('error', this.serverOnError);
 				this.state = 'listening';

@@ -32,12 +32,14 @@
  */
 
 import dgram from 'node:dgram';
+import { closeSync } from 'node:fs';
 import os from 'node:os';
+import { handleFd } from './fd_pass.js';
 import { ignoreError } from './log.js';
 import { ipv4ToU32, u32ToIpv4 } from './protocol.js';
 import {
-	type AddressChanges, type AddressLister, ignoreDatagram, sendable, transportError, type UdpTransport,
-	type UdpTransportError,
+	type AddressChanges, type AddressLister, ignoreDatagram, type PassedUdpSocket, sendable, transportError,
+	type UdpTransport, type UdpTransportError,
 } from './udp_transport.js';
 
 /* Room for bursts while the event loop is busy elsewhere (udp_batch.c sets the same). */
@@ -96,7 +98,7 @@ export class DgramTransport implements UdpTransport {
 	readonly kind = 'dgram';
 	onDatagram: (msg: Buffer, addr: number, port: number, len: number, local: number) => void = ignoreDatagram;
 	onError: (err: UdpTransportError) => void = ignoreError;
-	private state: 'new' | 'binding' | 'open' | 'closed' = 'new';
+	private state: 'new' | 'binding' | 'open' | 'sending only' | 'closed' = 'new';
 	private port = 0;
 	/* Bound to one address: its socket.  Bound to 0.0.0.0: null, and one socket per address in `byLocal`. */
 	private only: Endpoint | null = null;
@@ -113,13 +115,25 @@ export class DgramTransport implements UdpTransport {
 
 	constructor(private readonly listAddresses: AddressLister) {}
 
-	async bind(address: string, port: number): Promise<void> {
+	bind(address: string, port: number): Promise<void> {
+		return this.start(address, port, null);
+	}
+
+	/* A wildcard bind passes one socket per address; a specific one, its one socket. */
+	adopt(address: string, sockets: PassedUdpSocket[]): Promise<void> {
+		return this.start(address, 0, sockets);
+	}
+
+	private async start(address: string, port: number, passed: PassedUdpSocket[] | null): Promise<void> {
 		if (this.state !== 'new') {
+			passed?.forEach((s) => closeSync(s.fd));
 			throw transportError('ERR_SOCKET_ALREADY_BOUND', 'UDP transport already bound', 0);
 		}
 		this.state = 'binding';
 		try {
-			if (address !== '0.0.0.0') {
+			if (passed !== null) {
+				await this.adoptAll(address, passed);
+			} else if (address !== '0.0.0.0') {
 				this.only = await this.open(address, port, 0);
 				this.port = this.only.socket.address().port;
 			} else {
@@ -148,12 +162,39 @@ export class DgramTransport implements UdpTransport {
 		this.state = 'open';
 	}
 
+	/* Each passed socket as open() would have made it; any that cannot be taken up are closed. */
+	private async adoptAll(address: string, passed: PassedUdpSocket[]): Promise<void> {
+		const wildcard = address === '0.0.0.0';
+		let i = 0;
+		try {
+			if (passed.length === 0 || (!wildcard && passed.length !== 1)) {
+				throw transportError('EINVAL', `cannot take over ${passed.length} UDP sockets for ${address}`
+					+ ' (was the other bbal using the native transport? both must use the same: see BBAL_UDP)', 0);
+			}
+			for (; i < passed.length; i++) {
+				const s = passed[i];
+				const local = wildcard ? ipv4ToU32(s.address) : 0;
+				const ep = await this.open(s.address, 0, local, s.fd);
+				if (wildcard) {
+					this.byLocal.set(local, ep);
+				} else {
+					this.only = ep;
+				}
+				this.port = ep.socket.address().port;
+			}
+		} finally {
+			for (i++; i < passed.length; i++) {
+				closeSync(passed[i].fd);
+			}
+		}
+	}
+
 	/*
-	 * A socket bound to address:port, its handlers attached; rejects with
-	 * the bind error (its .address says which address), or if the transport
-	 * was closed meanwhile.
+	 * A socket bound to address:port (or the one passed over as `fd`), its
+	 * handlers attached; rejects with the bind error (its .address says
+	 * which address), or if the transport was closed meanwhile.
 	 */
-	private open(address: string, port: number, local: number): Promise<Endpoint> {
+	private open(address: string, port: number, local: number, fd?: number): Promise<Endpoint> {
 		/* No reuseAddr: with it, another socket asking for it too could bind this port and take its datagrams (udp_batch.c). */
 		const socket = dgram.createSocket({ type: 'udp4', lookup: literalLookup });
 		return new Promise((resolve, reject) => {
@@ -162,7 +203,7 @@ export class DgramTransport implements UdpTransport {
 				reject(err);
 			};
 			socket.once('error', onError);
-			socket.bind({ address, port, exclusive: true }, () => {
+			socket.bind(fd === undefined ? { address, port, exclusive: true } : { fd, exclusive: true }, () => {
 				socket.removeListener('error', onError);
 				if (this.state === 'closed') {
 					socket.close();
@@ -193,6 +234,23 @@ export class DgramTransport implements UdpTransport {
 		return this.port;
 	}
 
+	sockets(): PassedUdpSocket[] {
+		const eps = this.only !== null ? [this.only] : [...this.byLocal.values()];
+		return eps.map((ep) => ({ fd: handleFd(ep.socket), address: ep.address })).filter((s) => s.fd >= 0);
+	}
+
+	/* dgram has no public way to stop reading and keep sending; its handle's recvStop() is what close() uses. */
+	stopReading(): void {
+		if (this.state !== 'open') {
+			return;
+		}
+		this.state = 'sending only';
+		const eps = this.only !== null ? [this.only] : [...this.byLocal.values()];
+		for (const ep of eps) {
+			(ep.socket as unknown as { _handle?: { recvStop?: () => void } })._handle?.recvStop?.();
+		}
+	}
+
 	private readonly socketOnError = (err: Error): void => {
 		const e = err as UdpTransportError;
 		e.dropped = 1;
@@ -200,7 +258,7 @@ export class DgramTransport implements UdpTransport {
 	};
 
 	send(payload: Uint8Array, addr: number, port: number, local = 0): boolean {
-		if (this.state !== 'open' || !sendable(payload, port)) {
+		if ((this.state !== 'open' && this.state !== 'sending only') || !sendable(payload, port)) {
 			return false;
 		}
 		/*

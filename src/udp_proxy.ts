@@ -90,7 +90,7 @@ import { GatedLog } from './log.js';
 import { ANSWER_DROP } from './answers.js';
 import type { HealthMonitor } from './health.js';
 import { type Clock, monotonicClock, type TimeoutWheel } from './timeouts.js';
-import type { UdpTransport, UdpTransportError } from './udp_transport.js';
+import type { PassedUdpSocket, UdpTransport, UdpTransportError } from './udp_transport.js';
 
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */
 export const SYNTH_ANSWERS_PER_SEC = 10;
@@ -194,7 +194,7 @@ export class UdpProxy {
 	private wildcard = false;
 	/* Read once: the level is fixed for the life of the process. */
 	private readonly trace: boolean;
-	private state: 'new' | 'listening' | 'closed' = 'new';
+	private state: 'new' | 'listening' | 'sending only' | 'closed' = 'new';
 
 	constructor(opts: UdpProxyOptions) {
 		this.remotes = opts.remotes;
@@ -221,13 +221,16 @@ export class UdpProxy {
 		this.onFatal = opts.onFatal ?? ((err) => this.log.fatal({ err }, 'UDP socket failed'));
 	}
 
-	/** Bind; rejects with the socket error (EADDRINUSE, EACCES ...). */
-	async listen(address: string, port: number): Promise<void> {
+	/**
+	 * Bind; rejects with the socket error (EADDRINUSE, EACCES ...).  Given
+	 * `passed` (a takeover's), start reading those sockets instead.
+	 */
+	async listen(address: string, port: number, passed?: PassedUdpSocket[]): Promise<void> {
 		/* Handlers first: no datagram or error may arrive before them. */
 		this.transport.onDatagram = this.socketOnMessage;
 		this.transport.onError = this.socketOnError;
 		try {
-			await this.transport.bind(address, port);
+			await (passed === undefined ? this.transport.bind(address, port) : this.transport.adopt(address, passed));
 		} catch (err) {
 			this.state = 'closed';
 			throw err;
@@ -235,6 +238,27 @@ export class UdpProxy {
 		this.state = 'listening';
 		this.wildcard = address === '0.0.0.0';
 		this.log.debug({ udp_transport: this.transport.kind }, 'UDP socket bound');
+	}
+
+	/** native or dgram: a takeover needs the same on both sides (handover.ts). */
+	get transportKind(): string {
+		return this.transport.kind;
+	}
+
+	/** The bound sockets, for a takeover to pass on. */
+	sockets(): PassedUdpSocket[] {
+		return this.transport.sockets();
+	}
+
+	/**
+	 * A takeover has passed the sockets on: read no more queries, but
+	 * still send the answers to those already forwarded, until close().
+	 */
+	stopReading(): void {
+		if (this.state === 'listening') {
+			this.state = 'sending only';
+			this.transport.stopReading();
+		}
 	}
 
 	/*
@@ -268,7 +292,7 @@ export class UdpProxy {
 
 	/** An answer from a backend: send it to the remote it names, from the address it queried. */
 	sendOutbound(addr: number, port: number, payload: Buffer, from: Backend): void {
-		if (this.state !== 'listening') {
+		if (this.state !== 'listening' && this.state !== 'sending only') {
 			return;
 		}
 		if (addr === 0 && port === 0 && this.health !== null) {

@@ -37,12 +37,13 @@
  */
 
 import { createRequire } from 'node:module';
+import { closeSync } from 'node:fs';
 import { ignoreError } from './log.js';
 import { ipv4ToU32 } from './protocol.js';
 import { DgramTransport, hostIpv4Addresses } from './udp_dgram.js';
 import {
-	ignoreDatagram, sendable, transportError, type UdpTransport, type UdpTransportError, type UdpTransportKind,
-	type UdpTransportOptions,
+	ignoreDatagram, type PassedUdpSocket, sendable, transportError, type UdpTransport, type UdpTransportError,
+	type UdpTransportKind, type UdpTransportOptions,
 } from './udp_transport.js';
 
 /* The addon's arena geometry; it exports its own and load() compares. */
@@ -57,13 +58,15 @@ interface Addon {
 	SLOT_BYTES: number;
 	META_WORDS: number;
 	open(addr: number, port: number, recvData: ArrayBuffer, recvMeta: ArrayBuffer,
-		sendData: ArrayBuffer, sendMeta: ArrayBuffer, onBatch: (count: number, fatal?: boolean) => void): object;
+		sendData: ArrayBuffer, sendMeta: ArrayBuffer, onBatch: (count: number, fatal?: boolean) => void, fd?: number): object;
 	recvErr(handle: object): void;
 	send(handle: object, count: number): number;
 	sendErrno(handle: object): string;
 	errName(code: number): string;
 	localPort(handle: object): number;
 	close(handle: object, onClosed: () => void): boolean;
+	fd(handle: object): number;
+	stopReading(handle: object): void;
 }
 
 let addon: Addon | null = null;
@@ -117,6 +120,7 @@ class NativeTransport implements UdpTransport {
 	private state: 'new' | 'open' | 'closing' | 'closed' = 'new';
 	private handle: object | null = null;
 	private port = 0;
+	private address = '';
 	private readonly recvData = new ArrayBuffer(SLOTS * SLOT_BYTES);
 	private readonly recvMeta = new ArrayBuffer(SLOTS * META_WORDS * 4);
 	private readonly sendData = new ArrayBuffer(SLOTS * SLOT_BYTES);
@@ -135,6 +139,20 @@ class NativeTransport implements UdpTransport {
 	}
 
 	bind(address: string, port: number): Promise<void> {
+		return this.open(address, port);
+	}
+
+	/* One socket, whatever the address: IP_PKTINFO does for the wildcard what dgram needs a socket per address for. */
+	adopt(address: string, sockets: PassedUdpSocket[]): Promise<void> {
+		if (sockets.length !== 1) {
+			sockets.forEach((s) => closeSync(s.fd));
+			return Promise.reject(transportError('EINVAL',
+				`the native transport takes over one UDP socket, not ${sockets.length} (was the other bbal using dgram?)`, 0));
+		}
+		return this.open(address, 0, sockets[0].fd);
+	}
+
+	private open(address: string, port: number, fd?: number): Promise<void> {
 		if (this.state !== 'new') {
 			return Promise.reject(transportError('ERR_SOCKET_ALREADY_BOUND', 'UDP transport already bound', 0));
 		}
@@ -143,19 +161,32 @@ class NativeTransport implements UdpTransport {
 			return Promise.reject(transportError('EINVAL', `"${address}" is not an IPv4 address`, 0));
 		}
 		try {
-			this.handle = this.addon.open(addr, port, this.recvData, this.recvMeta, this.sendData,
-				this.sendMeta, this.addonOnBatch);
+			this.handle = fd === undefined
+				? this.addon.open(addr, port, this.recvData, this.recvMeta, this.sendData, this.sendMeta, this.addonOnBatch)
+				: this.addon.open(addr, port, this.recvData, this.recvMeta, this.sendData, this.sendMeta, this.addonOnBatch, fd);
 		} catch (err) {
 			this.state = 'closed';
 			return Promise.reject(err);
 		}
 		this.port = this.addon.localPort(this.handle);
+		this.address = address;
 		this.state = 'open';
 		return Promise.resolve();
 	}
 
 	localPort(): number {
 		return this.port;
+	}
+
+	sockets(): PassedUdpSocket[] {
+		const fd = this.state === 'open' ? this.addon.fd(this.handle as object) : -1;
+		return fd < 0 ? [] : [{ fd, address: this.address }];
+	}
+
+	stopReading(): void {
+		if (this.state === 'open') {
+			this.addon.stopReading(this.handle as object);
+		}
 	}
 
 	/*

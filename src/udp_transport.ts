@@ -82,7 +82,30 @@ export interface UdpTransport {
 	onError: (err: UdpTransportError) => void;
 	/** The bound port (after bind with port 0); 0 before. */
 	localPort(): number;
+	/**
+	 * TAKEOVER.  The bound sockets, for a takeover to pass on (their
+	 * descriptors stay this transport's); empty before bind.
+	 */
+	sockets(): PassedUdpSocket[];
+	/**
+	 * Start from sockets another bbal bound and passed over, instead of
+	 * bind(address, port): `address` is what bind would have been given.
+	 * The descriptors are the transport's from now on, even if it rejects.
+	 */
+	adopt(address: string, sockets: PassedUdpSocket[]): Promise<void>;
+	/**
+	 * Stop reading for good (a takeover has passed the sockets on), while
+	 * send() still works: the answers to queries already forwarded still
+	 * go out.  Datagrams then wait in the socket for the new process.
+	 */
+	stopReading(): void;
 	close(): Promise<void>;
+}
+
+/** One UDP socket passed between two bbal processes: its descriptor and the address it is bound to. */
+export interface PassedUdpSocket {
+	fd: number;
+	address: string;
 }
 
 export interface UdpTransportError extends Error {

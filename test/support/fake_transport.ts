@@ -11,7 +11,7 @@
 
 import dnsPacket from 'dns-packet';
 import { MAX_UDP_PAYLOAD_BYTES } from '../../src/protocol.js';
-import type { UdpTransport, UdpTransportError, UdpTransportKind } from '../../src/udp_transport.js';
+import type { PassedUdpSocket, UdpTransport, UdpTransportError, UdpTransportKind } from '../../src/udp_transport.js';
 
 export interface Sent {
 	bytes: Buffer;
@@ -34,9 +34,24 @@ export class FakeTransport implements UdpTransport {
 	state: 'new' | 'bound' | 'closed' = 'new';
 	closeCalls = 0;
 
+	/* Delivered datagrams are dropped once stopReading() is called, as a real socket nobody reads. */
+	reading = true;
+
 	bind(): Promise<void> {
 		this.state = 'bound';
 		return Promise.resolve();
+	}
+
+	adopt(): Promise<void> {
+		return this.bind();
+	}
+
+	sockets(): PassedUdpSocket[] {
+		return [];
+	}
+
+	stopReading(): void {
+		this.reading = false;
 	}
 
 	send(payload: Uint8Array, addr: number, port: number, local = 0): boolean {
@@ -63,7 +78,9 @@ export class FakeTransport implements UdpTransport {
 	 * reports it; 0 otherwise).
 	 */
 	deliver(bytes: Buffer, addr: number, port: number, len = bytes.length, local = 0): void {
-		this.onDatagram(bytes, addr, port, len, local);
+		if (this.reading) {
+			this.onDatagram(bytes, addr, port, len, local);
+		}
 	}
 
 	/* What went to addr:port, decoded. */

@@ -1,0 +1,621 @@
+/*
+ * HANDOVER
+ *
+ * The running bbal's side of a takeover: the control socket, and what goes
+ * over it.  A new bbal started with --takeover (takeover.ts) connects, is
+ * sent the listening sockets and the remote table, starts reading, and
+ * only then does this one stop reading, hand over the remotes that changed
+ * meanwhile, and drain.  At no moment does nobody read the DNS port: for
+ * a millisecond or so both do, and the kernel gives each datagram and each
+ * connection to one of them.
+ *
+ * THE CONTROL SOCKET sits beside the stats socket, at its path plus
+ * ".control" (/run/bbal/stats.sock.control), made with mode 0600.  Not the
+ * stats socket itself: that one writes a snapshot to whoever connects and
+ * reads nothing (balstat, `nc -U`), and its group may read it; this one is
+ * read, and what it gives away is port 53, so only bbal's own user may
+ * connect.  It is served only when the stats socket is, and only with the
+ * native addon, which passes the descriptors (fd_pass.ts).  A connection
+ * that says nothing for CONTROL_IDLE_SECS is closed; CONTROL_MAX_CONNECTIONS
+ * are served at once, and one takeover at a time.
+ *
+ * THE CONVERSATION is JSON lines, each at most MAX_CONTROL_LINE_BYTES:
+ *
+ *   new -> old  hello       protocol, version, pid, -b, -p, UDP transport, flags
+ *   old -> new  ready       + the descriptors (SCM_RIGHTS): UDP (one, or one
+ *                           per address for dgram's wildcard), TCP, stats,
+ *                           control, metrics; and the old one's flags
+ *            or error       why not (protocol, -b/-p, transport, busy ...)
+ *   new -> old  remotes     (after connecting to the backends)
+ *   old -> new  remotes...  REMOTES_PER_MESSAGE at a time, in address
+ *               remotes-end order, with backpressure; the old one serves on
+ *   new -> old  handover    (the new one is reading now)
+ *   old -> new  remotes...  stops reading UDP and accepting TCP, lets go of
+ *               released    the stats, control and metrics listeners; then
+ *                           the remotes seen since the table was sent
+ *   new -> old  exit        (systemd told; see fd_pass.ts) the old one drains
+ *                           and exits 0
+ *
+ * Until `handover` arrives the old process has changed nothing: a new one
+ * that fails, times out or goes away leaves it serving as before, and the
+ * descriptors it holds die with it.  After `released` the old process only
+ * drains: its TCP sessions finish (up to the drain limit), answers to the
+ * queries it forwarded still go out from the same socket, and it exits 0 --
+ * or 1 if the new one vanished before saying `exit`, so that a service
+ * manager restarts the service rather than take it for stopped.
+ *
+ * A REMOTE travels as an array of numbers: its address, its primary's and
+ * backup's index in the message's list of backend socket paths (-1 for
+ * none), its six counters, and how many seconds ago it was first and last
+ * seen (ages, because the two processes' clocks have different origins).
+ * The new bbal finds the backends by path: a remote whose backend it does
+ * not have is assigned afresh by its next query.
+ *
+ * RELOAD.  `bbal --reload` (takeover.ts) asks over the same socket for a
+ * successor: `spawn` names the node binary, its flags and bbal's arguments
+ * as the reloading command has them (the installed version's), and this
+ * process starts it with --takeover as its own child, so that it stays in
+ * the service's cgroup (systemd) or process contract (SMF).  The successor
+ * reports on a pipe (fd 3, BBAL_TAKEOVER_STATUS_FD) and that outcome is
+ * passed back as `result`.
+ */
+
+import { spawn } from 'node:child_process';
+import { unlink } from 'node:fs/promises';
+import net from 'node:net';
+import type { Logger } from 'pino';
+import type { Backend } from './backends.js';
+import { fdPass, handleFd, listenOnFd, listenUnixSocket } from './fd_pass.js';
+import { ignoreError } from './log.js';
+import { ADDR_END, type Remotes, type RestoredRemote } from './remotes.js';
+import type { Remote } from './remote.js';
+import type { Timeout, TimeoutWheel } from './timeouts.js';
+
+/** The version of this conversation; both sides must speak the same one. */
+export const TAKEOVER_PROTOCOL = 1;
+/** The control socket's file mode: bbal's own user only. */
+export const CONTROL_SOCKET_MODE = 0o600;
+/** Control connections served at once; more are closed at once. */
+export const CONTROL_MAX_CONNECTIONS = 4;
+/** A control connection that sends nothing for this long is closed (a takeover is one exchange after another). */
+export const CONTROL_IDLE_SECS = 30;
+/** The longest line either side accepts. */
+export const MAX_CONTROL_LINE_BYTES = 1024 * 1024;
+/** Remotes per `remotes` message (about 60 KB of JSON). */
+export const REMOTES_PER_MESSAGE = 1_000;
+/* Remotes looked at per turn of the loop when picking out those seen since the table was sent. */
+const DELTA_VISITS_PER_TURN = 5_000;
+/** The environment variable naming the successor's status descriptor (RELOAD). */
+export const STATUS_FD_ENV = 'BBAL_TAKEOVER_STATUS_FD';
+
+/** The control socket's path, beside the stats socket's. */
+export function controlSocketPath(statsSocket: string): string {
+	return `${statsSocket}.control`;
+}
+
+/* ---- the wire ---- */
+
+export type SocketKind = 'udp' | 'tcp' | 'stats' | 'control' | 'metrics';
+/** One descriptor in `ready`, in the order they travel. */
+export interface SocketSpec {
+	kind: SocketKind;
+	/** The UDP socket's address (dgram's wildcard bind passes one per address). */
+	address?: string;
+}
+
+export interface Hello {
+	type: 'hello';
+	protocol: number;
+	version: string;
+	pid: number;
+	bind: string;
+	port: number;
+	transport: string;
+	options: Record<string, unknown>;
+}
+
+export interface Ready {
+	type: 'ready';
+	protocol: number;
+	version: string;
+	pid: number;
+	sockets: SocketSpec[];
+	options: Record<string, unknown>;
+	remotes: number;
+}
+
+export interface SpawnRequest {
+	type: 'spawn';
+	protocol: number;
+	execPath: string;
+	execArgv: string[];
+	argv: string[];
+}
+
+/** A remote on the wire (A REMOTE above). */
+export type RemoteRecord = [number, number, number, number, number, number, number, number, number, number, number];
+
+/** What the running bbal is, for checkHello(). */
+export interface Running {
+	bind: string;
+	port: number;
+	transport: string;
+}
+
+/**
+ * Why a new bbal cannot take over from this one, in one line, or null.
+ * The listening address and port are the sockets themselves, and the UDP
+ * transports lay them out differently (one socket, or one per address).
+ */
+export function checkHello(h: Hello, me: Running): string | null {
+	if (h.protocol !== TAKEOVER_PROTOCOL) {
+		return `it speaks takeover protocol ${TAKEOVER_PROTOCOL}, this one ${String(h.protocol)}`;
+	}
+	if (h.bind !== me.bind || h.port !== me.port) {
+		return `it listens on ${me.bind}:${me.port}, this one was asked for ${h.bind}:${h.port}`
+			+ ' (-b and -p cannot change in a takeover; restart instead)';
+	}
+	if (h.transport !== me.transport) {
+		return `its UDP transport is ${me.transport}, this one's ${h.transport}`
+			+ ' (they lay out their sockets differently: start it with the same BBAL_UDP)';
+	}
+	return null;
+}
+
+/** One remote as it travels; `index` gives a backend's place in the message's list. */
+export function encodeRemote(rem: Remote, nowMs: number, index: (be: Backend) => number): RemoteRecord {
+	const ago = (ms: number): number => Math.max(0, Math.round((nowMs - ms) / 1000));
+	return [
+		rem.addr, rem.primary === null ? -1 : index(rem.primary), rem.backup === null ? -1 : index(rem.backup),
+		rem.udp, rem.udpDrop, rem.tcp, rem.tcpDrop, rem.udpInvalid, rem.rateLimited,
+		ago(rem.firstSeenMs), ago(rem.lastSeenMs),
+	];
+}
+
+/** A remote from the wire, its backends looked up by path; null if it is not a well-formed record. */
+export function decodeRemote(
+	rec: unknown, paths: string[], lookup: (path: string) => Backend | null,
+): { addr: number; remote: RestoredRemote } | null {
+	if (!Array.isArray(rec) || rec.length !== 11 || !rec.every((x) => Number.isSafeInteger(x) && (x as number) >= -1)) {
+		return null;
+	}
+	const r = rec as RemoteRecord;
+	if (r[0] < 0 || r[0] >= ADDR_END || r[1] >= paths.length || r[2] >= paths.length) {
+		return null;
+	}
+	const be = (i: number): Backend | null => (i < 0 ? null : lookup(paths[i]));
+	return {
+		addr: r[0],
+		remote: {
+			primary: be(r[1]), backup: be(r[2]),
+			udp: Math.max(0, r[3]), udpDrop: Math.max(0, r[4]), tcp: Math.max(0, r[5]), tcpDrop: Math.max(0, r[6]),
+			udpInvalid: Math.max(0, r[7]), rateLimited: Math.max(0, r[8]),
+			firstSeenAgoSecs: Math.max(0, r[9]), lastSeenAgoSecs: Math.max(0, r[10]),
+		},
+	};
+}
+
+/**
+ * The one parser of the control socket's format: bytes in, whole lines
+ * out, in any split.  A line longer than `max` bytes is an error (thrown):
+ * the peer is not a bbal, or a broken one.
+ */
+export class LineReader {
+	private parts: Buffer[] = [];
+	private held = 0;
+
+	constructor(private readonly max = MAX_CONTROL_LINE_BYTES) {}
+
+	push(chunk: Buffer): string[] {
+		const lines: string[] = [];
+		let from = 0;
+		for (let nl = chunk.indexOf(10); nl >= 0; nl = chunk.indexOf(10, from)) {
+			this.hold(chunk.subarray(from, nl));
+			lines.push(Buffer.concat(this.parts).toString('utf8'));
+			this.parts = [];
+			this.held = 0;
+			from = nl + 1;
+		}
+		this.hold(chunk.subarray(from));
+		return lines;
+	}
+
+	private hold(b: Buffer): void {
+		this.held += b.length;
+		if (this.held > this.max) {
+			throw new Error(`control line longer than ${this.max} bytes`);
+		}
+		if (b.length > 0) {
+			this.parts.push(Buffer.from(b));
+		}
+	}
+}
+
+/** One message as a line. */
+export function line(msg: object): string {
+	return `${JSON.stringify(msg)}\n`;
+}
+
+/** Messages of `remotes`, `slice` remotes each, from the table as it is at each step (a generator the sender drives). */
+export function* remoteMessages(
+	remotes: Remotes, nowMs: () => number, wanted: (rem: Remote) => boolean = () => true,
+): Generator<{ backends: string[]; remotes: RemoteRecord[] } | null, number> {
+	let cursor = 0;
+	let sent = 0;
+	while (cursor !== ADDR_END) {
+		const { remotes: batch, next } = remotes.slice(cursor, DELTA_VISITS_PER_TURN);
+		cursor = next;
+		const paths: string[] = [];
+		const index = new Map<Backend, number>();
+		const at = (be: Backend): number => {
+			let i = index.get(be);
+			if (i === undefined) {
+				i = paths.push(be.path) - 1;
+				index.set(be, i);
+			}
+			return i;
+		};
+		const recs: RemoteRecord[] = [];
+		const now = nowMs();
+		for (const rem of batch) {
+			if (wanted(rem)) {
+				recs.push(encodeRemote(rem, now, at));
+			}
+		}
+		sent += recs.length;
+		for (let i = 0; i < recs.length; i += REMOTES_PER_MESSAGE) {
+			yield { backends: paths, remotes: recs.slice(i, i + REMOTES_PER_MESSAGE) };
+		}
+		/* A turn of the loop between walks, even when nothing was wanted. */
+		yield null;
+	}
+	return sent;
+}
+
+/* ---- the running bbal's side ---- */
+
+/** What the balancer gives the control server (Balancer implements it). */
+export interface HandoverHost {
+	readonly log: Logger;
+	readonly wheel: TimeoutWheel;
+	readonly remotes: Remotes;
+	/** This bbal's address, port and transport, and its flags for the new one to compare. */
+	running(): Running & { options: Record<string, unknown> };
+	/** Null when a takeover may begin now, else why not (still starting, closing ...). */
+	busy(): string | null;
+	/** The listening sockets to pass, in order (this control socket among them). */
+	sockets(): Array<SocketSpec & { fd: number }>;
+	/** Stop reading UDP and accepting TCP; let go of the stats, control and metrics listeners. */
+	handOver(): Promise<void>;
+	/** The takeover is over: drain and exit (non-zero if the new bbal vanished first). */
+	handedOver(successorGone: boolean): void;
+}
+
+type SessionState = 'hello' | 'ready' | 'sending remotes' | 'remotes sent' | 'handing over' | 'released'
+	| 'spawning' | 'closed';
+
+export class ControlServer {
+	private readonly server: net.Server;
+	private readonly sessions = new Set<ControlSession>();
+	private listening = false;
+	private handedOver = false;
+	/** The session of the takeover under way (one at a time). */
+	active: ControlSession | null = null;
+	/** The session of a reload under way: its successor's takeover is `active` meanwhile. */
+	reloading: ControlSession | null = null;
+	private nextId = 1;
+	private whenEmpty: (() => void) | null = null;
+
+	constructor(readonly socketPath: string, readonly host: HandoverHost) {
+		this.server = net.createServer(this.serverOnConnection);
+		this.server.on('error', (err) => host.log.error({ err }, 'control socket error'));
+	}
+
+	/** Listen at socketPath (mode 0600), or on `fd` passed over by a takeover (the file is not ours until own()). */
+	async listen(fd?: number): Promise<void> {
+		if (fd !== undefined) {
+			await listenOnFd(this.server, fd);
+			this.handedOver = true;
+		} else {
+			await listenUnixSocket(this.server, this.socketPath, CONTROL_SOCKET_MODE, 'control socket',
+				(code, message) => Object.assign(new Error(message), { code }));
+		}
+		this.listening = true;
+	}
+
+	/** The listening socket's descriptor, for a takeover to pass on (-1 when not listening). */
+	get fd(): number {
+		return this.listening ? handleFd(this.server) : -1;
+	}
+
+	/** A takeover is through: the socket file is ours, to remove at a clean exit. */
+	own(): void {
+		this.handedOver = false;
+	}
+
+	private readonly serverOnConnection = (sock: net.Socket): void => {
+		sock.on('error', ignoreError);
+		if (!this.listening || this.sessions.size >= CONTROL_MAX_CONNECTIONS) {
+			sock.destroy();
+			return;
+		}
+		this.sessions.add(new ControlSession(this, sock, this.nextId++));
+	};
+
+	released(s: ControlSession): void {
+		this.sessions.delete(s);
+		if (this.active === s) {
+			this.active = null;
+		}
+		if (this.reloading === s) {
+			this.reloading = null;
+		}
+		if (this.sessions.size === 0) {
+			this.whenEmpty?.();
+		}
+	}
+
+	/**
+	 * Stop accepting and close the connections, but those of the takeover
+	 * and the reload under way, which finish by themselves (see
+	 * sessionsDone()).  The file stays when a takeover passed the socket on.
+	 */
+	async close(handedOver = false): Promise<void> {
+		this.handedOver ||= handedOver;
+		if (!this.listening) {
+			return;
+		}
+		this.listening = false;
+		/* Not awaited: the server's close waits for every connection, the takeover's among them. */
+		this.server.close();
+		for (const s of this.sessions) {
+			if (s !== this.active && s !== this.reloading) {
+				s.destroy();
+			}
+		}
+		if (!this.handedOver) {
+			await unlink(this.socketPath).catch(() => {});
+		}
+	}
+
+	/** Resolves once every connection has closed, or after `ms`: a reload's client is told how it went before bbal exits. */
+	sessionsDone(ms: number): Promise<void> {
+		if (this.sessions.size === 0) {
+			return Promise.resolve();
+		}
+		return new Promise((resolve) => {
+			const timer = setTimeout(resolve, ms);
+			this.whenEmpty = () => {
+				clearTimeout(timer);
+				resolve();
+			};
+		});
+	}
+
+	/** Cut every connection (bbal is exiting). */
+	destroyAll(): void {
+		for (const s of this.sessions) {
+			s.destroy();
+		}
+	}
+}
+
+/* One connection to the control socket: a takeover, a reload request, or a stranger. */
+class ControlSession {
+	private state: SessionState = 'hello';
+	private readonly reader = new LineReader();
+	private readonly idle: Timeout;
+	private readonly log: Logger;
+	private sentAtMs = 0;
+	/** The pid of the bbal taking over through this connection. */
+	newPid = 0;
+
+	constructor(private readonly server: ControlServer, private readonly sock: net.Socket, readonly id: number) {
+		this.log = server.host.log.child({ control_conn: id });
+		this.idle = server.host.wheel.create(`control connection ${id} idle`, this.idleDue);
+		this.idle.set(CONTROL_IDLE_SECS);
+		sock.on('data', this.sockOnData);
+		sock.on('close', this.sockOnClose);
+	}
+
+	private advance(to: SessionState): void {
+		this.log.debug({ from: this.state, to }, 'control connection state');
+		this.state = to;
+	}
+
+	private readonly sockOnData = (chunk: Buffer): void => {
+		this.idle.set(CONTROL_IDLE_SECS);
+		let lines: string[];
+		try {
+			lines = this.reader.push(chunk);
+		} catch (err) {
+			this.fail((err as Error).message);
+			return;
+		}
+		for (const l of lines) {
+			let msg: { type?: unknown };
+			try {
+				msg = JSON.parse(l) as { type?: unknown };
+			} catch {
+				this.fail('not a JSON line');
+				return;
+			}
+			this.onMessage(msg);
+		}
+	};
+
+	private onMessage(msg: { type?: unknown }): void {
+		const host = this.server.host;
+		switch (`${this.state}/${String(msg.type)}`) {
+		case 'hello/hello':
+			this.hello(msg as Hello);
+			return;
+		case 'hello/spawn':
+			this.spawn(msg as SpawnRequest);
+			return;
+		case 'ready/remotes':
+			this.advance('sending remotes');
+			this.sentAtMs = host.wheel.nowMs;
+			void this.sendRemotes(() => true, 'remotes-end');
+			return;
+		case 'remotes sent/handover':
+			void this.handOver();
+			return;
+		case 'released/exit':
+			this.log.info('new bbal has taken over: draining');
+			this.advance('closed');
+			this.sock.end();
+			host.handedOver(false);
+			return;
+		default:
+			this.fail(`unexpected ${String(msg.type)} while ${this.state}`);
+		}
+	}
+
+	private hello(h: Hello): void {
+		const host = this.server.host;
+		const me = host.running();
+		const why = checkHello(h, me) ?? host.busy()
+			?? (this.server.active !== null ? `a takeover is already in progress (pid ${this.server.active.newPid})` : null);
+		if (why !== null) {
+			this.log.warn({ new_pid: h.pid, reason: why }, 'takeover refused');
+			this.fail(why);
+			return;
+		}
+		const fp = fdPass();
+		const socks = host.sockets();
+		const fd = handleFd(this.sock);
+		if (fp === null || fd < 0) {
+			this.fail('this bbal cannot pass its sockets');
+			return;
+		}
+		const ready: Ready = {
+			type: 'ready', protocol: TAKEOVER_PROTOCOL, version: h.version, pid: process.pid,
+			sockets: socks.map(({ kind, address }) => (address === undefined ? { kind } : { kind, address })),
+			options: me.options, remotes: host.remotes.size,
+		};
+		try {
+			fp.sendFds(fd, Buffer.from(line(ready)), socks.map((s) => s.fd));
+		} catch (err) {
+			this.fail(`cannot pass the sockets: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+			return;
+		}
+		this.server.active = this;
+		this.newPid = h.pid;
+		this.advance('ready');
+		this.log.info({ new_pid: h.pid, new_version: h.version, sockets: socks.length }, 'takeover: sockets passed');
+	}
+
+	/* Write the remotes `wanted` picks, with backpressure and a turn of the loop between walks; then `end`. */
+	private async sendRemotes(wanted: (rem: Remote) => boolean, end: 'remotes-end' | 'released'): Promise<void> {
+		const host = this.server.host;
+		const gen = remoteMessages(host.remotes, () => host.wheel.nowMs, wanted);
+		for (let r = gen.next(); this.state !== 'closed'; r = gen.next()) {
+			if (r.done === true) {
+				this.sock.write(line(end === 'remotes-end' ? { type: end, count: r.value } : { type: end, remotes: r.value }));
+				if (end === 'remotes-end') {
+					this.advance('remotes sent');
+				}
+				return;
+			}
+			if (r.value === null) {
+				await new Promise((resolve) => setImmediate(resolve));
+			} else if (!this.sock.write(line({ type: 'remotes', ...r.value }))) {
+				await new Promise((resolve) => this.sock.once('drain', resolve));
+			}
+		}
+	}
+
+	private async handOver(): Promise<void> {
+		const host = this.server.host;
+		this.advance('handing over');
+		await host.handOver();
+		this.advance('released');
+		/* A second's slack: a remote seen in the second the table was sent may have been sent before it was seen. */
+		const since = this.sentAtMs - 1000;
+		await this.sendRemotes((rem) => rem.lastSeenMs >= since, 'released');
+		this.log.info('takeover: listeners released, remotes seen meanwhile sent');
+	}
+
+	/* RELOAD: start the successor as our child; tell the client how it went. */
+	private spawn(req: SpawnRequest): void {
+		const host = this.server.host;
+		const why = req.protocol !== TAKEOVER_PROTOCOL
+			? `it speaks takeover protocol ${TAKEOVER_PROTOCOL}, the reload ${String(req.protocol)}`
+			: host.busy() ?? (this.server.active !== null || this.server.reloading !== null
+				? 'a takeover is already in progress' : null);
+		if (why !== null || !Array.isArray(req.argv) || !Array.isArray(req.execArgv) || typeof req.execPath !== 'string') {
+			this.fail(why ?? 'a spawn request needs execPath, execArgv and argv');
+			return;
+		}
+		this.server.reloading = this;
+		this.advance('spawning');
+		/* The successor's own timeout bounds the wait; its exit always ends it. */
+		this.idle.clear();
+		const child = spawn(req.execPath, [...req.execArgv, ...req.argv, '--takeover'], {
+			detached: true,
+			stdio: ['ignore', 'inherit', 'inherit', 'pipe'],
+			env: { ...process.env, [STATUS_FD_ENV]: '3' },
+		});
+		child.unref();
+		this.log.info({ new_pid: child.pid, argv: req.argv }, 'reload: successor started');
+		let outcome: { ok: boolean; message: string } | null = null;
+		const status = child.stdio[3] as net.Socket | null;
+		const reader = new LineReader(4096);
+		status?.on('error', ignoreError);
+		status?.on('data', (chunk: Buffer) => {
+			for (const l of reader.push(chunk)) {
+				const ok = l.startsWith('ok ');
+				if (outcome === null && (ok || l.startsWith('error '))) {
+					outcome = { ok, message: l.slice(ok ? 3 : 6) };
+					this.result(outcome);
+				}
+			}
+		});
+		child.once('error', (err) => this.result({ ok: false, message: `cannot start ${req.execPath}: ${err.message}` }));
+		child.once('exit', (code, signal) => {
+			if (outcome === null) {
+				outcome = { ok: false, message: `the new bbal exited (${signal ?? `status ${String(code)}`}) before taking over` };
+				this.result(outcome);
+			}
+		});
+	}
+
+	private result(r: { ok: boolean; message: string }): void {
+		if (this.state === 'closed') {
+			return;
+		}
+		this.advance('closed');
+		this.sock.end(line({ type: 'result', ...r }));
+	}
+
+	private fail(message: string): void {
+		if (this.state === 'closed') {
+			return;
+		}
+		this.advance('closed');
+		this.sock.end(line({ type: 'error', message }));
+	}
+
+	private readonly idleDue = (): void => {
+		this.log.warn({ state: this.state }, 'control connection idle (closed)');
+		this.destroy();
+	};
+
+	private readonly sockOnClose = (): void => {
+		const was = this.state;
+		this.state = 'closed';
+		this.idle.clear();
+		this.server.released(this);
+		if (was === 'released' || was === 'handing over') {
+			this.log.warn('new bbal went away during the takeover: draining, will exit 1');
+			this.server.host.handedOver(true);
+		} else if (was === 'ready' || was === 'sending remotes' || was === 'remotes sent') {
+			this.log.warn({ state: was }, 'takeover abandoned by the new bbal: serving on');
+		}
+	};
+
+	destroy(): void {
+		this.sock.destroy();
+	}
+}
