@@ -59,15 +59,14 @@ import {
 } from './backends.js';
 import { Acl } from './dns.js';
 import { fdPass } from './fd_pass.js';
-import {
-	ControlServer, controlSocketPath, decodeRemote, type HandoverHost, type Running, type SocketSpec,
-} from './handover.js';
+import { ControlServer, type HandoverHost } from './handover.js';
 import { DEFAULT_HEALTH_OPTIONS, HEALTH_RUN_MS, HealthMonitor } from './health.js';
 import type { Metrics } from './metrics.js';
 import type { Options } from './options.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { logSnapshot, StatsServer, type StatsSources } from './stats.js';
 import { type RemotesMessage, type Takeover, TakeoverError } from './takeover.js';
+import { controlSocketPath, decodeRemote, type Running, type SocketSpec } from './takeover_wire.js';
 import { TcpListener } from './tcp_listener.js';
 import { type Clock, monotonicClock, type Timeout, TimeoutWheel } from './timeouts.js';
 import { UdpProxy } from './udp_proxy.js';

@@ -19,22 +19,7 @@
  * that says nothing for CONTROL_IDLE_SECS is closed; CONTROL_MAX_CONNECTIONS
  * are served at once, and one takeover at a time.
  *
- * THE CONVERSATION is JSON lines, each at most MAX_CONTROL_LINE_BYTES:
- *
- *   new -> old  hello       protocol, version, pid, -b, -p, UDP transport, flags
- *   old -> new  ready       + the descriptors (SCM_RIGHTS): UDP (one, or one
- *                           per address for dgram's wildcard), TCP, stats,
- *                           control, metrics; and the old one's flags
- *            or error       why not (protocol, -b/-p, transport, busy ...)
- *   new -> old  remotes     (after connecting to the backends)
- *   old -> new  remotes...  REMOTES_PER_MESSAGE at a time, in address
- *               remotes-end order, with backpressure; the old one serves on
- *   new -> old  handover    (the new one is reading now)
- *   old -> new  remotes...  stops reading UDP and accepting TCP, lets go of
- *               released    the stats, control and metrics listeners; then
- *                           the remotes seen since the table was sent
- *   new -> old  exit        (systemd told; see fd_pass.ts) the old one drains
- *                           and exits 0
+ * THE CONVERSATION is drawn in takeover_wire.ts, with its messages.
  *
  * Until `handover` arrives the old process has changed nothing: a new one
  * that fails, times out or goes away leaves it serving as before, and the
@@ -43,13 +28,6 @@
  * queries it forwarded still go out from the same socket, and it exits 0 --
  * or 1 if the new one vanished before saying `exit`, so that a service
  * manager restarts the service rather than take it for stopped.
- *
- * A REMOTE travels as an array of numbers: its address, its primary's and
- * backup's index in the message's list of backend socket paths (-1 for
- * none), its six counters, and how many seconds ago it was first and last
- * seen (ages, because the two processes' clocks have different origins).
- * The new bbal finds the backends by path: a remote whose backend it does
- * not have is assigned afresh by its next query.
  *
  * RELOAD.  `bbal --reload` (takeover.ts) asks over the same socket for a
  * successor: `spawn` names the node binary, its flags and bbal's arguments
@@ -64,213 +42,22 @@ import { spawn } from 'node:child_process';
 import { unlink } from 'node:fs/promises';
 import net from 'node:net';
 import type { Logger } from 'pino';
-import type { Backend } from './backends.js';
 import { fdPass, handleFd, listenOnFd, listenUnixSocket } from './fd_pass.js';
 import { ignoreError } from './log.js';
-import { ADDR_END, type Remotes, type RestoredRemote } from './remotes.js';
+import type { Remotes } from './remotes.js';
 import type { Remote } from './remote.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
+import {
+	checkHello, type Hello, LineReader, line, type Ready, remoteMessages, type Running, type SocketSpec, type SpawnRequest,
+	STATUS_FD_ENV, TAKEOVER_PROTOCOL,
+} from './takeover_wire.js';
 
-/** The version of this conversation; both sides must speak the same one. */
-export const TAKEOVER_PROTOCOL = 1;
 /** The control socket's file mode: bbal's own user only. */
 export const CONTROL_SOCKET_MODE = 0o600;
 /** Control connections served at once; more are closed at once. */
 export const CONTROL_MAX_CONNECTIONS = 4;
 /** A control connection that sends nothing for this long is closed (a takeover is one exchange after another). */
 export const CONTROL_IDLE_SECS = 30;
-/** The longest line either side accepts. */
-export const MAX_CONTROL_LINE_BYTES = 1024 * 1024;
-/** Remotes per `remotes` message (about 60 KB of JSON). */
-export const REMOTES_PER_MESSAGE = 1_000;
-/* Remotes looked at per turn of the loop when picking out those seen since the table was sent. */
-const DELTA_VISITS_PER_TURN = 5_000;
-/** The environment variable naming the successor's status descriptor (RELOAD). */
-export const STATUS_FD_ENV = 'BBAL_TAKEOVER_STATUS_FD';
-
-/** The control socket's path, beside the stats socket's. */
-export function controlSocketPath(statsSocket: string): string {
-	return `${statsSocket}.control`;
-}
-
-/* ---- the wire ---- */
-
-export type SocketKind = 'udp' | 'tcp' | 'stats' | 'control' | 'metrics';
-/** One descriptor in `ready`, in the order they travel. */
-export interface SocketSpec {
-	kind: SocketKind;
-	/** The UDP socket's address (dgram's wildcard bind passes one per address). */
-	address?: string;
-}
-
-export interface Hello {
-	type: 'hello';
-	protocol: number;
-	version: string;
-	pid: number;
-	bind: string;
-	port: number;
-	transport: string;
-	options: Record<string, unknown>;
-}
-
-export interface Ready {
-	type: 'ready';
-	protocol: number;
-	version: string;
-	pid: number;
-	sockets: SocketSpec[];
-	options: Record<string, unknown>;
-	remotes: number;
-}
-
-export interface SpawnRequest {
-	type: 'spawn';
-	protocol: number;
-	execPath: string;
-	execArgv: string[];
-	argv: string[];
-}
-
-/** A remote on the wire (A REMOTE above). */
-export type RemoteRecord = [number, number, number, number, number, number, number, number, number, number, number];
-
-/** What the running bbal is, for checkHello(). */
-export interface Running {
-	bind: string;
-	port: number;
-	transport: string;
-}
-
-/**
- * Why a new bbal cannot take over from this one, in one line, or null.
- * The listening address and port are the sockets themselves, and the UDP
- * transports lay them out differently (one socket, or one per address).
- */
-export function checkHello(h: Hello, me: Running): string | null {
-	if (h.protocol !== TAKEOVER_PROTOCOL) {
-		return `it speaks takeover protocol ${TAKEOVER_PROTOCOL}, this one ${String(h.protocol)}`;
-	}
-	if (h.bind !== me.bind || h.port !== me.port) {
-		return `it listens on ${me.bind}:${me.port}, this one was asked for ${h.bind}:${h.port}`
-			+ ' (-b and -p cannot change in a takeover; restart instead)';
-	}
-	if (h.transport !== me.transport) {
-		return `its UDP transport is ${me.transport}, this one's ${h.transport}`
-			+ ' (they lay out their sockets differently: start it with the same BBAL_UDP)';
-	}
-	return null;
-}
-
-/** One remote as it travels; `index` gives a backend's place in the message's list. */
-export function encodeRemote(rem: Remote, nowMs: number, index: (be: Backend) => number): RemoteRecord {
-	const ago = (ms: number): number => Math.max(0, Math.round((nowMs - ms) / 1000));
-	return [
-		rem.addr, rem.primary === null ? -1 : index(rem.primary), rem.backup === null ? -1 : index(rem.backup),
-		rem.udp, rem.udpDrop, rem.tcp, rem.tcpDrop, rem.udpInvalid, rem.rateLimited,
-		ago(rem.firstSeenMs), ago(rem.lastSeenMs),
-	];
-}
-
-/** A remote from the wire, its backends looked up by path; null if it is not a well-formed record. */
-export function decodeRemote(
-	rec: unknown, paths: string[], lookup: (path: string) => Backend | null,
-): { addr: number; remote: RestoredRemote } | null {
-	if (!Array.isArray(rec) || rec.length !== 11 || !rec.every((x) => Number.isSafeInteger(x) && (x as number) >= -1)) {
-		return null;
-	}
-	const r = rec as RemoteRecord;
-	if (r[0] < 0 || r[0] >= ADDR_END || r[1] >= paths.length || r[2] >= paths.length) {
-		return null;
-	}
-	const be = (i: number): Backend | null => (i < 0 ? null : lookup(paths[i]));
-	return {
-		addr: r[0],
-		remote: {
-			primary: be(r[1]), backup: be(r[2]),
-			udp: Math.max(0, r[3]), udpDrop: Math.max(0, r[4]), tcp: Math.max(0, r[5]), tcpDrop: Math.max(0, r[6]),
-			udpInvalid: Math.max(0, r[7]), rateLimited: Math.max(0, r[8]),
-			firstSeenAgoSecs: Math.max(0, r[9]), lastSeenAgoSecs: Math.max(0, r[10]),
-		},
-	};
-}
-
-/**
- * The one parser of the control socket's format: bytes in, whole lines
- * out, in any split.  A line longer than `max` bytes is an error (thrown):
- * the peer is not a bbal, or a broken one.
- */
-export class LineReader {
-	private parts: Buffer[] = [];
-	private held = 0;
-
-	constructor(private readonly max = MAX_CONTROL_LINE_BYTES) {}
-
-	push(chunk: Buffer): string[] {
-		const lines: string[] = [];
-		let from = 0;
-		for (let nl = chunk.indexOf(10); nl >= 0; nl = chunk.indexOf(10, from)) {
-			this.hold(chunk.subarray(from, nl));
-			lines.push(Buffer.concat(this.parts).toString('utf8'));
-			this.parts = [];
-			this.held = 0;
-			from = nl + 1;
-		}
-		this.hold(chunk.subarray(from));
-		return lines;
-	}
-
-	private hold(b: Buffer): void {
-		this.held += b.length;
-		if (this.held > this.max) {
-			throw new Error(`control line longer than ${this.max} bytes`);
-		}
-		if (b.length > 0) {
-			this.parts.push(Buffer.from(b));
-		}
-	}
-}
-
-/** One message as a line. */
-export function line(msg: object): string {
-	return `${JSON.stringify(msg)}\n`;
-}
-
-/** Messages of `remotes`, `slice` remotes each, from the table as it is at each step (a generator the sender drives). */
-export function* remoteMessages(
-	remotes: Remotes, nowMs: () => number, wanted: (rem: Remote) => boolean = () => true,
-): Generator<{ backends: string[]; remotes: RemoteRecord[] } | null, number> {
-	let cursor = 0;
-	let sent = 0;
-	while (cursor !== ADDR_END) {
-		const { remotes: batch, next } = remotes.slice(cursor, DELTA_VISITS_PER_TURN);
-		cursor = next;
-		const paths: string[] = [];
-		const index = new Map<Backend, number>();
-		const at = (be: Backend): number => {
-			let i = index.get(be);
-			if (i === undefined) {
-				i = paths.push(be.path) - 1;
-				index.set(be, i);
-			}
-			return i;
-		};
-		const recs: RemoteRecord[] = [];
-		const now = nowMs();
-		for (const rem of batch) {
-			if (wanted(rem)) {
-				recs.push(encodeRemote(rem, now, at));
-			}
-		}
-		sent += recs.length;
-		for (let i = 0; i < recs.length; i += REMOTES_PER_MESSAGE) {
-			yield { backends: paths, remotes: recs.slice(i, i + REMOTES_PER_MESSAGE) };
-		}
-		/* A turn of the loop between walks, even when nothing was wanted. */
-		yield null;
-	}
-	return sent;
-}
 
 /* ---- the running bbal's side ---- */
 

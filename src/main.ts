@@ -42,11 +42,11 @@
 import { statSync } from 'node:fs';
 import { Balancer, StartupError } from './balancer.js';
 import { notifySystemd } from './fd_pass.js';
-import { controlSocketPath } from './handover.js';
 import { makeLogger } from './log.js';
 import { type Options, packageVersion, parseArgs, UsageError } from './options.js';
 import { StatsSocketError } from './stats.js';
 import { reportStatus, requestReload, Takeover, TakeoverError } from './takeover.js';
+import { controlSocketPath } from './takeover_wire.js';
 import { createUdpTransport } from './udp_socket.js';
 
 /** Exit statuses (see the header). */

@@ -45,7 +45,7 @@ import type { Logger } from 'pino';
 import { type FdPass, fdPass, fdPassMissing } from './fd_pass.js';
 import {
 	LineReader, line, type Ready, type RemoteRecord, type SocketSpec, STATUS_FD_ENV, TAKEOVER_PROTOCOL,
-} from './handover.js';
+} from './takeover_wire.js';
 import type { PassedUdpSocket } from './udp_transport.js';
 
 /** --takeover-timeout's default. */
