@@ -97,7 +97,7 @@ export class Takeover {
 	private waiter: { resolve: (m: Message) => void; reject: (e: TakeoverError) => void } | null = null;
 	private failure: TakeoverError | null = null;
 	private readonly deadline: NodeJS.Timeout;
-	private phase = 'connecting';
+	private phase = 'connecting to the backends';
 
 	/**
 	 * Connect, say hello, receive the sockets (synchronously: see above).
