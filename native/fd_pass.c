@@ -35,6 +35,10 @@
  *
  * Every descriptor made or received here is close-on-exec.  Errors are
  * thrown as Errors whose .code is the errno's name.
+ *
+ * An addon of its own (fd_pass.node), apart from the Linux-only UDP
+ * transport: nothing here is Linux's alone, so illumos, where bbal uses
+ * dgram, can take over too.  notify() is for systemd, which is Linux's.
  */
 
 #define _GNU_SOURCE
@@ -51,7 +55,13 @@
 #include <node_api.h>
 #include <uv.h>
 
-#include "fd_pass.h"
+#ifndef MSG_CMSG_CLOEXEC
+#define MSG_CMSG_CLOEXEC 0
+#define FP_SET_CLOEXEC_AFTER 1
+#endif
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0
+#endif
 
 /* Descriptors in one message, either way. */
 #define FP_MAX_FDS 16
@@ -324,6 +334,9 @@ fp_recv_fds(napi_env env, napi_callback_info info)
 
 			for (i = 0; i < k && nfds < FP_MAX_FDS; i++) {
 				memcpy(&got[nfds++], CMSG_DATA(c) + (size_t) i * sizeof (int), sizeof (int));
+#ifdef FP_SET_CLOEXEC_AFTER
+				(void) fcntl(got[nfds - 1], F_SETFD, FD_CLOEXEC);
+#endif
 			}
 		}
 	}
@@ -436,7 +449,7 @@ fp_notify(napi_env env, napi_callback_info info)
 	return fp_int(env, pipefd[0]);
 }
 
-int
+static napi_value
 fp_init(napi_env env, napi_value exports)
 {
 	napi_property_descriptor props[] = {
@@ -448,5 +461,10 @@ fp_init(napi_env env, napi_value exports)
 		{ "notify", NULL, fp_notify, NULL, NULL, NULL, napi_enumerable, NULL },
 	};
 
-	return napi_define_properties(env, exports, sizeof (props) / sizeof (props[0]), props) == napi_ok ? 0 : -1;
+	if (napi_define_properties(env, exports, sizeof (props) / sizeof (props[0]), props) != napi_ok) {
+		return NULL;
+	}
+	return exports;
 }
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, fp_init)

@@ -76,7 +76,7 @@
  * socket another bbal bound and passed over (fd_pass.c) instead of binding
  * one: it is configured as if it had been bound here, the wildcard check
  * read from getsockname().  fd() hands the descriptor to JavaScript for
- * passing on; stopReading() stops the poll for good while sends still
+ * passing on (fd_pass.c passes it); stopReading() stops the poll for good while sends still
  * work, so that a bbal handing over keeps answering the queries it has
  * already forwarded while the new one reads.
  *
@@ -105,8 +105,6 @@
 
 #include <node_api.h>
 #include <uv.h>
-
-#include "fd_pass.h"
 
 /* Keep in step with src/udp_socket.ts, which checks them at load. */
 #define UB_SLOTS 64
@@ -906,10 +904,6 @@ ub_init(napi_env env, napi_value exports)
 	}
 	if (napi_create_uint32(env, UB_META_WORDS, &v) == napi_ok) {
 		napi_set_named_property(env, exports, "META_WORDS", v);
-	}
-	/* Passing descriptors and telling systemd (fd_pass.c), in the same addon. */
-	if (fp_init(env, exports) != 0) {
-		return NULL;
 	}
 	return exports;
 }

@@ -2,8 +2,8 @@
  * FD PASS
  *
  * What a takeover needs from the kernel beyond what Node offers, through
- * the native addon (native/fd_pass.c, built into the same udp_batch.node
- * as the UDP transport): descriptors passed between two unrelated
+ * the native addon native/fd_pass.c (fd_pass.node; any Unix, unlike the
+ * Linux-only UDP transport): descriptors passed between two unrelated
  * processes, Unix-domain listeners that outlive the process that made
  * them, and sd_notify(3) for systemd.  handover.ts (the running bbal's
  * side) and takeover.ts (the new one's) are its callers; nothing on the
@@ -49,8 +49,8 @@ export interface FdPass {
 
 /* Connections waiting to be accepted on a Unix listener made here. */
 const UNIX_BACKLOG = 64;
-/* The same file udp_socket.ts loads (Node loads it once), from dist/src/ or src/. */
-const ADDON_PATH = '../../build/Release/udp_batch.node';
+/* From dist/src/ (or src/ under a loader) to the package root. */
+const ADDON_PATH = '../../build/Release/fd_pass.node';
 
 let loaded: FdPass | null | undefined;
 let loadError = '';
@@ -64,7 +64,7 @@ export function fdPass(): FdPass | null {
 			if (typeof a.sendFds === 'function') {
 				loaded = a as FdPass;
 			} else {
-				loadError = 'it has no descriptor passing: rebuild it with npm rebuild';
+				loadError = 'it is not the one this bbal expects: rebuild it with npm rebuild';
 			}
 		} catch (err) {
 			loadError = (err as Error).message.split('\n')[0];
@@ -76,7 +76,7 @@ export function fdPass(): FdPass | null {
 /** One line: why descriptors cannot be passed on this host. */
 export function fdPassMissing(): string {
 	fdPass();
-	return `a takeover needs the native addon build/Release/udp_batch.node (${loadError})`;
+	return `a takeover needs the native addon build/Release/fd_pass.node (${loadError})`;
 }
 
 /* Node's servers and sockets keep their libuv handle here; on Unix it has the descriptor. */

@@ -327,7 +327,14 @@ t.test('SMF manifest: the bbal service', async (t) => {
 	t.notOk(privs.some((p) => p === 'all' || p === 'zone'), 'and not all privileges');
 
 	t.equal(stop.attrs['exec'], ':kill', 'stop is :kill (SIGTERM, a graceful stop)');
-	t.equal(refresh?.attrs['exec'], ':kill -HUP', 'refresh sends SIGHUP (rescan the socket directory)');
+	/* svcadm refresh: a takeover with the installed bbal (issue 14), with start's flags and --reload. */
+	const re = parseCommand(refresh?.attrs['exec'] ?? '');
+	t.equal(re.program, cmd.program, 'refresh runs the installed bbal');
+	t.same(re.args, [...cmd.args, '--reload'], 'with the start method\'s flags and --reload');
+	t.notOk(re.background, 'in the foreground: the method ends when the successor has taken over (or not)');
+	t.equal(parseArgs(re.args, {})?.reload, true, 'a command line bbal takes');
+	const reCred = kids(refresh ?? svc, 'method_context').flatMap((mc) => kids(mc, 'method_credential'))[0];
+	t.equal(reCred?.attrs['user'], 'nobody', 'as nobody: the control socket is its owner\'s alone');
 
 	const deps = kids(svc, 'dependency');
 	const required = (re: RegExp): boolean => deps.some((d) => d.attrs['grouping'] === 'require_all'
@@ -380,8 +387,12 @@ t.test('systemd unit', async (t) => {
 	t.ok(isYes(last(unit, 'Service', 'NoNewPrivileges')), 'NoNewPrivileges=yes');
 	t.equal(last(unit, 'Service', 'Restart'), 'on-failure', 'Restart=on-failure');
 
-	const reload = last(unit, 'Service', 'ExecReload') ?? '';
-	t.match(reload, /^\S*kill\s+(-HUP|-s\s*HUP|-SIGHUP|-1)\s+\$MAINPID$/, 'ExecReload sends SIGHUP to the main process');
+	/* systemctl reload: a takeover (issue 14); systemd follows the new main process it announces. */
+	t.equal(last(unit, 'Service', 'Type'), 'notify', 'Type=notify: bbal says READY=1, and MAINPID= after a takeover');
+	t.equal(last(unit, 'Service', 'NotifyAccess'), 'all', 'NotifyAccess=all: the successor is not the main process yet');
+	const reload = parseCommand(last(unit, 'Service', 'ExecReload') ?? '');
+	t.equal(reload.program, cmd.program, 'ExecReload runs the installed bbal');
+	t.same(reload.args, [...cmd.args, '--reload'], 'with ExecStart\'s flags and --reload');
 	const killSignal = last(unit, 'Service', 'KillSignal');
 	t.ok(killSignal === undefined || /^(SIG)?TERM$/.test(killSignal), 'stops with SIGTERM');
 	const stopSecs = seconds(last(unit, 'Service', 'TimeoutStopSec') ?? '90');
@@ -425,7 +436,7 @@ t.test('systemd-analyze verify', { skip: have('systemd-analyze') ? false : 'syst
 		writeFileSync(stand, '#!/bin/sh\n');
 		chmodSync(stand, 0o755);
 		const copy = path.join(dir, 'bbal.service');
-		writeFileSync(copy, unitText.replace(/^ExecStart=\S+/m, `ExecStart=${stand}`));
+		writeFileSync(copy, unitText.replace(/^(ExecStart|ExecReload)=\S+/gm, `$1=${stand}`));
 		const r = spawnSync('systemd-analyze', ['verify', copy], { encoding: 'utf8', timeout: 30_000 });
 		/* It warns about User=nobody (see the unit's header) and still passes. */
 		t.equal(r.status, 0, 'systemd-analyze verify accepts it', { stderr: r.stderr });
