@@ -6,6 +6,8 @@
  *   node dist/bench/stalls.js stats           a UDP probe's round trip while balstat reads 100,000
  *                                             remotes; RSS with 20 stats connections that never read
  *   node dist/bench/stalls.js metrics         descriptors held by 1,000 idle connections to /metrics
+ *   node dist/bench/stalls.js takeover        a UDP probe's round trip while a new bbal takes over
+ *                                             100,000 remotes; how long it takes, RSS of both
  *   node dist/bench/stalls.js flood [BBAL_JS] a healthy mname's answer times through bbal while
  *                                             another backend floods OUTBOUND_UDP (BBAL_JS: another
  *                                             build's bin/bbal.js, for a before figure)
@@ -40,7 +42,7 @@
  * get 64 TXT records, about 16 KB over TCP, so that 300 answers are more than
  * the kernel's socket buffers hold).  Each runs 15-20 s.
  *
- * stats and metrics run the built CLI (bin/bbal.js, with the launcher's
+ * stats, metrics and takeover run the built CLI (bin/bbal.js, with the launcher's
  * --max-semi-space-size=4) in front of the
  * benchmark's C stub (bench/stub.c, built with gcc into a temporary
  * directory), on 127.0.0.1, with the stub's spray filling the table from
@@ -388,6 +390,62 @@ async function stats(): Promise<void> {
 	}
 }
 
+/* The bbal that takes over from f's, with the same flags; resolves with it once it logs "took over" (or rejects). */
+function takeOver(f: Fleet): Promise<{ proc: ChildProcess; line: Record<string, unknown> }> {
+	const proc = spawn(process.execPath, ['--max-semi-space-size=4', path.join(ROOT, 'bin', 'bbal.js'), '-b', '127.0.0.1',
+		'-p', String(f.port), '-s', path.join(f.dir, 'sockets'), '-S', f.sock, '--metrics', `127.0.0.1:${f.metricsPort}`,
+		'--max-remotes', '200000', '--takeover'], { stdio: ['ignore', 'pipe', 'inherit'] });
+	return new Promise((resolve, reject) => {
+		let partial = '';
+		proc.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
+			const lines = (partial + chunk).split('\n');
+			partial = lines.pop() ?? '';
+			for (const l of lines) {
+				if (l.includes('"took over"')) {
+					resolve({ proc, line: JSON.parse(l) as Record<string, unknown> });
+				}
+			}
+		});
+		proc.once('exit', (code) => reject(new Error(`the new bbal exited (${String(code)}) before taking over`)));
+	});
+}
+
+async function takeover(): Promise<void> {
+	const f = await startFleet();
+	let next: ChildProcess | null = null;
+	try {
+		console.log(`spray: ${await spray(f, 50_000, '127.1.0.0')}; ${await spray(f, 50_000, '127.2.0.0')}`);
+		await sleep(500);
+		const base = probe(f.port);
+		await sleep(2000);
+		const quiet = await base.stop();
+		const oldPid = f.bbal.pid as number;
+		const oldRss = rssMb(oldPid);
+		const oldExit = new Promise<number | null>((resolve) => f.bbal.once('exit', (code) => resolve(code)));
+		const during = probe(f.port);
+		await sleep(500);
+		const t0 = performance.now();
+		const took = await takeOver(f);
+		next = took.proc;
+		const tookMs = performance.now() - t0;
+		const code = await oldExit;
+		const exitMs = performance.now() - t0;
+		await sleep(1500);
+		const busy = await during.stop();
+		const newRss = rssMb(next.pid as number);
+		console.log(`takeover of ${String(took.line['remotes'])} remotes (${String(took.line['remotes_changed'])} seen meanwhile): `
+			+ `"took over" ${tookMs.toFixed(0)} ms after the new bbal was started, old bbal exited ${String(code)} after `
+			+ `${exitMs.toFixed(0)} ms`);
+		console.log(`UDP probe round trip, quiet: p50 ${quantile(quiet, 0.5).toFixed(2)} ms, max ${Math.max(...quiet).toFixed(2)} ms `
+			+ `(${quiet.length} answered, ${quiet.lost} lost); across the takeover: p50 ${quantile(busy, 0.5).toFixed(2)} ms, `
+			+ `p99 ${quantile(busy, 0.99).toFixed(2)} ms, max ${Math.max(...busy).toFixed(2)} ms (${busy.length} answered, ${busy.lost} lost)`);
+		console.log(`RSS: old bbal ${oldRss.toFixed(1)} MB before, new bbal ${newRss.toFixed(1)} MB after`);
+	} finally {
+		next?.kill('SIGKILL');
+		stopFleet(f);
+	}
+}
+
 async function metrics(): Promise<void> {
 	const f = await startFleet();
 	try {
@@ -673,6 +731,9 @@ case 'stats':
 case 'metrics':
 	await metrics();
 	break;
+case 'takeover':
+	await takeover();
+	break;
 case 'flood':
 	await flood(path.resolve(arg ?? path.join(ROOT, 'bin', 'bbal.js')));
 	break;
@@ -687,6 +748,7 @@ case 'tcp-unread': {
 	break;
 }
 default:
-	console.error('usage: node dist/bench/stalls.js expiry|rebalance [N] | stats | metrics | flood [BBAL_JS] | tcp-lockout|tcp-unread [ROOT] [-- FLAGS]');
+	console.error('usage: node dist/bench/stalls.js expiry|rebalance [N] | stats | metrics | takeover | flood [BBAL_JS] '
+		+ '| tcp-lockout|tcp-unread [ROOT] [-- FLAGS]');
 	process.exit(2);
 }

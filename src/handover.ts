@@ -45,7 +45,6 @@ import type { Logger } from 'pino';
 import { fdPass, handleFd, listenOnFd, listenUnixSocket } from './fd_pass.js';
 import { ignoreError } from './log.js';
 import type { Remotes } from './remotes.js';
-import type { Remote } from './remote.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
 import {
 	checkHello, type Hello, LineReader, line, type Ready, remoteMessages, type Running, type SocketSpec, type SpawnRequest,
@@ -193,7 +192,6 @@ class ControlSession {
 	private readonly reader = new LineReader();
 	private readonly idle: Timeout;
 	private readonly log: Logger;
-	private sentAtMs = 0;
 	/** The pid of the bbal taking over through this connection. */
 	newPid = 0;
 
@@ -242,8 +240,8 @@ class ControlSession {
 			return;
 		case 'ready/remotes':
 			this.advance('sending remotes');
-			this.sentAtMs = host.wheel.nowMs;
-			void this.sendRemotes(() => true, 'remotes-end');
+			host.remotes.trackChanges();
+			void this.sendRemotes(null, 'remotes-end');
 			return;
 		case 'remotes sent/handover':
 			void this.handOver();
@@ -293,10 +291,10 @@ class ControlSession {
 		this.log.info({ new_pid: h.pid, new_version: h.version, sockets: socks.length }, 'takeover: sockets passed');
 	}
 
-	/* Write the remotes `wanted` picks, with backpressure and a turn of the loop between walks; then `end`. */
-	private async sendRemotes(wanted: (rem: Remote) => boolean, end: 'remotes-end' | 'released'): Promise<void> {
+	/* Write the remotes (all, or those of `only`), with backpressure and a turn of the loop between messages; then `end`. */
+	private async sendRemotes(only: number[] | null, end: 'remotes-end' | 'released'): Promise<void> {
 		const host = this.server.host;
-		const gen = remoteMessages(host.remotes, () => host.wheel.nowMs, wanted);
+		const gen = remoteMessages(host.remotes, () => host.wheel.nowMs, only);
 		for (let r = gen.next(); this.state !== 'closed'; r = gen.next()) {
 			if (r.done === true) {
 				this.sock.write(line(end === 'remotes-end' ? { type: end, count: r.value } : { type: end, remotes: r.value }));
@@ -318,10 +316,9 @@ class ControlSession {
 		this.advance('handing over');
 		await host.handOver();
 		this.advance('released');
-		/* A second's slack: a remote seen in the second the table was sent may have been sent before it was seen. */
-		const since = this.sentAtMs - 1000;
-		await this.sendRemotes((rem) => rem.lastSeenMs >= since, 'released');
-		this.log.info('takeover: listeners released, remotes seen meanwhile sent');
+		const changed = host.remotes.takeChanges();
+		await this.sendRemotes(changed, 'released');
+		this.log.info({ remotes_changed: changed?.length ?? 'all' }, 'takeover: listeners released, remotes changed meanwhile sent');
 	}
 
 	/* RELOAD: start the successor as our child; tell the client how it went. */
@@ -391,14 +388,19 @@ class ControlSession {
 
 	private readonly sockOnClose = (): void => {
 		const was = this.state;
+		const active = this.server.active === this;
 		this.state = 'closed';
 		this.idle.clear();
 		this.server.released(this);
 		if (was === 'released' || was === 'handing over') {
 			this.log.warn('new bbal went away during the takeover: draining, will exit 1');
 			this.server.host.handedOver(true);
-		} else if (was === 'ready' || was === 'sending remotes' || was === 'remotes sent') {
+		} else if (active && was !== 'closed') {
+			this.server.host.remotes.takeChanges();
 			this.log.warn({ state: was }, 'takeover abandoned by the new bbal: serving on');
+		} else if (active) {
+			/* Ended by fail(): said why already. */
+			this.server.host.remotes.takeChanges();
 		}
 	};
 

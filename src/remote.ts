@@ -204,6 +204,7 @@ export class Remote implements RemoteStats {
 		assert(this.primary === null, 'primary already set');
 		this.primary = be;
 		be.addRemote();
+		this.table.noteChange(this.addr);
 	}
 
 	/**
@@ -226,6 +227,7 @@ export class Remote implements RemoteStats {
 		if (p !== null) {
 			p.removeRemote();
 			this.primary = null;
+			this.table.noteChange(this.addr);
 		}
 		this.setBackup(null);
 	}
@@ -242,6 +244,7 @@ export class Remote implements RemoteStats {
 		this.backup?.removeBackup();
 		this.backup = be;
 		be?.addBackup();
+		this.table.noteChange(this.addr);
 	}
 }
 

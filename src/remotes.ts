@@ -172,6 +172,9 @@ export class Remotes {
 	private sweepTickMs = -1;
 	private readonly sweepLeft: SweepBudget = { visits: 0, changes: 0 };
 	private sweepTicks = 0;
+	/* TAKEOVER: remotes made or reassigned since trackChanges(), by address; null when not tracking. */
+	private changed: Set<number> | null = null;
+	private changedOverflow = false;
 
 	constructor(opts: { log: Logger; backends: Backends; wheel: TimeoutWheel; maxRemotes?: number }) {
 		this.log = opts.log;
@@ -218,6 +221,7 @@ export class Remotes {
 			this.byAddr.set(addr, rem);
 			this.ordered.insert(addr, rem);
 			this.enqueue(rem);
+			this.noteChange(addr);
 			this.newRemoteLog.report(this.log, () => ({ remote_ip: u32ToIpv4(addr) }));
 		} else {
 			rem.lastSeenSec = now;
@@ -257,6 +261,38 @@ export class Remotes {
 		rem.udpInvalid = Math.max(rem.udpInvalid, r.udpInvalid);
 		rem.rateLimited = Math.max(rem.rateLimited, r.rateLimited);
 		rem.restoreBackends(r.primary, r.backup);
+	}
+
+	/**
+	 * TAKEOVER (handover.ts): the table has been sent to the new bbal; from
+	 * now on note every remote made or given another backend, for the delta
+	 * sent at the handover.  At most maxRemotes are noted: past that the
+	 * delta is the whole table.
+	 */
+	trackChanges(): void {
+		this.changed = new Set();
+		this.changedOverflow = false;
+	}
+
+	/** Stop noting: the addresses noted, or null when there were too many to note (send everything). */
+	takeChanges(): number[] | null {
+		const c = this.changed;
+		this.changed = null;
+		return c === null || this.changedOverflow ? null : [...c].sort((a, b) => a - b);
+	}
+
+	/** A remote was made or reassigned (remote.ts calls it; nothing unless a takeover is under way). */
+	noteChange(addr: number): void {
+		const c = this.changed;
+		if (c === null || this.changedOverflow) {
+			return;
+		}
+		if (c.size >= this.maxRemotes) {
+			this.changedOverflow = true;
+			c.clear();
+		} else {
+			c.add(addr);
+		}
 	}
 
 	/** Every remote in address order (all at once: for tests and small tables; see slice()). */

@@ -18,7 +18,8 @@
  *   new -> old  handover    (the new one is reading now)
  *   old -> new  remotes...  stops reading UDP and accepting TCP, lets go of
  *               released    the stats, control and metrics listeners; then
- *                           the remotes seen since the table was sent
+ *                           the remotes made or given another backend since
+ *                           the table was sent (Remotes.trackChanges())
  *   new -> old  exit        (systemd told; see fd_pass.ts) the old one drains
  *                           and exits 0
  *
@@ -27,7 +28,10 @@
  * none), its six counters, and how many seconds ago it was first and last
  * seen (ages, because the two processes' clocks have different origins).
  * The new bbal finds the backends by path: a remote whose backend it does
- * not have is assigned afresh by its next query.
+ * not have is assigned afresh by its next query.  Its counters are those of
+ * the moment its message was written: what the old process counts after
+ * that is not carried over (one message a turn of the loop, so 100,000
+ * remotes take about a second).
  *
  * checkHello() is the running bbal's whole judgement of a newcomer: the
  * same protocol, the same -b and -p (the sockets themselves), the same UDP
@@ -45,8 +49,6 @@ export const TAKEOVER_PROTOCOL = 1;
 export const MAX_CONTROL_LINE_BYTES = 1024 * 1024;
 /** Remotes per `remotes` message (about 60 KB of JSON). */
 export const REMOTES_PER_MESSAGE = 1_000;
-/* Remotes looked at per turn of the loop when picking out those seen since the table was sent. */
-const DELTA_VISITS_PER_TURN = 5_000;
 /** The environment variable naming the successor's status descriptor (RELOAD). */
 export const STATUS_FD_ENV = 'BBAL_TAKEOVER_STATUS_FD';
 
@@ -196,37 +198,43 @@ export function line(msg: object): string {
 	return `${JSON.stringify(msg)}\n`;
 }
 
-/** Messages of `remotes`, `slice` remotes each, from the table as it is at each step (a generator the sender drives). */
+/**
+ * The `remotes` messages for a table (every remote, in address order), or
+ * for the addresses of `only` that it still holds (a delta), at most
+ * REMOTES_PER_MESSAGE each; null between messages for the sender to give
+ * the loop a turn (a generator the sender drives).  Returns the count.
+ */
 export function* remoteMessages(
-	remotes: Remotes, nowMs: () => number, wanted: (rem: Remote) => boolean = () => true,
+	remotes: Remotes, nowMs: () => number, only: number[] | null = null,
 ): Generator<{ backends: string[]; remotes: RemoteRecord[] } | null, number> {
-	let cursor = 0;
 	let sent = 0;
-	while (cursor !== ADDR_END) {
-		const { remotes: batch, next } = remotes.slice(cursor, DELTA_VISITS_PER_TURN);
-		cursor = next;
+	let cursor = 0;
+	for (let i = 0; only === null ? cursor !== ADDR_END : i < only.length; i += REMOTES_PER_MESSAGE) {
+		let batch: Remote[];
+		if (only === null) {
+			const s = remotes.slice(cursor, REMOTES_PER_MESSAGE);
+			batch = s.remotes;
+			cursor = s.next;
+		} else {
+			batch = only.slice(i, i + REMOTES_PER_MESSAGE).map((a) => remotes.peek(a))
+				.filter((r): r is Remote => r !== undefined);
+		}
 		const paths: string[] = [];
 		const index = new Map<Backend, number>();
 		const at = (be: Backend): number => {
-			let i = index.get(be);
-			if (i === undefined) {
-				i = paths.push(be.path) - 1;
-				index.set(be, i);
+			let k = index.get(be);
+			if (k === undefined) {
+				k = paths.push(be.path) - 1;
+				index.set(be, k);
 			}
-			return i;
+			return k;
 		};
-		const recs: RemoteRecord[] = [];
 		const now = nowMs();
-		for (const rem of batch) {
-			if (wanted(rem)) {
-				recs.push(encodeRemote(rem, now, at));
-			}
-		}
+		const recs = batch.map((rem) => encodeRemote(rem, now, at));
 		sent += recs.length;
-		for (let i = 0; i < recs.length; i += REMOTES_PER_MESSAGE) {
-			yield { backends: paths, remotes: recs.slice(i, i + REMOTES_PER_MESSAGE) };
+		if (recs.length > 0) {
+			yield { backends: paths, remotes: recs };
 		}
-		/* A turn of the loop between walks, even when nothing was wanted. */
 		yield null;
 	}
 	return sent;

@@ -109,14 +109,15 @@ t.test('restore() moves a remote the new table already has, keeps the larger cou
 	t.end();
 });
 
-t.test('a delta carries only what it is asked for, REMOTES_PER_MESSAGE at a time', (t) => {
+t.test('a delta carries only what it is asked for and the table still holds, REMOTES_PER_MESSAGE at a time', (t) => {
 	const tb = fakeTable(10_000);
 	tb.up('/s/a');
 	for (let i = 0; i < 2_500; i++) {
 		tb.remotes.lookup(i).chooseBackend();
 	}
 	const sizes: number[] = [];
-	const gen = remoteMessages(tb.remotes, () => tb.wheel.nowMs, (rem) => rem.addr % 2 === 0);
+	const even = Array.from({ length: 1_250 }, (_, i) => 2 * i).concat([9_999_999]);
+	const gen = remoteMessages(tb.remotes, () => tb.wheel.nowMs, even);
 	let r = gen.next();
 	for (; r.done !== true; r = gen.next()) {
 		if (r.value !== null) {
@@ -126,7 +127,29 @@ t.test('a delta carries only what it is asked for, REMOTES_PER_MESSAGE at a time
 	}
 	t.equal(r.value, 1_250, 'the count of what was sent');
 	t.ok(sizes.every((n) => n <= REMOTES_PER_MESSAGE), 'no message over the bound');
+	t.equal(sizes.length, 2, 'in two messages');
 	t.equal(sizes.reduce((x, y) => x + y, 0), 1_250, 'each once');
+	t.end();
+});
+
+t.test('the table notes what changes while a takeover is under way, up to its cap', (t) => {
+	const tb = fakeTable(3);
+	const a = tb.up('/s/a');
+	tb.remotes.lookup(1).chooseBackend();
+	t.equal(tb.remotes.takeChanges(), null, 'nothing noted when no takeover is under way');
+	tb.remotes.trackChanges();
+	tb.remotes.lookup(1).chooseBackend();
+	t.same(tb.remotes.takeChanges(), [], 'a query from a remote that keeps its backend is no change');
+	tb.remotes.trackChanges();
+	tb.remotes.lookup(7).chooseBackend();
+	tb.remotes.peek(1)?.clearPrimary();
+	t.same(tb.remotes.takeChanges(), [1, 7], 'a new remote and a reassigned one, in address order');
+	tb.remotes.trackChanges();
+	for (const addr of [10, 11, 12, 13]) {
+		tb.remotes.lookup(addr).chooseBackend();
+	}
+	t.equal(tb.remotes.takeChanges(), null, 'more than the cap: null, send everything');
+	t.ok(a.remoteCount > 0, 'the remotes were served meanwhile');
 	t.end();
 });
 
