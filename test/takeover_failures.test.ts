@@ -97,26 +97,40 @@ t.test('a running bbal that does not answer: the takeover gives up at --takeover
 	await servesOn(t, f, '127.0.9.64');
 });
 
-t.test('an old process that dies half way: the new one exits 1 and never reads the sockets', needsAddon, async (t) => {
+/*
+ * A stand-in for the running bbal, for what no bbal does on purpose: it
+ * passes a UDP and a TCP socket of its own on the port, then hangs up,
+ * says nothing more, or hangs up at the handover.
+ */
+async function fakeOld(t: Test, behaviour: 'hang up' | 'silent' | 'hang up at handover'): Promise<{ dir: string; port: number; sock: string }> {
 	const addon = fp as NonNullable<typeof fp>;
 	const dir = await makeSocketDir(t);
 	await startBackend(t, dir, 'a');
 	const port = await freePort();
 	const sock = `${dir}.stats.sock`;
-	/* The stand-in: the sockets a bbal would pass, then it hangs up instead of sending the remotes. */
 	const udp = dgram.createSocket('udp4');
 	await new Promise<void>((resolve) => udp.bind(port, '127.0.0.1', resolve));
 	const tcp = net.createServer();
 	await new Promise<void>((resolve) => tcp.listen(port, '127.0.0.1', resolve));
 	const control = net.createServer((c) => {
 		const reader = new LineReader();
+		c.on('error', () => {});
 		c.on('data', (chunk: Buffer) => {
-			if (reader.push(chunk).length > 0) {
-				addon.sendFds(handleFd(c), Buffer.from(line({
-					type: 'ready', protocol: TAKEOVER_PROTOCOL, version: 'test', pid: process.pid, remotes: 0, options: {},
-					sockets: [{ kind: 'udp', address: '127.0.0.1' }, { kind: 'tcp' }],
-				})), [handleFd(udp), handleFd(tcp)]);
-				c.destroy();
+			for (const l of reader.push(chunk)) {
+				const type = (JSON.parse(l) as { type: string }).type;
+				if (type === 'hello') {
+					addon.sendFds(handleFd(c), Buffer.from(line({
+						type: 'ready', protocol: TAKEOVER_PROTOCOL, version: 'test', pid: process.pid, remotes: 0, options: {},
+						sockets: [{ kind: 'udp', address: '127.0.0.1' }, { kind: 'tcp' }],
+					})), [handleFd(udp), handleFd(tcp)]);
+					if (behaviour === 'hang up') {
+						c.destroy();
+					}
+				} else if (type === 'remotes' && behaviour === 'hang up at handover') {
+					c.write(line({ type: 'remotes-end', count: 0 }));
+				} else if (type === 'handover') {
+					c.destroy();
+				}
 			}
 		});
 	});
@@ -126,10 +140,64 @@ t.test('an old process that dies half way: the new one exits 1 and never reads t
 		tcp.close();
 		control.close();
 	});
-	const r = await runBbal(['-b', '127.0.0.1', '-p', String(port), '-s', dir, '-S', sock, '--takeover']);
+	return { dir, port, sock };
+}
+
+t.test('an old process that dies half way: the new one exits 1 and never reads the sockets', needsAddon, async (t) => {
+	const old = await fakeOld(t, 'hang up');
+	const r = await runBbal(['-b', '127.0.0.1', '-p', String(old.port), '-s', old.dir, '-S', old.sock, '--takeover']);
 	oneLine(t, r, /the running bbal \(pid \d+\) went away while (connecting to the backends|receiving the remote table)/);
-	t.equal(statSync(sock, { throwIfNoEntry: false }), undefined, 'it made no stats socket of its own');
+	t.equal(statSync(old.sock, { throwIfNoEntry: false }), undefined, 'it made no stats socket of its own');
 });
+
+t.test('an old process that says nothing more after the sockets: given up at --takeover-timeout', needsAddon, async (t) => {
+	const old = await fakeOld(t, 'silent');
+	const r = await runBbal(['-b', '127.0.0.1', '-p', String(old.port), '-s', old.dir, '-S', old.sock,
+		'--takeover-timeout', '1', '--takeover']);
+	oneLine(t, r, /the takeover took longer than 1 s \(while receiving the remote table\): given up/);
+});
+
+t.test('an old process that vanishes at the handover: the new one serves on with what it has', needsAddon, async (t) => {
+	const old = await fakeOld(t, 'hang up at handover');
+	const next = await startBbal(t, { dir: old.dir, port: old.port, args: ['-S', old.sock, '--takeover'] });
+	const warn = await next.waitForLog((l) => l.msg?.startsWith('takeover: the old bbal did not finish') === true, 5000);
+	t.match(warn['reason'], /went away while handing over/, 'it says so');
+	await next.waitForLog((l) => l.msg === 'took over', 5000);
+	const answer = await udpQuery({ port: old.port, source: '127.0.9.67', name: 'served.example' });
+	t.equal(backendOf(answer.packet), 'a', 'and answers on the socket it was given');
+});
+
+t.test('a new bbal that vanishes after the handover: the old one drains and exits 1, for its manager to restart it',
+	needsAddon, async (t) => {
+		const addon = fp as NonNullable<typeof fp>;
+		const f = await startFleet(t, ['a']);
+		const fd = addon.connectUnix(controlSocketPath(f.sock));
+		writeSync(fd, line({
+			type: 'hello', protocol: TAKEOVER_PROTOCOL, version: 'test', pid: process.pid, bind: '127.0.0.1', port: f.port,
+			transport: 'native', options: {},
+		}));
+		const got = addon.recvFds(fd, 65536, 5000);
+		got.fds.forEach((x) => addon.closeFd(x));
+		const conn = new net.Socket({ fd, readable: true, writable: true });
+		const reader = new LineReader();
+		const seen: string[] = [];
+		conn.on('data', (chunk: Buffer) => {
+			for (const l of reader.push(chunk)) {
+				const type = (JSON.parse(l) as { type: string }).type;
+				seen.push(type);
+				if (type === 'remotes-end') {
+					conn.write(line({ type: 'handover' }));
+				} else if (type === 'released') {
+					conn.destroy();
+				}
+			}
+		});
+		conn.write(line({ type: 'remotes' }));
+		const status = await f.bbal.exit;
+		t.ok(seen.includes('released'), 'the old bbal handed over');
+		t.equal(status.code, 1, 'and exits 1 once drained, the new one gone without a word');
+		t.ok(f.bbal.logs.some((l) => l.msg === 'new bbal went away during the takeover: draining, will exit 1'), 'saying why');
+	});
 
 t.test('flags that may differ are logged, one line each', needsAddon, async (t) => {
 	const f = await startFleet(t, ['a']);
