@@ -64,7 +64,7 @@ import { DEFAULT_HEALTH_OPTIONS, HEALTH_RUN_MS, HealthMonitor } from './health.j
 import type { Metrics } from './metrics.js';
 import type { Options } from './options.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
-import { logSnapshot, StatsServer, type StatsSources } from './stats.js';
+import { logSnapshot, StatsServer, type StatsSources, type TakeoverRecord } from './stats.js';
 import { type RemotesMessage, type Takeover, TakeoverError } from './takeover.js';
 import { controlSocketPath, decodeRemote, type Running, type SocketSpec } from './takeover_wire.js';
 import { TcpListener } from './tcp_listener.js';
@@ -136,6 +136,8 @@ export class Balancer implements HandoverHost {
 	private stats: StatsServer | null = null;
 	private control: ControlServer | null = null;
 	private metrics: Metrics | null = null;
+	/* The takeover this process began with (the snapshot shows it). */
+	private tookOver: TakeoverRecord | null = null;
 	/* The TCP listener's close() begun by a handover: its sessions drain meanwhile. */
 	private tcpDrained: Promise<void> | null = null;
 	private tick: NodeJS.Timeout | null = null;
@@ -363,6 +365,9 @@ export class Balancer implements HandoverHost {
 			fdPass()?.closeFd(fd);
 		}
 		const changed = await t.handOver(this.restoreRemotes);
+		this.tookOver = {
+			fromPid: t.old.pid, fromVersion: t.old.version, at: new Date().toISOString(), remotes, remotesChanged: changed,
+		};
 		this.stats?.own();
 		this.control?.own();
 		this.enterRunning();
@@ -463,6 +468,7 @@ export class Balancer implements HandoverHost {
 			listen: { address: this.opts.bind, port: this.opts.port },
 			socketDir: this.opts.socketDir,
 			startedAt: this.startedAt,
+			takeover: () => this.tookOver,
 			statsServer: this.stats,
 		};
 	}

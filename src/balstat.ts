@@ -87,7 +87,9 @@ function probeCell(b: BackendSnapshot): string {
 
 export function formatSnapshot(snap: Snapshot): string {
 	const out: string[] = [];
-	out.push(`bbal pid ${snap.pid} on ${snap.listen.address}:${snap.listen.port}, up since ${snap.startedAt}`);
+	const tk = snap.takeover;
+	out.push(`bbal pid ${snap.pid} on ${snap.listen.address}:${snap.listen.port}, up since ${snap.startedAt}`
+		+ (tk === undefined ? '' : `; took over from pid ${tk.fromPid} (${tk.fromVersion}) with ${tk.remotes} remotes`));
 	out.push('');
 	out.push('BACKENDS');
 	out.push(table(

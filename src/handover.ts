@@ -44,6 +44,7 @@ import net from 'node:net';
 import type { Logger } from 'pino';
 import { fdPass, handleFd, listenOnFd, listenUnixSocket } from './fd_pass.js';
 import { ignoreError } from './log.js';
+import { packageVersion } from './options.js';
 import type { Remotes } from './remotes.js';
 import type { Timeout, TimeoutWheel } from './timeouts.js';
 import {
@@ -275,7 +276,7 @@ class ControlSession {
 			return;
 		}
 		const ready: Ready = {
-			type: 'ready', protocol: TAKEOVER_PROTOCOL, version: h.version, pid: process.pid,
+			type: 'ready', protocol: TAKEOVER_PROTOCOL, version: packageVersion(), pid: process.pid,
 			sockets: socks.map(({ kind, address }) => (address === undefined ? { kind } : { kind, address })),
 			options: me.options, remotes: host.remotes.size,
 		};

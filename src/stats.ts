@@ -158,6 +158,18 @@ export interface Snapshot {
 	timeouts: TimeoutInfo[];
 	/** The stats socket's own counts; absent when bbal serves none. */
 	statsSocket?: StatsSocketStats & { open: number };
+	/** How this process began, when it took over from another bbal (takeover.ts); absent otherwise. */
+	takeover?: TakeoverRecord;
+}
+
+/** A takeover this bbal made: from whom, when, and how many remotes came with it. */
+export interface TakeoverRecord {
+	fromPid: number;
+	fromVersion: string;
+	at: string;
+	remotes: number;
+	/** Remotes made or reassigned while the table was being sent; null when the old bbal vanished first. */
+	remotesChanged: number | null;
 }
 
 /** The stats socket's counters. */
@@ -188,6 +200,8 @@ export interface StatsSources {
 	startedAt: Date;
 	/** The stats socket, when one is served. */
 	statsServer?: { readonly stats: StatsSocketStats; readonly size: number } | null;
+	/** The takeover this process began with, if it did (asked each time: it is known only once started). */
+	takeover?: () => TakeoverRecord | null;
 }
 
 /* Milliseconds to the microsecond, as the heartbeat's round trip is given. */
@@ -277,6 +291,7 @@ function snapshotHead(src: StatsSources): SnapshotHead {
 
 function snapshotTail(src: StatsSources): SnapshotTail {
 	const ss = src.statsServer;
+	const takeover = src.takeover?.() ?? null;
 	return {
 		remotesExpired: src.remotes.expired,
 		remotesEvicted: src.remotes.evicted,
@@ -286,6 +301,8 @@ function snapshotTail(src: StatsSources): SnapshotTail {
 		tcp: { ...src.tcp.stats, open: src.tcp.size },
 		timeouts: src.wheel.list(),
 		statsSocket: ss ? { ...ss.stats, open: ss.size } : undefined,
+		/* Only when there was one: the key must not exist otherwise, as JSON would drop it. */
+		...(takeover === null ? {} : { takeover }),
 	};
 }
 

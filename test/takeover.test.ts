@@ -106,6 +106,7 @@ async function takeoverUnderLoad(t: Test, env?: NodeJS.ProcessEnv): Promise<void
 	t.equal(old.code, 0, 'the old bbal exits 0');
 	t.equal(took['old_pid'], before.pid, 'the new bbal took over from the one that was running');
 	t.equal(after.pid, next.proc.pid, 'the stats socket at the same path answers from the new bbal');
+	t.match(after.takeover, { fromPid: before.pid, remotes: before.remotes.length }, 'and its snapshot says whom it took over from');
 	t.ok(load.sent > 1000, `steady load went on through the takeover (${load.sent} queries)`);
 	t.equal(load.lost(), 0, `no query lost of ${load.sent}`);
 	t.same(load.moved(), [], 'every source answered by one backend throughout');
