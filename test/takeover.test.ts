@@ -9,6 +9,7 @@
  * The failures (test/takeover_failures.test.ts) leave the old one serving.
  */
 
+import os from 'node:os';
 import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
 import { type Bbal, runBbal, type Snapshot, startBbal, statsSnapshot } from './support/bbal.js';
@@ -120,6 +121,32 @@ t.test('a takeover under UDP load from 20 sources loses no query and keeps every
 	takeoverUnderLoad(t));
 
 t.test('the dgram transport takes over the same way', (t) => takeoverUnderLoad(t, { BBAL_UDP: 'dgram' }));
+
+/* The host's first IPv4 address off loopback, for dgram's wildcard bind (a socket per address). */
+const hostAddress = Object.values(os.networkInterfaces()).flat()
+	.find((a) => a !== undefined && a.family === 'IPv4' && !a.internal)?.address;
+
+for (const tr of [
+	{ name: 'native', env: {}, dests: ['127.0.0.5', '127.0.0.1'] },
+	{ name: 'dgram', env: { BBAL_UDP: 'dgram' }, dests: ['127.0.0.1', ...(hostAddress === undefined ? [] : [hostAddress])] },
+]) {
+	t.test(`${tr.name}, bound to 0.0.0.0: after a takeover each answer still comes from the address queried`, async (t) => {
+		const f = await startFleet(t, ['a'], ['-b', '0.0.0.0'], tr.env);
+		const next = await startBbal(t, { dir: f.dir, port: f.port, args: ['-b', '0.0.0.0', '--takeover'], env: tr.env });
+		const got = await next.waitForLog((r) => r.msg === 'takeover: sockets received', 5000);
+		await next.waitForLog((r) => r.msg === 'took over', 5000);
+		const ipv4 = Object.values(os.networkInterfaces()).flat().filter((a) => a?.family === 'IPv4').length;
+		t.equal(got['sockets'], (tr.name === 'dgram' ? ipv4 : 1) + 3,
+			`the UDP socket${tr.name === 'dgram' ? ' of each address' : ''}, TCP, stats and control`);
+		let id = 1;
+		for (const dest of tr.dests) {
+			const client = await UdpDnsClient.open(t, f.port, '127.0.0.10', dest);
+			await client.send(encodeQuery(`w${id}.example`, 'TXT', id));
+			const d = await client.reply(id++, 2000);
+			t.equal(d.from.address, dest, `a query to ${dest} is answered from ${dest}`);
+		}
+	});
+}
 
 t.test('TCP: a query in flight on the old bbal is answered; a connection opened meanwhile is served; none is reset', async (t) => {
 	const f = await startFleet(t, ['a', 'b']);
