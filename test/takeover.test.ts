@@ -16,6 +16,8 @@ import { type Bbal, runBbal, type Snapshot, startBbal, statsSnapshot } from './s
 import { TcpDnsClient, UdpDnsClient, udpQuery } from './support/dns_client.js';
 import { backendOf, encodeQuery } from './support/dns_messages.js';
 import { type Fleet, startFleet } from './support/fleet.js';
+import { freePort } from './support/ports.js';
+import { get, parseMetrics, value } from './support/prom_text.js';
 import type { Teardowns } from './support/process.js';
 import { sleep, waitFor } from './support/wait.js';
 
@@ -171,6 +173,18 @@ t.test('TCP: a query in flight on the old bbal is answered; a connection opened 
 	t.equal(early.error, null, 'the old connection is not reset');
 	t.equal(fresh.error, null, 'the new connection is not reset');
 	t.equal(old.code, 0, 'the old bbal exits 0 once its connection is done');
+});
+
+t.test('--metrics: the new bbal serves /metrics on the port passed over, with the remotes it took', async (t) => {
+	const metricsPort = await freePort();
+	const f = await startFleet(t, ['a'], ['--metrics', `127.0.0.1:${metricsPort}`]);
+	await udpQuery({ port: f.port, source: '127.0.9.70', name: 'm.example' });
+	const next = await takeOver(t, f, ['--metrics', `127.0.0.1:${metricsPort}`]);
+	await next.waitForLog((r) => r.msg === 'took over', 5000);
+	t.equal((await f.bbal.exit).code, 0, 'the old bbal exits 0');
+	const m = parseMetrics((await get(metricsPort, '/metrics')).body);
+	t.equal(value(m, 'bbal_remotes'), 1, 'the remote it took over is counted');
+	t.equal(value(m, 'process_start_time_seconds') > 0, true, 'from a live process');
 });
 
 t.test('bbal --reload starts the successor from the running bbal, which takes over; the reload says so and exits 0', async (t) => {
