@@ -15,7 +15,8 @@
  *
  *   2  usage: a bad flag (UsageError), a missing or non-directory -s DIR
  *   1  the rest: a DNS port, stats socket or metrics port that cannot be
- *      opened, found only when the balancer starts
+ *      opened, found only when the balancer starts; a takeover that did
+ *      not happen (TakeoverError), the running bbal serving on
  *
  * The same line is logged at fatal level first, so the log says why the
  * service stopped too.
@@ -32,6 +33,15 @@
  *   SIGHUP           rescan the socket directory now (and the host's
  *                    addresses, when UDP listens on each: dgram, 0.0.0.0)
  *   SIGUSR2          write the stats snapshot to the log
+ *
+ * TAKEOVER (takeover.ts, handover.ts).  With --takeover this process
+ * takes the sockets of the bbal running with the same -S before anything
+ * else is started, and the balancer starts from them; once it has taken
+ * over, systemd is told the new main pid (Type=notify; fd_pass.ts) and
+ * only then is the old bbal let go.  A bbal that has handed over drains
+ * and exits 0 (1 if its successor vanished first).  --reload runs none of
+ * this: it asks the running bbal for a successor and reports.  Without
+ * --takeover, READY=1 goes to systemd once bbal listens.
  *
  * An uncaught exception is a bug: it is logged at fatal level and the
  * process exits 1, leaving the restart to the service manager.  So does a
@@ -128,7 +138,9 @@ export async function main(argv: string[]): Promise<void> {
 	} catch (err) {
 		die(`cannot make the UDP socket: ${(err as Error).message}`, EXIT_FAILURE);
 	}
-	const settings = JSON.parse(JSON.stringify({ ...opts, takeover: undefined, reload: undefined })) as Record<string, unknown>;
+	/* The flags a takeover compares, its own left out. */
+	const mine = { ...opts, takeover: undefined, reload: undefined, takeoverTimeoutMs: undefined };
+	const settings = JSON.parse(JSON.stringify(mine)) as Record<string, unknown>;
 	/* --takeover: the sockets first, before anything else is started (takeover.ts). */
 	let takeover: Takeover | undefined;
 	if (opts.takeover) {
