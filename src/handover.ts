@@ -36,6 +36,19 @@
  * the service's cgroup (systemd) or process contract (SMF).  The successor
  * reports on a pipe (fd 3, BBAL_TAKEOVER_STATUS_FD) and that outcome is
  * passed back as `result`.
+ *
+ * A control connection's lifecycle (ControlSession):
+ *
+ *   hello --hello, accepted: the sockets sent--> ready --remotes--> sending remotes
+ *         --the table written--> remotes sent --handover--> handing over
+ *         --listeners let go, the delta written--> released --exit--> closed
+ *                                                   (the balancer drains and exits 0)
+ *   hello --spawn--> spawning --the successor's outcome, as `result`--> closed
+ *   any --refused, a line that is not JSON or too long, idle, the peer gone--> closed
+ *
+ * The peer gone while `handing over` or `released` is the new bbal gone
+ * after the handover: drain and exit 1.  Gone before, the takeover is
+ * abandoned and nothing changes.
  */
 
 import { spawn } from 'node:child_process';
