@@ -274,11 +274,15 @@ export class Remotes {
 		this.changedOverflow = false;
 	}
 
-	/** Stop noting: the addresses noted, or null when there were too many to note (send everything). */
+	/**
+	 * Stop noting: the addresses noted, in the order first noted (not
+	 * sorted: a hundred thousand would take a sort longer than a turn
+	 * should), or null when there were too many to note (send everything).
+	 */
 	takeChanges(): number[] | null {
 		const c = this.changed;
 		this.changed = null;
-		return c === null || this.changedOverflow ? null : [...c].sort((a, b) => a - b);
+		return c === null || this.changedOverflow ? null : [...c];
 	}
 
 	/** A remote was made or reassigned (remote.ts calls it; nothing unless a takeover is under way). */
