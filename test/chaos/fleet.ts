@@ -1,15 +1,16 @@
 /*
  * CHAOS FLEET
  *
- * The processes a chaos run acts on: one bbal (restartable) in front of a
- * socket directory holding real mname backends (the test fixture, through
- * test/support/fleet.ts) and fake backends, each a process of its own
- * (fake_backend.ts), plus the means to hurt them -- signals, a removed
- * socket file, commands to a fake, answering modes of an mname (SERVFAIL
- * for everything, no answer at all) -- and to watch bbal: its log lines
- * (every bbal started so far, for the moment it noticed a fault), its
- * resident set size, its open file descriptors and, from its /metrics, its
- * heap and its event loop's longest delay.
+ * The processes a chaos run acts on: one bbal (restartable, or replaced
+ * by a takeover) in front of a socket directory holding real mname
+ * backends (the test fixture, through test/support/fleet.ts) and fake
+ * backends, each a process of its own (fake_backend.ts), plus the means to
+ * hurt them -- signals, a removed socket file, commands to a fake,
+ * answering modes of an mname (SERVFAIL for everything, no answer at all)
+ * -- and to watch bbal: its log lines (every bbal started so far, for the
+ * moment it noticed a fault), its resident set size, its open file
+ * descriptors and, from its /metrics, its heap and its event loop's
+ * longest delay.
  *
  * Everything started is registered with a Cleanup (tap's Test under
  * `npm test`, our own list under `npm run chaos`), so every process is
@@ -18,7 +19,17 @@
  * UNEXPECTED EXITS.  bbal must never exit unless told to.  Every bbal is
  * watched (process.ts's onUnexpectedExit); an exit that did not follow our
  * own stop is recorded with its status and the tail of its stderr, and
- * every report fails on it.
+ * every report fails on it.  One bbal is told to exit another way: the one
+ * a takeover replaces (takeOverBbal()), which exits by itself once it has
+ * handed over and drained.  Its exit is not recorded here; the takeover
+ * scenario awaits it and judges its status.
+ *
+ * EVERY BBAL IS STARTED THE SAME WAY (launchBbal()): the same flags, the
+ * production launcher's V8 flags, an inspector port of its own.  A bbal
+ * that takes over is given the running one's flags, its metrics port
+ * among them (the new process is handed that listening socket too), and
+ * `--takeover`; its logs and samples are then collected as a restarted
+ * bbal's are.
  */
 
 import fs from 'node:fs/promises';
@@ -29,7 +40,7 @@ import {
 } from '../support/bbal.js';
 import { type Backend, type BackendMode, makeSocketDir, startBackend } from '../support/fleet.js';
 import { freePort } from '../support/ports.js';
-import { type Child, childEnv, startChild, type Teardowns } from '../support/process.js';
+import { type Child, childEnv, type ExitStatus, startChild, type Teardowns } from '../support/process.js';
 import { openFds, statusKb } from '../support/procfs.js';
 import { median } from '../support/quantiles.js';
 import { sleep, waitFor } from '../support/wait.js';
@@ -328,6 +339,18 @@ export interface UnexpectedExit {
 	stderr: string;
 }
 
+/* A takeover begun by takeOverBbal(). */
+export interface TakeoverStart {
+	/** When the new bbal was started. */
+	at: number;
+	/** The bbal that was live, and how it ended (it exits by itself after a handover). */
+	old: Bbal;
+	oldExit: Promise<ExitStatus>;
+	/** The new bbal, listening; null if it did not start, and then why. */
+	bbal: Bbal | null;
+	error: string | null;
+}
+
 export class ChaosFleet {
 	readonly backends = new Map<string, ChaosBackend>();
 	/* Every bbal started, oldest first; the last is the live one. */
@@ -338,6 +361,10 @@ export class ChaosFleet {
 	metricsUrl: string | null = null;
 	/** The live bbal's inspector port (to ask for a full GC before sampling memory). */
 	inspectPort = 0;
+	/* The port of bbal's /metrics: every bbal of the fleet serves it there (a takeover passes the socket on). */
+	private metricsPort = 0;
+	/* The bbals asked to hand over to a successor: they exit by themselves. */
+	private readonly handingOver = new Set<Bbal['proc']>();
 
 	private constructor(readonly t: Teardowns, readonly dir: string) {}
 
@@ -392,8 +419,39 @@ export class ChaosFleet {
 
 	/** Start bbal and wait until every backend in the directory is established. */
 	async startBbal(): Promise<Bbal> {
-		const metricsPort = await freePort();
-		this.inspectPort = await freePort();
+		this.metricsPort = await freePort();
+		return this.launchBbal([]);
+	}
+
+	/*
+	 * `bbal --takeover` with the live bbal's flags, through the same start
+	 * path; resolves once the new one is listening (it connects to the
+	 * backends and receives the remote table before that), or with why it
+	 * did not start.  From the moment it is asked for, the old bbal's exit
+	 * is the takeover's outcome, not an untold exit: `oldExit` resolves
+	 * with its status.  A takeover that fails before the handover leaves the
+	 * old one serving, and watched as before.
+	 */
+	async takeOverBbal(): Promise<TakeoverStart> {
+		const old = this.bbal;
+		this.handingOver.add(old.proc);
+		const at = Date.now();
+		try {
+			const bbal = await this.launchBbal(['--takeover']);
+			return { at, old, oldExit: old.exit, bbal, error: null };
+		} catch (err) {
+			if (old.proc.exitCode === null && old.proc.signalCode === null) {
+				this.handingOver.delete(old.proc);
+			}
+			/* Its first line: the rest quotes its output, and its untold exit (recorded) says why in one line. */
+			const why = (err instanceof Error ? err.message : String(err)).split('\n')[0];
+			return { at, old, oldExit: old.exit, bbal: null, error: why };
+		}
+	}
+
+	/* One bbal with the fleet's flags (and `extra`), once listening with every backend established. */
+	private async launchBbal(extra: string[]): Promise<Bbal> {
+		const inspectPort = await freePort();
 		/*
 		 * startBbal starts bin/bbal.js directly, so it gets the production
 		 * launcher's V8 flags through NODE_OPTIONS: memory is measured as it
@@ -401,15 +459,22 @@ export class ChaosFleet {
 		 */
 		const bbal = await startBbal(this.t, {
 			/* info, not startBbal's debug: two lines per TCP query would be most of the log. */
-			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${metricsPort}`, '-l', 'info',
-				'--max-tcp-connections', String(FLEET_MAX_TCP_CONNECTIONS)],
-			env: { NODE_OPTIONS: [...LAUNCHER_V8_FLAGS, `--inspect=127.0.0.1:${this.inspectPort}`].join(' ') },
-			onUnexpectedExit: (child) => this.unexpectedExits.push({
-				at: Date.now(), code: child.status?.code ?? null, signal: child.status?.signal ?? null,
-				stderr: child.stderr.slice(-2000),
-			}),
+			dir: this.dir, port: this.port, args: ['--metrics', `127.0.0.1:${this.metricsPort}`, '-l', 'info',
+				'--max-tcp-connections', String(FLEET_MAX_TCP_CONNECTIONS), ...extra],
+			env: { NODE_OPTIONS: [...LAUNCHER_V8_FLAGS, `--inspect=127.0.0.1:${inspectPort}`].join(' ') },
+			onUnexpectedExit: (child) => {
+				/* A bbal that handed over exits by itself: the takeover scenario judges how. */
+				if (this.handingOver.has(child.proc)) {
+					return;
+				}
+				this.unexpectedExits.push({
+					at: Date.now(), code: child.status?.code ?? null, signal: child.status?.signal ?? null,
+					stderr: child.stderr.slice(-2000),
+				});
+			},
 		});
-		this.metricsUrl = `http://127.0.0.1:${metricsPort}/metrics`;
+		this.inspectPort = inspectPort;
+		this.metricsUrl = `http://127.0.0.1:${this.metricsPort}/metrics`;
 		this.bbals.push(bbal);
 		const want = [...this.backends.values()].filter((b) => b.kind === 'mname' || b.kind === 'fake').length;
 		await waitFor(() => bbal.logs.filter((r) => r.msg === 'backend socket established').length >= want,
