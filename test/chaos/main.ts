@@ -23,8 +23,8 @@ import { childEnv, Cleanup } from '../support/process.js';
 import { FULL_TIMING } from './scenarios.js';
 import { runSuite } from './suite.js';
 
-const FULL_PLAN = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart', 'hostile', 'servfail', 'blackhole',
-	'allservfail'];
+const FULL_PLAN = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart', 'takeover', 'hostile', 'servfail',
+	'blackhole', 'allservfail'];
 
 function parse(argv: string[]): { mode: string; flags: Map<string, string> } {
 	const [mode = 'chaos', ...rest] = argv;

@@ -50,6 +50,11 @@
  *             its backends have connected (before that nothing listens on
  *             the port).  No bound: the gap is the operator's.  Every remote
  *             is concerned.
+ *   takeover  a new bbal started with --takeover while the old one runs,
+ *             TCP connections mid-query at the moment (takeover_scenario.ts).
+ *             No window: the handover promises that nobody notices, so
+ *             every loss is outside, every remote must keep its backend and
+ *             the old process must exit 0 by itself.
  *   hostile   four attacks at once from sources of their own (hostile.ts).
  *             No window: nothing bbal does about them may cost a
  *             well-behaved client a query, so every loss is outside.
@@ -92,6 +97,7 @@ import { sleep } from '../support/wait.js';
 import { cpuSample, cpuShare } from '../support/procfs.js';
 import type { ChaosBackend, ChaosFleet } from './fleet.js';
 import { injectHostile } from './hostile.js';
+import { injectTakeover } from './takeover_scenario.js';
 import type { LoadDriver, QueryRecord } from './load.js';
 import {
 	type Analysis, analyze, type FaultWindow, formatScenario, primaries, RETURN_LIMIT_MS, type ScenarioRun,
@@ -184,6 +190,18 @@ const HEALTH_CHANGED = 'backend health changed';
 const FAILING_OPEN = 'every backend is sick: failing open';
 const FAILING_OPEN_NO_MORE = 'failing open no more';
 const HEALTH_LINES = new Set([HEALTH_CHANGED, FAILING_OPEN, FAILING_OPEN_NO_MORE]);
+/*
+ * bbal's own comings and goings, shown when a scenario replaces it: a
+ * restart (src/main.ts) and a takeover, old and new (src/handover.ts,
+ * src/balancer.ts).  Anything at warn or above is shown then too, but for
+ * the lines about one remote.
+ */
+const BBAL_LIFECYCLE_LINES = new Set(['shutting down', 'exiting', 'listening', 'backend socket established',
+	'takeover: sockets received', 'takeover: sockets passed', 'handed over: no longer reading or accepting, draining',
+	'takeover: listeners released, remotes changed meanwhile sent', 'took over', 'new bbal has taken over: draining',
+	'exiting after handover', 'takeover: option differs from the running bbal']);
+/* pino's level number for warn. */
+const WARN_LEVEL = 40;
 /*
  * How soon bbal must find a backend sick: two probes a second apart, or the
  * answers it passes on, each up to a 1-s tick late.
@@ -633,6 +651,13 @@ export const SCENARIOS: Scenario[] = [
 		},
 	},
 	{
+		name: 'takeover',
+		needs: 'bbal',
+		describe: () => 'a new bbal takes over from the running one (--takeover) while load runs, TCP connections '
+			+ 'mid-query; nothing may be lost, no remote may move, the old one exits 0',
+		inject: (ctx) => injectTakeover(ctx),
+	},
+	{
 		name: 'servfail',
 		needs: 'mname',
 		describe: (b, t) => `backend ${b} answers every query SERVFAIL for ${t.servfailMs / 1000} s (its session and `
@@ -691,7 +716,7 @@ async function waitReturn(ctx: Ctx, start: number, faultAt: number, target: stri
 }
 
 /* Poll bbal's snapshot until the ok backends' spread is what rebalancing leaves alone. */
-async function waitBalanced(ctx: Ctx, timeoutMs: number): Promise<string> {
+export async function waitBalanced(ctx: Ctx, timeoutMs: number): Promise<string> {
 	const t0 = Date.now();
 	let last = '';
 	for (;;) {
@@ -778,22 +803,25 @@ export async function runScenario(ctx: Ctx, sc: Scenario, target: string): Promi
 			definition: w.definition,
 		};
 	});
-	/* What bbal logged about the hurt backend (or about itself), for the table. */
+	/* What bbal logged about the hurt backend (or about itself: a restart, a takeover), for the table. */
 	const paths = new Set(inj.windows.map((w) => (w.target === null ? null : fleet.backendPath(w.target))));
-	const said: string[] = [];
+	const aboutBbal = paths.has(null) || inj.bbalReplaced === true;
+	/* In time order: during a takeover two bbals write, and each one's lines come in a list of its own. */
+	const saidAt: Array<[number, string]> = [];
 	for (const r of fleet.logs()) {
-		if (r.t < faultAt - 100 || r.t > end || said.length >= 14) {
+		if (r.t < faultAt - 100 || r.t > end) {
 			continue;
 		}
-		const mine = HEALTH_LINES.has(String(r.msg)) || (paths.has(null)
-			? ['shutting down', 'exiting', 'listening', 'backend socket established'].includes(String(r.msg))
+		const mine = HEALTH_LINES.has(String(r.msg)) || (aboutBbal
+			? BBAL_LIFECYCLE_LINES.has(String(r.msg)) || ((r.level ?? 0) >= WARN_LEVEL && r.remote_ip === undefined)
 			: (paths.has(r.be_path as string) && r.remote_ip === undefined));
 		if (mine) {
 			const errCode = (r.err as { code?: string } | undefined)?.code;
-			said.push(`${r.t >= faultAt ? '+' : ''}${((r.t - faultAt) / 1000).toFixed(3)} s  ${describeLog(r)}`
-				+ (errCode !== undefined ? ` (${errCode})` : '') + (paths.has(null) ? ` [bbal #${r.instance + 1}]` : ''));
+			saidAt.push([r.t, `${r.t >= faultAt ? '+' : ''}${((r.t - faultAt) / 1000).toFixed(3)} s  ${describeLog(r)}`
+				+ (errCode !== undefined ? ` (${errCode})` : '') + (aboutBbal ? ` [bbal #${r.instance + 1}]` : '')]);
 		}
 	}
+	const said = saidAt.sort((x, y) => x[0] - y[0]).slice(0, 14).map(([, line]) => line);
 	const run: ScenarioRun = {
 		name: `${sc.name} ${target}`.trim(),
 		description: sc.describe(target, timing),

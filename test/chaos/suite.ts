@@ -167,8 +167,8 @@ export async function runSuite(t: Teardowns, opts: SuiteOptions): Promise<SuiteR
 		}
 	} else {
 		const rand = prng(opts.seed ?? 1);
-		const names = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart', 'hostile', 'servfail', 'blackhole',
-			'allservfail'];
+		const names = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart', 'takeover', 'hostile', 'servfail',
+			'blackhole', 'allservfail'];
 		const until = Date.now() + (opts.soakMs ?? 60_000);
 		while (Date.now() < until) {
 			const sc = scenario(names[Math.floor(rand() * names.length)]);
