@@ -299,12 +299,19 @@ export class Balancer implements HandoverHost {
 		await this.backendsSettled(STARTUP_BACKEND_WAIT_MS);
 	}
 
-	private enterRunning(): void {
+	/* A takeover logs "listening" when it starts reading, before the handover: logListening false here. */
+	private enterRunning(logListening = true): void {
 		this.lifecycle = 'running';
 		this.tick = setInterval(this.tickOnInterval, TICK_MS);
 		this.tick.unref();
 		this.healthTick = setInterval(() => this.health.run(this.clock()), HEALTH_RUN_MS);
 		this.healthTick.unref();
+		if (logListening) {
+			this.logListening();
+		}
+	}
+
+	private logListening(): void {
 		this.log.info({
 			address: this.opts.bind, port: this.opts.port, socket_dir: this.opts.socketDir,
 			allow: this.opts.allow?.length ? this.opts.allow : 'everyone',
@@ -364,13 +371,14 @@ export class Balancer implements HandoverHost {
 		for (const fd of unused) {
 			fdPass()?.closeFd(fd);
 		}
+		this.logListening();
 		const changed = await t.handOver(this.restoreRemotes);
 		this.tookOver = {
 			fromPid: t.old.pid, fromVersion: t.old.version, at: new Date().toISOString(), remotes, remotesChanged: changed,
 		};
 		this.stats?.own();
 		this.control?.own();
-		this.enterRunning();
+		this.enterRunning(false);
 		this.log.info({ old_pid: t.old.pid, old_version: t.old.version, remotes, remotes_changed: changed }, 'took over');
 	}
 
