@@ -76,9 +76,9 @@
  * socket another bbal bound and passed over (fd_pass.c) instead of binding
  * one: it is configured as if it had been bound here, the wildcard check
  * read from getsockname().  fd() hands the descriptor to JavaScript for
- * passing on (fd_pass.c passes it); stopReading() stops the poll for good while sends still
- * work, so that a bbal handing over keeps answering the queries it has
- * already forwarded while the new one reads.
+ * passing on (fd_pass.c passes it); stopReading() stops the poll for good
+ * while sends still work, so that a bbal handing over keeps answering the
+ * queries it has already forwarded while the new one reads.
  *
  * Lifecycle: open -> closing (uv_close() called, poll stopped) -> closed
  * (the poll handle's close callback ran: fd closed, references released,
