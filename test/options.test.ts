@@ -49,6 +49,7 @@ t.test('defaults: what the README says', async (t) => {
 		watchDir: true, queryTimeoutMs: 2000, maxInflightPerBackend: 65_536, answerAccounting: true, healthCheck: true,
 		healthIntervalSecs: 1, healthTimeoutMs: 1000, healthRise: 2, healthFall: 2,
 		healthQuery: { name: 'bbal-health-check.invalid', type: 1 },
+		takeover: false, reload: false, takeoverTimeoutMs: 10_000,
 	});
 });
 
@@ -59,7 +60,7 @@ t.test('every flag, long and short, lands in its field; a repeated flag counts o
 		'--max-tcp-per-remote', '2', '--max-tcp-queries-per-conn', '5', '--max-tcp-queries-per-remote', '7', '-p', '5354', '-s', '/tmp/other',
 		'--query-timeout', '1.5', '--max-inflight-per-backend', '100', '--no-answer-accounting', '--no-health-check',
 		'--health-interval', '2', '--health-timeout', '0.25', '--health-rise', '3', '--health-fall', '4',
-		'--health-query', 'probe.example.com:txt']);
+		'--health-query', 'probe.example.com:txt', '--takeover', '--takeover-timeout', '2.5']);
 	t.same(o, {
 		bind: '127.0.0.1', port: 5354, socketDir: '/tmp/other', logLevel: 'debug', maxTcpConnections: 3,
 		maxTcpPerRemote: 2, maxTcpQueriesPerConn: 5, maxTcpQueriesPerRemote: 7,
@@ -68,12 +69,20 @@ t.test('every flag, long and short, lands in its field; a repeated flag counts o
 		rateLimitAction: 'drop', allow: [], maxTcpMessageBytes: 512, watchDir: false,
 		queryTimeoutMs: 1500, maxInflightPerBackend: 100, answerAccounting: false, healthCheck: false,
 		healthIntervalSecs: 2, healthTimeoutMs: 250, healthRise: 3, healthFall: 4,
-		healthQuery: { name: 'probe.example.com', type: 16 },
+		healthQuery: { name: 'probe.example.com', type: 16 }, takeover: true, reload: false, takeoverTimeoutMs: 2500,
 	});
+	t.equal(parse(['--reload']).reload, true, '--reload');
 	t.same(parse(['--health-query', 'up.example']).healthQuery, { name: 'up.example', type: 1 }, 'type A when left out');
 	t.equal(parse(['-l', 'info'], { LOG_LEVEL: 'warn' }).logLevel, 'warn', 'LOG_LEVEL overrides -l');
 	t.equal(parse(['-l', 'warn'], { LOG_LEVEL: '' }).logLevel, 'warn', 'an empty LOG_LEVEL does not');
 	t.same(parse(['--metrics', 'localhost:9153']).metrics, { host: 'localhost', port: 9153 }, 'localhost as the host');
+});
+
+t.test('--takeover-timeout takes seconds from 0.1 to 600', async (t) => {
+	for (const bad of ['0', '0.05', '601', 'soon', '-1']) {
+		t.match(usageError(['-s', DIR, '--takeover-timeout', bad]).message,
+			/^--takeover-timeout ".*" is not a number of seconds from 0\.1 to 600$/, bad);
+	}
 });
 
 t.test('--allow: spaces after commas and trailing commas are forgiven; the flag repeats', async (t) => {
