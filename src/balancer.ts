@@ -346,6 +346,7 @@ export class Balancer implements HandoverHost {
 				throw new TakeoverError(`stopped while taking over (${this.lifecycle})`);
 			}
 			/* From here this process reads the DNS sockets too. */
+			t.beginReading();
 			await this.udp.listen(this.opts.bind, this.opts.port, s.udp.map((u) => ({ fd: take(u.fd), address: u.address })));
 			await this.tcp.listen(this.opts.bind, this.opts.port, take(s.tcp));
 			const statsPath = this.opts.statsSocket;

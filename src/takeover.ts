@@ -17,8 +17,9 @@
  * and finally says `exit` (finish()) once systemd knows the new main
  * process.
  *
- * FAILURE IS SAFE.  Every step until `handover` has a deadline
- * (--takeover-timeout, 10 s, for the whole), and every failure -- nobody
+ * FAILURE IS SAFE.  Every step until this process begins to read the
+ * sockets has a deadline (--takeover-timeout, 10 s, for the whole; not
+ * after, see beginReading()), and every failure -- nobody
  * at the control socket, a refusal (another protocol, other -b/-p, another
  * UDP transport, a takeover already under way), the running bbal going
  * away, the deadline -- is a TakeoverError with one line saying why: main
@@ -172,6 +173,17 @@ export class Takeover {
 				throw this.unexpected(m);
 			}
 		}
+	}
+
+	/**
+	 * About to read the sockets: the deadline ends here.  Were it to fire
+	 * after this process had begun reading, the old one would never hear
+	 * `handover` and both would go on serving; a failure from here to
+	 * handOver() is this process's own, and it exits, the old one untouched.
+	 */
+	beginReading(): void {
+		clearTimeout(this.deadline);
+		this.phase = 'starting to read the sockets';
 	}
 
 	/**

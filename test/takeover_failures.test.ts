@@ -129,6 +129,9 @@ async function fakeOld(t: Test, behaviour: 'hang up' | 'silent' | 'hang up at ha
 				} else if (type === 'remotes' && behaviour === 'hang up at handover') {
 					c.write(line({ type: 'remotes-end', count: 0 }));
 				} else if (type === 'handover') {
+					/* It stops reading, as a bbal handing over does (a dgram socket reads whether listened to or not), and is gone. */
+					udp.close();
+					tcp.close();
 					c.destroy();
 				}
 			}
@@ -136,7 +139,11 @@ async function fakeOld(t: Test, behaviour: 'hang up' | 'silent' | 'hang up at ha
 	});
 	await new Promise<void>((resolve) => control.listen(controlSocketPath(sock), resolve));
 	t.teardown(() => {
-		udp.close();
+		try {
+			udp.close();
+		} catch {
+			/* closed at the handover */
+		}
 		tcp.close();
 		control.close();
 	});
