@@ -129,7 +129,7 @@ async function fakeOld(t: Test, behaviour: 'hang up' | 'silent' | 'hang up at ha
 				} else if (type === 'remotes' && behaviour === 'hang up at handover') {
 					c.write(line({ type: 'remotes-end', count: 0 }));
 				} else if (type === 'handover') {
-					/* It stops reading, as a bbal handing over does (a dgram socket reads whether listened to or not), and is gone. */
+					/* It stops reading, as a bbal handing over does (a dgram socket reads, listened to or not), then is gone. */
 					udp.close();
 					tcp.close();
 					c.destroy();
