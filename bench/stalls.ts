@@ -332,14 +332,19 @@ const quantile = (xs: number[], q: number): number => {
 	return s[Math.min(s.length - 1, Math.floor(q * s.length))] ?? NaN;
 };
 
+/* 100,000 remotes from 127.1/16 and 127.2/16, then the probe's round trips with nothing else going on. */
+async function fillTable(f: Fleet): Promise<number[] & { lost?: number }> {
+	console.log(`spray: ${await spray(f, 50_000, '127.1.0.0')}; ${await spray(f, 50_000, '127.2.0.0')}`);
+	await sleep(500);
+	const base = probe(f.port);
+	await sleep(2000);
+	return base.stop();
+}
+
 async function stats(): Promise<void> {
 	const f = await startFleet();
 	try {
-		console.log(`spray: ${await spray(f, 50_000, '127.1.0.0')}; ${await spray(f, 50_000, '127.2.0.0')}`);
-		await sleep(500);
-		const base = probe(f.port);
-		await sleep(2000);
-		const quiet = await base.stop();
+		const quiet = await fillTable(f);
 		const during = probe(f.port);
 		const runs: Array<{ out: string; ms: number }> = [];
 		for (let i = 0; i < 3; i++) {
@@ -414,11 +419,7 @@ async function takeover(): Promise<void> {
 	const f = await startFleet();
 	let next: ChildProcess | null = null;
 	try {
-		console.log(`spray: ${await spray(f, 50_000, '127.1.0.0')}; ${await spray(f, 50_000, '127.2.0.0')}`);
-		await sleep(500);
-		const base = probe(f.port);
-		await sleep(2000);
-		const quiet = await base.stop();
+		const quiet = await fillTable(f);
 		const oldPid = f.bbal.pid as number;
 		const oldRss = rssMb(oldPid);
 		const oldExit = new Promise<number | null>((resolve) => f.bbal.once('exit', (code) => resolve(code)));
