@@ -15,8 +15,9 @@
  * manager, not by the running one, so there is no such channel; and a
  * plain AF_UNIX stream in Node reads with read(2), which throws away the
  * SCM_RIGHTS a sender attaches.  The addon sends and receives that one
- * message itself.  Without the addon (not built, or not Linux) a takeover
- * is refused with one line saying so; everything else works as before.
+ * message itself.  Without the addon (not built: no compiler at install,
+ * or Windows) a takeover is refused with one line saying so; everything
+ * else works as before.
  *
  * SOCKET FILES THAT SURVIVE A TAKEOVER.  The stats and control sockets are
  * passed over like the DNS ports, so that balstat never finds the path

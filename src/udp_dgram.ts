@@ -234,9 +234,13 @@ export class DgramTransport implements UdpTransport {
 		return this.port;
 	}
 
+	/* Every socket: the one of a specific bind, or one per address. */
+	private endpoints(): Endpoint[] {
+		return this.only !== null ? [this.only] : [...this.byLocal.values()];
+	}
+
 	sockets(): PassedUdpSocket[] {
-		const eps = this.only !== null ? [this.only] : [...this.byLocal.values()];
-		return eps.map((ep) => ({ fd: handleFd(ep.socket), address: ep.address })).filter((s) => s.fd >= 0);
+		return this.endpoints().map((ep) => ({ fd: handleFd(ep.socket), address: ep.address })).filter((s) => s.fd >= 0);
 	}
 
 	/* dgram has no public way to stop reading and keep sending; its handle's recvStop() is what close() uses. */
@@ -245,8 +249,7 @@ export class DgramTransport implements UdpTransport {
 			return;
 		}
 		this.state = 'sending only';
-		const eps = this.only !== null ? [this.only] : [...this.byLocal.values()];
-		for (const ep of eps) {
+		for (const ep of this.endpoints()) {
 			(ep.socket as unknown as { _handle?: { recvStop?: () => void } })._handle?.recvStop?.();
 		}
 	}
@@ -373,7 +376,7 @@ export class DgramTransport implements UdpTransport {
 	}
 
 	private closeSockets(): Promise<void> {
-		const eps = this.only !== null ? [this.only] : [...this.byLocal.values()];
+		const eps = this.endpoints();
 		this.byLocal.clear();
 		return Promise.all(eps.map((ep) => new Promise<void>((resolve) => ep.socket.close(() => resolve()))))
 			.then(() => undefined);

@@ -161,9 +161,9 @@ class NativeTransport implements UdpTransport {
 			return Promise.reject(transportError('EINVAL', `"${address}" is not an IPv4 address`, 0));
 		}
 		try {
-			this.handle = fd === undefined
-				? this.addon.open(addr, port, this.recvData, this.recvMeta, this.sendData, this.sendMeta, this.addonOnBatch)
-				: this.addon.open(addr, port, this.recvData, this.recvMeta, this.sendData, this.sendMeta, this.addonOnBatch, fd);
+			/* The addon takes a descriptor as an eighth argument, and refuses undefined there: leave it out. */
+			this.handle = this.addon.open(addr, port, this.recvData, this.recvMeta, this.sendData, this.sendMeta,
+				this.addonOnBatch, ...(fd === undefined ? [] : [fd]));
 		} catch (err) {
 			this.state = 'closed';
 			return Promise.reject(err);
