@@ -12,11 +12,11 @@
 import os from 'node:os';
 import dnsPacket from 'dns-packet';
 import t, { type Test } from 'tap';
-import { type Bbal, runBbal, type Snapshot, startBbal, statsSnapshot } from './support/bbal.js';
+import { type Bbal, remoteBackendPaths, runBbal, startBbal, statsSnapshot } from './support/bbal.js';
 import { TcpDnsClient, UdpDnsClient, udpQuery } from './support/dns_client.js';
 import { backendOf, encodeQuery } from './support/dns_messages.js';
 import { type Fleet, startFleet } from './support/fleet.js';
-import { freePort } from './support/ports.js';
+import { freePort, hostAddress } from './support/ports.js';
 import { get, parseMetrics, value } from './support/prom_text.js';
 import type { Teardowns } from './support/process.js';
 import { sleep, waitFor } from './support/wait.js';
@@ -82,12 +82,6 @@ class SteadyLoad {
 	}
 }
 
-/* Each remote's backend by socket path, as balstat --json lists them. */
-function backendsOf(snap: Snapshot): Map<string, string> {
-	const paths = new Map(snap.backends.map((b) => [b.id, b.path]));
-	return new Map(snap.remotes.map((r) => [r.ip, paths.get(r.backend) ?? '?']));
-}
-
 /* `bbal --takeover` with the fleet's address, port and stats socket; resolves once it listens. */
 function takeOver(t: Teardowns, f: Fleet, args: string[] = [], env?: NodeJS.ProcessEnv): Promise<Bbal> {
 	return startBbal(t, { dir: f.dir, port: f.port, args: [...args, '--takeover'], env });
@@ -113,8 +107,8 @@ async function takeoverUnderLoad(t: Test, env?: NodeJS.ProcessEnv): Promise<void
 	t.ok(load.sent > 1000, `steady load went on through the takeover (${load.sent} queries)`);
 	t.equal(load.lost(), 0, `no query lost of ${load.sent}`);
 	t.same(load.moved(), [], 'every source answered by one backend throughout');
-	const was = backendsOf(before);
-	const now = backendsOf(after);
+	const was = remoteBackendPaths(before);
+	const now = remoteBackendPaths(after);
 	t.same([...was].filter(([ip, p]) => now.get(ip) !== p), [], 'balstat: every remote on the same backend after as before');
 	t.ok(after.remotes.every((r) => r.stats.udp > 0), 'counters carried over');
 }
@@ -123,10 +117,6 @@ t.test('a takeover under UDP load from 20 sources loses no query and keeps every
 	takeoverUnderLoad(t));
 
 t.test('the dgram transport takes over the same way', (t) => takeoverUnderLoad(t, { BBAL_UDP: 'dgram' }));
-
-/* The host's first IPv4 address off loopback, for dgram's wildcard bind (a socket per address). */
-const hostAddress = Object.values(os.networkInterfaces()).flat()
-	.find((a) => a !== undefined && a.family === 'IPv4' && !a.internal)?.address;
 
 for (const tr of [
 	{ name: 'native', env: {}, dests: ['127.0.0.5', '127.0.0.1'] },

@@ -43,6 +43,17 @@ async function servesOn(t: Test, f: Fleet, source: string): Promise<void> {
 	t.equal(f.bbal.proc.exitCode, null, 'and is still running');
 }
 
+/* A takeover begun by hand, as a new bbal would: the connection's descriptor and the first answer, with the sockets. */
+function helloByHand(f: Fleet): { fd: number; got: { data: Buffer; fds: number[] } } {
+	const addon = fp as NonNullable<typeof fp>;
+	const fd = addon.connectUnix(controlSocketPath(f.sock));
+	writeSync(fd, line({
+		type: 'hello', protocol: TAKEOVER_PROTOCOL, version: 'test', pid: process.pid, bind: '127.0.0.1', port: f.port,
+		transport: 'native', options: {},
+	}));
+	return { fd, got: addon.recvFds(fd, 65536, 5000) };
+}
+
 t.test('nothing to take over: exit 1, one line', async (t) => {
 	const dir = await makeSocketDir(t);
 	const r = await runBbal(['-b', '127.0.0.1', '-p', String(await freePort()), '-s', dir, '-S', `${dir}.stats.sock`, '--takeover']);
@@ -67,12 +78,7 @@ t.test('a second takeover while one is in progress is refused; the first one\'s 
 	const f = await startFleet(t, ['a']);
 	const addon = fp as NonNullable<typeof fp>;
 	/* A takeover begun by hand: hello sent, sockets received, then held. */
-	const fd = addon.connectUnix(controlSocketPath(f.sock));
-	writeSync(fd, line({
-		type: 'hello', protocol: TAKEOVER_PROTOCOL, version: 'test', pid: process.pid, bind: '127.0.0.1', port: f.port,
-		transport: 'native', options: {},
-	}));
-	const got = addon.recvFds(fd, 65536, 5000);
+	const { fd, got } = helloByHand(f);
 	t.match(got.data.toString(), /^\{"type":"ready"/, 'the first takeover is given the sockets');
 	t.equal(got.fds.length, 4, 'UDP, TCP, stats and control');
 
@@ -178,12 +184,7 @@ t.test('a new bbal that vanishes after the handover: the old one drains and exit
 	needsAddon, async (t) => {
 		const addon = fp as NonNullable<typeof fp>;
 		const f = await startFleet(t, ['a']);
-		const fd = addon.connectUnix(controlSocketPath(f.sock));
-		writeSync(fd, line({
-			type: 'hello', protocol: TAKEOVER_PROTOCOL, version: 'test', pid: process.pid, bind: '127.0.0.1', port: f.port,
-			transport: 'native', options: {},
-		}));
-		const got = addon.recvFds(fd, 65536, 5000);
+		const { fd, got } = helloByHand(f);
 		got.fds.forEach((x) => addon.closeFd(x));
 		const conn = new net.Socket({ fd, readable: true, writable: true });
 		const reader = new LineReader();

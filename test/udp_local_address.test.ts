@@ -15,20 +15,16 @@
  * choosing in test/udp_socket.test.ts.
  */
 
-import os from 'node:os';
 import t, { type Test } from 'tap';
 import { encodeQuery, backendOf } from './support/dns_messages.js';
 import { UdpDnsClient } from './support/dns_client.js';
 import { dig, needsDig } from './support/dig.js';
 import { startFleet } from './support/fleet.js';
+import { hostAddress } from './support/ports.js';
 import dnsPacket from 'dns-packet';
 import { createUdpTransport } from '../src/udp_socket.js';
 
 const CLIENT = '127.0.0.10';
-
-/* The host's first IPv4 address off loopback, if it has one. */
-const hostAddress = Object.values(os.networkInterfaces()).flat()
-	.find((a) => a !== undefined && a.family === 'IPv4' && !a.internal)?.address;
 
 function nativeBuilt(): boolean {
 	try {

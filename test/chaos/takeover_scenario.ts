@@ -61,7 +61,7 @@
 
 import { TcpDnsClient } from '../support/dns_client.js';
 import { backendOf } from '../support/dns_messages.js';
-import type { Snapshot } from '../support/bbal.js';
+import { remoteBackendPaths, type Snapshot } from '../support/bbal.js';
 import { waitFor, withDeadline } from '../support/wait.js';
 import type { TakeoverStart } from './fleet.js';
 import type { QueryRecord } from './load.js';
@@ -178,12 +178,6 @@ function secs(ms: number): string {
 	return `${(ms / 1000).toFixed(3)} s`;
 }
 
-/* Each remote's primary by its backend's socket path ('-' for none). */
-function remotePaths(snap: Snapshot): Map<string, string> {
-	const paths = new Map(snap.backends.map((b) => [b.id, b.path]));
-	return new Map(snap.remotes.map((r) => [r.ip, paths.get(r.backend) ?? '-']));
-}
-
 /* A field of a log line as it was written, or '?' when the line or the field is missing. */
 function field(rec: Record<string, unknown> | null | undefined, key: string): string {
 	const v = rec?.[key];
@@ -205,8 +199,8 @@ function listSome(items: string[], n = 5): string {
  */
 function compareRemotes(before: Snapshot, after: Snapshot, sources: string[], rebalances: string[], failures: string[],
 	notes: string[]): void {
-	const was = remotePaths(before);
-	const now = remotePaths(after);
+	const was = remoteBackendPaths(before);
+	const now = remoteBackendPaths(after);
 	const moved: string[] = [];
 	const gone: string[] = [];
 	for (const [ip, p] of was) {
@@ -279,7 +273,7 @@ function judgeLoad(ctx: Ctx, startAt: number, recs: QueryRecord[], rebalances: s
  */
 function slowSources(ctx: Ctx, snap: Snapshot): Array<[string, string]> {
 	const mnames = new Set([...ctx.fleet.backends.values()].filter((b) => b.kind === 'mname').map((b) => b.path));
-	const paths = remotePaths(snap);
+	const paths = remoteBackendPaths(snap);
 	const byBackend = new Map<string, string[]>();
 	for (const ip of ctx.driver.sources) {
 		const p = paths.get(ip);

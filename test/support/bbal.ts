@@ -37,7 +37,9 @@
  * are never renamed).  It is read with balstat's own reader, so a harness
  * sees exactly what an operator sees, and given up after timeoutMs: a bbal
  * too busy to answer its stats socket must not hang the harness.  Its
- * counter groups (udp, tcp) are read as plain tables with counters().
+ * counter groups (udp, tcp) are read as plain tables with counters(), its
+ * remotes' backends by socket path with remoteBackendPaths() (to compare
+ * two processes' tables, as the takeover tests do).
  */
 
 import { readFileSync } from 'node:fs';
@@ -78,6 +80,15 @@ export function counters(group: object): Record<string, number> {
 		}
 	}
 	return out;
+}
+
+/**
+ * Each remote's primary by its backend's socket path ('-' for none): what
+ * stays the same across processes (backend ids are each process's own).
+ */
+export function remoteBackendPaths(snap: Snapshot): Map<string, string> {
+	const paths = new Map(snap.backends.map((b) => [b.id, b.path]));
+	return new Map(snap.remotes.map((r) => [r.ip, paths.get(r.backend) ?? '-']));
 }
 
 /** bbal's stats snapshot, read from its stats socket (what balstat --json prints). */

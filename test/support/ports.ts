@@ -10,11 +10,17 @@
  *
  * Clients need no such search: Linux routes all of 127.0.0.0/8 to loopback,
  * so a client binds any 127.0.0.x address without setup, and each address
- * is a different remote to bbal.
+ * is a different remote to bbal.  hostAddress is the one address off
+ * loopback the wildcard-bind tests ask as well, when the host has one.
  */
 
 import dgram from 'node:dgram';
 import net from 'node:net';
+import os from 'node:os';
+
+/** The host's first IPv4 address off loopback, if it has one. */
+export const hostAddress: string | undefined = Object.values(os.networkInterfaces()).flat()
+	.find((a) => a !== undefined && a.family === 'IPv4' && !a.internal)?.address;
 
 function bindUdp(port: number): Promise<dgram.Socket | null> {
 	return new Promise((resolve) => {
