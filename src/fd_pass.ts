@@ -23,10 +23,12 @@
  * passed over like the DNS ports, so that balstat never finds the path
  * missing.  But a Unix socket Node binds by path is unlinked by Node when
  * it is closed -- and after a takeover the file is the new process's.  So
- * listenUnixSocket() binds through the addon and hands Node only the
- * descriptor: Node never learns the path, and the owner (stats.ts,
- * handover.ts) removes the file itself on a clean exit that handed
- * nothing over.  Without the addon it binds by path, as it always did.
+ * UnixSocketFile binds through the addon and hands Node only the
+ * descriptor: Node never learns the path.  It keeps whose the file is --
+ * ours when we bound it or a takeover we made is through, the other
+ * bbal's otherwise -- and removes it at a clean exit only when ours, for
+ * the stats socket (stats.ts) and the control socket (handover.ts) alike.
+ * Without the addon it binds by path, as it always did.
  *
  * A file left behind by a crashed process is replaced; one that a live
  * process listens on is not (EINUSE): two processes sharing a path is a
@@ -92,7 +94,7 @@ export function handleFd(x: net.Server | net.Socket | object): number {
 }
 
 /** Start a server on a descriptor passed over by a takeover (or made by listenUnix). */
-export function listenOnFd(server: net.Server, fd: number): Promise<void> {
+function listenOnFd(server: net.Server, fd: number): Promise<void> {
 	return new Promise((resolve, reject) => {
 		server.once('error', reject);
 		server.listen({ fd }, () => {
@@ -113,7 +115,7 @@ export type UnixSocketErrorCode = 'EINUSE' | 'ENOTSOCK' | 'ELISTEN';
  * the addon made the socket (Node will not unlink it), false when Node
  * bound the path.
  */
-export async function listenUnixSocket(
+async function listenUnixSocket(
 	server: net.Server, path: string, mode: number, what: string,
 	fail: (code: UnixSocketErrorCode, message: string) => Error,
 	onReplaced?: () => void,
@@ -159,6 +161,51 @@ export async function listenUnixSocket(
 		throw fail('ELISTEN', `cannot set the mode of ${what} ${path}: ${e.code ?? e.message}`);
 	}
 	return fp !== null;
+}
+
+/**
+ * The file of a Unix listener that a takeover may pass on (SOCKET FILES
+ * THAT SURVIVE A TAKEOVER), and whether it is this process's to remove:
+ * the same rule for the stats and the control socket.
+ */
+export class UnixSocketFile {
+	/* Ours to remove at a clean exit: we bound it, or took it over and the takeover is through. */
+	private ours = false;
+
+	constructor(readonly path: string, private readonly mode: number, private readonly what: string) {}
+
+	/**
+	 * Listen at the path (listenUnixSocket(), the file ours), or on `fd`
+	 * passed over by a takeover: the file is then the old process's until
+	 * own().
+	 */
+	async listen(server: net.Server, fd: number | undefined,
+		fail: (code: UnixSocketErrorCode, message: string) => Error, onReplaced?: () => void): Promise<void> {
+		if (fd !== undefined) {
+			await listenOnFd(server, fd);
+			return;
+		}
+		await listenUnixSocket(server, this.path, this.mode, this.what, fail, onReplaced);
+		this.ours = true;
+	}
+
+	/** A takeover is through: the file is ours. */
+	own(): void {
+		this.ours = true;
+	}
+
+	/** Passed on to a bbal that took over: the file is its now. */
+	release(): void {
+		this.ours = false;
+	}
+
+	/** At close: remove the file if it is ours (Node removes only what it bound by path, the fallback). */
+	async remove(): Promise<void> {
+		if (this.ours) {
+			this.ours = false;
+			await unlink(this.path).catch(() => {});
+		}
+	}
 }
 
 /** Does a live process accept connections on the Unix socket at `path`? */

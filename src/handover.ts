@@ -52,10 +52,9 @@
  */
 
 import { spawn } from 'node:child_process';
-import { unlink } from 'node:fs/promises';
 import net from 'node:net';
 import type { Logger } from 'pino';
-import { fdPass, handleFd, listenOnFd, listenUnixSocket } from './fd_pass.js';
+import { fdPass, handleFd, UnixSocketFile } from './fd_pass.js';
 import { ignoreError } from './log.js';
 import { packageVersion } from './options.js';
 import type { Remotes } from './remotes.js';
@@ -98,7 +97,8 @@ export class ControlServer {
 	private readonly server: net.Server;
 	private readonly sessions = new Set<ControlSession>();
 	private listening = false;
-	private handedOver = false;
+	/* Whose the socket file is: ours, or another bbal's in a takeover (fd_pass.ts). */
+	private readonly file: UnixSocketFile;
 	/** The session of the takeover under way (one at a time). */
 	active: ControlSession | null = null;
 	/** The session of a reload under way: its successor's takeover is `active` meanwhile. */
@@ -107,19 +107,14 @@ export class ControlServer {
 	private whenEmpty: (() => void) | null = null;
 
 	constructor(readonly socketPath: string, readonly host: HandoverHost) {
+		this.file = new UnixSocketFile(socketPath, CONTROL_SOCKET_MODE, 'control socket');
 		this.server = net.createServer(this.serverOnConnection);
 		this.server.on('error', (err) => host.log.error({ err }, 'control socket error'));
 	}
 
 	/** Listen at socketPath (mode 0600), or on `fd` passed over by a takeover (the file is not ours until own()). */
 	async listen(fd?: number): Promise<void> {
-		if (fd !== undefined) {
-			await listenOnFd(this.server, fd);
-			this.handedOver = true;
-		} else {
-			await listenUnixSocket(this.server, this.socketPath, CONTROL_SOCKET_MODE, 'control socket',
-				(code, message) => Object.assign(new Error(message), { code }));
-		}
+		await this.file.listen(this.server, fd, (code, message) => Object.assign(new Error(message), { code }));
 		this.listening = true;
 	}
 
@@ -130,7 +125,7 @@ export class ControlServer {
 
 	/** A takeover is through: the socket file is ours, to remove at a clean exit. */
 	own(): void {
-		this.handedOver = false;
+		this.file.own();
 	}
 
 	private readonly serverOnConnection = (sock: net.Socket): void => {
@@ -161,7 +156,9 @@ export class ControlServer {
 	 * sessionsDone()).  The file stays when a takeover passed the socket on.
 	 */
 	async close(handedOver = false): Promise<void> {
-		this.handedOver ||= handedOver;
+		if (handedOver) {
+			this.file.release();
+		}
 		if (!this.listening) {
 			return;
 		}
@@ -173,9 +170,7 @@ export class ControlServer {
 				s.destroy();
 			}
 		}
-		if (!this.handedOver) {
-			await unlink(this.socketPath).catch(() => {});
-		}
+		await this.file.remove();
 	}
 
 	/** Resolves once every connection has closed, or after `ms`: a reload's client is told how it went before bbal exits. */

@@ -74,13 +74,12 @@
  * snapshot and no one else.
  */
 
-import { unlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { AnswerCounts } from './answers.js';
 import type { Backends, BackendView } from './backends.js';
-import { handleFd, listenOnFd, listenUnixSocket } from './fd_pass.js';
+import { handleFd, UnixSocketFile } from './fd_pass.js';
 import type { HealthMonitor, SickReason } from './health.js';
 import { GatedLog, ignoreError } from './log.js';
 import { ADDR_END, type Remote, type Remotes } from './remotes.js';
@@ -431,8 +430,8 @@ export class StatsServer {
 	readonly sources: StatsSources;
 	private readonly server: net.Server;
 	private listening = false;
-	/* The socket file is another bbal's: it took over from us (release()), or we from it and it is not through (own()). */
-	private handedOver = false;
+	/* Whose the socket file is: ours, or another bbal's in a takeover (fd_pass.ts). */
+	private readonly file: UnixSocketFile;
 	private readonly connections = new Set<StatsConnection>();
 	private nextId = 1;
 	private readonly overCapLog: GatedLog;
@@ -447,6 +446,7 @@ export class StatsServer {
 		this.sources = { ...sources, statsServer: this };
 		this.overCapLog = new GatedLog(sources.wheel, 'warn', 'too many stats connections (closing new connection)');
 		this.timeoutLog = new GatedLog(sources.wheel, 'warn', 'stats connection too slow (closed)');
+		this.file = new UnixSocketFile(socketPath, STATS_SOCKET_MODE, 'stats socket');
 		this.server = net.createServer(this.serverOnConnection);
 		this.server.on('error', (err) => this.log.error({ err }, 'stats socket error'));
 	}
@@ -497,16 +497,8 @@ export class StatsServer {
 	 * that instead: the file is already there, the old process's until now.
 	 */
 	async listen(fd?: number): Promise<void> {
-		const p = this.socketPath;
-		if (fd !== undefined) {
-			await listenOnFd(this.server, fd);
-			/* The file is the old process's until the takeover is through: own(). */
-			this.handedOver = true;
-		} else {
-			await listenUnixSocket(this.server, p, STATS_SOCKET_MODE, 'stats socket',
-				(code, message) => new StatsSocketError(code, message),
-				() => this.log.info({ stats_socket: p }, 'replaced stale stats socket'));
-		}
+		await this.file.listen(this.server, fd, (code, message) => new StatsSocketError(code, message),
+			() => this.log.info({ stats_socket: this.socketPath }, 'replaced stale stats socket'));
 		this.listening = true;
 	}
 
@@ -517,7 +509,7 @@ export class StatsServer {
 
 	/** A takeover is through: the socket file is ours, to remove at a clean exit. */
 	own(): void {
-		this.handedOver = false;
+		this.file.own();
 	}
 
 	/**
@@ -526,7 +518,7 @@ export class StatsServer {
 	 * process's now.
 	 */
 	release(): Promise<void> {
-		this.handedOver = true;
+		this.file.release();
 		return this.close();
 	}
 
@@ -547,8 +539,6 @@ export class StatsServer {
 			conn.destroy();
 		}
 		await Promise.all([closed, drained]);
-		if (!this.handedOver) {
-			await unlink(this.socketPath).catch(() => {});
-		}
+		await this.file.remove();
 	}
 }
