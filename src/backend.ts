@@ -203,6 +203,8 @@ export class Backend {
 	readonly stats: BackendStats = { connStart: 0, connError: 0, udp: 0, tcp: 0, stuck: 0, faults: 0, throttled: 0 };
 	readonly log: Logger;
 	readonly health: BackendHealth;
+	/** The last fault's reason and wall-clock time (for operators' views), null before the first. */
+	lastFault: { readonly reason: string; readonly atMs: number } | null = null;
 
 	private lifecycle: BackendLifecycle = NEW;
 	/* Ok and not stuck: the one test sendUdp makes per query, kept by enter(). */
@@ -413,6 +415,7 @@ export class Backend {
 			return;
 		}
 		this.stats.faults++;
+		this.lastFault = { reason, atMs: Date.now() };
 		if (from === 'ok') {
 			this.log.error({ reason, ...extra }, 'backend faulted (reset and reconnect)');
 		} else {

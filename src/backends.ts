@@ -123,6 +123,8 @@ export interface BackendView {
 	/** Round trip of the last answered heartbeat, or -1 before the first. */
 	readonly lastHeartbeatRttMs: number;
 	readonly stats: Readonly<BackendStats>;
+	/** The last fault's reason and wall-clock time, null before the first. */
+	readonly lastFault: { readonly reason: string; readonly atMs: number } | null;
 	/** How it answers and whether it is healthy (answers.ts, health.ts). */
 	readonly health: BackendHealthView;
 }

@@ -61,7 +61,7 @@ import { Acl } from './dns.js';
 import { fdPass } from './fd_pass.js';
 import { ControlServer, type HandoverHost } from './handover.js';
 import { DEFAULT_HEALTH_OPTIONS, HEALTH_RUN_MS, HealthMonitor } from './health.js';
-import type { Metrics } from './metrics.js';
+import type { HttpListener } from './http_listener.js';
 import type { Options } from './options.js';
 import { Remotes, REMOTE_EXPIRY_CHECK_SECS } from './remotes.js';
 import { logSnapshot, StatsServer, type StatsSources, type TakeoverRecord } from './stats.js';
@@ -135,7 +135,7 @@ export class Balancer implements HandoverHost {
 	private lifecycle: BalancerState = 'new';
 	private stats: StatsServer | null = null;
 	private control: ControlServer | null = null;
-	private metrics: Metrics | null = null;
+	private http: HttpListener | null = null;
 	/* The takeover this process began with (the snapshot shows it). */
 	private tookOver: TakeoverRecord | null = null;
 	/* The TCP listener's close() begun by a handover: its sessions drain meanwhile. */
@@ -165,8 +165,8 @@ export class Balancer implements HandoverHost {
 			log: this.log,
 			wheel: this.wheel,
 			onOutboundUdp: (addr, port, payload, be) => this.udp.sendOutbound(addr, port, payload, be),
-			onHeartbeatRtt: (be, ms) => this.metrics?.observeHeartbeatRtt(be, ms),
-			onForget: (be) => this.metrics?.forgetBackend(be),
+			onHeartbeatRtt: (be, ms) => this.http?.metrics.observeHeartbeatRtt(be, ms),
+			onForget: (be) => this.http?.metrics.forgetBackend(be),
 		});
 		this.remotes = new Remotes({
 			log: this.log, backends: this.backends, wheel: this.wheel, maxRemotes: opts.maxRemotes,
@@ -273,8 +273,8 @@ export class Balancer implements HandoverHost {
 			return;
 		}
 		await this.openStatsSocket();
-		if (this.opts.metrics) {
-			await this.openMetrics(this.opts.metrics);
+		if (this.opts.http) {
+			await this.openHttp(this.opts.http);
 		}
 		await this.findBackends();
 		if (this.lifecycle !== 'starting') {
@@ -360,15 +360,15 @@ export class Balancer implements HandoverHost {
 				await control.listen(take(s.control));
 				this.control = control;
 			}
-			if (this.opts.metrics) {
-				await this.openMetrics(this.opts.metrics, s.metrics === undefined ? undefined : take(s.metrics));
+			if (this.opts.http) {
+				await this.openHttp(this.opts.http, s.metrics === undefined ? undefined : take(s.metrics));
 			}
 		} catch (err) {
 			t.abandon([...unused]);
 			throw err instanceof TakeoverError ? err
 				: new TakeoverError(`takeover failed: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
 		}
-		/* A socket the old bbal had and we do not want (--metrics dropped). */
+		/* A socket the old bbal had and we do not want (--http dropped). */
 		for (const fd of unused) {
 			fdPass()?.closeFd(fd);
 		}
@@ -452,15 +452,20 @@ export class Balancer implements HandoverHost {
 		}
 	}
 
-	private async openMetrics({ host, port }: { host: string; port: number }, fd?: number): Promise<void> {
+	/* The operators' HTTP port: the dashboard, /metrics, the snapshot (http_listener.ts). */
+	private async openHttp({ host, port }: { host: string; port: number }, fd?: number): Promise<void> {
 		/* Loaded only when asked for: prom-client is ~10 MB of RSS. */
-		const { Metrics } = await import('./metrics.js');
-		const m = new Metrics(this.statsSources, this.log);
-		await m.listen(host, port, fd).catch((err: NodeJS.ErrnoException) => {
-			throw new StartupError(`cannot serve metrics on ${host}:${port}: ${err.code ?? err.message}`);
+		const [{ HttpListener }, { Sampler }, { packageVersion }] = await Promise.all([
+			import('./http_listener.js'), import('./sampler.js'), import('./options.js'),
+		]);
+		const sources = this.statsSources;
+		const sampler = new Sampler(sources, { version: packageVersion(), transport: this.udp.transportKind }, this.clock);
+		const listener = new HttpListener(sources, sampler, this.log);
+		await listener.listen(host, port, fd).catch((err: NodeJS.ErrnoException) => {
+			throw new StartupError(`cannot serve http on ${host}:${port}: ${err.code ?? err.message}`);
 		});
-		this.metrics = m;
-		this.log.info({ metrics: `http://${host}:${port}/metrics` }, 'metrics listening');
+		this.http = listener;
+		this.log.info({ http: `http://${host}:${port}/` }, 'dashboard and metrics listening');
 	}
 
 	/* ---- operators ---- */
@@ -508,7 +513,7 @@ export class Balancer implements HandoverHost {
 		add('tcp', this.tcp.fd);
 		add('stats', this.stats?.fd);
 		add('control', this.control?.fd);
-		add('metrics', this.metrics?.fd);
+		add('metrics', this.http?.fd);
 		return out;
 	}
 
@@ -520,7 +525,7 @@ export class Balancer implements HandoverHost {
 		this.expiryTimeout.clear();
 		this.udp.stopReading();
 		this.tcpDrained = this.tcp.close();
-		await Promise.all([this.stats?.release(), this.control?.close(true), this.metrics?.close()]);
+		await Promise.all([this.stats?.release(), this.control?.close(true), this.http?.close()]);
 		this.log.info({ tcp_open: this.tcp.size }, 'handed over: no longer reading or accepting, draining');
 	}
 
@@ -573,7 +578,7 @@ export class Balancer implements HandoverHost {
 		this.remotes.close();
 		this.control?.destroyAll();
 		await Promise.all([
-			this.udp.close(), this.tcp.close(), this.stats?.close(), this.control?.close(), this.metrics?.close(),
+			this.udp.close(), this.tcp.close(), this.stats?.close(), this.control?.close(), this.http?.close(),
 		]);
 		this.backends.close();
 		this.lifecycle = 'closed';

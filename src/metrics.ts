@@ -2,7 +2,7 @@
  * METRICS
  *
  * Prometheus metrics for bbal, served over HTTP at /metrics when
- * `--metrics HOST:PORT` is given (off by default: an open HTTP port on a DNS
+ * `--http HOST:PORT` is given (off by default: an open HTTP port on a DNS
  * host is something an operator should ask for).
  *
  * Nothing here runs per packet.  bbal already counts everything in plain
@@ -27,7 +27,7 @@
  * those are what stock dashboards and alerts query, and the job and
  * instance labels Prometheus adds already say which process they describe.
  *
- * This module is imported only when --metrics is given (balancer.ts loads
+ * This module is imported only when --http is given (balancer.ts loads
  * it with import()), because prom-client costs about 10 MB of RSS.
  *
  * A STALL is visible here without bbal doing anything per packet:
@@ -37,28 +37,14 @@
  * reset at every scrape, so nodejs_eventloop_lag_max_seconds is the longest
  * the loop was held up since the previous scrape.
  *
- * THE LISTENER'S BOUNDS.  Node keeps an HTTP connection that never sends a
- * request for a minute by default, so a few hundred idle connections used
- * up the process's descriptors.  Here a request must bring its headers
- * within METRICS_HEADERS_TIMEOUT_MS (5 s) of the connection (or of the
- * previous response) and be whole within METRICS_REQUEST_TIMEOUT_MS (10 s),
- * checked every second; a kept-alive connection idle for
- * METRICS_KEEP_ALIVE_MS (5 s) is closed.  At most METRICS_MAX_CONNECTIONS
- * (16) are open at once: a new connection over the cap closes the oldest
- * idle one (one that never sent a request before one that did, so the
- * scraper's kept-alive connection goes last), and is itself closed only if
- * every connection is busy with a request.  Both are counted.  A scrape
- * therefore gets through a flood of idle connections at once.  close()
- * closes every connection, idle or not.
+ * The HTTP listener that serves /metrics is http_listener.ts's (with the
+ * dashboard, --http; --metrics is its old name).
  */
 
-import http from 'node:http';
-import type net from 'node:net';
-import type { Logger } from 'pino';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, type Metric, Registry } from 'prom-client';
 import { type AnswerCounts, LATENCY_BUCKETS, latencyBoundMs } from './answers.js';
 import type { BackendView } from './backends.js';
-import { handleFd } from './fd_pass.js';
+import type { HttpListenerStats } from './http_listener.js';
 import type { StatsSources } from './stats.js';
 
 type BackendCounter = 'connStart' | 'connError' | 'udp' | 'tcp' | 'stuck' | 'faults' | 'throttled';
@@ -132,36 +118,12 @@ class ScrapedHistogram {
 	reset(): void {}
 }
 
-/** Connections to /metrics open at once. */
-export const METRICS_MAX_CONNECTIONS = 16;
-/** From a connection (or the previous response) to a request's last header. */
-export const METRICS_HEADERS_TIMEOUT_MS = 5_000;
-/** From a connection to a whole request. */
-export const METRICS_REQUEST_TIMEOUT_MS = 10_000;
-/** An idle kept-alive connection is closed after this. */
-export const METRICS_KEEP_ALIVE_MS = 5_000;
-/* How often Node checks the two request deadlines. */
-const METRICS_TIMEOUT_CHECK_MS = 1_000;
-
-/** What a connection to /metrics is doing: a new one has sent no request yet. */
-type MetricsConnectionState = 'new' | 'busy' | 'idle';
-
-export interface MetricsListenerStats {
-	/** Idle connections closed to make room for a new one. */
-	evicted: number;
-	/** New connections closed at once: every one open was busy. */
-	overCap: number;
-}
-
 export class Metrics {
 	readonly registry = new Registry();
-	readonly listenerStats: MetricsListenerStats = { evicted: 0, overCap: 0 };
 	private readonly heartbeatRtt: Histogram<'backend'>;
-	private server: http.Server | null = null;
-	/* The open connections, oldest first. */
-	private readonly connections = new Map<net.Socket, MetricsConnectionState>();
 
-	constructor(src: StatsSources, private readonly log: Logger) {
+	/** `listener`: the HTTP listener's own counts (http_listener.ts), read at scrape time. */
+	constructor(src: StatsSources, listener: { readonly stats: HttpListenerStats; readonly streams: number }) {
 		const registers = [this.registry];
 		const backends = (): BackendView[] => src.backends.views();
 		collectDefaultMetrics({ register: this.registry });
@@ -344,9 +306,18 @@ export class Metrics {
 			() => src.backends.forgotten);
 		total('bbal_remotes_expired_total', 'Remote peers forgotten after idling.', () => src.remotes.expired);
 		total('bbal_remotes_evicted_total', 'Remote peers evicted at the --max-remotes cap.', () => src.remotes.evicted);
-		const ls = this.listenerStats;
-		byLabel('bbal_metrics_connections_dropped_total', 'Connections to /metrics closed by bbal at its cap, by reason.',
-			'reason', () => ({ idle_evicted: ls.evicted, over_cap: ls.overCap }));
+		/* The HTTP listener's (the name is from when it served /metrics alone). */
+		const ls = listener.stats;
+		byLabel('bbal_metrics_connections_dropped_total', 'Connections to the HTTP listener closed by bbal, by reason.',
+			'reason', () => ({
+				idle_evicted: ls.evicted, over_cap: ls.overCap, streams_over_cap: ls.streamsOverCap, stream_too_slow: ls.streamsTooSlow,
+			}));
+		new Gauge({
+			name: 'bbal_http_streams', help: 'Dashboards following the live stream now.', registers,
+			collect() {
+				this.set(listener.streams);
+			},
+		});
 		const statsServer = src.statsServer;
 		if (statsServer) {
 			total('bbal_stats_connections_served_total', 'Stats socket readers sent the whole snapshot.',
@@ -370,96 +341,8 @@ export class Metrics {
 		this.heartbeatRtt.remove({ backend: be.id });
 	}
 
-	/** Connections to /metrics open now. */
-	get connectionCount(): number {
-		return this.connections.size;
-	}
-
-	/** The listening socket's descriptor, for a takeover to pass on (-1 when not listening). */
-	get fd(): number {
-		return this.server === null ? -1 : handleFd(this.server);
-	}
-
-	/** Serve /metrics on host:port or, given `fd` (a takeover's), on that socket; rejects with the listen error. */
-	listen(host: string, port: number, fd?: number): Promise<void> {
-		const server = http.createServer({
-			headersTimeout: METRICS_HEADERS_TIMEOUT_MS,
-			requestTimeout: METRICS_REQUEST_TIMEOUT_MS,
-			keepAliveTimeout: METRICS_KEEP_ALIVE_MS,
-			connectionsCheckingInterval: METRICS_TIMEOUT_CHECK_MS,
-		}, this.serverOnRequest);
-		server.on('connection', this.serverOnConnection);
-		return new Promise((resolve, reject) => {
-			server.once('error', reject);
-			server.listen(fd === undefined ? { host, port } : { fd }, () => {
-				server.removeListener('error', reject);
-				server.on('error', (err) => this.log.error({ err }, 'metrics server error'));
-				this.server = server;
-				resolve();
-			});
-		});
-	}
-
-	/* The cap (see THE LISTENER'S BOUNDS): make room by closing the oldest idle connection, or refuse. */
-	private readonly serverOnConnection = (sock: net.Socket): void => {
-		if (this.connections.size >= METRICS_MAX_CONNECTIONS) {
-			const victim = this.oldest('new') ?? this.oldest('idle');
-			if (victim === null) {
-				this.listenerStats.overCap++;
-				sock.destroy();
-				return;
-			}
-			this.listenerStats.evicted++;
-			this.connections.delete(victim);
-			victim.destroy();
-		}
-		this.connections.set(sock, 'new');
-		sock.once('close', () => this.connections.delete(sock));
-	};
-
-	private oldest(state: MetricsConnectionState): net.Socket | null {
-		for (const [sock, s] of this.connections) {
-			if (s === state) {
-				return sock;
-			}
-		}
-		return null;
-	}
-
-	private readonly serverOnRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
-		const sock = req.socket;
-		if (this.connections.has(sock)) {
-			this.connections.set(sock, 'busy');
-			res.once('close', () => {
-				if (this.connections.has(sock)) {
-					this.connections.set(sock, 'idle');
-				}
-			});
-		}
-		if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
-			res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics\n');
-			return;
-		}
-		this.registry.metrics().then((body) => {
-			res.writeHead(200, { 'content-type': this.registry.contentType }).end(body);
-		}, (err: unknown) => {
-			this.log.error({ err }, 'could not collect metrics');
-			res.writeHead(500).end();
-		});
-	};
-
-	async close(): Promise<void> {
-		const server = this.server;
-		if (server === null) {
-			return;
-		}
-		this.server = null;
-		const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-		server.closeAllConnections();
-		for (const sock of this.connections.keys()) {
-			sock.destroy();
-		}
-		this.connections.clear();
-		await closed;
+	/** The exposition text and its content type. */
+	async render(): Promise<{ contentType: string; body: string }> {
+		return { contentType: this.registry.contentType, body: await this.registry.metrics() };
 	}
 }

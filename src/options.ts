@@ -69,8 +69,8 @@ export interface Options {
 	statsSocket: string;
 	/** -S was given: failing to open it is fatal rather than a warning. */
 	statsSocketExplicit: boolean;
-	/** --metrics HOST:PORT, or null when off. */
-	metrics: { host: string; port: number } | null;
+	/** --http HOST:PORT (or its old name, --metrics): the dashboard, /metrics and the snapshot; null when off. */
+	http: { host: string; port: number } | null;
 	noBackend: NoBackendAction;
 	maxRemotes: number;
 	/** 0: no limit. */
@@ -107,27 +107,38 @@ export class UsageError extends Error {
 }
 
 /**
- * The version in bbal's package.json, found by walking up from this module:
- * dist/src/ in a checkout or an installed package, src/ under a TypeScript
- * loader.  Read when asked, not at import, so nothing pays for it otherwise.
+ * The directory of bbal's package.json, found by walking up from this
+ * module: dist/src/ in a checkout or an installed package, src/ under a
+ * TypeScript loader; null when there is none.  The dashboard's files are
+ * read from under it (http_listener.ts).
  */
-export function packageVersion(): string {
+export function packageRoot(): string | null {
 	let dir = path.dirname(fileURLToPath(import.meta.url));
 	for (;;) {
 		try {
 			const pkg = JSON.parse(readFileSync(path.join(dir, 'package.json'), 'utf8')) as { name?: unknown; version?: unknown };
-			if (pkg.name === 'bbal' && typeof pkg.version === 'string') {
-				return pkg.version;
+			if (pkg.name === 'bbal') {
+				return dir;
 			}
 		} catch {
 			/* No package.json here (or not a readable one): look further up. */
 		}
 		const up = path.dirname(dir);
 		if (up === dir) {
-			return 'unknown';
+			return null;
 		}
 		dir = up;
 	}
+}
+
+/** The version in bbal's package.json, read when asked, not at import, so nothing pays for it otherwise. */
+export function packageVersion(): string {
+	const root = packageRoot();
+	if (root === null) {
+		return 'unknown';
+	}
+	const pkg = JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')) as { version?: unknown };
+	return typeof pkg.version === 'string' ? pkg.version : 'unknown';
 }
 
 /**
@@ -152,9 +163,11 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			alias: 'S', type: 'string', requiresArg: true,
 			describe: `AF_UNIX socket serving the stats snapshot for balstat (default ${DEFAULT_STATS_SOCKET})`,
 		})
-		.option('metrics', {
-			type: 'string', requiresArg: true, describe: 'serve Prometheus metrics at http://HOST:PORT/metrics (off by default)',
+		.option('http', {
+			type: 'string', requiresArg: true,
+			describe: 'serve the dashboard at http://HOST:PORT/, with /metrics and /snapshot.json (off by default)',
 		})
+		.option('metrics', { type: 'string', requiresArg: true, describe: '--http\'s old name' })
 		.option('no-backend', {
 			type: 'string', requiresArg: true, default: 'servfail', describe: 'when no backend is ok: servfail (answer at once) or drop',
 		})
@@ -300,7 +313,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		throw new UsageError(`stats socket ${statsSocket} is inside the backend socket directory ${socketDir}: `
 			+ 'bbal would take it for a backend');
 	}
-	const metrics = args.metrics === undefined ? null : parseHostPort(lastOf(args.metrics));
+	const http = httpOption(args.http, args.metrics);
 	const noBackend = oneOf(lastOf(args['no-backend']), ['servfail', 'drop'] as const, '--no-backend');
 	const rateLimitAction = oneOf(lastOf(args['rate-limit-action']), ['refuse', 'drop'] as const, '--rate-limit-action');
 	const maxRemotes = positiveInt(lastOf(args['max-remotes']), '--max-remotes');
@@ -331,7 +344,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		...health, ...takeover,
 		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, maxTcpPerRemote, maxTcpQueriesPerConn,
 		maxTcpQueriesPerRemote, tcpIdleTimeoutSecs,
-		statsSocket, statsSocketExplicit, metrics, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
+		statsSocket, statsSocketExplicit, http, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
 		maxTcpMessageBytes, watchDir: args['no-watch'] !== true,
 	};
 }
@@ -380,11 +393,21 @@ function oneOf<T extends string>(text: string, choices: readonly T[], flag: stri
 	return text as T;
 }
 
-function parseHostPort(text: string): { host: string; port: number } {
+/* --http, or --metrics, its old name; both only when they agree. */
+function httpOption(http: string | string[] | undefined, metrics: string | string[] | undefined): Options['http'] {
+	const h = http === undefined ? null : parseHostPort(lastOf(http), '--http');
+	const m = metrics === undefined ? null : parseHostPort(lastOf(metrics), '--metrics');
+	if (h !== null && m !== null && (h.host !== m.host || h.port !== m.port)) {
+		throw new UsageError('--metrics is --http\'s old name: give one HOST:PORT (the dashboard serves /metrics too)');
+	}
+	return h ?? m;
+}
+
+function parseHostPort(text: string, flag: string): { host: string; port: number } {
 	const m = /^(.+):(\d{1,5})$/.exec(text);
 	const port = m === null ? NaN : Number(m[2]);
 	if (m === null || !(port >= 1 && port <= 65535) || !(net.isIPv4(m[1]) || m[1] === 'localhost')) {
-		throw new UsageError(`--metrics "${text}" is not HOST:PORT with an IPv4 HOST (e.g. 127.0.0.1:9153)`);
+		throw new UsageError(`${flag} "${text}" is not HOST:PORT with an IPv4 HOST (e.g. 127.0.0.1:9153)`);
 	}
 	return { host: m[1], port };
 }

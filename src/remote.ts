@@ -79,6 +79,8 @@ export class Remote implements RemoteStats {
 	tcpDrop = 0;
 	udpInvalid = 0;
 	rateLimited = 0;
+	/** udp + tcp when the dashboard's last talkers pass read this remote (sampler.ts: TOP TALKERS). */
+	talkMark = 0;
 	/*
 	 * Times are whole seconds since the table was made: small integers that
 	 * V8 stores in the object itself, where milliseconds since 1970 would

@@ -157,6 +157,9 @@ export class Remotes {
 	expired = 0;
 	/** Remotes evicted to make room at the cap. */
 	evicted = 0;
+	/** Rebalance passes ended, and the last one's outcome (the dashboard's events read them). */
+	rebalances = 0;
+	lastRebalance: { backend: number; moved: number; planned: number } | null = null;
 	readonly maxRemotes: number;
 	/** Zero of the remotes' second counts (the wheel's time at creation). */
 	readonly epochMs: number;
@@ -484,6 +487,8 @@ export class Remotes {
 		pass.ticks++;
 		if (pass.cursor === ADDR_END || pass.moved >= pass.count) {
 			this.rebalancePass = null;
+			this.rebalances++;
+			this.lastRebalance = { backend: pass.be.id, moved: pass.moved, planned: pass.count };
 			this.log.info({
 				be_id: pass.be.id, remotes: pass.moved, planned: pass.count, visited: pass.visited, ticks: pass.ticks,
 				ended: pass.moved >= pass.count ? 'done' : pass.be.usable ? 'end of table' : 'backend not ok',

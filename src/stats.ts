@@ -123,6 +123,8 @@ export interface BackendSnapshot {
 	/** Bytes held by its in-flight table's arrays (it grows by doubling up to --max-inflight-per-backend). */
 	inflightTableBytes: number;
 	latencyMs: { p50: number | null; p99: number | null };
+	/** The last fault's reason and time; null before the first. */
+	lastFault: { reason: string; at: string } | null;
 	probe: { ok: boolean; rcode: number | null; ms: number | null; at: string } | null;
 	healthTransitions: number;
 }
@@ -235,6 +237,7 @@ function backendSnapshot(be: BackendView, nowMs: number): BackendSnapshot {
 		droppedInflight: book.dropped,
 		inflightTableBytes: book.tableBytes,
 		latencyMs: { p50: p50 === null ? null : roundMs(p50), p99: p99 === null ? null : roundMs(p99) },
+		lastFault: be.lastFault === null ? null : { reason: be.lastFault.reason, at: new Date(be.lastFault.atMs).toISOString() },
 		probe: probe === null ? null : {
 			ok: probe.ok, rcode: probe.rcode, ms: probe.ms === null ? null : roundMs(probe.ms),
 			at: new Date(probe.at).toISOString(),
@@ -334,11 +337,33 @@ export class StatsSocketError extends Error {
 	}
 }
 
-export type StatsConnectionState = 'writing' | 'awaiting drain' | 'ending' | 'closed';
+export type SnapshotStreamState = 'writing' | 'awaiting drain' | 'ending' | 'closed';
 
-/* One reader of the stats socket: the snapshot streamed to it (see STREAMING). */
-class StatsConnection {
-	private current: StatsConnectionState = 'writing';
+/**
+ * Where a snapshot is streamed: a stats socket connection, or an HTTP
+ * response for /snapshot.json (http_listener.ts).  Both are Node writables.
+ */
+export interface SnapshotSink {
+	write(chunk: string): boolean;
+	end(chunk: string): unknown;
+	destroy(): unknown;
+	on(event: 'error' | 'drain' | 'close', listener: (err?: Error) => void): unknown;
+	readonly writableFinished: boolean;
+}
+
+/** Who serves snapshot streams: what they are read from, and told of how each ended. */
+export interface SnapshotHost {
+	readonly sources: StatsSources;
+	readonly log: Logger;
+	/** A stream ran out of time (it is destroyed next). */
+	timedOut(conn: SnapshotStream): void;
+	/** A stream has closed; `served` when the whole snapshot was written. */
+	released(conn: SnapshotStream, served: boolean): void;
+}
+
+/** One reader: the snapshot streamed to it (see STREAMING). */
+export class SnapshotStream {
+	private current: SnapshotStreamState = 'writing';
 	/* Where the remotes list goes on, and how many were written. */
 	private cursor = 0;
 	private listed = 0;
@@ -346,8 +371,8 @@ class StatsConnection {
 	private readonly deadline: Timeout;
 
 	constructor(
-		private readonly server: StatsServer,
-		private readonly sock: net.Socket,
+		private readonly server: SnapshotHost,
+		private readonly sock: SnapshotSink,
 		readonly id: number,
 	) {
 		sock.on('error', ignoreError);
@@ -365,11 +390,11 @@ class StatsConnection {
 		this.pump();
 	}
 
-	get state(): StatsConnectionState {
+	get state(): SnapshotStreamState {
 		return this.current;
 	}
 
-	private advance(to: StatsConnectionState): void {
+	private advance(to: SnapshotStreamState): void {
 		if (this.server.log.isLevelEnabled('trace')) {
 			this.server.log.trace({ stats_conn: this.id, from: this.current, to, listed: this.listed }, 'stats connection state');
 		}
@@ -424,7 +449,7 @@ class StatsConnection {
 	}
 }
 
-export class StatsServer {
+export class StatsServer implements SnapshotHost {
 	readonly stats: StatsSocketStats = { served: 0, overCap: 0, timedOut: 0 };
 	/** What the snapshot is read from, this server's own counts included. */
 	readonly sources: StatsSources;
@@ -432,7 +457,7 @@ export class StatsServer {
 	private listening = false;
 	/* Whose the socket file is: ours, or another bbal's in a takeover (fd_pass.ts). */
 	private readonly file: UnixSocketFile;
-	private readonly connections = new Set<StatsConnection>();
+	private readonly connections = new Set<SnapshotStream>();
 	private nextId = 1;
 	private readonly overCapLog: GatedLog;
 	private readonly timeoutLog: GatedLog;
@@ -464,7 +489,7 @@ export class StatsServer {
 			sock.destroy();
 			return;
 		}
-		const conn = new StatsConnection(this, sock, this.nextId++);
+		const conn = new SnapshotStream(this, sock, this.nextId++);
 		this.connections.add(conn);
 		try {
 			conn.start();
@@ -475,13 +500,13 @@ export class StatsServer {
 	};
 
 	/** A connection ran out of time (it is destroyed next). */
-	timedOut(conn: StatsConnection): void {
+	timedOut(conn: SnapshotStream): void {
 		this.stats.timedOut++;
 		this.timeoutLog.report(this.log, { stats_conn: conn.id, state: conn.state, timeout_secs: STATS_CONNECTION_TIMEOUT_SECS });
 	}
 
 	/** A connection has closed. */
-	released(conn: StatsConnection, served: boolean): void {
+	released(conn: SnapshotStream, served: boolean): void {
 		this.connections.delete(conn);
 		if (served) {
 			this.stats.served++;

@@ -192,7 +192,7 @@ t.test('the Balancer with real mname backends: remotes leave the removed backend
 	const metricsPort = await freePort();
 	const bal = new Balancer({
 		bind: '127.0.0.1', port: 0, socketDir: dir, log: makeLogger('fatal'), clock: () => now, transport: udp,
-		watchDir: false, metrics: { host: '127.0.0.1', port: metricsPort },
+		watchDir: false, http: { host: '127.0.0.1', port: metricsPort },
 	});
 	t.teardown(() => bal.close());
 	await bal.start();

@@ -96,7 +96,7 @@ function backendSnap(id: number, over: Partial<BackendSnapshot> = {}): BackendSn
 		health: 'healthy', healthReason: null,
 		answers: { noerror: 1_200_000, nxdomain: 30_000, servfail: 4_567, refused: 0, other: 0 },
 		outstanding: 3, unanswered: 0, late: 0, unsolicited: 0, droppedInflight: 0, inflightTableBytes: 25_600,
-		latencyMs: { p50: 0.177, p99: 11.314 },
+		latencyMs: { p50: 0.177, p99: 11.314 }, lastFault: null,
 		probe: { ok: true, rcode: 3, ms: 0.4123, at: '2030-01-02T03:04:05.000Z' }, healthTransitions: 0,
 		...over,
 	};

@@ -58,7 +58,7 @@ t.test('/metrics parses as Prometheus text and its counters move with traffic', 
 	t.equal(value(after, 'bbal_tcp_accepted_total'), 1);
 	t.equal(value(after, 'bbal_tcp_established_total'), 1);
 
-	t.equal((await get(metricsPort, '/')).status, 404, 'only /metrics is served');
+	t.equal((await get(metricsPort, '/nothing-here')).status, 404, 'anything else is not found');
 });
 
 t.test('heartbeat round trips are observed in the histogram', async (t) => {
@@ -88,6 +88,6 @@ t.test('--metrics that cannot be served is a one-line startup error', async (t) 
 	const busy = await runBbal(['-s', dir, '-b', '127.0.0.1', '-p', String(await freePort()), '-S', `${dir}.m.sock`,
 		'--metrics', `127.0.0.1:${taken}`]);
 	t.equal(busy.code, 1);
-	t.equal(busy.stderr, `bbal: cannot serve metrics on 127.0.0.1:${taken}: EADDRINUSE\n`);
+	t.equal(busy.stderr, `bbal: cannot serve http on 127.0.0.1:${taken}: EADDRINUSE\n`);
 	t.notOk(existsSync(`${dir}.m.sock`), 'the stats socket it had opened is removed on the way out');
 });

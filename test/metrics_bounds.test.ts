@@ -1,9 +1,9 @@
 /*
  * The /metrics listener's bounds, end to end: the built CLI with --metrics,
  * its descriptors counted in /proc.  A flood of connections that never send
- * a request holds at most METRICS_MAX_CONNECTIONS descriptors (each new one
+ * a request holds at most HTTP_MAX_CONNECTIONS descriptors (each new one
  * closes the oldest idle), a scrape gets through it at once, and the idle
- * ones left are closed after METRICS_HEADERS_TIMEOUT_MS rather than Node's
+ * ones left are closed after HTTP_HEADERS_TIMEOUT_MS rather than Node's
  * minute; so is a request whose headers never end.  The event loop's delay
  * is on the page under prom-client's standard names.
  */
@@ -12,7 +12,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import t from 'tap';
-import { METRICS_HEADERS_TIMEOUT_MS, METRICS_MAX_CONNECTIONS } from '../src/metrics.js';
+import { HTTP_HEADERS_TIMEOUT_MS, HTTP_MAX_CONNECTIONS } from '../src/http_listener.js';
 import { startBbal } from './support/bbal.js';
 import { makeSocketDir } from './support/fleet.js';
 import { freePort } from './support/ports.js';
@@ -61,19 +61,19 @@ t.test('idle connections to /metrics: at most the cap held, a scrape gets throug
 	const slow = await open();
 	slow.write('GET /metrics HTTP/1.1\r\nHost: bbal\r\n');
 	const opened = Date.now();
-	await waitFor(() => fds() - before <= METRICS_MAX_CONNECTIONS, 3000, 20, 'bbal down to the cap');
-	t.pass(`301 connections opened: bbal holds ${fds() - before} descriptors for them (cap ${METRICS_MAX_CONNECTIONS})`);
+	await waitFor(() => fds() - before <= HTTP_MAX_CONNECTIONS, 3000, 20, 'bbal down to the cap');
+	t.pass(`301 connections opened: bbal holds ${fds() - before} descriptors for them (cap ${HTTP_MAX_CONNECTIONS})`);
 
 	const page = await scrape(metricsPort);
 	t.equal(page.status, 200, 'a scrape at the cap is served at once');
-	t.ok(sample(page.body, /^bbal_metrics_connections_dropped_total\{reason="idle_evicted"\} (\d+)$/m) >= 300 - METRICS_MAX_CONNECTIONS,
+	t.ok(sample(page.body, /^bbal_metrics_connections_dropped_total\{reason="idle_evicted"\} (\d+)$/m) >= 300 - HTTP_MAX_CONNECTIONS,
 		'the idle connections closed to make room are counted');
 	for (const name of ['nodejs_eventloop_lag_seconds', 'nodejs_eventloop_lag_max_seconds', 'nodejs_eventloop_lag_p99_seconds']) {
 		t.ok(Number.isFinite(sample(page.body, new RegExp(`^${name} ([0-9.e+-]+)$`, 'm'))), `${name} is on the page`);
 	}
 
-	await waitFor(() => fds() <= before, METRICS_HEADERS_TIMEOUT_MS + 3000, 100, 'the idle connections closed');
+	await waitFor(() => fds() <= before, HTTP_HEADERS_TIMEOUT_MS + 3000, 100, 'the idle connections closed');
 	const secs = (Date.now() - opened) / 1000;
-	t.ok(secs <= METRICS_HEADERS_TIMEOUT_MS / 1000 + 2.5, `every one closed ${secs.toFixed(1)} s after it opened`);
+	t.ok(secs <= HTTP_HEADERS_TIMEOUT_MS / 1000 + 2.5, `every one closed ${secs.toFixed(1)} s after it opened`);
 	t.equal((await scrape(metricsPort)).status, 200, 'and scrapes go on');
 });

@@ -44,7 +44,7 @@ t.test('defaults: what the README says', async (t) => {
 	t.same(parse([]), {
 		bind: '0.0.0.0', port: 53, socketDir: DIR, logLevel: 'info', maxTcpConnections: 512, maxTcpPerRemote: 16,
 		maxTcpQueriesPerConn: 32, maxTcpQueriesPerRemote: 8, tcpIdleTimeoutSecs: 10,
-		statsSocket: DEFAULT_STATS_SOCKET, statsSocketExplicit: false, metrics: null, noBackend: 'servfail',
+		statsSocket: DEFAULT_STATS_SOCKET, statsSocketExplicit: false, http: null, noBackend: 'servfail',
 		maxRemotes: 100_000, maxQpsPerRemote: 0, rateLimitAction: 'refuse', allow: [], maxTcpMessageBytes: 16384,
 		watchDir: true, queryTimeoutMs: 2000, maxInflightPerBackend: 65_536, answerAccounting: true, healthCheck: true,
 		healthIntervalSecs: 1, healthTimeoutMs: 1000, healthRise: 2, healthFall: 2,
@@ -65,7 +65,7 @@ t.test('every flag, long and short, lands in its field; a repeated flag counts o
 		bind: '127.0.0.1', port: 5354, socketDir: '/tmp/other', logLevel: 'debug', maxTcpConnections: 3,
 		maxTcpPerRemote: 2, maxTcpQueriesPerConn: 5, maxTcpQueriesPerRemote: 7,
 		tcpIdleTimeoutSecs: 4, statsSocket: '/tmp/x.sock', statsSocketExplicit: true,
-		metrics: { host: '127.0.0.1', port: 9153 }, noBackend: 'drop', maxRemotes: 1, maxQpsPerRemote: 20,
+		http: { host: '127.0.0.1', port: 9153 }, noBackend: 'drop', maxRemotes: 1, maxQpsPerRemote: 20,
 		rateLimitAction: 'drop', allow: [], maxTcpMessageBytes: 512, watchDir: false,
 		queryTimeoutMs: 1500, maxInflightPerBackend: 100, answerAccounting: false, healthCheck: false,
 		healthIntervalSecs: 2, healthTimeoutMs: 250, healthRise: 3, healthFall: 4,
@@ -75,7 +75,10 @@ t.test('every flag, long and short, lands in its field; a repeated flag counts o
 	t.same(parse(['--health-query', 'up.example']).healthQuery, { name: 'up.example', type: 1 }, 'type A when left out');
 	t.equal(parse(['-l', 'info'], { LOG_LEVEL: 'warn' }).logLevel, 'warn', 'LOG_LEVEL overrides -l');
 	t.equal(parse(['-l', 'warn'], { LOG_LEVEL: '' }).logLevel, 'warn', 'an empty LOG_LEVEL does not');
-	t.same(parse(['--metrics', 'localhost:9153']).metrics, { host: 'localhost', port: 9153 }, 'localhost as the host');
+	t.same(parse(['--metrics', 'localhost:9153']).http, { host: 'localhost', port: 9153 }, 'localhost as the host');
+	t.same(parse(['--http', '127.0.0.1:8053']).http, { host: '127.0.0.1', port: 8053 }, '--http');
+	t.same(parse(['--http', '127.0.0.1:8053', '--metrics', '127.0.0.1:8053']).http, { host: '127.0.0.1', port: 8053 },
+		'--http and its old name --metrics, agreeing');
 });
 
 t.test('--takeover-timeout takes seconds from 0.1 to 600', async (t) => {
@@ -139,6 +142,8 @@ const BAD: Array<[string[], RegExp]> = [
 	[['--metrics', '127.0.0.1:0'], /^--metrics "127\.0\.0\.1:0" is not HOST:PORT/],
 	[['--metrics', 'example.com:9153'], /^--metrics "example\.com:9153" is not HOST:PORT/],
 	[['--metrics', '127.0.0.1'], /^--metrics "127\.0\.0\.1" is not HOST:PORT/],
+	[['--http', '127.0.0.1'], /^--http "127\.0\.0\.1" is not HOST:PORT/],
+	[['--http', '127.0.0.1:8053', '--metrics', '127.0.0.1:9153'], /^--metrics is --http's old name: give one HOST:PORT/],
 	[['--no-backend', 'maybe'], /^--no-backend "maybe" is not one of servfail, drop$/],
 	[['--max-remotes', '0'], /^--max-remotes "0" is not a whole number of at least 1$/],
 	[['--max-remotes', '-5'], /^--max-remotes "-5" is not a whole number of at least 1$/],
@@ -174,7 +179,7 @@ const BAD: Array<[string[], RegExp]> = [
 ];
 
 /* Every flag that takes a value, as a user may type it. */
-const VALUED = ['-b', '--bind', '-p', '--port', '-s', '--sockets', '-l', '--log-level', '-S', '--stats-socket', '--metrics',
+const VALUED = ['-b', '--bind', '-p', '--port', '-s', '--sockets', '-l', '--log-level', '-S', '--stats-socket', '--metrics', '--http',
 	'--no-backend', '--max-remotes', '--max-qps-per-remote', '--rate-limit-action', '--allow', '--max-tcp-message',
 	'--max-tcp-connections', '--tcp-idle-timeout', '--max-tcp-per-remote', '--max-tcp-queries-per-conn',
 	'--max-tcp-queries-per-remote', '--query-timeout', '--max-inflight-per-backend', '--health-interval', '--health-timeout',
