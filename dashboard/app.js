@@ -407,6 +407,7 @@ function backendColour(id) {
 }
 
 function backendLabel(id) {
+	if (id == null) return 'none';
 	const path = state.paths.get(id);
 	return path ? `#${id} ${basename(path)}` : `#${id}`;
 }
@@ -522,7 +523,7 @@ function renderTalkers() {
 function talkerRow(talker) {
 	return h('tr', { 'data-ip': talker.ip },
 		h('td', {}, h('button', { type: 'button', class: 'link mono', title: 'look it up', text: talker.ip, 'data-ip': talker.ip })),
-		h('td', { text: talker.backend == null ? 'none' : backendLabel(talker.backend) }),
+		h('td', {}, h('span', { class: 'clip', title: state.paths.get(talker.backend), text: backendLabel(talker.backend) })),
 		h('td', { class: 'num', text: fmtRate(talker.qps) }),
 	);
 }
@@ -554,8 +555,9 @@ async function lookUpRemote(ip) {
 		return;
 	}
 	if (mine !== searchSeq) return;
-	if (response.ok) showRemote(body);
-	else if (response.status === 404) showSearchResult(false, [{ text: ip, cls: 'mono' }, ' is not held']);
+	// The contract answers 404 {"error":"not held"}; a 200 with that error is taken the same way.
+	if (response.status === 404 || body?.error === 'not held') showSearchResult(false, [{ text: ip, cls: 'mono' }, ' is not held']);
+	else if (response.ok) showRemote(body);
 	else showSearchResult(false, [{ text: `${ip}: ${body?.error ?? response.statusText}`, cls: 'bad' }]);
 }
 
