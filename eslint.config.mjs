@@ -68,5 +68,18 @@ export default tseslint.config(
 			}],
 		},
 	},
+	{
+		// The dashboard's page script runs in the browser (an ES module), next
+		// to uPlot's global; none of Node's globals exist there.
+		files: ['dashboard/**/*.js'],
+		languageOptions: {
+			sourceType: 'module',
+			globals: {
+				...Object.fromEntries(Object.keys(globals.node).map((name) => [name, 'off'])),
+				...globals.browser,
+				uPlot: 'readonly',
+			},
+		},
+	},
 	layout,
 );
