@@ -555,8 +555,8 @@ async function lookUpRemote(ip) {
 		return;
 	}
 	if (mine !== searchSeq) return;
-	// The contract answers 404 {"error":"not held"}; a 200 with that error is taken the same way.
-	if (response.status === 404 || body?.error === 'not held') showSearchResult(false, [{ text: ip, cls: 'mono' }, ' is not held']);
+	// A remote not held is a 200 {"held":false}: a 4xx would be logged by the browser as an error.
+	if (response.ok && body?.held === false) showSearchResult(false, [{ text: ip, cls: 'mono' }, ' is not held']);
 	else if (response.ok) showRemote(body);
 	else showSearchResult(false, [{ text: `${ip}: ${body?.error ?? response.statusText}`, cls: 'bad' }]);
 }

@@ -11,8 +11,8 @@
  *                     once at start, since the hosts that run bbal often
  *                     have no internet
  *   /live             the dashboard's live feed, Server-Sent Events: on
- *                     connect the hello, the history (up to fifteen minutes
- *                     of samples), the events and the status; then every
+ *                     connect the hello, the status, the history (up to
+ *                     fifteen minutes of samples) and the events; then every
  *                     second a sample, the status, and any new events
  *                     (sampler.ts takes them; the JSON is its)
  *   /metrics          Prometheus (metrics.ts)
@@ -27,9 +27,13 @@
  * its own script, style and feed from this origin and nothing else, with no
  * inline script or style, and may not be framed.
  *
- * THE SAMPLER'S SECOND.  The listener arms a wheel timeout every second that
- * runs the sampler and writes what it took to every open stream: one
- * string, built once, written N times.  The sampler runs whether or not a
+ * THE SAMPLER'S SECOND.  The listener arms a wheel timeout that runs the
+ * sampler at every tick of the wheel (once a second) and writes what it took
+ * to every open stream: one string, built once, written N times.  It is
+ * armed for half a second, not one: a timeout armed during a tick waits for
+ * a later one, and one second after a moment just past this tick can fall
+ * just after the next tick, which would make every other sample two
+ * seconds apart.  The sampler runs whether or not a
  * dashboard is open, so a page that opens finds fifteen minutes of history.
  *
  * BOUNDS.  At most HTTP_MAX_CONNECTIONS (32) connections are open at once:
@@ -83,8 +87,10 @@ export const HTTP_REQUEST_TIMEOUT_MS = 10_000;
 export const HTTP_KEEP_ALIVE_MS = 5_000;
 /* How often Node checks the two request deadlines. */
 const HTTP_TIMEOUT_CHECK_MS = 1_000;
+/* What the sampler's timeout is armed for: due by the wheel's next tick (see THE SAMPLER'S SECOND). */
+const SAMPLE_ARM_SECS = 0.5;
 /* How long a page's EventSource waits before it reconnects. */
-const STREAM_RETRY_MS = 2_000;
+const STREAM_RETRY_MS = 1_000;
 
 export const CONTENT_SECURITY_POLICY = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
 	+ "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -208,7 +214,7 @@ export class HttpListener implements SnapshotHost {
 				this.server = server;
 				this.sampler.run();
 				this.sentSeq = this.sampler.events.lastSeq;
-				this.sampleTimeout.set(1);
+				this.sampleTimeout.set(SAMPLE_ARM_SECS);
 				resolve();
 			});
 		});
@@ -217,7 +223,7 @@ export class HttpListener implements SnapshotHost {
 	/* ---- the sampler's second ---- */
 
 	private readonly sampleDue = (): void => {
-		this.sampleTimeout.set(1);
+		this.sampleTimeout.set(SAMPLE_ARM_SECS);
 		const sample = this.sampler.run();
 		let frame = `event: sample\ndata: ${sample}\n\nevent: status\ndata: ${this.sampler.status}\n\n`;
 		const events = this.sampler.events;
@@ -344,11 +350,12 @@ export class HttpListener implements SnapshotHost {
 			return;
 		}
 		const s = this.sampler;
-		let first = `retry: ${STREAM_RETRY_MS}\nevent: hello\ndata: ${s.hello()}\n\n`;
+		/* The status before the history, so that the page knows the backends' names when it draws the charts. */
+		let first = `retry: ${STREAM_RETRY_MS}\nevent: hello\ndata: ${s.hello()}\n\nevent: status\ndata: ${s.status}\n\n`;
 		for (const sample of s.samples()) {
 			first += `event: sample\ndata: ${sample}\n\n`;
 		}
-		first += `event: events\ndata: ${JSON.stringify(s.events.since(0))}\n\nevent: status\ndata: ${s.status}\n\n`;
+		first += `event: events\ndata: ${JSON.stringify(s.events.since(0))}\n\n`;
 		const stream = { stalledSinceMs: -1 };
 		res.on('drain', () => {
 			stream.stalledSinceMs = -1;
@@ -409,7 +416,8 @@ export class HttpListener implements SnapshotHost {
 			this.reply(res, 200, 'application/json', JSON.stringify({ ip, held: false }));
 			return;
 		}
-		const be = (b: typeof rem.primary): { id: number; path: string } | null => (b === null ? null : { id: b.id, path: b.path });
+		const be = (b: typeof rem.primary): { id: number; path: string } | null => (b === null ? null
+			: { id: b.id, path: b.path });
 		this.reply(res, 200, 'application/json', JSON.stringify({
 			ip: rem.ip, held: true, backend: be(rem.primary), backup: be(rem.backup),
 			stats: {

@@ -310,7 +310,8 @@ export class Metrics {
 		const ls = listener.stats;
 		byLabel('bbal_metrics_connections_dropped_total', 'Connections to the HTTP listener closed by bbal, by reason.',
 			'reason', () => ({
-				idle_evicted: ls.evicted, over_cap: ls.overCap, streams_over_cap: ls.streamsOverCap, stream_too_slow: ls.streamsTooSlow,
+				idle_evicted: ls.evicted, over_cap: ls.overCap, streams_over_cap: ls.streamsOverCap,
+				stream_too_slow: ls.streamsTooSlow, snapshots_over_cap: ls.snapshotsOverCap,
 			}));
 		new Gauge({
 			name: 'bbal_http_streams', help: 'Dashboards following the live stream now.', registers,

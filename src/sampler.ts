@@ -45,7 +45,7 @@ import { LATENCY_BUCKETS, latencyBoundMs } from './answers.js';
 import type { BackendView } from './backends.js';
 import { EVENTS_MAX, EventRing, EventWatcher } from './events.js';
 import { ADDR_END, type Remote } from './remotes.js';
-import type { StatsSources } from './stats.js';
+import { lastFaultJson, type StatsSources } from './stats.js';
 
 /** Samples kept: fifteen minutes at one a second. */
 export const SAMPLE_HISTORY_SECS = 900;
@@ -217,8 +217,9 @@ export class Sampler {
 			}
 		}
 		return {
-			t: wall, rx: rate(cur.rx, prev.rx), tx: rate(cur.tx, prev.tx), fwd: rate(cur.fwd, prev.fwd), tcp: rate(cur.tcp, prev.tcp),
-			drop, synth: { servfail: rate(cur.servfail, prev.servfail), refused: rate(cur.refused, prev.refused) }, be,
+			t: wall, rx: rate(cur.rx, prev.rx), tx: rate(cur.tx, prev.tx), fwd: rate(cur.fwd, prev.fwd),
+			tcp: rate(cur.tcp, prev.tcp), drop,
+			synth: { servfail: rate(cur.servfail, prev.servfail), refused: rate(cur.refused, prev.refused) }, be,
 		};
 	}
 
@@ -255,8 +256,7 @@ export class Sampler {
 				id: be.id, path: be.path, state: be.state, ok: be.ok, removed: be.removed,
 				health: be.health.state.name, healthReason: be.health.state.name === 'sick' ? be.health.state.reason : null,
 				remotes: be.remoteCount, outstanding: be.health.book.outstanding, stuck: be.stuck, faults: be.stats.faults,
-				lastFault: be.lastFault === null ? null
-					: { reason: be.lastFault.reason, at: new Date(be.lastFault.atMs).toISOString() },
+				lastFault: lastFaultJson(be),
 			})),
 			talkers: this.talkers,
 			takeover: s.takeover?.() ?? null,

@@ -205,6 +205,11 @@ export interface StatsSources {
 	takeover?: () => TakeoverRecord | null;
 }
 
+/** A backend's last fault as operators read it (the snapshot, the dashboard's status). */
+export function lastFaultJson(be: BackendView): { reason: string; at: string } | null {
+	return be.lastFault === null ? null : { reason: be.lastFault.reason, at: new Date(be.lastFault.atMs).toISOString() };
+}
+
 /* Milliseconds to the microsecond, as the heartbeat's round trip is given. */
 const roundMs = (ms: number): number => Math.round(ms * 1000) / 1000;
 
@@ -237,7 +242,7 @@ function backendSnapshot(be: BackendView, nowMs: number): BackendSnapshot {
 		droppedInflight: book.dropped,
 		inflightTableBytes: book.tableBytes,
 		latencyMs: { p50: p50 === null ? null : roundMs(p50), p99: p99 === null ? null : roundMs(p99) },
-		lastFault: be.lastFault === null ? null : { reason: be.lastFault.reason, at: new Date(be.lastFault.atMs).toISOString() },
+		lastFault: lastFaultJson(be),
 		probe: probe === null ? null : {
 			ok: probe.ok, rcode: probe.rcode, ms: probe.ms === null ? null : roundMs(probe.ms),
 			at: new Date(probe.at).toISOString(),

@@ -183,7 +183,7 @@ t.test('npm start: the demo prints a URL whose page shows its fleet live', { ski
 	t.equal(await page.locator('#backends tbody tr[data-backend]').count(), 3, 'the three backends');
 	await waitFor(async () => Number(await page.locator('#chart-queries').getAttribute('data-rx')) > 0, 5000, 100,
 		'the demo\'s traffic on the chart');
-	await waitFor(async () => await page.locator('#talkers tbody tr').count() > 0, 12_000, 100, 'the demo\'s top talkers');
+	await waitFor(async () => await page.locator('#talkers tbody tr[data-ip]').count() > 0, 15_000, 100, 'the demo\'s top talkers');
 	t.pass('its traffic and its talkers shown');
 	await screenshot(page, 'demo');
 	t.same(errors, [], 'no console errors');

@@ -28,7 +28,7 @@ t.test('the ring keeps the newest EVENTS_MAX, numbered from 1, and since() gives
 	t.throws(() => new EventRing(0), RangeError);
 });
 
-t.test('any pushes and any reader position: since() is exactly the held events after it, in order', async (t) => {
+t.test('any pushes and any reader position: since() is exactly the held events after it, in order', async () => {
 	fc.assert(fc.property(fc.integer({ min: 1, max: 20 }), fc.integer({ min: 0, max: 60 }), fc.integer({ min: 0, max: 70 }),
 		(cap, pushes, from) => {
 			const ring = new EventRing(cap);

@@ -4,7 +4,7 @@
  * package with a Content-Security-Policy, gzipped when asked and tagged;
  * the whole page is under 250 KB; nothing but GET and HEAD is taken;
  * /snapshot.json is balstat's snapshot; /remote finds a remote's backend;
- * /live sends the hello, the history, the events and the status, then a
+ * /live sends the hello, the status, the history and the events, then a
  * sample a second whose rates follow the traffic; the streams' cap answers
  * 503 and a scrape still gets through.  In-process, on a clock the test
  * steps: the sampler's second, and a stream whose reader stopped reading
@@ -91,7 +91,8 @@ t.test('/snapshot.json is the snapshot; /remote finds a remote\'s backend', asyn
 
 	const r = await get(httpPort, '/remote?ip=127.0.0.12');
 	t.equal(r.status, 200);
-	const rem = JSON.parse(r.body) as { ip: string; held: boolean; backend: { id: number; path: string }; stats: { udp: number } };
+	type Held = { ip: string; held: boolean; backend: { id: number; path: string }; stats: { udp: number } };
+	const rem = JSON.parse(r.body) as Held;
 	const want = sock.remotes.find((x) => x.ip === '127.0.0.12');
 	const path = sock.backends.find((b) => b.id === want?.backend)?.path;
 	t.same([rem.ip, rem.held, rem.backend.id, rem.backend.path, rem.stats.udp], ['127.0.0.12', true, want?.backend, path, 1],
@@ -107,14 +108,15 @@ t.test('/live: hello, history, events and status, then a sample a second that fo
 	const f = await startFleet(t, ['a', 'b'], ['--http', `127.0.0.1:${httpPort}`]);
 	const live = new LiveReader(httpPort);
 	t.teardown(() => live.close());
-	await live.until(() => live.of('status').length >= 1, 5000, 'the first status');
+	await live.until(() => live.of('events').length >= 1, 5000, 'the first messages');
 	t.equal(live.status, 200);
 	const first = live.messages.map((m) => m.event);
 	t.equal(first[0], 'hello', 'hello first');
 	const hello = live.of('hello')[0];
 	t.match(hello, { pid: f.bbal.proc.pid, listen: { address: '127.0.0.1', port: f.port }, historySecs: 900, maxEvents: 256 });
 	t.ok(['native', 'dgram'].includes(String(hello.transport)), 'the transport named');
-	t.same(first.slice(-2), ['events', 'status'], 'the history, then the events and the status');
+	t.equal(first[1], 'status', 'then the status');
+	t.equal(first.at(-1), 'events', 'the history, then the events');
 	type Status = { backends: Array<{ id: number; ok: boolean }> };
 	await live.until(() => live.of<Status>('status').some((s) => s.backends.length === 2), 3000, 'both backends');
 	const found = live.of<Array<{ kind: string; backend: number }>>('events').flat().filter((e) => e.kind === 'found');
@@ -124,7 +126,7 @@ t.test('/live: hello, history, events and status, then a sample a second that fo
 	/* A second reader gets the history and every event at once. */
 	const late = new LiveReader(httpPort);
 	t.teardown(() => late.close());
-	await late.until(() => late.of('status').length >= 1, 5000, 'the late reader\'s status');
+	await late.until(() => late.of('events').length >= 1, 5000, 'the late reader\'s first messages');
 	t.ok(late.of('sample').length >= 1, `the history: ${late.of('sample').length} samples`);
 	t.equal(late.of<unknown[]>('events')[0].length, live.of<unknown[]>('events').flat().length, 'every event so far');
 	late.close();
@@ -136,10 +138,13 @@ t.test('/live: hello, history, events and status, then a sample a second that fo
 		await udpQuery({ port: f.port, source: `127.0.0.${20 + (sent % 10)}`, name: 'x.example', type: 'A' });
 		sent++;
 	}
-	await live.until(() => live.of<{ rx: number }>('sample').some((s) => s.rx > 0), 3000, 'a sample with traffic');
+	await live.until(() => live.of<{ rx: number }>('sample').filter((s) => s.rx > 0).length >= 2, 3000, 'samples with traffic');
 	const busy = live.of<{ rx: number; be: Array<{ q: number }> }>('sample').filter((s) => s.rx > 0);
 	const perBackend = busy.reduce((n, s) => n + s.be.reduce((m, b) => m + b.q, 0), 0);
-	t.ok(busy.length >= 2, `${busy.length} samples with traffic, one a second`);
+	t.ok(busy.length >= 2, `${busy.length} samples with traffic`);
+	const times = live.of<{ t: number }>('sample').map((s) => s.t).slice(-6);
+	const gaps = times.slice(1).map((x, i) => x - times[i]);
+	t.ok(gaps.every((g) => g > 500 && g < 1500), `one a second: ${gaps.join(', ')} ms apart`);
 	t.ok(perBackend > 0, 'spread over the backends');
 
 	const f2 = f.backends[1];
@@ -182,7 +187,7 @@ t.test('in-process: the sampler runs each second of the wheel; a stream that sto
 
 	const live = new LiveReader(port);
 	t.teardown(() => live.close());
-	await live.until(() => live.of('status').length === 1, 3000, 'the status');
+	await live.until(() => live.of('events').length === 1, 3000, 'the first messages');
 	t.equal(live.of('sample').length, 1, 'one sample, taken when the listener began');
 	f.udp.received += 50;
 	tick();

@@ -138,7 +138,7 @@ t.test('top talkers: measured only while a dashboard is open, a slice per turn, 
 		await turn();
 	}
 	t.equal(f.slices, 3, `${n} remotes: three slices`);
-	t.equal(JSON.parse(s.status).talkers, null, 'the first pass only marks: measuring');
+	t.equal((JSON.parse(s.status) as { talkers: unknown }).talkers, null, 'the first pass only marks: measuring');
 
 	for (let i = 0; i < 12; i++) {
 		f.remotes[i * 100].udp += 10 * (i + 1);
@@ -151,7 +151,7 @@ t.test('top talkers: measured only while a dashboard is open, a slice per turn, 
 	}
 	advance(1000);
 	s.run();
-	const talkers = JSON.parse(s.status).talkers as Array<{ ip: string; backend: number; qps: number }>;
+	const talkers = (JSON.parse(s.status) as { talkers: Array<{ ip: string; backend: number; qps: number }> }).talkers;
 	t.equal(talkers.length, TALKERS_MAX);
 	t.same(talkers.slice(0, 3), [
 		{ ip: f.remotes[1100].ip, backend: 1, qps: 24 },

@@ -86,7 +86,9 @@ export class FakeSources {
 
 	/** As the balancer's statsSources would give them. */
 	sources(): StatsSources {
-		const self = this;
+		/* The getters below read this object, not the literal they sit in. */
+		const me = (): FakeSources => this;
+		const self = me();
 		return {
 			backends: { views: () => self.backends as unknown as BackendView[] },
 			remotes: {
