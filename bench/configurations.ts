@@ -20,6 +20,13 @@
  *                         C) behind a second bbal.
  *   tcp-qps, tcp-conns    the same mname A, through its own TCP port and
  *                         through the same bbal.
+ *   dashboard             the same framed stub behind two more bbals, one
+ *                         without --http and one with it, the second
+ *                         measured with 0, 1 and 10 dashboards following
+ *                         its /live stream (each a plain HTTP reader in the
+ *                         bench's process, opened before the run and closed
+ *                         after it): what the sampler and the streams cost
+ *                         a query at saturation.
  *
  * The configuration ids (sat-direct, rate-bbal, mname-bbal2, tcpc-direct,
  * ...) are what the ratios and targets in report.ts look for, and what the
@@ -44,6 +51,7 @@
 
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
+import { LiveReader } from '../test/support/sse.js';
 import { sleep } from '../test/support/wait.js';
 import { counters, statsSnapshot } from '../test/support/bbal.js';
 import { statusKb } from '../test/support/procfs.js';
@@ -55,6 +63,8 @@ import { probe, type Server, startBbal, startDnsdist, startMname, startStubFrame
 import { log, type BenchSession } from './session.js';
 import { STUB_BIN } from './tools.js';
 
+/** The dashboard scenario's numbers of dashboards following /live. */
+const DASHBOARDS = [0, 1, 10];
 /** The fixed rate of the rate-stub runs. */
 const FIXED_QPS = 5000;
 /** The source addresses tried for the two-backend configuration: 127.0.0.2 up to this. */
@@ -83,7 +93,7 @@ export async function startConfigurations(session: BenchSession, opts: BenchOpti
 	};
 	const tmp = session.tmp;
 	/* The framed stub is also the backend of the remotes scenario's bbal, which runs after the rounds. */
-	const stubFramed = wants(opts, 'sat-stub', 'rate-stub', 'rss')
+	const stubFramed = wants(opts, 'sat-stub', 'rate-stub', 'rss', 'dashboard')
 		? await startStubFramed(session, path.join(stubDir(session), '5301')) : null;
 	if (stubFramed !== null && wants(opts, 'sat-stub', 'rate-stub')) {
 		const [stubPort, ddPort, bbalPort, plainPort] = [await session.uniquePort(), await session.uniquePort(),
@@ -112,6 +122,9 @@ export async function startConfigurations(session: BenchSession, opts: BenchOpti
 			add('sat-stub', 'sat-bbal-plain', 'saturation: bbal → framed stub, accounting and probes off', plain, [stubFramed],
 				(s) => dnsperf(session, { port: plainPort, seconds: s }));
 		}
+	}
+	if (stubFramed !== null && wants(opts, 'dashboard')) {
+		await addDashboards(session, add, stubFramed);
 	}
 	if (wants(opts, 'mname', 'tcp-qps', 'tcp-conns')) {
 		const [mUdp, mTcp, b1Port] = [await session.uniquePort(), await session.uniquePort(), await session.uniquePort()];
@@ -142,6 +155,30 @@ function stubDir(session: BenchSession): string {
 	const dir = path.join(session.tmp, 'stub');
 	mkdirSync(dir, { recursive: true });
 	return dir;
+}
+
+/* The dashboard scenario: bbal without --http, and with it followed by 0, 1 and 10 dashboards. */
+async function addDashboards(session: BenchSession, add: AddConfiguration, stub: Server): Promise<void> {
+	const [offPort, onPort, httpPort] = [await session.uniquePort(), await session.uniquePort(), await session.uniquePort()];
+	const dir = stubDir(session);
+	const off = await startBbal(session, 'bbal → stub, no --http',
+		{ port: offPort, dir, backends: 1, stats: `${dir}.dash-off.sock` }, false);
+	const on = await startBbal(session, 'bbal → stub, --http',
+		{ port: onPort, dir, backends: 1, stats: `${dir}.dash-on.sock`, extraArgs: ['--http', `127.0.0.1:${httpPort}`] }, false);
+	add('dashboard', 'dash-off', 'saturation: bbal → framed stub, no --http', off, [stub],
+		(s) => dnsperf(session, { port: offPort, seconds: s }));
+	for (const n of DASHBOARDS) {
+		add('dashboard', `dash-${n}`, `saturation: bbal → framed stub, --http, ${n} dashboard${n === 1 ? '' : 's'} open`, on, [stub],
+			async (s) => {
+				const readers = Array.from({ length: n }, () => new LiveReader(httpPort));
+				try {
+					await Promise.all(readers.map((r) => r.until(() => r.of('events').length > 0, 5000, 'the dashboard\'s history')));
+					return await dnsperf(session, { port: onPort, seconds: s });
+				} finally {
+					readers.forEach((r) => r.close());
+				}
+			});
+	}
 }
 
 /* bbal → 2 mnames, measured with one dnsperf from each of two sources bbal put on different backends. */

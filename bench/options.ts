@@ -39,6 +39,7 @@ export const SCENARIOS = {
 	'tcp-qps': 'dnsperf -m tcp over 4 persistent connections: mname directly vs bbal -> mname',
 	'tcp-conns': 'new TCP connections per second, one query each: mname directly vs bbal -> mname',
 	rss: "bbal's RSS holding 100,000 remotes",
+	dashboard: 'saturation, bbal -> fast C stub: without --http, and with --http and 0, 1 and 10 dashboards following /live',
 } as const;
 
 export type ScenarioName = keyof typeof SCENARIOS;

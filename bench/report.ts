@@ -3,7 +3,7 @@
  *
  * The figures of one run as the Markdown report that is printed and saved
  * (bench/results/<timestamp>.md, and latest.md after a full run), and the
- * ratios and issue 6's targets computed from them.  bench/README.md says
+ * ratios and the targets computed from them.  bench/README.md says
  * what each figure means; this file only arranges them.
  *
  * THE REPORT opens with the machine and the command, then how busy the rest
@@ -20,7 +20,8 @@
  * one outlier there, where the aggregate would hide it.  A ratio or target
  * whose configurations were not run (a partial run) is left out.
  *
- * THE TARGETS are issue 6's, each a bar to pass:
+ * THE TARGETS are issue 6's and issue 13's, and issue 15's dashboard, each a
+ * bar to pass:
  *
  *   saturation, framed stub   bbal CPU/query <= 0.75 x dnsdist's, and
  *                             bbal qps >= 1.3 x dnsdist's;
@@ -28,7 +29,10 @@
  *                             bbal adds over the direct path <= 0.5 ms;
  *   one real mname            bbal qps >= 1.2 x that mname's own UDP qps,
  *                             with nothing lost;
- *   100,000 remotes           RSS <= 100 MB, with at least 100,000 held.
+ *   100,000 remotes           RSS <= 100 MB, with at least 100,000 held;
+ *   the dashboard             bbal's CPU/query with --http and 0, 1 or 10
+ *                             dashboards open <= 1.05 x without --http
+ *                             (the bench's own round-to-round noise).
  *
  * NUMBERS are printed en-US with fixed decimals (1,234.5); a missing figure
  * (null, NaN: a configuration with no CPU, a run with no answers) is a dash.
@@ -133,6 +137,16 @@ export function ratiosAndTargets(configs: Record<string, Configuration>, rss: Re
 			satPlain.proxyUsPerQuery, ['sat-bbal', 'sat-bbal-plain', 'cpu']);
 		target('saturation: CPU/query with accounting and probes vs without', `${fmt(cpu, 2)}×`, '≤ 1.10×', cpu !== null && cpu <= 1.10);
 	}
+	const dashOff = a('dash-off');
+	for (const n of [0, 1, 10]) {
+		const dash = a(`dash-${n}`);
+		if (dashOff && dash) {
+			const cpu = ratio(`saturation: bbal with --http and ${n} dashboard(s) / without --http, CPU per query`,
+				dash.proxyUsPerQuery, dashOff.proxyUsPerQuery, [`dash-${n}`, 'dash-off', 'cpu']);
+			target(`dashboard: CPU/query with --http and ${n} open vs without`, `${fmt(cpu, 2)}×`, '≤ 1.05× (noise)',
+				cpu !== null && cpu <= 1.05);
+		}
+	}
 	const rateBbal = a('rate-bbal');
 	const rateDnsdist = a('rate-dnsdist');
 	const rateDirect = a('rate-direct');
@@ -234,6 +248,8 @@ export function report(res: BenchResult, kind: string): string {
 	}
 	scenarioTable(L, configs, 'UDP at saturation, fast C stub (dnsperf -c 4 -q 200)', ['sat-direct', 'sat-dnsdist', 'sat-bbal',
 		'sat-bbal-plain']);
+	scenarioTable(L, configs, 'UDP at saturation, fast C stub: the dashboard\'s cost (dnsperf -c 4 -q 200)',
+		['dash-off', 'dash-0', 'dash-1', 'dash-10']);
 	scenarioTable(L, configs, 'UDP at 5,000 qps, fast C stub (dnsperf -Q 5000)', ['rate-direct', 'rate-dnsdist', 'rate-bbal']);
 	scenarioTable(L, configs, 'UDP at saturation, real mname backends', ['mname-udp', 'mname-bbal1', 'mname-bbal2']);
 	scenarioTable(L, configs, 'TCP, queries over 4 persistent connections (dnsperf -m tcp -c 4 -q 200)',
@@ -266,7 +282,7 @@ export function report(res: BenchResult, kind: string): string {
 	}
 	if (targets.length) {
 		L.push('');
-		L.push('### Issue 6 targets');
+		L.push('### Targets');
 		L.push('');
 		L.push('| target | measured | bar | result |');
 		L.push('|---|---:|---:|:---:|');

@@ -1,4 +1,5 @@
-// bbal dashboard: the page bbal serves on --http (see dashboard-contract.md).
+// bbal dashboard: the page bbal serves on --http (the README's Dashboard section has the
+// contract: the URLs, and the JSON of the /live stream and of /remote).
 //
 // One EventSource on /live feeds one `state`: `hello` resets it, `sample`
 // appends to the history (at most hello.historySecs), `status` replaces the

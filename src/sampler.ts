@@ -122,8 +122,6 @@ export function quantileMs(counts: ArrayLike<number>, q: number): number | null 
 
 export class Sampler {
 	readonly events = new EventRing(EVENTS_MAX);
-	/** Set by the listener while a dashboard is open: the talkers are measured only then. */
-	talkersWanted = false;
 	private readonly watcher: EventWatcher;
 	private readonly history: string[] = [];
 	private statusJson = '';
@@ -133,6 +131,7 @@ export class Sampler {
 	private talkersPass: TalkersPass | null = null;
 	private lastPassEndMs = -Infinity;
 	private talkersTimer: NodeJS.Immediate | null = null;
+	private wanted = false;
 
 	/**
 	 * `nowMs` is the balancer's clock (rates are taken over it), `wallMs`
@@ -145,6 +144,26 @@ export class Sampler {
 		private readonly wallMs: () => number = Date.now,
 	) {
 		this.watcher = new EventWatcher(this.events, src);
+	}
+
+	/**
+	 * Set by the listener while a dashboard is open: the talkers are measured
+	 * only then.  When the last closes, the list goes (and a pass under way
+	 * stops): it would be stale by the time the next page opened.
+	 */
+	set talkersWanted(on: boolean) {
+		if (this.wanted && !on) {
+			this.close();
+			this.talkers = null;
+			if (this.statusJson !== '') {
+				this.statusJson = JSON.stringify(this.takeStatus(this.wallMs()));
+			}
+		}
+		this.wanted = on;
+	}
+
+	get talkersWanted(): boolean {
+		return this.wanted;
 	}
 
 	/** The history, oldest first, as the JSON strings sent. */
@@ -177,7 +196,7 @@ export class Sampler {
 			this.history.shift();
 		}
 		this.statusJson = JSON.stringify(this.takeStatus(wall));
-		if (this.talkersWanted && this.talkersPass === null && now - this.lastPassEndMs >= TALKERS_INTERVAL_SECS * 1000) {
+		if (this.wanted && this.talkersPass === null && now - this.lastPassEndMs >= TALKERS_INTERVAL_SECS * 1000) {
 			this.startTalkersPass(now);
 		}
 		return sample;

@@ -162,6 +162,7 @@ t.test('top talkers: measured only while a dashboard is open, a slice per turn, 
 	t.notOk(talkers.some((x) => x.ip === f.remotes[7].ip), 'a remote of 1 q/s is not among the ten');
 
 	s.talkersWanted = false;
+	t.equal((JSON.parse(s.status) as { talkers: unknown }).talkers, null, 'the dashboard closed: the list goes, stale from now');
 	const before = f.slices;
 	advance(TALKERS_INTERVAL_SECS * 3000);
 	s.run();
