@@ -49,7 +49,7 @@
  *
  * STARTUP ERRORS are thrown from start(): a listen error from the UDP or
  * TCP socket as it is (main describes it), a stats socket that cannot be
- * opened as a StatsSocketError, a metrics port as a StartupError; each
+ * opened as a StatsSocketError, an HTTP port as a StartupError; each
  * carries enough for one line on stderr.
  */
 

@@ -84,7 +84,7 @@ export interface HandoverHost {
 	busy(): string | null;
 	/** The listening sockets to pass, in order (this control socket among them). */
 	sockets(): Array<SocketSpec & { fd: number }>;
-	/** Stop reading UDP and accepting TCP; let go of the stats, control and metrics listeners. */
+	/** Stop reading UDP and accepting TCP; let go of the stats, control and HTTP listeners. */
 	handOver(): Promise<void>;
 	/** The takeover is over: drain and exit (non-zero if the new bbal vanished first). */
 	handedOver(successorGone: boolean): void;

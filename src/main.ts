@@ -14,7 +14,7 @@
  * an operator looking at `svcs -x` or `systemctl status`, not a developer:
  *
  *   2  usage: a bad flag (UsageError), a missing or non-directory -s DIR
- *   1  the rest: a DNS port, stats socket or metrics port that cannot be
+ *   1  the rest: a DNS port, stats socket or HTTP port that cannot be
  *      opened, found only when the balancer starts; a takeover that did
  *      not happen (TakeoverError), the running bbal serving on
  *

@@ -57,6 +57,7 @@ export function controlSocketPath(statsSocket: string): string {
 	return `${statsSocket}.control`;
 }
 
+/* 'metrics' is the --http port: the name it had when it served /metrics alone, kept so that old and new bbals agree. */
 export type SocketKind = 'udp' | 'tcp' | 'stats' | 'control' | 'metrics';
 /** One descriptor in `ready`, in the order they travel. */
 export interface SocketSpec {
