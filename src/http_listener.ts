@@ -64,6 +64,7 @@ import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import type { Logger } from 'pino';
 import { handleFd } from './fd_pass.js';
+import { GatedLog } from './log.js';
 import { Metrics } from './metrics.js';
 import { packageRoot } from './options.js';
 import { ipv4ToU32 } from './protocol.js';
@@ -175,9 +176,13 @@ export class HttpListener implements SnapshotHost {
 	/* The newest event every stream has been sent. */
 	private sentSeq = 0;
 	private readonly sampleTimeout: Timeout;
+	private readonly slowStreamLog: GatedLog;
+	private readonly slowSnapshotLog: GatedLog;
 
 	constructor(readonly sources: StatsSources, private readonly sampler: Sampler, readonly log: Logger) {
 		this.assets = loadAssets();
+		this.slowStreamLog = new GatedLog(sources.wheel, 'warn', 'dashboard stream too slow (closed)');
+		this.slowSnapshotLog = new GatedLog(sources.wheel, 'warn', 'snapshot.json reader too slow (closed)');
 		this.metrics = new Metrics(sources, this);
 		this.sampleTimeout = sources.wheel.create('dashboard sample', this.sampleDue);
 	}
@@ -235,7 +240,7 @@ export class HttpListener implements SnapshotHost {
 		for (const [res, stream] of this.liveStreams) {
 			if (stream.stalledSinceMs >= 0 && now - stream.stalledSinceMs >= HTTP_STREAM_STALL_SECS * 1000) {
 				this.stats.streamsTooSlow++;
-				this.log.warn({ buffered: res.writableLength, stall_secs: HTTP_STREAM_STALL_SECS }, 'dashboard stream too slow (closed)');
+				this.slowStreamLog.report(this.log, { buffered: res.writableLength, stall_secs: HTTP_STREAM_STALL_SECS });
 				res.destroy();
 			} else {
 				this.writeStream(res, stream, frame, now);
@@ -392,12 +397,17 @@ export class HttpListener implements SnapshotHost {
 		res.on('error', () => undefined);
 		const stream = new SnapshotStream(this, res, this.nextSnapshotId++);
 		this.snapshots.add(stream);
-		stream.start();
+		try {
+			stream.start();
+		} catch (err) {
+			this.log.error({ err }, 'could not take stats snapshot');
+			res.destroy();
+		}
 	}
 
 	/** SnapshotHost: a /snapshot.json ran out of time. */
 	timedOut(): void {
-		this.log.warn('snapshot.json reader too slow (closed)');
+		this.slowSnapshotLog.report(this.log, {});
 	}
 
 	/** SnapshotHost: a /snapshot.json is over. */
