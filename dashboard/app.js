@@ -173,6 +173,21 @@ function renderHeader() {
 	$('hdr-fail-open').hidden = !status.failOpen;
 	renderBackendCounts(status.backends);
 	renderTakeover(status.takeover);
+	renderCache(status.cache);
+}
+
+// The packet cache (--cache-size): its hit rate over the last 60 samples and what it holds.
+function renderCache(cache) {
+	$('hdr-cache-item').hidden = !cache;
+	if (!cache) return;
+	let hits = 0;
+	let asked = 0;
+	for (const s of state.samples.slice(-RCODE_WINDOW)) {
+		hits += s.cache?.hits ?? 0;
+		asked += (s.cache?.hits ?? 0) + (s.cache?.misses ?? 0);
+	}
+	const rate = asked > 0 ? `${Math.round((100 * hits) / asked)}% hits` : 'no queries';
+	setText($('hdr-cache'), `${rate} · ${fmtInt(cache.entries)} entries`);
 }
 
 function renderBackendCounts(backends) {
@@ -212,7 +227,20 @@ function renderCharts() {
 
 function chartSpecs(samples) {
 	const specs = [queriesChart, dropsChart, synthChart, backendQpsChart, backendLatencyChart];
+	const cached = samples.some((s) => s.cache);
+	$('cache-panel').hidden = !cached;
+	if (cached) specs.push(cacheChart);
 	return specs.map((spec) => spec(samples));
+}
+
+function cacheChart(samples) {
+	return {
+		id: 'chart-cache',
+		key: 'cache',
+		series: [line('hits', PALETTE[2]), line('misses', PALETTE[1]), line('stale', PALETTE[6])],
+		columns: [column(samples, (s) => s.cache?.hits ?? 0), column(samples, (s) => s.cache?.misses ?? 0),
+			column(samples, (s) => s.cache?.stale ?? 0)],
+	};
 }
 
 function queriesChart(samples) {

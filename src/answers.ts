@@ -44,6 +44,15 @@
  * queries, which would cost the table a slot per answer for a timeout; they
  * are one counter.)
  *
+ * TAGS.  A query may carry a tag, which the table keeps beside its entry
+ * and hands back with its answer (`matchedTag`, read right after answer())
+ * or, when the timeout passes first, to `onUnanswered`: the packet cache
+ * (udp_proxy.ts, packet_cache.ts) tags the queries it missed with their
+ * cache key, so that the answer is filed under the query it answers and a
+ * query left unanswered can be given a stale answer.  A tag is one
+ * reference in a plain array beside the typed ones, set only for tagged
+ * queries and cleared with the entry.
+ *
  * What it does not do: decide health (health.ts reads the events it
  * reports through `onEvent`), or look at TCP, whose answers are counted by
  * the proxy's message follower where it already reads them.
@@ -132,10 +141,14 @@ export class AnswerBook {
 	private next = new Int32Array(0);
 	private state = new Int8Array(0);
 	private index = new Int32Array(0);
+	/* Each slot's tag (see TAGS), undefined for most. */
+	private tags: Array<object | undefined> = [];
 	private mask = 0;
 	private free = EMPTY;
 	private head = EMPTY;
 	private tail = EMPTY;
+	/** The tag of the entry the last answer() matched, undefined when it had none (see TAGS). */
+	matchedTag: object | undefined = undefined;
 	/* The oldest entry still in flight (expiry marks from here on). */
 	private firstLive = EMPTY;
 	private used = 0;
@@ -147,6 +160,9 @@ export class AnswerBook {
 		/** Each answer and each unanswered query, as it is counted (health.ts). */
 		readonly onEvent: (ev: AnswerEvent, nowMs: number) => void = () => {},
 	) {}
+
+	/** A tagged query's timeout passed with no answer (see TAGS): its client, its id and its tag. */
+	onUnanswered: ((addr: number, port: number, id: number, tag: object) => void) | null = null;
 
 	/** Queries forwarded and neither answered nor timed out yet. */
 	get outstanding(): number {
@@ -163,8 +179,8 @@ export class AnswerBook {
 		return this.slots * (4 + 4 + 8 + 4 + 4 + 1) + this.index.length * 4;
 	}
 
-	/** A query forwarded to this backend at nowMs.  A retry of one still in flight keeps the first. */
-	query(addr: number, port: number, id: number, nowMs: number): void {
+	/** A query forwarded to this backend at nowMs, with its tag if any.  A retry of one still in flight keeps the first. */
+	query(addr: number, port: number, id: number, nowMs: number, tag?: object): void {
 		this.queries++;
 		this.sweep(nowMs);
 		const pid = ((port << 16) | id) >>> 0;
@@ -185,6 +201,9 @@ export class AnswerBook {
 		this.portId[s] = pid;
 		this.sentAt[s] = nowMs;
 		this.state[s] = IN_FLIGHT;
+		if (tag !== undefined) {
+			this.tags[s] = tag;
+		}
 		this.prev[s] = this.tail;
 		this.next[s] = EMPTY;
 		if (this.tail === EMPTY) {
@@ -210,10 +229,12 @@ export class AnswerBook {
 		const s = this.find(addr, pid);
 		if (s === EMPTY) {
 			this.unsolicited++;
+			this.matchedTag = undefined;
 			return ANSWER_DROP;
 		}
 		const late = this.state[s] === EXPIRED;
 		const ms = nowMs - this.sentAt[s];
+		this.matchedTag = this.tags[s];
 		this.remove(s);
 		this.count(rcode, ms, nowMs);
 		if (late) {
@@ -240,6 +261,10 @@ export class AnswerBook {
 			this.live--;
 			this.unanswered++;
 			this.onEvent('unanswered', nowMs);
+			const tag = this.tags[s];
+			if (tag !== undefined && this.onUnanswered !== null) {
+				this.onUnanswered(this.addr[s], this.portId[s] >>> 16, this.portId[s] & 0xffff, tag);
+			}
 		}
 		const gone = due - this.timeoutMs;
 		while (this.head !== EMPTY && this.head !== this.firstLive && this.sentAt[this.head] <= gone) {
@@ -389,6 +414,9 @@ export class AnswerBook {
 		this.next[s] = this.free;
 		this.free = s;
 		this.used--;
+		if (this.tags[s] !== undefined) {
+			this.tags[s] = undefined;
+		}
 	}
 
 	/* At the cap: the oldest entry goes; counted when it was still in flight, and health hears of it as unanswered. */
@@ -408,12 +436,15 @@ export class AnswerBook {
 		if (want <= this.slots) {
 			return false;
 		}
-		const old = { addr: this.addr, portId: this.portId, sentAt: this.sentAt, state: this.state, head: this.head };
+		const old = {
+			addr: this.addr, portId: this.portId, sentAt: this.sentAt, state: this.state, tags: this.tags, head: this.head,
+		};
 		const oldNext = this.next;
 		this.addr = new Uint32Array(want);
 		this.portId = new Uint32Array(want);
 		this.sentAt = new Float64Array(want);
 		this.state = new Int8Array(want);
+		this.tags = [];
 		this.prev = new Int32Array(want);
 		this.next = new Int32Array(want);
 		let size = 2;
@@ -431,6 +462,9 @@ export class AnswerBook {
 			this.portId[n] = old.portId[s];
 			this.sentAt[n] = old.sentAt[s];
 			this.state[n] = old.state[s];
+			if (old.tags[s] !== undefined) {
+				this.tags[n] = old.tags[s];
+			}
 			this.prev[n] = n - 1;
 			this.next[n] = n + 1;
 			if (this.firstLive === EMPTY && old.state[s] === IN_FLIGHT) {

@@ -69,7 +69,8 @@ import { type RemotesMessage, type Takeover, TakeoverError } from './takeover.js
 import { controlSocketPath, decodeRemote, type Running, type SocketSpec } from './takeover_wire.js';
 import { TcpListener } from './tcp_listener.js';
 import { type Clock, monotonicClock, type Timeout, TimeoutWheel } from './timeouts.js';
-import { UdpProxy } from './udp_proxy.js';
+import { DEFAULT_CACHE_MAX_TTL_SECS, PacketCache } from './packet_cache.js';
+import { UdpProxy, type UdpProxyOptions } from './udp_proxy.js';
 import { createUdpTransport } from './udp_socket.js';
 import type { UdpTransport } from './udp_transport.js';
 
@@ -186,6 +187,7 @@ export class Balancer implements HandoverHost {
 			health: this.health,
 			accounting: opts.answerAccounting !== false,
 			clock: this.clock,
+			cache: this.makeCache(),
 		});
 		this.tcp = new TcpListener({
 			remotes: this.remotes,
@@ -211,6 +213,20 @@ export class Balancer implements HandoverHost {
 
 	get state(): BalancerState {
 		return this.lifecycle;
+	}
+
+	/* The packet cache, with --cache-size (which needs answer accounting: options.ts refuses it without). */
+	private makeCache(): UdpProxyOptions['cache'] {
+		const o = this.opts;
+		if (!o.cacheSize || o.answerAccounting === false) {
+			return null;
+		}
+		const maxTtlSecs = o.cacheMaxTtlSecs ?? DEFAULT_CACHE_MAX_TTL_SECS;
+		const serveStaleSecs = o.serveStaleSecs ?? 0;
+		return {
+			cache: new PacketCache({ maxEntries: o.cacheSize, maxTtlSecs, staleSecs: serveStaleSecs }),
+			maxTtlSecs, serveStaleSecs, backends: () => this.backends.list(),
+		};
 	}
 
 	private readonly udpFailed = (err: Error): void => {

@@ -137,6 +137,15 @@ export function formatSnapshot(snap: Snapshot): string {
 		+ `evicted idle ${c.evictedIdle ?? 0}, evicted busy ${c.evictedBusy ?? 0}; paused: client not reading `
 		+ `${c.pausedClientNotReading ?? 0}, backend not reading ${c.pausedBackendNotReading ?? 0}, `
 		+ `query cap ${c.pausedQueryCap ?? 0}, source query cap ${c.pausedSourceQueryCap ?? 0}`);
+	const cache = snap.cache;
+	if (cache !== undefined) {
+		const asked = cache.hits + cache.misses;
+		const rate = asked === 0 ? '-' : `${(100 * cache.hits / asked).toFixed(1)}%`;
+		out.push(`cache: ${cache.entries} entries of ${cache.maxEntries} (${Math.round(cache.bytes / 1024)} KiB), `
+			+ `hits ${cache.hits}, misses ${cache.misses} (hit rate ${rate}), inserts ${cache.inserts}, `
+			+ `evictions ${cache.evictions}; stale answers ${cache.staleHits}; max TTL ${cache.maxTtlSecs} s, `
+			+ `serve stale ${cache.serveStaleSecs > 0 ? `${cache.serveStaleSecs} s` : 'off'}`);
+	}
 	const ss = snap.statsSocket;
 	if (ss !== undefined) {
 		out.push(`stats socket: open ${ss.open}, served ${ss.served}; closed: over cap ${ss.overCap}, too slow ${ss.timedOut}`);

@@ -319,6 +319,30 @@ export class Metrics {
 				this.set(listener.streams);
 			},
 		});
+		const front = src.udp.cache;
+		if (front) {
+			const c = front.cache.stats;
+			total('bbal_cache_hits_total', 'UDP queries answered from the packet cache.', () => c.hits);
+			total('bbal_cache_misses_total', 'Cacheable UDP queries the packet cache had no fresh answer for.', () => c.misses);
+			total('bbal_cache_inserts_total', 'Answers filed in the packet cache.', () => c.inserts);
+			total('bbal_cache_evictions_total', 'Packet cache entries evicted at --cache-size.', () => c.evictions);
+			total('bbal_cache_stale_answers_total', 'Expired answers served because no backend could answer (--serve-stale).',
+				() => c.staleHits);
+			byLabel('bbal_cache_uncacheable_total', 'Answers to cacheable queries that were not filed, by reason.', 'reason',
+				() => c.uncacheable);
+			new Gauge({
+				name: 'bbal_cache_entries', help: 'Answers held in the packet cache.', registers,
+				collect() {
+					this.set(c.entries);
+				},
+			});
+			new Gauge({
+				name: 'bbal_cache_bytes', help: 'Bytes the packet cache\'s answers take (with a per-entry estimate).', registers,
+				collect() {
+					this.set(c.bytes);
+				},
+			});
+		}
 		const statsServer = src.statsServer;
 		if (statsServer) {
 			total('bbal_stats_connections_served_total', 'Stats socket readers sent the whole snapshot.',

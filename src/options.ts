@@ -43,6 +43,7 @@ import {
 	DEFAULT_HEALTH_FALL, DEFAULT_HEALTH_INTERVAL_SECS, DEFAULT_HEALTH_QUERY, DEFAULT_HEALTH_RISE, DEFAULT_HEALTH_TIMEOUT_MS,
 } from './health.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
+import { DEFAULT_CACHE_MAX_TTL_SECS, MAX_CACHE_SIZE, MAX_CACHE_TTL_SECS, MAX_SERVE_STALE_SECS } from './packet_cache.js';
 import { DEFAULT_MAX_REMOTES } from './remotes.js';
 import { DEFAULT_STATS_SOCKET, isInside } from './stats.js';
 import { DEFAULT_TAKEOVER_TIMEOUT_MS } from './takeover.js';
@@ -99,6 +100,12 @@ export interface Options {
 	reload: boolean;
 	/** --takeover-timeout: how long either may take. */
 	takeoverTimeoutMs: number;
+	/** --cache-size: packet cache entries (packet_cache.ts); 0, the default, turns the cache off. */
+	cacheSize: number;
+	/** --cache-max-ttl: the longest an answer is served from the cache. */
+	cacheMaxTtlSecs: number;
+	/** --serve-stale: how long past its TTL an answer may be served when no backend can answer; 0: never. */
+	serveStaleSecs: number;
 }
 
 /** A problem with how bbal was invoked: reported in one line, exit 2. */
@@ -225,6 +232,18 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 			type: 'boolean', default: false,
 			describe: 'do not match answers to queries: send every answer, judge backends by probes only',
 		})
+		.option('cache-size', {
+			type: 'string', requiresArg: true, default: '0',
+			describe: 'packet cache entries, per backend\'s answers (0: no cache)',
+		})
+		.option('cache-max-ttl', {
+			type: 'string', requiresArg: true, default: String(DEFAULT_CACHE_MAX_TTL_SECS),
+			describe: 'seconds at most an answer is served from the cache',
+		})
+		.option('serve-stale', {
+			type: 'string', requiresArg: true, default: '0',
+			describe: 'seconds past its TTL a cached answer may be served when no backend can answer (0: never)',
+		})
 		.option('no-health-check', { type: 'boolean', default: false, describe: 'send no health probes (answers still judge backends)' })
 		.option('health-interval', {
 			type: 'string', requiresArg: true, default: String(DEFAULT_HEALTH_INTERVAL_SECS), describe: 'seconds between health probes',
@@ -333,6 +352,8 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		healthTimeoutMs, healthRise: positiveInt(lastOf(args['health-rise']), '--health-rise'),
 		healthFall: positiveInt(lastOf(args['health-fall']), '--health-fall'), healthQuery: parseHealthQuery(lastOf(args['health-query'])),
 	};
+	const cache = cacheOptions(lastOf(args['cache-size']), lastOf(args['cache-max-ttl']), lastOf(args['serve-stale']),
+		health.answerAccounting);
 	if (args.takeover === true && args.reload === true) {
 		throw new UsageError('--takeover and --reload do not go together: --reload starts a bbal with --takeover');
 	}
@@ -341,7 +362,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv = process.env):
 		takeoverTimeoutMs: secondsAsMs(lastOf(args['takeover-timeout']), '--takeover-timeout', 0.1, 600),
 	};
 	return {
-		...health, ...takeover,
+		...health, ...takeover, ...cache,
 		bind, port, socketDir, logLevel: level as LogLevel, maxTcpConnections, maxTcpPerRemote, maxTcpQueriesPerConn,
 		maxTcpQueriesPerRemote, tcpIdleTimeoutSecs,
 		statsSocket, statsSocketExplicit, http, noBackend, maxRemotes, maxQpsPerRemote, rateLimitAction, allow,
@@ -439,6 +460,31 @@ function positiveInt(text: string, flag: string): number {
 		throw new UsageError(`${flag} "${text}" is not a whole number of at least 1`);
 	}
 	return Number(text);
+}
+
+/* The cache's three flags, checked together. */
+type CacheFlags = Pick<Options, 'cacheSize' | 'cacheMaxTtlSecs' | 'serveStaleSecs'>;
+function cacheOptions(sizeText: string, maxTtlText: string, staleText: string, accounting: boolean): CacheFlags {
+	const cacheSize = sizeText === '0' ? 0 : positiveInt(sizeText, '--cache-size');
+	if (cacheSize > MAX_CACHE_SIZE) {
+		throw new UsageError(`--cache-size ${cacheSize} is over ${MAX_CACHE_SIZE} entries`);
+	}
+	const cacheMaxTtlSecs = positiveInt(maxTtlText, '--cache-max-ttl');
+	if (cacheMaxTtlSecs > MAX_CACHE_TTL_SECS) {
+		throw new UsageError(`--cache-max-ttl ${cacheMaxTtlSecs} is over ${MAX_CACHE_TTL_SECS} seconds`);
+	}
+	const serveStaleSecs = staleText === '0' ? 0 : positiveInt(staleText, '--serve-stale');
+	if (serveStaleSecs > MAX_SERVE_STALE_SECS) {
+		throw new UsageError(`--serve-stale ${serveStaleSecs} is over ${MAX_SERVE_STALE_SECS} seconds`);
+	}
+	if (cacheSize > 0 && !accounting) {
+		throw new UsageError('--cache-size needs answer accounting (drop --no-answer-accounting): '
+			+ 'it is how an answer is matched to the query it is cached for');
+	}
+	if (serveStaleSecs > 0 && cacheSize === 0) {
+		throw new UsageError('--serve-stale needs a cache: give --cache-size too');
+	}
+	return { cacheSize, cacheMaxTtlSecs, serveStaleSecs };
 }
 
 /* A flag given twice arrives as an array: the last one wins. */

@@ -62,6 +62,20 @@ import { type PreparedAnswer, type Uncacheable, UNCACHEABLE_REASONS } from './ca
 
 /** The TTL a stale answer is sent with (RFC 8767 recommends 30 seconds). */
 export const STALE_ANSWER_TTL_SECS = 30;
+/**
+ * --cache-max-ttl's default: Binder's answers say 30 s, but a service's
+ * members change when ZooKeeper says so, and a host should see a change
+ * within seconds, as it does with no cache (every query reaches a Binder).
+ * Five seconds keeps nearly all of the cache's gain at any real query rate
+ * (a name asked 10 times a second is answered by a backend once in 50).
+ */
+export const DEFAULT_CACHE_MAX_TTL_SECS = 5;
+/** The largest --cache-size: about 10 GB at the measured 1 KB an entry. */
+export const MAX_CACHE_SIZE = 10_000_000;
+/** The largest --cache-max-ttl (an hour). */
+export const MAX_CACHE_TTL_SECS = 3600;
+/** The largest --serve-stale (a day). */
+export const MAX_SERVE_STALE_SECS = 86_400;
 /** Per entry beyond its prepared answer and its key's characters; measured (see MEMORY). */
 export const ENTRY_OVERHEAD_BYTES = 360;
 
@@ -169,6 +183,20 @@ export class PacketCache {
 		}
 		this.stats.misses++;
 		return null;
+	}
+
+	/**
+	 * A fresh entry, counted as neither hit nor miss: for a query whose
+	 * backend cannot answer, which is looking for any answer it may give
+	 * (udp_cache.ts).
+	 */
+	peekFresh(key: string, nowMs: number): CacheEntry | null {
+		const e = this.byKey.get(key);
+		if (e === undefined || nowMs > e.freshUntilMs) {
+			return null;
+		}
+		e.referenced = true;
+		return e;
 	}
 
 	/** The stale entry under `key` (past its TTL, not by more than staleSecs), or null. */

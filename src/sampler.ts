@@ -45,7 +45,7 @@ import { LATENCY_BUCKETS, latencyBoundMs } from './answers.js';
 import type { BackendView } from './backends.js';
 import { EVENTS_MAX, EventRing, EventWatcher } from './events.js';
 import { ADDR_END, type Remote } from './remotes.js';
-import { lastFaultJson, type StatsSources } from './stats.js';
+import { cacheSnapshot, lastFaultJson, type StatsSources } from './stats.js';
 
 /** Samples kept: fifteen minutes at one a second. */
 export const SAMPLE_HISTORY_SECS = 900;
@@ -79,6 +79,10 @@ interface EdgePrev {
 	drop: Record<string, number>;
 	servfail: number;
 	refused: number;
+	/* The packet cache's counters (0 without one). */
+	hits: number;
+	misses: number;
+	stale: number;
 }
 
 export interface Talker {
@@ -207,6 +211,7 @@ export class Sampler {
 	private takeSample(now: number, wall: number): Record<string, unknown> {
 		const u = this.src.udp.stats;
 		const t = this.src.tcp.stats;
+		const cache = this.src.udp.cache?.cache.stats;
 		const cur: EdgePrev = {
 			atMs: now, rx: u.received, tx: u.sent, fwd: u.forwarded, tcp: t.accepted,
 			drop: {
@@ -216,6 +221,7 @@ export class Sampler {
 					+ t.badFirstFrame + t.okTimeouts,
 			},
 			servfail: u.servfail, refused: u.refused,
+			hits: cache?.hits ?? 0, misses: cache?.misses ?? 0, stale: cache?.staleHits ?? 0,
 		};
 		const prev = this.edge ?? cur;
 		this.edge = cur;
@@ -239,6 +245,11 @@ export class Sampler {
 			t: wall, rx: rate(cur.rx, prev.rx), tx: rate(cur.tx, prev.tx), fwd: rate(cur.fwd, prev.fwd),
 			tcp: rate(cur.tcp, prev.tcp), drop,
 			synth: { servfail: rate(cur.servfail, prev.servfail), refused: rate(cur.refused, prev.refused) }, be,
+			...(cache === undefined ? {} : {
+				cache: {
+					hits: rate(cur.hits, prev.hits), misses: rate(cur.misses, prev.misses), stale: rate(cur.stale, prev.stale),
+				},
+			}),
 		};
 	}
 
@@ -279,6 +290,7 @@ export class Sampler {
 			})),
 			talkers: this.talkers,
 			takeover: s.takeover?.() ?? null,
+			cache: cacheSnapshot(s),
 		};
 	}
 

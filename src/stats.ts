@@ -81,6 +81,7 @@ import type { AnswerCounts } from './answers.js';
 import type { Backends, BackendView } from './backends.js';
 import { handleFd, UnixSocketFile } from './fd_pass.js';
 import type { HealthMonitor, SickReason } from './health.js';
+import type { PacketCacheStats } from './packet_cache.js';
 import { GatedLog, ignoreError } from './log.js';
 import { ADDR_END, type Remote, type Remotes } from './remotes.js';
 import type { TcpListener, TcpListenerStats } from './tcp_listener.js';
@@ -161,7 +162,12 @@ export interface Snapshot {
 	statsSocket?: StatsSocketStats & { open: number };
 	/** How this process began, when it took over from another bbal (takeover.ts); absent otherwise. */
 	takeover?: TakeoverRecord;
+	/** The packet cache's counts and settings (packet_cache.ts); absent without --cache-size. */
+	cache?: CacheSnapshot;
 }
+
+/** The packet cache as the snapshot shows it. */
+export type CacheSnapshot = PacketCacheStats & { maxEntries: number; maxTtlSecs: number; serveStaleSecs: number };
 
 /** A takeover this bbal made: from whom, when, and how many remotes came with it. */
 export interface TakeoverRecord {
@@ -299,6 +305,7 @@ function snapshotHead(src: StatsSources): SnapshotHead {
 function snapshotTail(src: StatsSources): SnapshotTail {
 	const ss = src.statsServer;
 	const takeover = src.takeover?.() ?? null;
+	const cache = cacheSnapshot(src);
 	return {
 		remotesExpired: src.remotes.expired,
 		remotesEvicted: src.remotes.evicted,
@@ -310,7 +317,19 @@ function snapshotTail(src: StatsSources): SnapshotTail {
 		statsSocket: ss ? { ...ss.stats, open: ss.size } : undefined,
 		/* Only when there was one: the key must not exist otherwise, as JSON would drop it. */
 		...(takeover === null ? {} : { takeover }),
+		...(cache === null ? {} : { cache }),
 	};
+}
+
+/** The packet cache's counts and settings, null without one. */
+export function cacheSnapshot(src: StatsSources): CacheSnapshot | null {
+	const front = src.udp.cache;
+	if (!front) {
+		return null;
+	}
+	const c = front.cache;
+	return { ...c.stats, uncacheable: { ...c.stats.uncacheable }, maxEntries: c.maxEntries, maxTtlSecs: front.maxTtlSecs,
+		serveStaleSecs: front.serveStaleSecs };
 }
 
 /** The whole snapshot at once (tests, small tables); the stats socket streams it instead. */

@@ -73,7 +73,14 @@
  * a field rather than through the remote's child logger, which would make
  * a logger for every remote that merely hit a condition.
  *
- * What it does not do: decode DNS (that belongs to the backends), or hold a
+ * THE CACHE.  With --cache-size, a query whose backend has a fresh answer
+ * for it is answered here (udp_cache.ts says when, packet_cache.ts keeps
+ * them); a miss is forwarded with a tag that files its answer; with
+ * --serve-stale, a query no backend can answer may get an expired one in
+ * place of SERVFAIL.  Without it none of this runs: one null test a query.
+ *
+ * What it does not do: decode DNS (that belongs to the backends and the
+ * cache's own module), or hold a
  * datagram for a backend that cannot take it (a stuck session drops; see
  * backend.ts for why).
  */
@@ -90,6 +97,7 @@ import { GatedLog } from './log.js';
 import { ANSWER_DROP } from './answers.js';
 import type { HealthMonitor } from './health.js';
 import { type Clock, monotonicClock, type TimeoutWheel } from './timeouts.js';
+import { type CacheTag, UdpCache, type UdpCacheOptions } from './udp_cache.js';
 import type { PassedUdpSocket, UdpTransport, UdpTransportError } from './udp_transport.js';
 
 /* Synthesized answers (SERVFAIL, REFUSED) per remote per second. */
@@ -163,6 +171,8 @@ export interface UdpProxyOptions extends UdpEdgeOptions {
 	accounting?: boolean;
 	/** The clock answer latencies are measured with (the balancer's). */
 	clock?: Clock;
+	/** The packet cache and its settings (udp_cache.ts); none without --cache-size. */
+	cache?: Omit<UdpCacheOptions, 'send' | 'clock'> | null;
 }
 
 export class UdpProxy {
@@ -190,6 +200,8 @@ export class UdpProxy {
 	private readonly accounting: boolean;
 	private readonly clock: Clock;
 	private readonly unsolicitedLog: GatedLog;
+	/** The packet cache's front, null without --cache-size. */
+	readonly cache: UdpCache | null;
 	/* Bound to 0.0.0.0: answers go from the address their query was sent to. */
 	private wildcard = false;
 	/* Read once: the level is fixed for the life of the process. */
@@ -218,6 +230,10 @@ export class UdpProxy {
 		this.health = opts.health ?? null;
 		this.accounting = this.health !== null && opts.accounting !== false;
 		this.clock = opts.clock ?? monotonicClock;
+		const clock = this.clock;
+		this.cache = opts.cache ? new UdpCache({
+			...opts.cache, clock, send: (payload, addr, port) => this.sendAnswer(payload, addr, port, null),
+		}) : null;
 		this.onFatal = opts.onFatal ?? ((err) => this.log.fatal({ err }, 'UDP socket failed'));
 	}
 
@@ -303,14 +319,24 @@ export class UdpProxy {
 		if (this.accounting) {
 			/* A payload too short to carry an id and an rcode matches nothing. */
 			const book = from.health.book;
+			const now = this.clock();
 			const verdict = payload.length < 4 ? book.nothingAsked()
-				: book.answer(addr, port, payload.readUInt16BE(0), payload[3] & 0x0f, this.clock());
+				: book.answer(addr, port, payload.readUInt16BE(0), payload[3] & 0x0f, now);
 			if (verdict === ANSWER_DROP) {
 				this.stats.unsolicited++;
 				this.unsolicitedLog.report(from.log, () => ({ dest_ip: u32ToIpv4(addr), dest_port: port, len: payload.length }));
 				return;
 			}
+			const tag = book.matchedTag as CacheTag | undefined;
+			if (tag !== undefined && this.cache !== null && this.cache.answered(from, tag, payload, addr, port, now)) {
+				return;
+			}
 		}
+		this.sendAnswer(payload, addr, port, from);
+	}
+
+	/** Send an answer to addr:port from the address that remote queried (bound to 0.0.0.0); counted. */
+	private sendAnswer(payload: Buffer, addr: number, port: number, from: Backend | null): void {
 		let local = 0;
 		if (this.wildcard) {
 			const rem = this.remotes.peek(addr);
@@ -321,7 +347,7 @@ export class UdpProxy {
 		} else {
 			/* A port of 0 or over 65535, or a payload too big for UDP. */
 			this.stats.sendErrors++;
-			this.outboundErrorLog.report(from.log, () => ({
+			this.outboundErrorLog.report(from?.log ?? this.log, () => ({
 				err: new Error(`cannot send ${payload.length} bytes to port ${port}`), dest_ip: u32ToIpv4(addr), dest_port: port,
 			}));
 		}
@@ -380,6 +406,10 @@ export class UdpProxy {
 		}
 		const be = rem.chooseBackend();
 		if (be === null) {
+			if (this.cache !== null && this.cache.noBackend(rem.primary, msg, len, addr, port, this.clock())) {
+				rem.udp++;
+				return;
+			}
 			rem.udpDrop++;
 			this.stats.noBackend++;
 			this.noBackendLog.report(this.log, () => ({
@@ -390,6 +420,16 @@ export class UdpProxy {
 			}
 			return;
 		}
+		/* One clock read a query, for the cache and the in-flight table both. */
+		const now = this.accounting ? this.clock() : 0;
+		let tag: CacheTag | undefined;
+		if (this.cache !== null) {
+			if (this.cache.hit(be, msg, len, addr, port, now)) {
+				rem.udp++;
+				return;
+			}
+			tag = this.cache.tagFor(be, msg);
+		}
 		if (!be.sendUdp(addr, port, msg)) {
 			rem.udpDrop++;
 			this.stats.stuck++;
@@ -399,7 +439,7 @@ export class UdpProxy {
 		rem.udp++;
 		this.stats.forwarded++;
 		if (this.accounting) {
-			be.health.book.query(addr, port, (msg[0] << 8) | msg[1], this.clock());
+			be.health.book.query(addr, port, (msg[0] << 8) | msg[1], now, tag);
 		}
 		if (this.trace) {
 			rem.log.trace({ be_id: be.id, remote_port: port, query: describeQuery(msg) }, 'forwarded UDP query');

@@ -15,8 +15,8 @@
  */
 
 import dnsPacket from 'dns-packet';
-import t, { type Test } from 'tap';
-import { Balancer, type BalancerOptions } from '../src/balancer.js';
+import t from 'tap';
+import { Balancer } from '../src/balancer.js';
 import { makeLogger } from '../src/log.js';
 import { ipv4ToU32, MAX_UDP_PAYLOAD_BYTES } from '../src/protocol.js';
 import { REMOTE_IDLE_EXPIRY_SECS } from '../src/remotes.js';
@@ -26,41 +26,14 @@ import type { UdpTransport } from '../src/udp_transport.js';
 import { RESCAN_INTERVAL_SECS } from '../src/backends.js';
 import { type LogRecord } from './support/bbal.js';
 import { backendOf, encodeQuery } from './support/dns_messages.js';
+import { startBalancer, RIG_START_MS } from './support/balancer_rig.js';
 import { FakeTransport } from './support/fake_transport.js';
 import { makeSocketDir, startBackend } from './support/fleet.js';
 import { waitFor } from './support/wait.js';
 
 const RCODE_SERVFAIL = 2;
 const RCODE_REFUSED = 5;
-const START = Date.parse('2030-01-02T03:04:05.000Z');
-
-interface Rig {
-	bal: Balancer;
-	udp: FakeTransport;
-	logs: LogRecord[];
-	/* Move the clock forward and run the wheel, as the tick would. */
-	advance: (secs: number) => void;
-}
-
-/* A started Balancer over dir, closed at teardown. */
-async function startBalancer(t: Test, dir: string, extra: Partial<BalancerOptions> = {}): Promise<Rig> {
-	let now = START;
-	const logs: LogRecord[] = [];
-	const log = makeLogger('info', { write: (line: string) => { logs.push(JSON.parse(line) as LogRecord); } });
-	const udp = new FakeTransport();
-	const bal = new Balancer({
-		bind: '127.0.0.1', port: 0, socketDir: dir, log, clock: () => now, transport: udp, watchDir: false, ...extra,
-	});
-	t.teardown(() => bal.close());
-	await bal.start();
-	return {
-		bal, udp, logs,
-		advance: (secs: number): void => {
-			now += secs * 1000;
-			bal.wheel.run(now);
-		},
-	};
-}
+const START = RIG_START_MS;
 
 const addr = (ip: string): number => ipv4ToU32(ip);
 const query = (id: number, name = 'q.example'): Buffer => encodeQuery(name, 'TXT', id);

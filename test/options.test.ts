@@ -49,7 +49,7 @@ t.test('defaults: what the README says', async (t) => {
 		watchDir: true, queryTimeoutMs: 2000, maxInflightPerBackend: 65_536, answerAccounting: true, healthCheck: true,
 		healthIntervalSecs: 1, healthTimeoutMs: 1000, healthRise: 2, healthFall: 2,
 		healthQuery: { name: 'bbal-health-check.invalid', type: 1 },
-		takeover: false, reload: false, takeoverTimeoutMs: 10_000,
+		takeover: false, reload: false, takeoverTimeoutMs: 10_000, cacheSize: 0, cacheMaxTtlSecs: 5, serveStaleSecs: 0,
 	});
 });
 
@@ -61,6 +61,8 @@ t.test('every flag, long and short, lands in its field; a repeated flag counts o
 		'--query-timeout', '1.5', '--max-inflight-per-backend', '100', '--no-answer-accounting', '--no-health-check',
 		'--health-interval', '2', '--health-timeout', '0.25', '--health-rise', '3', '--health-fall', '4',
 		'--health-query', 'probe.example.com:txt', '--takeover', '--takeover-timeout', '2.5']);
+	t.same(parse(['--cache-size', '1000', '--cache-max-ttl', '30', '--serve-stale', '600']),
+		{ ...parse([]), cacheSize: 1000, cacheMaxTtlSecs: 30, serveStaleSecs: 600 }, 'the cache\'s flags');
 	t.same(o, {
 		bind: '127.0.0.1', port: 5354, socketDir: '/tmp/other', logLevel: 'debug', maxTcpConnections: 3,
 		maxTcpPerRemote: 2, maxTcpQueriesPerConn: 5, maxTcpQueriesPerRemote: 7,
@@ -70,6 +72,7 @@ t.test('every flag, long and short, lands in its field; a repeated flag counts o
 		queryTimeoutMs: 1500, maxInflightPerBackend: 100, answerAccounting: false, healthCheck: false,
 		healthIntervalSecs: 2, healthTimeoutMs: 250, healthRise: 3, healthFall: 4,
 		healthQuery: { name: 'probe.example.com', type: 16 }, takeover: true, reload: false, takeoverTimeoutMs: 2500,
+		cacheSize: 0, cacheMaxTtlSecs: 5, serveStaleSecs: 0,
 	});
 	t.equal(parse(['--reload']).reload, true, '--reload');
 	t.same(parse(['--health-query', 'up.example']).healthQuery, { name: 'up.example', type: 1 }, 'type A when left out');
@@ -145,6 +148,13 @@ const BAD: Array<[string[], RegExp]> = [
 	[['--http', '127.0.0.1'], /^--http "127\.0\.0\.1" is not HOST:PORT/],
 	[['--http', '127.0.0.1:8053', '--metrics', '127.0.0.1:9153'], /^--metrics is --http's old name: give one HOST:PORT/],
 	[['--no-backend', 'maybe'], /^--no-backend "maybe" is not one of servfail, drop$/],
+	[['--cache-size', '-1'], /^--cache-size "-1" is not a whole number of at least 1$/],
+	[['--cache-size', '10000001'], /^--cache-size 10000001 is over 10000000 entries$/],
+	[['--cache-max-ttl', '0'], /^--cache-max-ttl "0" is not a whole number of at least 1$/],
+	[['--cache-max-ttl', '3601'], /^--cache-max-ttl 3601 is over 3600 seconds$/],
+	[['--serve-stale', '86401', '--cache-size', '1'], /^--serve-stale 86401 is over 86400 seconds$/],
+	[['--serve-stale', '60'], /^--serve-stale needs a cache: give --cache-size too$/],
+	[['--cache-size', '10', '--no-answer-accounting'], /^--cache-size needs answer accounting/],
 	[['--max-remotes', '0'], /^--max-remotes "0" is not a whole number of at least 1$/],
 	[['--max-remotes', '-5'], /^--max-remotes "-5" is not a whole number of at least 1$/],
 	[['--max-remotes', '1e3'], /^--max-remotes "1e3" is not a whole number of at least 1$/],
@@ -180,7 +190,7 @@ const BAD: Array<[string[], RegExp]> = [
 
 /* Every flag that takes a value, as a user may type it. */
 const VALUED = ['-b', '--bind', '-p', '--port', '-s', '--sockets', '-l', '--log-level', '-S', '--stats-socket', '--metrics', '--http',
-	'--no-backend', '--max-remotes', '--max-qps-per-remote', '--rate-limit-action', '--allow', '--max-tcp-message',
+	'--cache-size', '--cache-max-ttl', '--serve-stale', '--no-backend', '--max-remotes', '--max-qps-per-remote', '--rate-limit-action', '--allow', '--max-tcp-message',
 	'--max-tcp-connections', '--tcp-idle-timeout', '--max-tcp-per-remote', '--max-tcp-queries-per-conn',
 	'--max-tcp-queries-per-remote', '--query-timeout', '--max-inflight-per-backend', '--health-interval', '--health-timeout',
 	'--health-query', '--health-rise', '--health-fall'];

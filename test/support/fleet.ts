@@ -70,6 +70,8 @@ export interface Backend {
 	restart(): Promise<void>;
 	/* Switch how it answers; resolves with the backend's Date.now() when the mode took effect. */
 	command(cmd: BackendMode): Promise<number>;
+	/* How many queries it has been asked so far (probes included). */
+	queries(): Promise<number>;
 }
 
 async function spawnBackend(socketPath: string, label: string): Promise<Child> {
@@ -90,25 +92,25 @@ async function spawnBackend(socketPath: string, label: string): Promise<Child> {
  * `{ done: cmd, at }`.  Rejects when the backend refuses the command, exits
  * first, or says nothing for 5 s.
  */
-function commandChild(child: Child, label: string, cmd: BackendMode): Promise<number> {
+function commandChild(child: Child, label: string, cmd: BackendMode | 'count'): Promise<{ at: number; queries?: number }> {
 	const proc = child.proc;
 	return new Promise((resolve, reject) => {
-		const finish = (err: Error | null, at = NaN): void => {
+		const finish = (err: Error | null, reply: { at: number; queries?: number } = { at: NaN }): void => {
 			clearTimeout(timer);
 			proc.off('message', procOnMessage);
 			proc.off('exit', procOnExit);
 			if (err !== null) {
 				reject(err);
 			} else {
-				resolve(at);
+				resolve(reply);
 			}
 		};
 		const procOnMessage = (msg: unknown): void => {
-			const m = msg as { done?: unknown; at?: unknown; error?: unknown };
+			const m = msg as { done?: unknown; at?: unknown; error?: unknown; queries?: unknown };
 			if (typeof m.error === 'string') {
 				finish(new Error(`backend ${label}: ${m.error}`));
 			} else if (m.done === cmd && typeof m.at === 'number') {
-				finish(null, m.at);
+				finish(null, { at: m.at, queries: typeof m.queries === 'number' ? m.queries : undefined });
 			}
 		};
 		const procOnExit = (): void => finish(new Error(`backend ${label}: exited before acknowledging ${cmd}`));
@@ -144,8 +146,11 @@ export async function startBackend(t: Teardowns, dir: string, name: string,
 			await child.stop('SIGKILL');
 			child = await spawnBackend(socketPath, label);
 		},
-		command(cmd: BackendMode): Promise<number> {
-			return commandChild(child, label, cmd);
+		async command(cmd: BackendMode): Promise<number> {
+			return (await commandChild(child, label, cmd)).at;
+		},
+		async queries(): Promise<number> {
+			return (await commandChild(child, label, 'count')).queries ?? NaN;
 		},
 	};
 	t.teardown(() => backend.kill('SIGKILL'));
