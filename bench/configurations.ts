@@ -27,10 +27,28 @@
  *                         bench's process, opened before the run and closed
  *                         after it): what the sampler and the streams cost
  *                         a query at saturation.
+ *   cache                 two Binder-like mnames (mname_server.cjs --binder),
+ *                         each with its own UDP port and a balancer socket,
+ *                         behind three proxies at once: a bbal without a
+ *                         cache, a bbal with --cache-size 100000
+ *                         --cache-max-ttl 5, and dnsdist with a packet cache
+ *                         of the same size and maxTTL on their UDP ports;
+ *                         and a UDP stub of its own for the direct path, the
+ *                         ceiling of the load generator on this machine.
+ *                         The load is `stub load` (load_generators.ts): the
+ *                         cache workload from 50 sources, 127.0.0.100-149.
  *
  * The configuration ids (sat-direct, rate-bbal, mname-bbal2, tcpc-direct,
  * ...) are what the ratios and targets in report.ts look for, and what the
  * JSON is keyed by.
+ *
+ * THE CACHE FLAGS are checked in `bbal --help` before the cache-on bbal is
+ * started: a build without them (the cache is being written) would exit on
+ * an unknown flag, so that bbal then runs without them, its label says so
+ * in the report, and a warning says so in the log.  Both bbals get 50
+ * sources round-robin over their 2 backends (bbal assigns new remotes in
+ * turn), and after every run each backend must have had a quarter of the
+ * queries it passed on, or a warning says the split failed.
  *
  * TWO BACKENDS, TWO SOURCES.  bbal is sticky per source address, so one
  * dnsperf would only ever reach one of two backends.  The two-backend
@@ -55,11 +73,12 @@ import { LiveReader } from '../test/support/sse.js';
 import { sleep } from '../test/support/wait.js';
 import { counters, statsSnapshot } from '../test/support/bbal.js';
 import { statusKb } from '../test/support/procfs.js';
-import { dnsperf, mergeDnsperf, tcpConns } from './load_generators.js';
-import type { Configuration } from './measure.js';
+import { cacheQueries, dnsperf, mergeDnsperf, stubLoad, tcpConns } from './load_generators.js';
+import type { Configuration, Sample } from './measure.js';
 import { type BenchOptions, type ScenarioName, wants } from './options.js';
 import { fmt, fmtInt } from './report.js';
-import { probe, type Server, startBbal, startDnsdist, startMname, startStubFramed, startStubUdp } from './servers.js';
+import { bbalHasFlag, dnsdistCacheCounts, probe, type Server, startBbal, startDnsdist, startMname, startStubFramed,
+	startStubUdp } from './servers.js';
 import { log, type BenchSession } from './session.js';
 import { STUB_BIN } from './tools.js';
 
@@ -75,6 +94,13 @@ const MIN_BACKEND_SHARE = 0.25;
 const REMOTES = 100_000;
 const FIRST_REMOTE = '127.1.0.0';
 const SPRAY_TIMEOUT_MS = 60_000;
+/** The cache scenario: its sources, and the caches' size in entries and longest TTL (bbal's flags, dnsdist's). */
+const CACHE_SOURCES = 50;
+const CACHE_FIRST_SOURCE = '127.0.0.100';
+const CACHE_SIZE = 100_000;
+const CACHE_MAX_TTL_SECS = 5;
+/** The flags of bbal's packet cache, and the one --help must list for them to be given. */
+export const BBAL_CACHE_FLAGS = ['--cache-size', String(CACHE_SIZE), '--cache-max-ttl', String(CACHE_MAX_TTL_SECS)];
 
 /* Adds a configuration if its scenario was chosen; returns it, or null. */
 type AddConfiguration = (scenario: ScenarioName, id: string, label: string, proxy: Server | null, backends: Server[],
@@ -100,7 +126,7 @@ export async function startConfigurations(session: BenchSession, opts: BenchOpti
 			await session.uniquePort(), await session.uniquePort()];
 		const stubUdp = startStubUdp(session, stubPort);
 		await probe('stub', stubPort);
-		const dnsdist = await startDnsdist(session, ddPort, stubPort);
+		const dnsdist = await startDnsdist(session, ddPort, [stubPort]);
 		const bbal = await startBbal(session, 'bbal → stub',
 			{ port: bbalPort, dir: stubDir(session), backends: 1, profileName: 'bbal-stub.cpuprofile' }, opts.profile);
 		const loads: Array<[ScenarioName, string, number | undefined, string]> = [
@@ -147,7 +173,63 @@ export async function startConfigurations(session: BenchSession, opts: BenchOpti
 		add('tcp-conns', 'tcpc-bbal', 'TCP connections: bbal → mname', bbal1, [mA],
 			(s) => tcpConns(session, { port: b1Port, seconds: s }));
 	}
+	if (wants(opts, 'cache')) {
+		await addCache(session, add);
+	}
 	return configs;
+}
+
+/* The cache scenario: direct → stub, bbal without and with its cache, dnsdist with its cache, all under stub load. */
+async function addCache(session: BenchSession, add: AddConfiguration): Promise<void> {
+	const ports: number[] = [];
+	for (let i = 0; i < 7; i++) {
+		ports.push(await session.uniquePort());
+	}
+	const [stubPort, udpA, udpB, offPort, onPort, ddPort, webPort] = ports;
+	const dir = path.join(session.tmp, 'cache');
+	mkdirSync(dir);
+	const stub = startStubUdp(session, stubPort);
+	await probe('stub (cache scenario)', stubPort);
+	const mA = await startMname(session, 'mname binder A', { balancer: path.join(dir, '5301'), udp: udpA, binder: true });
+	const mB = await startMname(session, 'mname binder B', { balancer: path.join(dir, '5302'), udp: udpB, binder: true });
+	const mnames = [mA, mB];
+	const off = await startBbal(session, 'bbal → 2 binders, no cache', { port: offPort, dir, backends: 2, stats: `${dir}.off.sock` },
+		false);
+	const hasCache = bbalHasFlag(BBAL_CACHE_FLAGS[0]);
+	if (!hasCache) {
+		log(`warning: this bbal has no ${BBAL_CACHE_FLAGS[0]}: cache-on runs WITHOUT its cache (the same as cache-off)`);
+	}
+	const on = await startBbal(session, 'bbal → 2 binders, cache', { port: onPort, dir, backends: 2, stats: `${dir}.on.sock`,
+		extraArgs: hasCache ? BBAL_CACHE_FLAGS : [] }, false);
+	const dnsdist = await startDnsdist(session, ddPort, [udpA, udpB],
+		{ size: CACHE_SIZE, maxTtlSecs: CACHE_MAX_TTL_SECS, webPort });
+	const queryFile = cacheQueries(session);
+	const load = (port: number) => (s: number) => stubLoad(session, {
+		port, seconds: s, queryFile, sources: CACHE_SOURCES, firstSource: CACHE_FIRST_SOURCE,
+	});
+	add('cache', 'cache-direct', 'direct → stub (the generator\'s ceiling)', null, [stub], load(stubPort));
+	const bbalOff = add('cache', 'cache-off', 'bbal → 2 mnames, no cache', off, mnames, load(offPort));
+	const bbalOn = add('cache', 'cache-on', hasCache ? `bbal → 2 mnames, ${BBAL_CACHE_FLAGS.join(' ')}`
+		: `bbal → 2 mnames, **no ${BBAL_CACHE_FLAGS[0]} in this build: no cache**`, on, mnames, load(onPort));
+	const dd = add('cache', 'cache-dnsdist', `dnsdist → 2 mnames, packet cache ${fmtInt(CACHE_SIZE)} entries, maxTTL `
+		+ `${CACHE_MAX_TTL_SECS} s`, dnsdist, mnames, load(ddPort));
+	if (dd !== null) {
+		dd.cacheCounts = () => dnsdistCacheCounts(webPort);
+	}
+	for (const cfg of [bbalOff, bbalOn]) {
+		if (cfg !== null) {
+			cfg.check = (sample) => checkSplit(cfg.id, sample);
+		}
+	}
+}
+
+/* Warn unless each of a bbal's backends took at least MIN_BACKEND_SHARE of what it passed on in a run. */
+function checkSplit(id: string, sample: Sample): void {
+	const per = Object.values(sample.bbalBackendsUdp ?? {});
+	const total = per.reduce((x, y) => x + y, 0);
+	if (per.length !== 2 || Math.min(...per) < MIN_BACKEND_SHARE * total) {
+		log(`warning: ${id} did not split the load over its backends: ${JSON.stringify(sample.bbalBackendsUdp)}`);
+	}
 }
 
 /* The framed stub's socket directory, shared by the stub paths and the remotes scenario. */
@@ -208,13 +290,7 @@ async function addTwoBackends(session: BenchSession, opts: BenchOptions, add: Ad
 	const cfg = add('mname', 'mname-bbal2', `bbal → 2 mnames (dnsperf from ${srcs.join(' and ')}, summed)`, bbal, [mB, mC],
 		async (s) => mergeDnsperf(await Promise.all(srcs.map((src) => dnsperf(session, { port, seconds: s, src })))));
 	if (cfg !== null) {
-		cfg.check = (sample) => {
-			const per = Object.values(sample.bbalBackendsUdp ?? {});
-			const total = per.reduce((x, y) => x + y, 0);
-			if (per.length !== 2 || Math.min(...per) < MIN_BACKEND_SHARE * total) {
-				log(`warning: bbal → 2 mnames did not split the load: ${JSON.stringify(sample.bbalBackendsUdp)}`);
-			}
-		};
+		cfg.check = (sample) => checkSplit(cfg.id, sample);
 	}
 }
 

@@ -35,10 +35,28 @@
  * answer -> close, in a loop; it prints one JSON line with its counts and
  * its own p50/p99, which are taken as they are.
  *
- * Both report in one LoadResult shape, so measure.ts need not know which
- * generator ran: for tcp_conns, "sent" is connections attempted, "completed"
- * connections that got their answer and "lost" those that failed or timed
- * out.
+ * STUB LOAD (bench/stub.c, `stub load`) does the cache scenario's runs:
+ * dnsperf's saturation mode (a window of 200 queries outstanding for the
+ * whole run, lost after 1 s) from 50 source addresses instead of one,
+ * since bbal keeps each source on one backend.  It prints one line (sent,
+ * answered, lost, its run time and qps, p50 and p99 in µs from its own
+ * histogram), which is taken as it is, like tcp_conns's percentiles.
+ *
+ * THE CACHE WORKLOAD is a datacenter's DNS as Binder sees it: a few hundred
+ * service names asked over and over with a Zipf popularity, and a tail of
+ * names asked once.  cacheQueries() writes it once per session, the same
+ * for every run of every configuration (a fixed seed): CACHE_QUERY_LINES
+ * lines, each `svcNNN.binder.test A` with NNN drawn from CACHE_NAMES names
+ * with P(rank k) proportional to 1/k^CACHE_ZIPF_S (rank 1 is svc000), or,
+ * with probability CACHE_UNIQUE_SHARE, `*.uniq.binder.test A`, whose "*"
+ * the generator replaces with a label it never uses twice (a random number
+ * drawn per run and a counter).  The generator starts over at the end of
+ * the file, which repeats the popular names' sample, never a unique name.
+ *
+ * Every generator reports in one LoadResult shape, so measure.ts need not
+ * know which one ran: for tcp_conns, "sent" is connections attempted,
+ * "completed" connections that got their answer and "lost" those that
+ * failed or timed out.
  */
 
 import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -46,6 +64,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { BenchSession } from './session.js';
 import type { TcpConnsResult } from './tcp_conns.js';
+import { STUB_BIN } from './tools.js';
 
 /** The names dnsperf asks for, in a loop (every one type A). */
 const QUERY_NAMES = ['www.example.com', 'mail.example.com', 'ns1.example.org', 'host7.example.net'];
@@ -59,6 +78,15 @@ const TCP_CONNS_WORKERS = 8;
 const OVERRUN_MS = 15_000;
 
 const TCP_CONNS_JS = path.join(path.dirname(fileURLToPath(import.meta.url)), 'tcp_conns.js');
+
+/** The cache workload: how many names, their Zipf exponent, the share of unique names, the file's length, its seed. */
+const CACHE_NAMES = 300;
+const CACHE_ZIPF_S = 1.0;
+const CACHE_UNIQUE_SHARE = 0.1;
+const CACHE_QUERY_LINES = 100_000;
+const CACHE_SEED = 0x5eed_cac4;
+/** stub load's window of outstanding queries (dnsperf's -q). */
+const STUB_LOAD_OUTSTANDING = 200;
 
 export interface LoadResult {
 	sent: number;
@@ -76,6 +104,9 @@ export interface LoadResult {
 	p99?: number | null;
 	/** Two dnsperf at once: each one's figures. */
 	perProcess?: Array<{ qps: number; completed: number; lost: number }>;
+	/** stub load: answers with a non-zero RCODE (counted as completed too), and answers that matched no query. */
+	rcodeErrors?: number;
+	stray?: number;
 }
 
 export interface DnsperfRun {
@@ -98,6 +129,83 @@ function queries(session: BenchSession): string {
 		writeFileSync(queriesFile, [...QUERY_NAMES.map((n) => `${n} A`), ''].join('\n'));
 	}
 	return queriesFile;
+}
+
+let cacheQueriesFile: string | null = null;
+
+/* A small seeded PRNG (mulberry32): the same workload in every run. */
+function seededRandom(seed: number): () => number {
+	let a = seed >>> 0;
+	return () => {
+		a = (a + 0x6d2b79f5) >>> 0;
+		let t = a;
+		t = Math.imul(t ^ (t >>> 15), t | 1);
+		t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+		return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+	};
+}
+
+/** The cache workload's query file in the session's directory, written on first use. */
+export function cacheQueries(session: BenchSession): string {
+	if (cacheQueriesFile === null) {
+		const rand = seededRandom(CACHE_SEED);
+		/* The cumulative Zipf distribution over the ranks, searched by bisection for each draw. */
+		const cdf = new Float64Array(CACHE_NAMES);
+		let total = 0;
+		for (let k = 0; k < CACHE_NAMES; k++) {
+			total += 1 / (k + 1) ** CACHE_ZIPF_S;
+			cdf[k] = total;
+		}
+		const lines: string[] = [];
+		for (let i = 0; i < CACHE_QUERY_LINES; i++) {
+			if (rand() < CACHE_UNIQUE_SHARE) {
+				lines.push('*.uniq.binder.test A');
+				continue;
+			}
+			const u = rand() * total;
+			let lo = 0;
+			let hi = CACHE_NAMES - 1;
+			while (lo < hi) {
+				const mid = (lo + hi) >> 1;
+				if (cdf[mid] < u) {
+					lo = mid + 1;
+				} else {
+					hi = mid;
+				}
+			}
+			lines.push(`svc${String(lo).padStart(3, '0')}.binder.test A`);
+		}
+		cacheQueriesFile = path.join(session.tmp, 'cache-queries.txt');
+		writeFileSync(cacheQueriesFile, `${lines.join('\n')}\n`);
+	}
+	return cacheQueriesFile;
+}
+
+export interface StubLoadRun {
+	port: number;
+	seconds: number;
+	queryFile: string;
+	/** Round-robin over this many source addresses, from firstSource up. */
+	sources: number;
+	firstSource: string;
+}
+
+/** One `stub load` run: the query file from many sources at saturation, its summary line parsed. */
+export async function stubLoad(session: BenchSession, run: StubLoadRun): Promise<LoadResult> {
+	const args = ['load', String(run.port), String(run.seconds), run.queryFile, String(run.sources), run.firstSource,
+		String(STUB_LOAD_OUTSTANDING)];
+	const child = session.children.start('stub load', STUB_BIN, args, { expectExit: true });
+	const status = await child.waitExit(run.seconds * 1000 + OVERRUN_MS);
+	const m = /sent (\d+) answered (\d+) lost (\d+) rcode_errors (\d+) stray (\d+) runtime_s ([\d.]+) qps ([\d.]+) p50_us (-?\d+) p99_us (-?\d+)/
+		.exec(child.output);
+	if (status.code !== 0 || m === null) {
+		throw new Error(`stub ${args.join(' ')} failed (code ${status.code}, signal ${status.signal}): ${child.output.slice(-1000)}`);
+	}
+	const [sent, completed, lost, rcodeErrors, stray, runtime, qps, p50us, p99us] = m.slice(1).map(Number);
+	return {
+		sent, completed, lost, runtime, qps, rcodeErrors, stray,
+		p50: p50us < 0 ? null : p50us / 1000, p99: p99us < 0 ? null : p99us / 1000,
+	};
 }
 
 /* Every per-query latency in a dnsperf -v output, in ms ("> ..." lines but the "> T" timeouts). */

@@ -35,6 +35,13 @@
  * is read after the first CpuSample, as it always was, so its cost is
  * charged to bbal in every configuration alike.
  *
+ * CACHE COUNTS.  When bbal's snapshot has a `cache` object with numeric
+ * hits and misses (bbal's packet cache, read defensively: a build without
+ * one has none), the sample keeps their change over the run; a proxy that
+ * is not bbal can say the same through the configuration's cacheCounts()
+ * (dnsdist's statistics), read at the same two moments.  aggregate() sums
+ * them over the rounds into a hit rate: hits / (hits + misses).
+ *
  * LATENCY.  Each run's percentiles (p50, p99, p99.9; nearest rank,
  * test/support/quantiles.ts) come from dnsperf's per-query latencies, or
  * from tcp_conns's own p50/p99.  aggregate() takes, over the rounds, the
@@ -54,7 +61,7 @@ import { clockTicksPerSecond, cpuDelta, cpuSample } from '../test/support/procfs
 import { median, percentile } from '../test/support/quantiles.js';
 import type { LoadResult } from './load_generators.js';
 import type { ScenarioName } from './options.js';
-import type { Server } from './servers.js';
+import { type CacheCounts, type Server, snapshotCacheCounts } from './servers.js';
 
 export interface Sample {
 	sent: number;
@@ -83,6 +90,12 @@ export interface Sample {
 	/** bbal's UDP counters that moved during the run, and each backend's UDP count. */
 	bbalUdp?: Record<string, number>;
 	bbalBackendsUdp?: Record<string, number>;
+	/** The proxy's cache hits and misses during the run, when it counts them. */
+	cacheHits?: number;
+	cacheMisses?: number;
+	/** stub load: answers with a non-zero RCODE, and answers that matched no outstanding query. */
+	rcodeErrors?: number;
+	stray?: number;
 }
 
 export interface Aggregate {
@@ -101,6 +114,10 @@ export interface Aggregate {
 	backendUsPerQuery: number | null;
 	loadUsPerQuery: number | null;
 	foreignCorePct: number;
+	/** Cache hits and misses over the rounds, and hits / (hits + misses) in %; only when every round counted them. */
+	cacheHits?: number;
+	cacheMisses?: number;
+	cacheHitPct?: number | null;
 }
 
 export interface Configuration {
@@ -113,6 +130,8 @@ export interface Configuration {
 	run: (seconds: number) => Promise<LoadResult>;
 	/** Looks at each measured sample (and warns). */
 	check?: (sample: Sample) => void;
+	/** A proxy other than bbal that counts cache hits: its counts now (null: it will not say). */
+	cacheCounts?: () => Promise<CacheCounts | null>;
 	samples: Sample[];
 	aggregate?: Aggregate;
 }
@@ -146,11 +165,14 @@ export async function measure(cfg: Configuration, seconds: number): Promise<Samp
 	const before = cpuSample(pids);
 	const statsSocket = cfg.proxy?.statsSocket ?? null;
 	const snapBefore = statsSocket !== null ? await statsSnapshot(statsSocket) : null;
+	const cacheBefore = snapBefore !== null ? snapshotCacheCounts(snapBefore) : await cfg.cacheCounts?.() ?? null;
 	const wall0 = performance.now();
 	const r = await cfg.run(seconds);
 	const wallSec = (performance.now() - wall0) / 1000;
 	servers.forEach((s) => s.child.alive());
 	const d = cpuDelta(before, cpuSample(pids));
+	/* Read after the CPU sample, like bbal's second snapshot below. */
+	const cacheAfter = snapBefore === null && cacheBefore !== null ? await cfg.cacheCounts?.() ?? null : null;
 	const ticks = servers.map((s) => {
 		const t = d.processes.get(s.child.pid);
 		if (t === undefined) {
@@ -186,8 +208,19 @@ export async function measure(cfg: Configuration, seconds: number): Promise<Samp
 	if (r.perProcess) {
 		sample.perProcess = r.perProcess;
 	}
+	if (r.rcodeErrors !== undefined) {
+		sample.rcodeErrors = r.rcodeErrors;
+		sample.stray = r.stray;
+	}
+	let cacheEnd = cacheAfter;
 	if (snapBefore !== null && statsSocket !== null) {
-		Object.assign(sample, bbalDelta(snapBefore, await statsSnapshot(statsSocket)));
+		const snapAfter = await statsSnapshot(statsSocket);
+		Object.assign(sample, bbalDelta(snapBefore, snapAfter));
+		cacheEnd = snapshotCacheCounts(snapAfter);
+	}
+	if (cacheBefore !== null && cacheEnd !== null) {
+		sample.cacheHits = cacheEnd.hits - cacheBefore.hits;
+		sample.cacheMisses = cacheEnd.misses - cacheBefore.misses;
 	}
 	return sample;
 }
@@ -204,6 +237,13 @@ function sum(samples: Sample[], k: SummedKey): number {
 export function aggregate(cfg: Configuration): Aggregate {
 	const s = cfg.samples;
 	const completed = sum(s, 'completed');
+	const cache: Pick<Aggregate, 'cacheHits' | 'cacheMisses' | 'cacheHitPct'> = {};
+	if (s.length > 0 && s.every((x) => x.cacheHits !== undefined && x.cacheMisses !== undefined)) {
+		cache.cacheHits = s.reduce((a, x) => a + (x.cacheHits ?? 0), 0);
+		cache.cacheMisses = s.reduce((a, x) => a + (x.cacheMisses ?? 0), 0);
+		const looked = cache.cacheHits + cache.cacheMisses;
+		cache.cacheHitPct = looked > 0 ? (100 * cache.cacheHits) / looked : null;
+	}
 	return {
 		rounds: s.length,
 		qps: median(s.map((x) => x.qps)),
@@ -220,6 +260,7 @@ export function aggregate(cfg: Configuration): Aggregate {
 		backendUsPerQuery: usPerQuery(sum(s, 'backendTicks'), completed),
 		loadUsPerQuery: usPerQuery(sum(s, 'loadTicks'), completed),
 		foreignCorePct: (100 * sum(s, 'foreignTicks')) / (sum(s, 'wallSec') * clockTicksPerSecond()),
+		...cache,
 	};
 }
 

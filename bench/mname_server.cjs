@@ -4,7 +4,20 @@
  * 1.5.1 from node_modules, answering every query with one A record
  * (1.2.3.4, TTL 60) and logging nothing below fatal.
  *
- *   node bench/mname_server.cjs [--balancer PATH] [--udp PORT] [--tcp PORT]
+ *   node bench/mname_server.cjs [--balancer PATH] [--udp PORT] [--tcp PORT] [--binder]
+ *
+ * --binder answers the way Binder (Triton's service discovery, the mname
+ * server bbal was made for) does: a service name stands for its instances,
+ * so every A query is answered with 3 to 5 A records, TTL 30, in an order
+ * shuffled afresh for each answer (clients spread over the instances by
+ * taking the first).  How many and which addresses is a function of the
+ * name (10.x.y.1 ... 10.x.y.n, x and y and n from a hash of it), so two
+ * processes answer a name with the same set, as two Binders of one
+ * datacenter would.  Other types get an empty NOERROR.  The sets of the
+ * MEMO_NAMES names asked most recently are kept (a Map in least recently
+ * used order), so the names asked all the time stay made, and a name asked
+ * once (the cache scenario's unique names) costs a few records made and,
+ * later, dropped.
  *
  * Any combination of listeners in one process (one mname Server): the
  * balancer socket bbal connects to, and the process's own UDP and TCP DNS
@@ -20,13 +33,24 @@ const fs = require('node:fs');
 const bunyan = require('bunyan');
 const mname = require('mname');
 
+const USAGE = 'usage: mname_server.cjs [--balancer PATH] [--udp PORT] [--tcp PORT] [--binder]\n';
+/* --binder: the TTL of its answers, and how many names' record sets are kept. */
+const BINDER_TTL = 30;
+const MEMO_NAMES = 10000;
+
 const opts = {};
+let binder = false;
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i += 2) {
 	const k = argv[i];
 	const v = argv[i + 1];
+	if (k === '--binder') {
+		binder = true;
+		i--;
+		continue;
+	}
 	if (!['--balancer', '--udp', '--tcp'].includes(k) || v === undefined) {
-		process.stderr.write('usage: mname_server.cjs [--balancer PATH] [--udp PORT] [--tcp PORT]\n');
+		process.stderr.write(USAGE);
 		process.exit(2);
 	}
 	opts[k.slice(2)] = v;
@@ -41,8 +65,50 @@ const log = bunyan.createLogger({ name: 'bench-mname', level: 'fatal' });
 const server = mname.createServer({ name: 'bench', log });
 const answer = new mname.ARecord('1.2.3.4');
 
+/* --binder: a name's instances, 3 to 5 A records from a hash of the name (FNV-1a); the last MEMO_NAMES names' kept. */
+const instances = new Map();
+function instancesOf(name) {
+	let recs = instances.get(name);
+	if (recs !== undefined) {
+		instances.delete(name); /* to the most recently used end */
+	} else {
+		let h = 0x811c9dc5;
+		for (let i = 0; i < name.length; i++) {
+			h = Math.imul(h ^ name.charCodeAt(i), 0x01000193) >>> 0;
+		}
+		recs = [];
+		for (let n = 3 + (h % 3), k = 1; k <= n; k++) {
+			recs.push(new mname.ARecord(`10.${(h >>> 8) & 0xff}.${(h >>> 16) & 0xff}.${k}`));
+		}
+		if (instances.size >= MEMO_NAMES) {
+			instances.delete(instances.keys().next().value);
+		}
+	}
+	instances.set(name, recs);
+	return recs;
+}
+
+/* One answer's order: a Fisher-Yates shuffle of a copy. */
+function shuffled(recs) {
+	const out = recs.slice();
+	for (let i = out.length - 1; i > 0; i--) {
+		const j = Math.floor(Math.random() * (i + 1));
+		[out[i], out[j]] = [out[j], out[i]];
+	}
+	return out;
+}
+
 server.on('query', (query, done) => {
-	query.addAnswer(query.name(), answer, 60);
+	const name = query.name();
+	if (!binder) {
+		query.addAnswer(name, answer, 60);
+	} else if (query.type() === 'A') {
+		for (const rec of shuffled(instancesOf(name))) {
+			query.addAnswer(name, rec, BINDER_TTL);
+		}
+	} else {
+		query.setError('NOERROR'); /* mname's default for an answer without records is NOTIMP */
+	}
 	query.respond();
 	done();
 });

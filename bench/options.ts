@@ -40,6 +40,8 @@ export const SCENARIOS = {
 	'tcp-conns': 'new TCP connections per second, one query each: mname directly vs bbal -> mname',
 	rss: "bbal's RSS holding 100,000 remotes",
 	dashboard: 'saturation, bbal -> fast C stub: without --http, and with --http and 0, 1 and 10 dashboards following /live',
+	cache: 'saturation, a datacenter\'s DNS (300 names, Zipf, 10% unique, 50 sources) -> 2 Binder-like mnames: direct stub, '
+		+ 'bbal cache off and on, dnsdist with its packet cache',
 } as const;
 
 export type ScenarioName = keyof typeof SCENARIOS;

@@ -32,7 +32,15 @@
  *   100,000 remotes           RSS <= 100 MB, with at least 100,000 held;
  *   the dashboard             bbal's CPU/query with --http and 0, 1 or 10
  *                             dashboards open <= 1.05 x without --http
- *                             (the bench's own round-to-round noise).
+ *                             (the bench's own round-to-round noise);
+ *   the packet cache          under the cache workload, bbal's qps with its
+ *                             cache >= 2.5 x without it, and its CPU/query
+ *                             (nearly all hits) <= 0.7 x that of dnsdist
+ *                             with its packet cache.
+ *
+ * THE CACHE SCENARIO's table is followed by each proxy's cache hit rate
+ * over the measured runs, when it counted them (bbal's snapshot `cache`,
+ * dnsdist's statistics): hits over lookups, and hits over answers.
  *
  * NUMBERS are printed en-US with fixed decimals (1,234.5); a missing figure
  * (null, NaN: a configuration with no CPU, a run with no answers) is a dash.
@@ -194,6 +202,26 @@ export function ratiosAndTargets(configs: Record<string, Configuration>, rss: Re
 		ratio('TCP connections/s: bbal → mname / mname directly', tcpcBbal.qps, tcpcDirect.qps,
 			['tcpc-bbal', 'tcpc-direct', 'qps']);
 	}
+	const cacheOn = a('cache-on');
+	const cacheOff = a('cache-off');
+	const cacheDnsdist = a('cache-dnsdist');
+	if (cacheOn && cacheOff) {
+		const qps = ratio('cache: bbal qps, cache on / off', cacheOn.qps, cacheOff.qps, ['cache-on', 'cache-off', 'qps']);
+		target('cache: bbal qps with cache on vs off', `${fmt(qps, 2)}×`, '≥ 2.5×', qps !== null && qps >= 2.5);
+	}
+	if (cacheOn && cacheDnsdist) {
+		const cpu = ratio('cache: bbal (cache on) / dnsdist (packet cache) CPU per query', cacheOn.proxyUsPerQuery,
+			cacheDnsdist.proxyUsPerQuery, ['cache-on', 'cache-dnsdist', 'cpu']);
+		ratio('cache: bbal (cache on) / dnsdist (packet cache) qps', cacheOn.qps, cacheDnsdist.qps,
+			['cache-on', 'cache-dnsdist', 'qps']);
+		target('cache: bbal CPU per query (nearly all hits) vs dnsdist\'s with its packet cache', `${fmt(cpu, 2)}×`, '≤ 0.7×',
+			cpu !== null && cpu <= 0.7);
+	}
+	const cacheDirect = a('cache-direct');
+	if (cacheOn && cacheDirect) {
+		ratio('cache: bbal (cache on) qps / the generator\'s ceiling (direct → stub)', cacheOn.qps, cacheDirect.qps,
+			['cache-on', 'cache-direct', 'qps']);
+	}
 	if (rss) {
 		const mb = (rss.rssAfterKb ?? NaN) / 1024;
 		ratios.push({ name: `bbal RSS holding ${fmtInt(rss.remotesHeld)} remotes`, value: mb, text: `${fmt(mb)} MB` });
@@ -221,6 +249,30 @@ function scenarioTable(L: string[], configs: Record<string, Configuration>, titl
 			+ `${fmt(a.p50, 3)} | ${fmt(a.p99, 3)} | ${fmt(a.proxyUsPerQuery, 2)} | ${fmt(a.proxySysPct, 0)} | `
 			+ `${fmt(a.backendUsPerQuery, 2)} |`);
 	}
+}
+
+/* The cache scenario's configurations, in the order of its table. */
+const CACHE_IDS = ['cache-direct', 'cache-off', 'cache-on', 'cache-dnsdist'];
+
+/* The cache scenario's hit rates, for the proxies that counted them; a line saying so for those that did not. */
+function cacheHitRates(L: string[], configs: Record<string, Configuration>): void {
+	const proxies = CACHE_IDS.filter((id) => configs[id]?.proxy);
+	if (proxies.length === 0) {
+		return;
+	}
+	const parts = proxies.map((id) => {
+		const c = configs[id];
+		const a = c.aggregate as Aggregate;
+		if (a.cacheHitPct === undefined) {
+			return `${id}: not reported`;
+		}
+		const looked = (a.cacheHits ?? 0) + (a.cacheMisses ?? 0);
+		/* What the cache did not answer went to the backends (or was lost): hits are counted against all answers too. */
+		const ofAnswers = a.completed > 0 ? `, ${fmt((100 * (a.cacheHits ?? 0)) / a.completed, 1)}% of the answers` : '';
+		return `${id}: ${fmt(a.cacheHitPct, 1)}% (${fmtInt(a.cacheHits)} hits of ${fmtInt(looked)} lookups${ofAnswers})`;
+	});
+	L.push('');
+	L.push(`Cache hit rate over the measured runs (hits ÷ (hits + misses), as each proxy counts them): ${parts.join('; ')}.`);
 }
 
 /** The Markdown report; `kind` says what sort of run it was (full, partial, quick). */
@@ -252,6 +304,9 @@ export function report(res: BenchResult, kind: string): string {
 		['dash-off', 'dash-0', 'dash-1', 'dash-10']);
 	scenarioTable(L, configs, 'UDP at 5,000 qps, fast C stub (dnsperf -Q 5000)', ['rate-direct', 'rate-dnsdist', 'rate-bbal']);
 	scenarioTable(L, configs, 'UDP at saturation, real mname backends', ['mname-udp', 'mname-bbal1', 'mname-bbal2']);
+	scenarioTable(L, configs, 'UDP at saturation, a datacenter\'s DNS through a packet cache (stub load from 50 sources, 200 '
+		+ 'outstanding; 300 names Zipf s=1 + 10% unique; 2 Binder-like mnames)', CACHE_IDS);
+	cacheHitRates(L, configs);
 	scenarioTable(L, configs, 'TCP, queries over 4 persistent connections (dnsperf -m tcp -c 4 -q 200)',
 		['tcpq-direct', 'tcpq-bbal']);
 	scenarioTable(L, configs, 'TCP, new connections per second (8 workers: connect, 1 query, close)',

@@ -69,7 +69,7 @@ function neededTools(o: BenchOptions): Tool[] {
 	if (wants(o, 'sat-stub', 'rate-stub', 'mname', 'tcp-qps')) {
 		tools.push({ bin: 'dnsperf', pkg: 'dnsperf' });
 	}
-	if (wants(o, 'sat-stub', 'rate-stub')) {
+	if (wants(o, 'sat-stub', 'rate-stub', 'cache')) {
 		tools.push({ bin: 'dnsdist', pkg: 'dnsdist' });
 	}
 	return tools;
@@ -90,13 +90,17 @@ async function waitQuiet(waitSecs: number): Promise<void> {
 	}
 }
 
-/* One progress line per measured run. */
+/* One progress line per measured run (with the cache's hit rate and stub load's oddities when there are any). */
 function logSample(cfg: Configuration, round: number, s: Sample): void {
 	const cpu = s.proxyTicks !== null ? `, proxy ${fmt(usPerQuery(s.proxyTicks, s.completed), 2)} µs/q` : '';
-	log(`round ${round}/${opts.rounds} ${cfg.id.padEnd(12)} ${fmtInt(s.qps).padStart(7)} `
+	const looked = (s.cacheHits ?? 0) + (s.cacheMisses ?? 0);
+	const hits = looked > 0 ? `, cache hits ${fmt((100 * (s.cacheHits ?? 0)) / looked, 1)}%` : '';
+	const odd = (s.rcodeErrors ?? 0) + (s.stray ?? 0) > 0 ? `, ${s.rcodeErrors} RCODE errors, ${s.stray} stray answers` : '';
+	log(`round ${round}/${opts.rounds} ${cfg.id.padEnd(13)} ${fmtInt(s.qps).padStart(7)} `
 		+ `${cfg.scenario === 'tcp-conns' ? 'conn/s' : 'qps'}, `
 		+ `loss ${fmt(s.lossPct, 2)}%, p50 ${fmt(s.p50, 3)} ms, p99 ${fmt(s.p99, 3)} ms${cpu}, `
-		+ `backend ${fmt(usPerQuery(s.backendTicks, s.completed), 2)} µs/q, others ${fmt(s.foreignCorePct, 0)}% of a core`);
+		+ `backend ${fmt(usPerQuery(s.backendTicks, s.completed), 2)} µs/q${hits}${odd}, `
+		+ `others ${fmt(s.foreignCorePct, 0)}% of a core`);
 }
 
 /* Warm every path up, then the rounds. */

@@ -30,11 +30,23 @@
  * written into bench/build/prof/ when that bbal exits.
  *
  * DNSDIST (1.7) is configured the least it takes: a local address, an ACL
- * for 127.0.0.0/8, one backend, no security polling in public DNS, no
+ * for 127.0.0.0/8, its backends, no security polling in public DNS, no
  * packet cache and no console; its health checks stay on, as in production.
- * It runs in the foreground (--supervised) and logs to stderr.
+ * It runs in the foreground (--supervised) and logs to stderr.  The cache
+ * scenario's dnsdist has two backends (its default policy, leastOutstanding,
+ * spreads over them) and a packet cache on its default pool:
+ * `newPacketCache(SIZE, {maxTTL=T, minTTL=0, temporaryFailureTTL=60,
+ * staleTTL=60, dontAge=false})`, `getPool(""):setCache(pc)`; and its
+ * webserver on a loopback port, with an API key, for one thing only: its
+ * cache-hits and cache-misses counters (/jsonstat?command=stats), read
+ * before and after each run like bbal's snapshot.
+ *
+ * BBAL'S FLAGS.  A flag this build of bbal does not have makes it exit 2
+ * (yargs is strict), so a configuration that needs a flag that is still
+ * being written asks bbalHasFlag() first: whether `bbal --help` lists it.
  */
 
+import { spawnSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { LAUNCHER_V8_FLAGS, statsSnapshot } from '../test/support/bbal.js';
@@ -91,6 +103,8 @@ export interface MnameListeners {
 	/** mname's own DNS ports on 127.0.0.1. */
 	udp?: number;
 	tcp?: number;
+	/** Answer like Binder: 3-5 A records per name, TTL 30, shuffled (mname_server.cjs --binder). */
+	binder?: boolean;
 }
 
 /** One real mname process with any of its three listeners. */
@@ -105,26 +119,92 @@ export async function startMname(session: BenchSession, name: string, listen: Mn
 	if (listen.tcp !== undefined) {
 		args.push('--tcp', String(listen.tcp));
 	}
+	if (listen.binder === true) {
+		args.push('--binder');
+	}
 	const child = session.children.start(name, process.execPath, args);
 	await readyLine(child, `${name} to be ready`);
 	return { child, statsSocket: null };
 }
 
-/** dnsdist on 127.0.0.1:port in front of the UDP stub on backendPort. */
-export async function startDnsdist(session: BenchSession, port: number, backendPort: number): Promise<Server> {
-	const conf = path.join(session.tmp, 'dnsdist.conf');
-	writeFileSync(conf, [
-		'-- written by bench/servers.ts: no cache, no console, loopback only',
+/** A dnsdist packet cache: its size in entries and its maxTTL, and the webserver port its counters are read from. */
+export interface DnsdistCache {
+	size: number;
+	maxTtlSecs: number;
+	webPort: number;
+}
+
+/* The webserver's API key (loopback only; a benchmark's dnsdist, not a secret). */
+const DNSDIST_API_KEY = 'bbal-bench';
+
+/** dnsdist on 127.0.0.1:port in front of the UDP servers on backendPorts, with a packet cache if given. */
+export async function startDnsdist(session: BenchSession, port: number, backendPorts: number[], cache?: DnsdistCache):
+Promise<Server> {
+	const conf = path.join(session.tmp, `dnsdist-${port}.conf`);
+	const lines = [
+		`-- written by bench/servers.ts: ${cache ? 'a packet cache' : 'no cache'}, no console, loopback only`,
 		'setSecurityPollSuffix("")  -- no security-status lookups in DNS',
 		`setLocal("127.0.0.1:${port}")`,
 		'setACL({"127.0.0.0/8"})',
-		`newServer({address="127.0.0.1:${backendPort}"})`,
-		'',
-	].join('\n'));
-	const child = session.children.start('dnsdist', which('dnsdist') ?? 'dnsdist',
+		...backendPorts.map((p) => `newServer({address="127.0.0.1:${p}"})`),
+	];
+	if (cache) {
+		lines.push(
+			`pc = newPacketCache(${cache.size}, {maxTTL=${cache.maxTtlSecs}, minTTL=0, temporaryFailureTTL=60, staleTTL=60, `
+			+ 'dontAge=false})',
+			'getPool(""):setCache(pc)',
+			'-- the webserver only for the cache counters (/jsonstat?command=stats)',
+			`webserver("127.0.0.1:${cache.webPort}")`,
+			`setWebserverConfig({password=hashPassword("${DNSDIST_API_KEY}"), apiKey=hashPassword("${DNSDIST_API_KEY}"), `
+			+ 'acl="127.0.0.0/8"})',
+		);
+	}
+	writeFileSync(conf, `${lines.join('\n')}\n`);
+	const child = session.children.start(cache ? 'dnsdist (packet cache)' : 'dnsdist', which('dnsdist') ?? 'dnsdist',
 		['--supervised', '--disable-syslog', '-C', conf]);
 	await probe('dnsdist', port);
 	return { child, statsSocket: null };
+}
+
+/** Cache hits and misses as a proxy counts them (bbal's snapshot, dnsdist's statistics). */
+export interface CacheCounts {
+	hits: number;
+	misses: number;
+}
+
+/** A dnsdist's cache-hits and cache-misses, from its webserver on 127.0.0.1:webPort; null if it will not say. */
+export async function dnsdistCacheCounts(webPort: number): Promise<CacheCounts | null> {
+	try {
+		const res = await fetch(`http://127.0.0.1:${webPort}/jsonstat?command=stats`, {
+			headers: { 'X-API-Key': DNSDIST_API_KEY }, signal: AbortSignal.timeout(PROBE_TIMEOUT_MS * 10),
+		});
+		const j = await res.json() as Record<string, unknown>;
+		const [hits, misses] = [j['cache-hits'], j['cache-misses']];
+		return typeof hits === 'number' && typeof misses === 'number' ? { hits, misses } : null;
+	} catch {
+		return null;
+	}
+}
+
+/** The cache counts in a bbal stats snapshot, if it has them: `cache: { hits, misses }` (read defensively). */
+export function snapshotCacheCounts(snap: object): CacheCounts | null {
+	const cache = (snap as { cache?: unknown }).cache;
+	if (typeof cache !== 'object' || cache === null) {
+		return null;
+	}
+	const { hits, misses } = cache as { hits?: unknown; misses?: unknown };
+	return typeof hits === 'number' && typeof misses === 'number' ? { hits, misses } : null;
+}
+
+let bbalHelp: string | null = null;
+
+/** Whether this build of bbal has a flag (its --help lists it). */
+export function bbalHasFlag(flag: string): boolean {
+	if (bbalHelp === null) {
+		const r = spawnSync(process.execPath, [`${BBAL_LAUNCHER}.js`, '--help'], { encoding: 'utf8', cwd: projectRoot });
+		bbalHelp = `${r.stdout ?? ''}${r.stderr ?? ''}`;
+	}
+	return new RegExp(`(^|\\s)${flag}(\\s|=|,|$)`, 'm').test(bbalHelp);
 }
 
 export interface BbalOptions {
