@@ -174,13 +174,13 @@ export async function startConfigurations(session: BenchSession, opts: BenchOpti
 			(s) => tcpConns(session, { port: b1Port, seconds: s }));
 	}
 	if (wants(opts, 'cache')) {
-		await addCache(session, add);
+		await addCache(session, add, opts.profile);
 	}
 	return configs;
 }
 
 /* The cache scenario: direct → stub, bbal without and with its cache, dnsdist with its cache, all under stub load. */
-async function addCache(session: BenchSession, add: AddConfiguration): Promise<void> {
+async function addCache(session: BenchSession, add: AddConfiguration, profile: boolean): Promise<void> {
 	const ports: number[] = [];
 	for (let i = 0; i < 7; i++) {
 		ports.push(await session.uniquePort());
@@ -200,12 +200,13 @@ async function addCache(session: BenchSession, add: AddConfiguration): Promise<v
 		log(`warning: this bbal has no ${BBAL_CACHE_FLAGS[0]}: cache-on runs WITHOUT its cache (the same as cache-off)`);
 	}
 	const on = await startBbal(session, 'bbal → 2 binders, cache', { port: onPort, dir, backends: 2, stats: `${dir}.on.sock`,
-		extraArgs: hasCache ? BBAL_CACHE_FLAGS : [] }, false);
+		extraArgs: hasCache ? BBAL_CACHE_FLAGS : [], profileName: 'bbal-cache.cpuprofile' }, profile);
 	const dnsdist = await startDnsdist(session, ddPort, [udpA, udpB],
 		{ size: CACHE_SIZE, maxTtlSecs: CACHE_MAX_TTL_SECS, webPort });
 	const queryFile = cacheQueries(session);
-	const load = (port: number) => (s: number) => stubLoad(session, {
-		port, seconds: s, queryFile, sources: CACHE_SOURCES, firstSource: CACHE_FIRST_SOURCE,
+	const hotFile = cacheQueries(session, 0);
+	const load = (port: number, file = queryFile) => (s: number) => stubLoad(session, {
+		port, seconds: s, queryFile: file, sources: CACHE_SOURCES, firstSource: CACHE_FIRST_SOURCE,
 	});
 	add('cache', 'cache-direct', 'direct → stub (the generator\'s ceiling)', null, [stub], load(stubPort));
 	const bbalOff = add('cache', 'cache-off', 'bbal → 2 mnames, no cache', off, mnames, load(offPort));
@@ -213,9 +214,17 @@ async function addCache(session: BenchSession, add: AddConfiguration): Promise<v
 		: `bbal → 2 mnames, **no ${BBAL_CACHE_FLAGS[0]} in this build: no cache**`, on, mnames, load(onPort));
 	const dd = add('cache', 'cache-dnsdist', `dnsdist → 2 mnames, packet cache ${fmtInt(CACHE_SIZE)} entries, maxTTL `
 		+ `${CACHE_MAX_TTL_SECS} s`, dnsdist, mnames, load(ddPort));
-	if (dd !== null) {
-		dd.cacheCounts = () => dnsdistCacheCounts(webPort);
+	/* The same two caches on the popular names alone: nearly every query a hit, so CPU per query is per hit. */
+	add('cache', 'cache-on-hits', 'bbal → 2 mnames, the cache, popular names only (hits)', on, mnames,
+		load(onPort, hotFile));
+	const ddHits = add('cache', 'cache-dnsdist-hits', 'dnsdist → 2 mnames, its packet cache, popular names only (hits)', dnsdist,
+		mnames, load(ddPort, hotFile));
+	for (const d of [dd, ddHits]) {
+		if (d !== null) {
+			d.cacheCounts = () => dnsdistCacheCounts(webPort);
+		}
 	}
+
 	for (const cfg of [bbalOff, bbalOn]) {
 		if (cfg !== null) {
 			cfg.check = (sample) => checkSplit(cfg.id, sample);

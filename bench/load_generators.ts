@@ -131,7 +131,8 @@ function queries(session: BenchSession): string {
 	return queriesFile;
 }
 
-let cacheQueriesFile: string | null = null;
+/* The workload's files, by share of unique names (0: the hits-only variant). */
+const cacheQueriesFiles = new Map<number, string>();
 
 /* A small seeded PRNG (mulberry32): the same workload in every run. */
 function seededRandom(seed: number): () => number {
@@ -145,9 +146,14 @@ function seededRandom(seed: number): () => number {
 	};
 }
 
-/** The cache workload's query file in the session's directory, written on first use. */
-export function cacheQueries(session: BenchSession): string {
-	if (cacheQueriesFile === null) {
+/**
+ * The cache workload's query file in the session's directory, written on
+ * first use; with `uniqueShare` 0, the same popular names with no unique
+ * one (every query a hit once warm: the cost of a hit alone).
+ */
+export function cacheQueries(session: BenchSession, uniqueShare = CACHE_UNIQUE_SHARE): string {
+	let file = cacheQueriesFiles.get(uniqueShare);
+	if (file === undefined) {
 		const rand = seededRandom(CACHE_SEED);
 		/* The cumulative Zipf distribution over the ranks, searched by bisection for each draw. */
 		const cdf = new Float64Array(CACHE_NAMES);
@@ -158,7 +164,7 @@ export function cacheQueries(session: BenchSession): string {
 		}
 		const lines: string[] = [];
 		for (let i = 0; i < CACHE_QUERY_LINES; i++) {
-			if (rand() < CACHE_UNIQUE_SHARE) {
+			if (rand() < uniqueShare) {
 				lines.push('*.uniq.binder.test A');
 				continue;
 			}
@@ -175,10 +181,11 @@ export function cacheQueries(session: BenchSession): string {
 			}
 			lines.push(`svc${String(lo).padStart(3, '0')}.binder.test A`);
 		}
-		cacheQueriesFile = path.join(session.tmp, 'cache-queries.txt');
-		writeFileSync(cacheQueriesFile, `${lines.join('\n')}\n`);
+		file = path.join(session.tmp, `cache-queries-${uniqueShare}.txt`);
+		writeFileSync(file, `${lines.join('\n')}\n`);
+		cacheQueriesFiles.set(uniqueShare, file);
 	}
-	return cacheQueriesFile;
+	return file;
 }
 
 export interface StubLoadRun {

@@ -129,8 +129,10 @@ const MAX_RRS = Math.floor((MAX_CACHED_ANSWER_BYTES - DNS_HEADER_BYTES - 5) / MI
 /* ---- the key ---- */
 
 /*
- * The key's first byte: RD, CD, EDNS, DO, then the bucket in bits 4-5.
- * Bytes 1-4 are qtype and qclass, then the name.
+ * The key's first two bytes are its owner (the backend's id, big-endian),
+ * the third RD, CD, EDNS, DO, then the bucket in bits 4-5; bytes 3-6 are
+ * qtype and qclass, then the name.  The owner is written in the scratch
+ * with the rest, so a query's key is one string made in one call.
  */
 const KEY_RD = 0x01;
 const KEY_CD = 0x02;
@@ -138,7 +140,8 @@ const KEY_EDNS = 0x04;
 const KEY_DO = 0x08;
 const KEY_BUCKET_1232 = 0x10;
 const KEY_BUCKET_4096 = 0x20;
-const KEY_HEAD_BYTES = 5;
+const KEY_FLAGS_AT = 2;
+const KEY_HEAD_BYTES = 7;
 
 /*
  * Buffer's latin1Slice is the native call under toString('latin1') without
@@ -155,11 +158,11 @@ export let lastQnameLength = 0;
 export let lastSizeLimit = SIZE_LIMIT_PLAIN;
 
 /**
- * The cache key of the query in msg[0, len), or null when it is not of the
- * shape the cache keeps (see THE KEY); also sets lastQnameLength and
- * lastSizeLimit.
+ * The cache key of the query in msg[0, len) for `owner` (a backend's id,
+ * 0-65535), or null when the query is not of the shape the cache keeps
+ * (see THE KEY); also sets lastQnameLength and lastSizeLimit.
  */
-export function queryKey(msg: Buffer, len: number): string | null {
+export function queryKey(msg: Buffer, len: number, owner = 0): string | null {
 	/* A header, the root name and qtype/qclass at least. */
 	if (len < DNS_HEADER_BYTES + 5 || len > msg.length) {
 		return null;
@@ -198,10 +201,12 @@ export function queryKey(msg: Buffer, len: number): string | null {
 	if (off + 4 > len) {
 		return null;
 	}
-	k[1] = msg[off];
-	k[2] = msg[off + 1];
-	k[3] = msg[off + 2];
-	k[4] = msg[off + 3];
+	k[0] = owner >>> 8;
+	k[1] = owner & 0xff;
+	k[3] = msg[off];
+	k[4] = msg[off + 1];
+	k[5] = msg[off + 2];
+	k[6] = msg[off + 3];
 	off += 4;
 	let flags = ((msg[2] & 0x01) !== 0 ? KEY_RD : 0) | ((msg[3] & 0x10) !== 0 ? KEY_CD : 0);
 	let limit = SIZE_LIMIT_PLAIN;
@@ -218,10 +223,15 @@ export function queryKey(msg: Buffer, len: number): string | null {
 	} else if (off !== len) {
 		return null;
 	}
-	k[0] = flags;
+	k[KEY_FLAGS_AT] = flags;
 	lastQnameLength = qnameLength;
 	lastSizeLimit = limit;
 	return k.latin1Slice(0, w);
+}
+
+/** The same key for another owner (a stale answer looked for under every backend). */
+export function keyFor(key: string, owner: number): string {
+	return String.fromCharCode(owner >>> 8, owner & 0xff) + key.slice(2);
 }
 
 /* ---- names (prepareAnswer only) ---- */

@@ -18,7 +18,7 @@
  * and the in-flight table tells it of a tagged query left unanswered past
  * --query-timeout, which gets a stale answer when one is held.
  *
- * PER BACKEND.  The key is the backend's id before the query's own key, so a
+ * PER BACKEND.  The key begins with the backend's id (cache_message.ts), so a
  * host keeps seeing its own backend's answers, as stickiness intends (two
  * Binders may briefly disagree while ZooKeeper's changes reach them).  A
  * fresh hit is served only for a backend that is up and healthy: a sick
@@ -45,7 +45,7 @@
  */
 
 import type { Backend } from './backends.js';
-import { answersQuery, lastQnameLength, lastSizeLimit, materialize, prepareAnswer, queryKey } from './cache_message.js';
+import { answersQuery, keyFor, lastQnameLength, lastSizeLimit, materialize, prepareAnswer, queryKey } from './cache_message.js';
 import { type CacheEntry, type PacketCache, STALE_ANSWER_TTL_SECS } from './packet_cache.js';
 
 /* DNS rcodes the cache looks at. */
@@ -55,10 +55,8 @@ const QUESTION_AT = 12;
 
 /** What a query missed with: where its answer is to be filed, and what a stale answer needs. */
 export interface CacheTag {
-	/** The full key: the backend's id, then the query's. */
+	/** The key: the backend's id (its owner), then the query's (keyFor() makes it another backend's). */
 	readonly key: string;
-	/** The query's part of the key, to look it up under other backends. */
-	readonly queryKey: string;
 	/** The largest answer the query's EDNS bucket takes. */
 	readonly sizeLimit: number;
 	/** The query's header and question (name, type, class): what its answer must answer, and a stale answer's id and name. */
@@ -80,8 +78,6 @@ export interface UdpCacheOptions {
 	clock: () => number;
 	random?: () => number;
 }
-
-const backendPrefix = (be: Backend): string => `${be.id}/`;
 
 export class UdpCache {
 	readonly cache: PacketCache;
@@ -115,14 +111,16 @@ export class UdpCache {
 	 */
 	hit(be: Backend, msg: Buffer, len: number, addr: number, port: number, nowMs: number): boolean {
 		this.missKey = '';
-		const qk = queryKey(msg, len);
-		if (qk === null || !be.ok || be.health.state.name !== 'healthy') {
+		if (!be.ok || be.health.state.name !== 'healthy') {
 			return false;
 		}
-		const key = backendPrefix(be) + qk;
+		const key = queryKey(msg, len, be.id);
+		if (key === null) {
+			return false;
+		}
 		const entry = this.cache.get(key, nowMs);
 		if (entry === null) {
-			this.missKey = qk;
+			this.missKey = key;
 			this.missQnameLength = lastQnameLength;
 			this.missSizeLimit = lastSizeLimit;
 			return false;
@@ -141,7 +139,7 @@ export class UdpCache {
 			book.onUnanswered = this.bookOnUnanswered;
 		}
 		return {
-			key: backendPrefix(be) + this.missKey, queryKey: this.missKey, sizeLimit: this.missSizeLimit,
+			key: this.missKey, sizeLimit: this.missSizeLimit,
 			head: Buffer.from(msg.subarray(0, QUESTION_AT + this.missQnameLength + 4)),
 		};
 	}
@@ -154,11 +152,11 @@ export class UdpCache {
 		if (!this.stale) {
 			return false;
 		}
-		const qk = queryKey(msg, len);
-		if (qk === null) {
+		const key = queryKey(msg, len);
+		if (key === null) {
 			return false;
 		}
-		return this.sendStale(qk, primary, msg, lastQnameLength, addr, port, nowMs);
+		return this.sendStale(key, primary, msg, lastQnameLength, addr, port, nowMs);
 	}
 
 	/**
@@ -168,7 +166,7 @@ export class UdpCache {
 	 */
 	answered(from: Backend, tag: CacheTag, payload: Buffer, addr: number, port: number, nowMs: number): boolean {
 		if (this.stale && payload.length >= 4 && (payload[3] & 0x0f) === RCODE_SERVFAIL) {
-			return this.sendStale(tag.queryKey, from, tag.head, tag.head.length - QUESTION_AT - 4, addr, port, nowMs);
+			return this.sendStale(tag.key, from, tag.head, tag.head.length - QUESTION_AT - 4, addr, port, nowMs);
 		}
 		const prepared = prepareAnswer(payload, tag.sizeLimit, this.maxTtlSecs);
 		if (typeof prepared === 'string') {
@@ -186,14 +184,14 @@ export class UdpCache {
 	private readonly bookOnUnanswered = (addr: number, port: number, _id: number, tag: object): void => {
 		const t = tag as CacheTag;
 		const nowMs = this.clock();
-		const ownId = Number(t.key.slice(0, t.key.indexOf('/')));
+		const ownId = (t.key.charCodeAt(0) << 8) | t.key.charCodeAt(1);
 		let own: Backend | null = null;
 		for (const be of this.backends()) {
 			if (be.id === ownId) {
 				own = be;
 			}
 		}
-		this.sendStale(t.queryKey, own, t.head, t.head.length - QUESTION_AT - 4, addr, port, nowMs);
+		this.sendStale(t.key, own, t.head, t.head.length - QUESTION_AT - 4, addr, port, nowMs);
 	};
 
 	/*
@@ -202,13 +200,13 @@ export class UdpCache {
 	 * would be (aged TTLs; it may be fresh when the backends died a moment
 	 * ago), an expired one within --serve-stale with TTL 30.
 	 */
-	private sendStale(qk: string, first: Backend | null, query: Buffer, qnameLength: number, addr: number, port: number,
+	private sendStale(anyKey: string, first: Backend | null, query: Buffer, qnameLength: number, addr: number, port: number,
 		nowMs: number): boolean {
 		let entry: CacheEntry | null = null;
 		let stale = false;
 		const order = first === null ? [...this.backends()] : [first, ...[...this.backends()].filter((be) => be !== first)];
 		for (const be of order) {
-			const key = backendPrefix(be) + qk;
+			const key = keyFor(anyKey, be.id);
 			entry = this.cache.peekFresh(key, nowMs);
 			if (entry === null) {
 				entry = this.cache.getStale(key, nowMs);
