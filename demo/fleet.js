@@ -7,6 +7,9 @@
  * <dir>.stats.sock for balstat.  So that the dashboard has something to
  * show, a few hosts (127.0.0.10 to .29) ask a handful of names, a few dozen
  * queries a second that rise and fall; BBAL_DEMO_TRAFFIC=0 leaves them out.
+ * The packet cache is on (--cache-size 10000 --serve-stale 60): the `svc.`
+ * names are answered the way Binder answers (four members, shuffled, TTL
+ * 30), so they are cached; the others have TTL 0 and never are.
  * It prints the commands to try, passes bbal's log through, and on Ctrl-C
  * (or SIGTERM) stops every process it started and removes the directory.
  *
@@ -73,7 +76,7 @@ function startBackend(id) {
 
 await Promise.all([5301, 5302, 5303].map(startBackend));
 const bbalArgs = [path.join(root, 'bin', 'bbal.js'), '-b', '127.0.0.1', '-p', String(port), '-s', dir, '-S', statsSocket,
-	'--http', `127.0.0.1:${httpPort}`];
+	'--http', `127.0.0.1:${httpPort}`, '--cache-size', '10000', '--serve-stale', '60'];
 /* The banner waits until bbal listens and every backend has said hello, so
  * a dig run the moment it appears is answered by a backend.  Both: bbal
  * connects to its backends before it binds the DNS port (for up to 1 s), so
@@ -101,6 +104,7 @@ start(bbalArgs, 'bbal', (s) => {
 			`  dig @127.0.0.1 -p ${port} -b 127.0.0.7 example.com TXT +short`,
 			`  dig @127.0.0.1 -p ${port} -b 127.0.0.8 example.com TXT +short`,
 			`  dig @127.0.0.1 -p ${port} -b 127.0.0.7 big.example.com A +tcp`,
+			`  dig @127.0.0.1 -p ${port} -b 127.0.0.7 svc.web.example.com A   # cached: run it twice, the TTL goes down`,
 			`  npx --no-install balstat -S ${statsSocket}`,
 			`  kill -HUP ${children[children.length - 1].pid}    # rescan ${dir} now`,
 			traffic ? 'demo: 20 hosts (127.0.0.10-29) send a few queries a second (BBAL_DEMO_TRAFFIC=0: none)' : '',
@@ -126,7 +130,8 @@ function query(name, type, id) {
 }
 
 function startTraffic() {
-	const names = [['example.com', 16], ['www.example.com', 1], ['api.example.com', 16], ['nowhere.example.com', 1]];
+	const names = [['example.com', 16], ['svc.web.example.com', 1], ['svc.api.example.com', 1], ['svc.db.example.com', 1],
+		['www.example.com', 1], ['nowhere.example.com', 1]];
 	const sockets = [];
 	for (let i = 10; i < 30; i++) {
 		const sock = dgram.createSocket('udp4');
