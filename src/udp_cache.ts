@@ -9,8 +9,9 @@
  *                                 sent at once; or the tag the query is
  *                                 forwarded with (the in-flight table keeps
  *                                 it: answers.ts, TAGS)
- *   no backend can take a query   stale(): an expired answer, if serving
- *                                 stale is on, instead of SERVFAIL
+ *   no backend can take a query   noBackend(): an answer it holds instead
+ *                                 of SERVFAIL -- a fresh one, or with
+ *                                 serving stale on, an expired one
  *   an answer with a tag          answered(): filed in the cache; or, if it
  *                                 is a SERVFAIL and a stale answer is held,
  *                                 replaced by that
@@ -45,7 +46,8 @@
  */
 
 import type { Backend } from './backends.js';
-import { answersQuery, keyFor, lastQnameLength, lastSizeLimit, materialize, prepareAnswer, queryKey } from './cache_message.js';
+import { keyFor, lastQnameLength, lastSizeLimit, queryKey } from './cache_key.js';
+import { answersQuery, materialize, prepareAnswer } from './cache_message.js';
 import { type CacheEntry, type PacketCache, STALE_ANSWER_TTL_SECS } from './packet_cache.js';
 
 /* DNS rcodes the cache looks at. */

@@ -1,5 +1,5 @@
 /*
- * The packet cache's DNS (src/cache_message.ts), pure: the query key, what
+ * The packet cache's DNS (src/cache_key.ts, src/cache_message.ts), pure: the query key, what
  * prepareAnswer() keeps and why not, and the hits materialize() builds.
  * Messages are built with dns-packet, and compressed the way Binder's mname
  * compresses them by a round trip through mname's own encoder (dns-packet
@@ -10,9 +10,9 @@ import { createRequire } from 'node:module';
 import fc from 'fast-check';
 import t from 'tap';
 import dnsPacket from 'dns-packet';
+import { lastQnameLength, lastSizeLimit, queryKey } from '../src/cache_key.js';
 import {
-	answersQuery, lastQnameLength, lastSizeLimit, MAX_CACHED_ANSWER_BYTES, materialize, type PreparedAnswer, prepareAnswer,
-	queryKey, type Uncacheable,
+	answersQuery, MAX_CACHED_ANSWER_BYTES, materialize, type PreparedAnswer, prepareAnswer, type Uncacheable,
 } from '../src/cache_message.js';
 
 const require = createRequire(import.meta.url);
