@@ -62,6 +62,7 @@
 import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { seededRandom } from '../test/support/random.js';
 import type { BenchSession } from './session.js';
 import type { TcpConnsResult } from './tcp_conns.js';
 import { STUB_BIN } from './tools.js';
@@ -133,18 +134,6 @@ function queries(session: BenchSession): string {
 
 /* The workload's files, by share of unique names (0: the hits-only variant). */
 const cacheQueriesFiles = new Map<number, string>();
-
-/* A small seeded PRNG (mulberry32): the same workload in every run. */
-function seededRandom(seed: number): () => number {
-	let a = seed >>> 0;
-	return () => {
-		a = (a + 0x6d2b79f5) >>> 0;
-		let t = a;
-		t = Math.imul(t ^ (t >>> 15), t | 1);
-		t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-		return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-	};
-}
 
 /**
  * The cache workload's query file in the session's directory, written on

@@ -14,6 +14,7 @@ import { lastQnameLength, lastSizeLimit, queryKey } from '../src/cache_key.js';
 import {
 	answersQuery, MAX_CACHED_ANSWER_BYTES, materialize, type PreparedAnswer, prepareAnswer, type Uncacheable,
 } from '../src/cache_message.js';
+import { seededRandom } from './support/random.js';
 
 const require = createRequire(import.meta.url);
 const mnameProtocol = require('mname/lib/protocol.js') as {
@@ -24,18 +25,6 @@ const mnameProtocol = require('mname/lib/protocol.js') as {
 /** The message as mname would have written it: names compressed against every earlier name. */
 function mnameCompressed(b: Buffer): Buffer {
 	return mnameProtocol.encode(mnameProtocol.decode(b, 'message'), 'message');
-}
-
-/* A small seeded generator, for materialize's shuffles. */
-function mulberry32(seed: number): () => number {
-	let a = seed >>> 0;
-	return () => {
-		a = (a + 0x6d2b79f5) >>> 0;
-		let x = a;
-		x = Math.imul(x ^ (x >>> 15), x | 1);
-		x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-		return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-	};
 }
 
 /* ---- queries ---- */
@@ -418,7 +407,7 @@ t.test('a hit decodes to the backend\'s records, with the client\'s id and name 
 		const backend = r.compress ? mnameCompressed(raw) : raw;
 		const p = prepared(backend, MAX_CACHED_ANSWER_BYTES);
 		const query = clientQuery(clientName, spec.qtype, r.id, r.edns);
-		const out = materialize(p, query, p.qnameLength, r.age, r.override, mulberry32(r.seed));
+		const out = materialize(p, query, p.qnameLength, r.age, r.override, seededRandom(r.seed));
 		const d = dnsPacket.decode(out);
 		const want = recordLines(backend, (ttl) => r.override ?? Math.max(0, ttl - r.age));
 		const opt = (d.additionals ?? []).find((x): x is dnsPacket.OptAnswer => x.type === 'OPT');
@@ -448,7 +437,7 @@ t.test('the movable form: owners point into the question, SRV targets do not poi
 	t.ok(pointers(p.bytes).every((x) => x >= 12 && x < 12 + 31), 'the movable form points only into the question name');
 	t.same([...p.rrsets.subarray(0, 2)], [0, 3], 'one RRset: the three SRV records (the additionals are one record each)');
 	const seen = new Set<string>();
-	const random = mulberry32(1);
+	const random = seededRandom(1);
 	for (let i = 0; i < 200; i++) {
 		const out = materialize(p, clientQuery('_HTTP._tcp.SVC.dc.example.com', 'SRV', i, false), 31, 0, null, random);
 		const d = dnsPacket.decode(out);
@@ -476,7 +465,7 @@ t.test('every order of a 5-record RRset appears, in every section', async (t) =>
 	const answers = new Map<string, number>();
 	const ns = new Set<string>();
 	const glue = new Set<string>();
-	const random = mulberry32(2);
+	const random = seededRandom(2);
 	const query = clientQuery(name, 'A', 1, false);
 	for (let i = 0; i < 6000; i++) {
 		const d = dnsPacket.decode(materialize(p, query, p.qnameLength, 0, null, random));
@@ -597,7 +586,7 @@ t.test('cost of a key and of a hit (printed, not asserted)', async (t) => {
 		sink += (queryKey(query, query.length) as string).length;
 	}
 	const keyNs = Number(process.hrtime.bigint() - t0) / rounds;
-	const random = mulberry32(3);
+	const random = seededRandom(3);
 	for (let i = 0; i < rounds; i++) {
 		sink += materialize(p, query, p.qnameLength, i & 31, null, random).length;
 	}

@@ -10,6 +10,7 @@
 
 import t from 'tap';
 import { monotonicClock, type Timeout, TimeoutWheel } from '../src/timeouts.js';
+import { seededRandom } from './support/random.js';
 
 /* How many timeouts are armed, and whether one is: what list(), the stats snapshot's view, shows. */
 const armedCount = (wheel: TimeoutWheel): number => wheel.list().length;
@@ -33,16 +34,6 @@ function fakeWheel(startMs = 1_000_000) {
 	return { clock, wheel, fired, make, tickAt };
 }
 
-/* A small deterministic PRNG, so a failing sequence can be replayed. */
-function prng(seed: number): () => number {
-	let s = seed >>> 0;
-	return () => {
-		s = (s + 0x6d2b79f5) >>> 0;
-		let x = Math.imul(s ^ (s >>> 15), 1 | s);
-		x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
-		return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-	};
-}
 
 t.test('fires no earlier than its delay, on the first run at or after expiry', async (t) => {
 	const { wheel, fired, make, tickAt } = fakeWheel();
@@ -283,7 +274,7 @@ t.test('matches a plain model over random set/clear/run sequences', async (t) =>
 	 */
 	const mismatches: string[] = [];
 	for (let seed = 1; seed <= 200 && mismatches.length === 0; seed++) {
-		const rand = prng(seed);
+		const rand = seededRandom(seed);
 		const { clock, wheel, fired, make } = fakeWheel(0);
 		const handles = Array.from({ length: 24 }, (_, i) => make(`t${i}`));
 		const model = new Map<number, number>(); // handle index -> expiresAt

@@ -26,6 +26,7 @@
  * (load.ts, quiesce()).
  */
 
+import { seededRandom } from '../support/random.js';
 import { sleep } from '../support/wait.js';
 import { LAUNCHER_V8_FLAGS } from '../support/bbal.js';
 import type { Teardowns } from '../support/process.js';
@@ -80,17 +81,6 @@ export const SHORT_FORM: Omit<SuiteOptions, 'plan' | 'log'> = {
 	},
 };
 
-/* A small seeded PRNG (mulberry32): the soak's order is reproducible from its seed. */
-export function prng(seed: number): () => number {
-	let a = seed >>> 0;
-	return () => {
-		a = (a + 0x6d2b79f5) >>> 0;
-		let t = a;
-		t = Math.imul(t ^ (t >>> 15), t | 1);
-		t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-		return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-	};
-}
 
 async function warmUp(fleet: ChaosFleet, driver: LoadDriver, opts: SuiteOptions): Promise<void> {
 	const started = Date.now();
@@ -166,7 +156,7 @@ export async function runSuite(t: Teardowns, opts: SuiteOptions): Promise<SuiteR
 			results.push(await runScenario(ctx, sc, targetFor(ctx, sc, results.length)));
 		}
 	} else {
-		const rand = prng(opts.seed ?? 1);
+		const rand = seededRandom(opts.seed ?? 1);
 		const names = ['kill', 'stop', 'remove', 'stuck', 'violate', 'restart', 'takeover', 'hostile', 'servfail',
 			'blackhole', 'allservfail'];
 		const until = Date.now() + (opts.soakMs ?? 60_000);

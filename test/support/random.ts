@@ -1,0 +1,17 @@
+/*
+ * A small seeded PRNG (mulberry32), for what must be the same in every run:
+ * the chaos soak's order, the bench's cache workload, the shuffles a test
+ * replays.  Not for anything that needs good randomness.
+ */
+
+/** A generator of numbers in [0, 1), the same sequence for the same seed. */
+export function seededRandom(seed: number): () => number {
+	let a = seed >>> 0;
+	return () => {
+		a = (a + 0x6d2b79f5) >>> 0;
+		let t = a;
+		t = Math.imul(t ^ (t >>> 15), t | 1);
+		t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+		return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+	};
+}
