@@ -34,7 +34,6 @@ function fakeWheel(startMs = 1_000_000) {
 	return { clock, wheel, fired, make, tickAt };
 }
 
-
 t.test('fires no earlier than its delay, on the first run at or after expiry', async (t) => {
 	const { wheel, fired, make, tickAt } = fakeWheel();
 	const hb = make('heartbeat');

@@ -81,7 +81,6 @@ export const SHORT_FORM: Omit<SuiteOptions, 'plan' | 'log'> = {
 	},
 };
 
-
 async function warmUp(fleet: ChaosFleet, driver: LoadDriver, opts: SuiteOptions): Promise<void> {
 	const started = Date.now();
 	/* Twice the rate, every 4th query over TCP: what grows V8's young generation soonest (5-7 s, measured). */
