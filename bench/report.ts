@@ -295,7 +295,7 @@ export function report(res: BenchResult, kind: string): string {
 		+ `total ${fmt(res.durationSec, 0)} s.`);
 	L.push('');
 	L.push('qps: median over rounds (range: lowest–highest round); loss: lost/sent over all rounds; p50/p99: median over rounds of each '
-		+ "run's percentile of dnsperf's per-query latencies; CPU µs/q: utime+stime from /proc/PID/stat summed over "
+		+ "run's percentile of dnsperf's per-query latencies (the cache scenario's: stub load's own histogram); CPU µs/q: utime+stime from /proc/PID/stat summed over "
 		+ 'rounds ÷ queries answered (all threads of the process); proxy sys %: the share of that in the kernel (stime).');
 	if (quiet) {
 		L.push('');
