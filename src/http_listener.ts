@@ -397,12 +397,7 @@ export class HttpListener implements SnapshotHost {
 		res.on('error', () => undefined);
 		const stream = new SnapshotStream(this, res, this.nextSnapshotId++);
 		this.snapshots.add(stream);
-		try {
-			stream.start();
-		} catch (err) {
-			this.log.error({ err }, 'could not take stats snapshot');
-			res.destroy();
-		}
+		stream.start();
 	}
 
 	/** SnapshotHost: a /snapshot.json ran out of time. */

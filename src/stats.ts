@@ -409,9 +409,15 @@ export class SnapshotStream {
 	start(): void {
 		const src = this.server.sources;
 		this.deadline.set(STATS_CONNECTION_TIMEOUT_SECS);
-		this.tail = `],${JSON.stringify(snapshotTail(src)).slice(1)}\n`;
-		this.sock.write(`${JSON.stringify(snapshotHead(src)).slice(0, -1)},"remotes":[`);
-		this.pump();
+		try {
+			this.tail = `],${JSON.stringify(snapshotTail(src)).slice(1)}\n`;
+			this.sock.write(`${JSON.stringify(snapshotHead(src)).slice(0, -1)},"remotes":[`);
+			this.pump();
+		} catch (err) {
+			/* A snapshot that cannot be taken ends its reader, whoever serves it; the close releases it. */
+			this.server.log.error({ err }, 'could not take stats snapshot');
+			this.sock.destroy();
+		}
 	}
 
 	get state(): SnapshotStreamState {
@@ -515,12 +521,7 @@ export class StatsServer implements SnapshotHost {
 		}
 		const conn = new SnapshotStream(this, sock, this.nextId++);
 		this.connections.add(conn);
-		try {
-			conn.start();
-		} catch (err) {
-			this.log.error({ err }, 'could not take stats snapshot');
-			sock.destroy();
-		}
+		conn.start();
 	};
 
 	/** A connection ran out of time (it is destroyed next). */
