@@ -461,6 +461,40 @@ static int run_framed(const char *path)
 
 /* ---------------------------------------------------------------- spray */
 
+/*
+ * The client socket of spray and load: bound to 0.0.0.0, so the answers to
+ * every 127/8 source a datagram is sent from land here; with pktinfo, each
+ * received datagram says which of those addresses it was sent to.
+ */
+static int any_source_socket(int pktinfo)
+{
+	int fd = socket(AF_INET, SOCK_DGRAM, 0);
+	if (fd < 0)
+		die("socket");
+	big_buffers(fd);
+	int one = 1;
+	if (pktinfo && setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &one, sizeof(one)) < 0)
+		die("IP_PKTINFO");
+	struct sockaddr_in any;
+	memset(&any, 0, sizeof(any));
+	any.sin_family = AF_INET;
+	if (bind(fd, (struct sockaddr *)&any, sizeof(any)) < 0)
+		die("bind");
+	set_nonblock(fd);
+	return fd;
+}
+
+/* 127.0.0.1:port, where spray and load send. */
+static struct sockaddr_in loopback_port(int port)
+{
+	struct sockaddr_in dst;
+	memset(&dst, 0, sizeof(dst));
+	dst.sin_family = AF_INET;
+	dst.sin_port = htons((uint16_t)port);
+	dst.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	return dst;
+}
+
 static double now_ms(void)
 {
 	struct timespec ts;
@@ -480,22 +514,8 @@ static int run_spray(int port, long count, const char *first)
 		fprintf(stderr, "stub: FIRST_IP + COUNT leaves 127.0.0.0/8\n");
 		return 2;
 	}
-	int fd = socket(AF_INET, SOCK_DGRAM, 0);
-	if (fd < 0)
-		die("socket");
-	big_buffers(fd);
-	struct sockaddr_in any;
-	memset(&any, 0, sizeof(any));
-	any.sin_family = AF_INET; /* INADDR_ANY: answers to every 127/8 source land here */
-	if (bind(fd, (struct sockaddr *)&any, sizeof(any)) < 0)
-		die("bind");
-	set_nonblock(fd);
-
-	struct sockaddr_in dst;
-	memset(&dst, 0, sizeof(dst));
-	dst.sin_family = AF_INET;
-	dst.sin_port = htons((uint16_t)port);
-	dst.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	int fd = any_source_socket(0);
+	struct sockaddr_in dst = loopback_port(port);
 
 	/* www.example.com A IN, RD; the id is the low 16 bits of the index. */
 	static const uint8_t qtail[] = {
@@ -783,24 +803,8 @@ static int run_load(int port, double seconds, const char *file, long sources, co
 	long nq;
 	struct load_query *qs = load_queries(file, &wire, &nq);
 
-	int fd = socket(AF_INET, SOCK_DGRAM, 0);
-	if (fd < 0)
-		die("socket");
-	big_buffers(fd);
-	int one = 1;
-	if (setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &one, sizeof(one)) < 0)
-		die("IP_PKTINFO");
-	struct sockaddr_in any;
-	memset(&any, 0, sizeof(any));
-	any.sin_family = AF_INET; /* INADDR_ANY: answers to every 127/8 source land here */
-	if (bind(fd, (struct sockaddr *)&any, sizeof(any)) < 0)
-		die("bind");
-	set_nonblock(fd);
-	struct sockaddr_in dst;
-	memset(&dst, 0, sizeof(dst));
-	dst.sin_family = AF_INET;
-	dst.sin_port = htons((uint16_t)port);
-	dst.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	int fd = any_source_socket(1);
+	struct sockaddr_in dst = loopback_port(port);
 
 	static struct load_slot slots[LOAD_IDS];
 	static uint16_t free_ids[LOAD_IDS]; /* a FIFO ring, always LOAD_IDS - outstanding long */
