@@ -192,11 +192,6 @@ export class HttpListener implements SnapshotHost {
 		return this.liveStreams.size;
 	}
 
-	/** Connections open now. */
-	get connectionCount(): number {
-		return this.connections.size;
-	}
-
 	/** The listening socket's descriptor, for a takeover to pass on (-1 when not listening). */
 	get fd(): number {
 		return this.server === null ? -1 : handleFd(this.server);

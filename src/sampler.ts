@@ -166,10 +166,6 @@ export class Sampler {
 		this.wanted = on;
 	}
 
-	get talkersWanted(): boolean {
-		return this.wanted;
-	}
-
 	/** The history, oldest first, as the JSON strings sent. */
 	samples(): readonly string[] {
 		return this.history;
